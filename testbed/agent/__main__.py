@@ -1,0 +1,3 @@
+from testbed.agent.agent import main
+
+main()

@@ -1,0 +1,496 @@
+/*
+ * Reference paravisor ("VTL2") and guest-OS agent ("VTL0") of the testbed lab.
+ *
+ * One static binary, several "images": the image name is the basename of
+ * argv[0] (the initramfs links /lib/testbed/images/<name> to this file), so a
+ * servicing request can exec "another paravisor version" that really is a
+ * different program image with different behaviour:
+ *
+ *   v1         no pause_resume feature (falls back to mask, like pre-#962)
+ *   v2         pause_resume feature (the #962 protocol)
+ *   v2-replay  faulty: replays its saved queue twice after restore
+ *   v2-panic   faulty: panics the guest kernel during restore
+ *   v2-hang    faulty: never finishes restore
+ *   v2-crash   faulty: crashes as soon as it starts restoring
+ *
+ * Ports (virtio-serial, found by name in /sys/class/virtio-ports):
+ *   vmbus  the vmbus message channel; closing it is the "synic reset": the
+ *          guest kernel's virtio_console discards bytes it holds for the port.
+ *   get    the guest-emulation transport: servicing requests and reports, and
+ *          the out-of-band mask signal.
+ *
+ * Wire format: one line per message, space separated, key=value fields.
+ * Every line the guest prints on the serial console starts with "TB " so the
+ * host can tell lab evidence from kernel noise.
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/input.h>
+#include <linux/reboot.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/reboot.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/utsname.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define STATE_PATH "/run/paravisor.state"
+#define IMAGE_DIR "/lib/testbed/images/"
+#define MAXQ 64
+#define LINE 512
+
+static int serial_fd = -1;
+static char image[64];
+
+static int64_t now_us(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* Evidence on the serial console: survives until the VM ends. */
+static void evidence(const char *fmt, ...) {
+    char buf[LINE];
+    int n = snprintf(buf, sizeof buf, "TB t=%lld ", (long long)now_us());
+    va_list ap;
+    va_start(ap, fmt);
+    n += vsnprintf(buf + n, sizeof buf - n - 1, fmt, ap);
+    va_end(ap);
+    if (n > (int)sizeof buf - 2) n = sizeof buf - 2;
+    buf[n++] = '\n';
+    if (serial_fd >= 0) (void)!write(serial_fd, buf, n);
+}
+
+static void sendline(int fd, const char *fmt, ...) {
+    char buf[LINE];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(buf, sizeof buf - 1, fmt, ap);
+    va_end(ap);
+    if (n > (int)sizeof buf - 2) n = sizeof buf - 2;
+    buf[n++] = '\n';
+    if (fd >= 0) (void)!write(fd, buf, n);
+}
+
+/* field("seq", "MSG seq=3 id=1") -> "3" (one of 8 rotating static buffers) */
+static const char *field(const char *key, const char *line) {
+    static char bufs[8][128];
+    static int next;
+    char *out = bufs[next++ % 8];
+    size_t k = strlen(key);
+    const char *p = line;
+    while ((p = strstr(p, key)) != NULL) {
+        if ((p == line || p[-1] == ' ') && p[k] == '=') {
+            p += k + 1;
+            size_t i = 0;
+            while (p[i] && p[i] != ' ' && p[i] != '\n' && i < sizeof bufs[0] - 1) {
+                out[i] = p[i];
+                i++;
+            }
+            out[i] = 0;
+            return out;
+        }
+        p += k;
+    }
+    return "";
+}
+
+static int starts(const char *line, const char *word) {
+    size_t n = strlen(word);
+    return strncmp(line, word, n) == 0 && (line[n] == ' ' || line[n] == 0 || line[n] == '\n');
+}
+
+/* ---- line reader ------------------------------------------------------ */
+struct reader {
+    int fd;
+    char buf[8192];
+    size_t len;
+};
+
+/* Returns 1 with a line, 0 when no full line is buffered. */
+static int take_line(struct reader *r, char *out) {
+    char *nl = memchr(r->buf, '\n', r->len);
+    if (!nl) return 0;
+    size_t n = nl - r->buf;
+    if (n >= LINE) n = LINE - 1;
+    memcpy(out, r->buf, n);
+    out[n] = 0;
+    size_t used = (size_t)(nl - r->buf) + 1;
+    memmove(r->buf, r->buf + used, r->len - used);
+    r->len -= used;
+    return 1;
+}
+
+/* Reads what is available; returns -1 on EOF/error. */
+static int fill(struct reader *r) {
+    if (r->len >= sizeof r->buf) r->len = 0; /* garbage without newline */
+    ssize_t n = read(r->fd, r->buf + r->len, sizeof r->buf - r->len);
+    if (n <= 0) return n == 0 || (errno != EAGAIN && errno != EINTR) ? -1 : 0;
+    r->len += (size_t)n;
+    return 1;
+}
+
+/* Waits up to timeout_ms for a line on r. 1 = line, 0 = timeout. */
+static int read_line_timeout(struct reader *r, char *out, int timeout_ms) {
+    int64_t end = now_us() + (int64_t)timeout_ms * 1000;
+    for (;;) {
+        if (take_line(r, out)) return 1;
+        int64_t left = (end - now_us()) / 1000;
+        if (left < 0) return 0;
+        struct pollfd p = {.fd = r->fd, .events = POLLIN};
+        if (poll(&p, 1, (int)left) > 0 && fill(r) < 0) return 0;
+    }
+}
+
+/* ---- ports ------------------------------------------------------------ */
+static int find_port(const char *name, char *dev, size_t devlen) {
+    DIR *d = opendir("/sys/class/virtio-ports");
+    if (!d) return -1;
+    struct dirent *e;
+    int found = -1;
+    while ((e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.') continue;
+        char p[300], n[64] = {0};
+        snprintf(p, sizeof p, "/sys/class/virtio-ports/%s/name", e->d_name);
+        int fd = open(p, O_RDONLY);
+        if (fd < 0) continue;
+        ssize_t r = read(fd, n, sizeof n - 1);
+        close(fd);
+        if (r > 0 && n[r - 1] == '\n') n[r - 1] = 0;
+        if (strcmp(n, name) == 0) {
+            snprintf(dev, devlen, "/dev/%s", e->d_name);
+            found = 0;
+            break;
+        }
+    }
+    closedir(d);
+    return found;
+}
+
+static int open_port(const char *name) {
+    char dev[300];
+    for (int i = 0; i < 500; i++) {
+        if (find_port(name, dev, sizeof dev) == 0) {
+            int fd = open(dev, O_RDWR | O_NONBLOCK);
+            if (fd >= 0) return fd;
+        }
+        usleep(10000);
+    }
+    return -1;
+}
+
+/* ---- paravisor state -------------------------------------------------- */
+enum strategy { S_NONE, S_MASK, S_MASK_ASYNC, S_PAUSE_RESUME };
+static const char *strategy_names[] = {"none", "mask", "mask-async", "pause-resume"};
+
+struct state {
+    int vmbus, get, vtl0;
+    int feature_pause_resume; /* negotiated with the host */
+    long rx;                  /* next host sequence number expected */
+    int nq;
+    char queue[MAXQ][LINE]; /* messages held while VTL0 is frozen */
+    /* servicing in progress (carried across exec) */
+    long svc_id;
+    int svc_strategy;
+    int restore_ms;
+};
+
+static struct state st;
+static struct reader rv, rg, r0;
+
+static int supports_pause_resume(void) { return strncmp(image, "v2", 2) == 0; }
+
+static void hello(void) {
+    sendline(st.vmbus, "HELLO version=%s features=%s rx=%ld", image,
+             supports_pause_resume() ? "pause_resume" : "-", st.rx);
+}
+
+/* A message from the host over vmbus while not servicing. */
+static void host_message(const char *line, int frozen) {
+    if (starts(line, "SYNC")) {
+        hello();
+    } else if (starts(line, "WELCOME")) {
+        st.feature_pause_resume =
+            supports_pause_resume() && strstr(field("features", line), "pause_resume");
+        evidence("PV negotiated image=%s pause_resume=%d", image, st.feature_pause_resume);
+    } else if (starts(line, "MSG")) {
+        st.rx = atol(field("seq", line)) + 1;
+        if (frozen) {
+            if (st.nq < MAXQ) strcpy(st.queue[st.nq++], line);
+            evidence("PV queued seq=%s id=%s", field("seq", line), field("id", line));
+        } else {
+            sendline(st.vtl0, "%s", line);
+        }
+    }
+}
+
+static void deliver_queue(int times) {
+    for (int t = 0; t < times; t++)
+        for (int i = 0; i < st.nq; i++) sendline(st.vtl0, "%s", st.queue[i]);
+    st.nq = 0;
+}
+
+static void save_state(void) {
+    FILE *f = fopen(STATE_PATH, "w");
+    if (!f) return;
+    fprintf(f, "%d %d %d %ld %ld %d %d %d\n", st.get, st.vtl0, st.feature_pause_resume, st.rx,
+            st.svc_id, st.svc_strategy, st.restore_ms, st.nq);
+    for (int i = 0; i < st.nq; i++) fprintf(f, "%s\n", st.queue[i]);
+    fclose(f);
+}
+
+static int load_state(void) {
+    FILE *f = fopen(STATE_PATH, "r");
+    if (!f) return -1;
+    int ok = fscanf(f, "%d %d %d %ld %ld %d %d %d\n", &st.get, &st.vtl0, &st.feature_pause_resume,
+                    &st.rx, &st.svc_id, &st.svc_strategy, &st.restore_ms, &st.nq) == 8;
+    if (st.nq > MAXQ) st.nq = MAXQ;
+    for (int i = 0; ok && i < st.nq; i++) {
+        if (!fgets(st.queue[i], LINE, f)) break;
+        st.queue[i][strcspn(st.queue[i], "\n")] = 0;
+    }
+    fclose(f);
+    return ok ? 0 : -1;
+}
+
+/* Drain vmbus into the queue until it has been quiet for quiet_ms. */
+static void drain_vmbus(int quiet_ms) {
+    char line[LINE];
+    while (read_line_timeout(&rv, line, quiet_ms)) host_message(line, 1);
+}
+
+static void busy_ms(int ms) {
+    if (ms > 0) usleep((useconds_t)ms * 1000);
+}
+
+static void reopen_and_offer(void) {
+    st.vmbus = open_port("vmbus");
+    rv.fd = st.vmbus;
+    rv.len = 0;
+    evidence("PV vmbus-open image=%s", image);
+    hello(); /* the re-offer: the host sees the IC come back */
+    char line[LINE];
+    /* Negotiation: wait for WELCOME, handling anything else that arrives. */
+    if (read_line_timeout(&rv, line, 2000)) host_message(line, 1);
+}
+
+/* The second half of servicing, run by the new image after exec. */
+static void finish_restore(void) {
+    if (strcmp(image, "v2-crash") == 0) abort();
+    evidence("PV restore-start image=%s id=%ld", image, st.svc_id);
+    busy_ms(st.restore_ms);
+    if (strcmp(image, "v2-panic") == 0) {
+        evidence("PV panicking on purpose image=%s", image);
+        int fd = open("/proc/sysrq-trigger", O_WRONLY);
+        (void)!write(fd, "c", 1);
+    }
+    if (strcmp(image, "v2-hang") == 0) {
+        evidence("PV hanging on purpose image=%s", image);
+        for (;;) pause();
+    }
+    reopen_and_offer();
+    if (st.svc_strategy == S_PAUSE_RESUME) {
+        sendline(st.vmbus, "RESUME");
+    } else if (st.svc_strategy == S_MASK || st.svc_strategy == S_MASK_ASYNC) {
+        sendline(st.get, "UNMASK");
+    }
+    evidence("PV svc-done id=%ld image=%s", st.svc_id, image);
+    sendline(st.get, "SVC_DONE id=%ld ok=1 image=%s t=%lld", st.svc_id, image,
+             (long long)now_us());
+    /* VTL0 thaws: held messages first, then whatever the host flushes. */
+    deliver_queue(strcmp(image, "v2-replay") == 0 ? 2 : 1);
+}
+
+static void servicing(const char *req) {
+    st.svc_id = atol(field("id", req));
+    const char *img = field("image", req);
+    char target[64];
+    snprintf(target, sizeof target, "%s", *img ? img : image);
+    const char *s = field("strategy", req);
+    int strat = S_NONE;
+    for (int i = 0; i < 4; i++)
+        if (strcmp(s, strategy_names[i]) == 0) strat = i;
+    int save_ms = atoi(field("save_ms", req));
+    int blackout_ms = atoi(field("blackout_ms", req));
+    st.restore_ms = atoi(field("restore_ms", req));
+
+    sendline(st.get, "SVC_START id=%ld t=%lld", st.svc_id, (long long)now_us());
+    evidence("PV svc-start id=%ld from=%s to=%s strategy=%s", st.svc_id, image, target, s);
+
+    /* Negotiated fallback: pause-resume needs the feature on this channel. */
+    if (strat == S_PAUSE_RESUME && !st.feature_pause_resume) {
+        strat = S_MASK;
+        evidence("PV fallback strategy=mask reason=no-pause_resume-feature");
+    }
+    st.svc_strategy = strat;
+    char line[LINE];
+    if (strat == S_PAUSE_RESUME) {
+        sendline(st.vmbus, "PAUSE");
+        /* In-band: everything before PauseResponse is ours to keep. */
+        while (read_line_timeout(&rv, line, 5000)) {
+            if (starts(line, "PAUSE_RESPONSE")) break;
+            host_message(line, 1);
+        }
+        evidence("PV paused");
+    } else if (strat == S_MASK || strat == S_MASK_ASYNC) {
+        sendline(st.get, "MASK");
+        if (strat == S_MASK) { /* the host must acknowledge before we drain */
+            while (read_line_timeout(&rg, line, 5000))
+                if (starts(line, "MASK_ACK")) break;
+        }
+        drain_vmbus(2);
+        evidence("PV masked drained=%d", st.nq);
+    }
+    /* S_NONE: stop reading; whatever lands now is at the mercy of the close. */
+
+    int jitter = blackout_ms > 0 ? rand() % (blackout_ms + 1) : 0;
+    busy_ms(save_ms + jitter);
+    save_state();
+    sendline(st.vmbus, "CLOSING"); /* the channel goes away (rescind) */
+    close(st.vmbus); /* synic reset: the kernel discards unread bytes */
+    st.vmbus = -1;
+    evidence("PV vmbus-closed id=%ld", st.svc_id);
+
+    char path[128];
+    snprintf(path, sizeof path, IMAGE_DIR "%s", target);
+    char *argv[] = {path, "--restore", NULL};
+    execv(path, argv);
+    /* exec failed: the old image stays, restores itself, the VM is unharmed */
+    int err = errno;
+    evidence("PV svc-fail id=%ld reason=exec-failed errno=%d", st.svc_id, err);
+    reopen_and_offer();
+    if (strat == S_PAUSE_RESUME) sendline(st.vmbus, "RESUME");
+    if (strat == S_MASK || strat == S_MASK_ASYNC) sendline(st.get, "UNMASK");
+    sendline(st.get, "SVC_DONE id=%ld ok=0 reason=exec-failed errno=%d t=%lld", st.svc_id, err,
+             (long long)now_us());
+    deliver_queue(1);
+}
+
+static int paravisor_loop(void) {
+    char line[LINE];
+    for (;;) {
+        struct pollfd p[3] = {{st.vmbus, POLLIN, 0}, {st.get, POLLIN, 0}, {st.vtl0, POLLIN, 0}};
+        if (poll(p, 3, -1) < 0) continue;
+        /* A port whose host side is not connected polls as HUP: back off. */
+        if ((p[0].revents | p[1].revents) & POLLHUP &&
+            !((p[0].revents | p[1].revents) & POLLIN))
+            usleep(5000);
+        if (p[0].revents & POLLIN) fill(&rv);
+        if (p[1].revents & POLLIN) fill(&rg);
+        if (p[2].revents & (POLLIN | POLLHUP)) {
+            if (fill(&r0) < 0) return 0;
+        }
+        while (take_line(&rv, line)) host_message(line, 0);
+        while (take_line(&r0, line)) sendline(st.vmbus, "%s", line); /* VTL0 acks */
+        while (take_line(&rg, line)) {
+            if (starts(line, "SERVICE")) servicing(line);
+            if (starts(line, "UNAME")) { /* the host reads the guest kernel back */
+                struct utsname u;
+                uname(&u);
+                sendline(st.get, "UNAME release=%s machine=%s image=%s", u.release, u.machine, image);
+            }
+        }
+    }
+}
+
+/* ---- VTL0: the guest OS ------------------------------------------------ */
+static void vtl0_main(int fd, int shutdown_ms) {
+    struct reader r = {.fd = fd};
+    int input = open("/dev/input/event0", O_RDONLY | O_NONBLOCK);
+    int64_t poweroff_at = 0;
+    char line[LINE];
+    evidence("VTL0 up");
+    for (;;) {
+        struct pollfd p[2] = {{fd, POLLIN, 0}, {input, POLLIN, 0}};
+        int timeout = -1;
+        if (poweroff_at) {
+            int64_t left = (poweroff_at - now_us()) / 1000;
+            if (left <= 0) {
+                evidence("VTL0 poweroff");
+                sync();
+                reboot(LINUX_REBOOT_CMD_POWER_OFF);
+            }
+            timeout = (int)left;
+        }
+        if (poll(p, input >= 0 ? 2 : 1, timeout) <= 0) continue;
+        if (p[1].revents & POLLIN) {
+            struct input_event ev;
+            while (read(input, &ev, sizeof ev) == sizeof ev)
+                if (ev.type == EV_KEY && ev.code == KEY_POWER && ev.value == 1 && !poweroff_at) {
+                    evidence("VTL0 power-button");
+                    poweroff_at = now_us();
+                }
+        }
+        if ((p[0].revents & (POLLIN | POLLHUP)) && fill(&r) < 0) {
+            p[0].fd = -1;
+            fd = -1;
+        }
+        while (take_line(&r, line)) {
+            if (!starts(line, "MSG")) continue;
+            const char *seq = field("seq", line);
+            char id[64];
+            snprintf(id, sizeof id, "%s", field("id", line));
+            if (strcmp(field("type", line), "shutdown") == 0) {
+                evidence("VTL0 SHUTDOWN id=%s seq=%s reason=%s", id, seq, field("reason", line));
+                sendline(fd, "ACK seq=%s id=%s t=%lld", seq, id, (long long)now_us());
+                if (!poweroff_at) poweroff_at = now_us() + (int64_t)shutdown_ms * 1000;
+            }
+        }
+    }
+}
+
+int main(int argc, char **argv) {
+    const char *base = strrchr(argv[0], '/');
+    snprintf(image, sizeof image, "%s", base ? base + 1 : argv[0]);
+    serial_fd = open("/dev/ttyS0", O_WRONLY | O_NOCTTY);
+    srand((unsigned)now_us());
+    signal(SIGPIPE, SIG_IGN);
+
+    if (argc > 1 && strcmp(argv[1], "--restore") == 0) {
+        if (load_state() < 0) {
+            evidence("PV restore-failed reason=no-state image=%s", image);
+            return 1;
+        }
+        rg.fd = st.get;
+        r0.fd = st.vtl0;
+        finish_restore();
+        return paravisor_loop();
+    }
+
+    /* First boot: start VTL0, open both ports, offer the shutdown IC. */
+    int shutdown_ms = argc > 1 ? atoi(argv[1]) : 100;
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) < 0) return 1;
+    pid_t pid = fork();
+    if (pid == 0) {
+        close(sv[0]);
+        vtl0_main(sv[1], shutdown_ms);
+        _exit(0);
+    }
+    close(sv[1]);
+    st.vtl0 = sv[0];
+    st.get = open_port("get");
+    st.rx = 0;
+    rg.fd = st.get;
+    r0.fd = st.vtl0;
+    st.vmbus = open_port("vmbus");
+    rv.fd = st.vmbus;
+    if (st.get < 0 || st.vmbus < 0) {
+        evidence("PV ports-missing get=%d vmbus=%d", st.get, st.vmbus);
+        return 1;
+    }
+    hello();
+    evidence("PV ready image=%s", image);
+    evidence("READY");
+    return paravisor_loop();
+}

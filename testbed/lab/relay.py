@@ -1,0 +1,184 @@
+"""Host side of the reference lab: the "vmbus server" that offers the shutdown IC.
+
+It speaks the line protocol of ``guest/paravisor.c`` on two virtio-serial
+ports (``vmbus`` and ``get``) and implements the host half of each
+preservation strategy:
+
+* ``none``         post whenever asked (OpenVMM before #962).
+* ``mask``         a MASK on ``get`` makes the host hold messages and answer
+                   MASK_ACK; held messages are re-posted on UNMASK.  The
+                   paravisor drains only after MASK_ACK, so the host has stopped
+                   posting before the drain starts (Hyper-V's guarantee, as
+                   closely as two independent ports allow).
+* ``mask-async``   same host behaviour, but the paravisor does not wait for the
+                   ack: a message already in flight can land after the drain.
+* ``pause-resume`` the #962 in-band protocol, offered as feature
+                   ``pause_resume`` at channel open: PAUSE -> PAUSE_RESPONSE
+                   then queue; RESUME -> flush.
+
+IC semantics (documented in the README): the shutdown IC is ``ready`` from the
+paravisor's offer (HELLO) until the host sees the channel go away (the
+``vmbus`` port closing, a QMP VSERPORT_CHANGE event), then ``not-ready`` until
+the next offer.  A request while not ready is refused and never posted.
+
+Stdlib only: this module runs inside the host agent, possibly on a remote host.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+Send = Callable[[str], None]
+
+
+def fields(line: str) -> dict[str, str]:
+    """``'MSG seq=3 id=x'`` -> ``{'seq': '3', 'id': 'x'}``."""
+    out: dict[str, str] = {}
+    for tok in line.split()[1:]:
+        if "=" in tok:
+            k, v = tok.split("=", 1)
+            out[k] = v
+    return out
+
+
+def verb(line: str) -> str:
+    return line.split(" ", 1)[0] if line else ""
+
+
+@dataclass
+class Relay:
+    send_vmbus: Send
+    send_get: Send
+    strategy: str = "none"
+    clock: Callable[[], int] = time.monotonic_ns
+    ic: str = "no-contact"
+    guest_image: str = ""
+    features: set[str] = field(default_factory=set)
+    next_seq: int = 0
+    paused: bool = False
+    masked: bool = False
+    held: list[str] = field(default_factory=list)
+    log: list[dict[str, Any]] = field(default_factory=list)
+    svc: dict[str, Any] = field(default_factory=dict)
+    acks: list[dict[str, str]] = field(default_factory=list)
+
+    # ---- logging ---------------------------------------------------------
+    def note(self, kind: str, port: str, line: str, **extra: Any) -> dict[str, Any]:
+        entry = {"t_ns": self.clock(), "kind": kind, "port": port, "line": line, **extra}
+        self.log.append(entry)
+        return entry
+
+    def _post(self, port: str, line: str) -> None:
+        (self.send_vmbus if port == "vmbus" else self.send_get)(line)
+        self.note("sent", port, line)
+
+    # ---- session ---------------------------------------------------------
+    def sync(self) -> None:
+        """(Re)start the session: ask the paravisor to announce itself.
+
+        Used on every connect, including after a snapshot restore, so host and
+        guest agree on features and sequence numbers (renegotiation).
+        """
+        self._post("vmbus", "SYNC")
+
+    def offered_features(self) -> str:
+        return "pause_resume" if self.strategy == "pause-resume" else "-"
+
+    # ---- inbound ---------------------------------------------------------
+    def on_vmbus(self, line: str) -> None:
+        self.note("recv", "vmbus", line)
+        v, f = verb(line), fields(line)
+        if v == "HELLO":
+            self.guest_image = f.get("version", "")
+            self.next_seq = int(f.get("rx", self.next_seq))
+            guest = set(f.get("features", "-").split(",")) - {"-"}
+            offered = set(self.offered_features().split(",")) - {"-"}
+            self.features = guest & offered
+            self._post("vmbus", f"WELCOME features={','.join(sorted(self.features)) or '-'}")
+            self.ic = "ready"
+            if self.paused and "pause_resume" not in self.features:
+                # A reconnect without the feature cannot send Resume: treat the
+                # new offer as the resume, or the queue would be stuck forever.
+                self.paused = False
+                self._flush("reoffer-without-pause_resume")
+        elif v == "PAUSE":
+            self.paused = True
+            self._post("vmbus", "PAUSE_RESPONSE")
+        elif v == "RESUME":
+            self.paused = False
+            self._flush("resume")
+        elif v == "CLOSING":
+            self.on_port_change("vmbus", False)
+        elif v == "ACK":
+            self.acks.append(f)
+
+    def on_get(self, line: str) -> None:
+        self.note("recv", "get", line)
+        v, f = verb(line), fields(line)
+        if v == "MASK":
+            self.masked = True
+            self._post("get", "MASK_ACK")
+        elif v == "UNMASK":
+            self.masked = False
+            self._flush("unmask")
+        elif v == "SVC_START":
+            self.svc["start_ns"] = self.log[-1]["t_ns"]
+            self.svc["guest_start_us"] = int(f.get("t", "0"))
+        elif v == "SVC_DONE":
+            self.svc["done_ns"] = self.log[-1]["t_ns"]
+            self.svc["ok"] = f.get("ok") == "1"
+            self.svc["reason"] = f.get("reason", "")
+            self.svc["image"] = f.get("image", "")
+
+    def on_port_change(self, port: str, is_open: bool) -> None:
+        """The vmbus channel closed (CLOSING from the paravisor, or QMP
+        VSERPORT_CHANGE, which QEMU throttles to one per second per port and
+        so cannot be the only signal)."""
+        self.note("port", port, f"open={int(is_open)}")
+        if port == "vmbus" and not is_open and self.ic == "ready":
+            self.ic = "not-ready"  # the channel went away: rescinded until re-offered
+
+    # ---- outbound --------------------------------------------------------
+    def start_servicing(self, svc_id: int, image: str, knobs: dict[str, int]) -> int:
+        """Send the servicing request; returns the host time it left (t = 0)."""
+        params = " ".join(f"{k}={v}" for k, v in knobs.items())
+        line = f"SERVICE id={svc_id} image={image} strategy={self.strategy} {params}".strip()
+        self.svc = {"id": svc_id, "image": image}
+        self.send_get(line)
+        t0 = self.clock()
+        self.note("sent", "get", line)
+        self.svc["request_ns"] = t0
+        return t0
+
+    def request_shutdown(self, msg_id: str, reason: str) -> tuple[str, int]:
+        """Fire the shutdown IC request. Returns (decision, host time of the decision).
+
+        decision: ``posted`` (bytes written to the vmbus port), ``held``
+        (queued while masked or paused, posted later) or ``rejected`` (IC not
+        ready: refused, as Hyper-V refuses a shutdown when the IC is not OK).
+        """
+        if self.ic != "ready":
+            t = self.clock()
+            self.note("rejected", "vmbus", f"shutdown id={msg_id}", ic=self.ic)
+            return "rejected", t
+        line = f"MSG seq={self.next_seq} t={self.clock() // 1000} type=shutdown id={msg_id} reason={reason}"
+        self.next_seq += 1
+        if self.paused or self.masked:
+            self.held.append(line)
+            t = self.clock()
+            self.note("held", "vmbus", line, paused=self.paused, masked=self.masked)
+            return "held", t
+        self.send_vmbus(line)
+        t = self.clock()
+        self.note("sent", "vmbus", line)
+        return "posted", t
+
+    def _flush(self, why: str) -> None:
+        held, self.held = self.held, []
+        for line in held:
+            self._post("vmbus", line)
+        if held:
+            self.note("flushed", "vmbus", f"count={len(held)} why={why}")

@@ -1,0 +1,55 @@
+"""One machine-wide limit on concurrent guests.
+
+Two TCG guests are what 2 cores carry; more would make every timing result a
+lie.  Each running guest holds one of N lock files in the runtime dir (flock,
+so a crashed holder releases it), honoured by every testbed process and every
+pytest-xdist worker on the machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from filelock import FileLock, Timeout
+
+from testbed.paths import runtime_dir
+
+log = logging.getLogger(__name__)
+
+
+def max_guests() -> int:
+    return int(os.environ.get("TESTBED_MAX_GUESTS", "2"))
+
+
+class GuestSlot:
+    def __init__(self, timeout: float = 3600.0) -> None:
+        self.timeout = timeout
+        self.lock: FileLock | None = None
+
+    def acquire(self) -> GuestSlot:
+        d = runtime_dir() / "slots"
+        d.mkdir(exist_ok=True)
+        end = time.monotonic() + self.timeout
+        waited = False
+        while True:
+            for i in range(max_guests()):
+                lk = FileLock(str(d / f"slot-{i}.lock"))
+                try:
+                    lk.acquire(timeout=0)
+                    self.lock = lk
+                    return self
+                except Timeout:
+                    continue
+            if not waited:
+                log.info("all %d guest slots busy; waiting", max_guests())
+                waited = True
+            if time.monotonic() > end:
+                raise TimeoutError(f"no free guest slot in {self.timeout:.0f} s")
+            time.sleep(0.1)
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
