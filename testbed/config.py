@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
@@ -170,3 +171,149 @@ def load_vm_config(path: Path | str) -> VmConfig:
 
 def stable_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ---- playbooks -----------------------------------------------------------------
+
+ExpectValue = int | str
+_EXPECT = re.compile(r"^\s*(==|>=|<=|>|<)?\s*(\d+)\s*$")
+
+
+def check_expectation(spec: ExpectValue, value: int) -> bool:
+    """``0`` / ``">0"`` / ``"<=2"`` against a count."""
+    if isinstance(spec, int):
+        return value == spec
+    m = _EXPECT.match(spec)
+    if not m:
+        raise ValueError(f"bad expectation {spec!r}")
+    op, n = m.group(1) or "==", int(m.group(2))
+    return {"==": value == n, ">=": value >= n, "<=": value <= n, ">": value > n, "<": value < n}[op]
+
+
+class ScheduleSpec(Strict):
+    kind: Literal["fixed", "linear", "random", "adaptive"]
+    offsets_ms: list[float] | None = None
+    start_ms: float | None = None
+    stop_ms: float | None = None
+    count: int | None = Field(None, ge=1, le=100_000)
+    lo_ms: float | None = None
+    hi_ms: float | None = None
+    resolution_ms: float = Field(2.0, gt=0)
+    coarse: int = Field(8, ge=2, le=1000)
+
+    @model_validator(mode="after")
+    def _fields_for_kind(self) -> ScheduleSpec:
+        need = {
+            "fixed": ("offsets_ms",),
+            "linear": ("start_ms", "stop_ms", "count"),
+            "random": ("lo_ms", "hi_ms"),
+            "adaptive": ("lo_ms", "hi_ms"),
+        }[self.kind]
+        missing = [k for k in need if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"schedule kind {self.kind!r} needs {', '.join(missing)}")
+        return self
+
+
+class LabOverrides(Strict):
+    save_ms: int | None = Field(None, ge=0, le=60_000)
+    restore_ms: int | None = Field(None, ge=0, le=60_000)
+    blackout_ms: int | None = Field(None, ge=0, le=10_000)
+    vtl0_shutdown_ms: int | None = Field(None, ge=0, le=10_000)
+    servicing_timeout_ms: int | None = Field(None, ge=100, le=600_000)
+
+
+class Case(Strict):
+    """One kind of iteration. A playbook is one case, or a list of them (baselines)."""
+
+    name: str = "race"
+    iterations: int | None = Field(None, ge=1, le=1_000_000)
+    servicing: bool = True
+    shutdown: Literal["offset", "after-ready", "none"] = "offset"
+    image: str | None = None
+    schedule: ScheduleSpec | None = None
+    expect: dict[str, ExpectValue] | None = None
+
+    @field_validator("image")
+    @classmethod
+    def _known_image(cls, v: str | None) -> str | None:
+        # "missing" images are allowed on purpose: servicing into them must fail cleanly.
+        return v
+
+    @field_validator("expect")
+    @classmethod
+    def _expect(cls, v: dict[str, ExpectValue] | None) -> dict[str, ExpectValue] | None:
+        return _validate_expect(v)
+
+
+def _validate_expect(v: dict[str, ExpectValue] | None) -> dict[str, ExpectValue] | None:
+    from testbed.engine.verdict import VERDICTS
+
+    for k, spec in (v or {}).items():
+        if k not in VERDICTS:
+            raise ValueError(f"expect: unknown verdict {k!r}; allowed: {', '.join(VERDICTS)}")
+        if isinstance(spec, str) and not _EXPECT.match(spec):
+            raise ValueError(f"expect.{k}: {spec!r} is not a count or a comparison like '>0' or '<=2'")
+    return v
+
+
+class Playbook(Strict):
+    name: str
+    description: str = ""
+    vm_config: str
+    host: str = "local"
+    strategy: Strategy = "none"
+    iterations: int = Field(16, ge=1, le=1_000_000)
+    schedule: ScheduleSpec = ScheduleSpec(kind="fixed", offsets_ms=[100.0])
+    servicing: bool = True
+    shutdown: Literal["offset", "after-ready", "none"] = "offset"
+    image: str | None = None
+    cases: list[Case] | None = None
+    reset: Literal["cold", "snapshot"] = "snapshot"
+    grace_ms: float | Literal["auto"] = "auto"
+    lab: LabOverrides = LabOverrides()
+    expect: dict[str, ExpectValue] = Field(default_factory=lambda: {"lost": 0, "duplicated": 0})
+    max_infra_errors: int = Field(0, ge=0)
+    on_infra_error: Literal["continue", "stop"] = "continue"
+    stop_on_loss: bool = False
+    calibrate: bool = False
+    seed: int = 0
+    collect: list[Literal["serial", "timeline", "qemu"]] = Field(default_factory=lambda: ["serial", "timeline"])
+
+    @field_validator("expect")
+    @classmethod
+    def _expect(cls, v: dict[str, ExpectValue]) -> dict[str, ExpectValue]:
+        _validate_expect(v)
+        return v
+
+    def resolved_cases(self) -> list[Case]:
+        """The playbook's cases with top-level defaults filled in."""
+        if not self.cases:
+            return [Case(name=self.name, iterations=self.iterations, servicing=self.servicing,
+                         shutdown=self.shutdown, image=self.image, schedule=self.schedule,
+                         expect=self.expect)]  # fmt: skip
+        return [
+            c.model_copy(update={
+                "iterations": c.iterations or self.iterations,
+                "schedule": c.schedule or self.schedule,
+                "image": c.image or self.image,
+                "expect": c.expect if c.expect is not None else self.expect,
+            })
+            for c in self.cases
+        ]  # fmt: skip
+
+
+def load_playbook(path: Path | str) -> tuple[Playbook, VmConfig]:
+    """Load a playbook and the vm_config it names (relative to the playbook file)."""
+    p = Path(path)
+    pb = load_model(p, Playbook)
+    cfg_path = (p.parent / pb.vm_config).resolve()
+    if not cfg_path.exists():
+        data = load_yaml(p)
+        raise ConfigError(p, _node_line(data, ("vm_config",)), f"vm_config {pb.vm_config!r} not found at {cfg_path}")
+    return pb, load_vm_config(cfg_path)
+
+
+def apply_lab_overrides(cfg: VmConfig, over: LabOverrides) -> VmConfig:
+    changes = {k: v for k, v in over.model_dump().items() if v is not None}
+    return cfg.model_copy(update={"lab": cfg.lab.model_copy(update=changes)}) if changes else cfg

@@ -129,7 +129,7 @@ class QemuBackend:
         probe = self.kvm_probe(image, refresh=refresh)
         if probe["ok"]:
             return "kvm", probe["reason"]
-        log.warning("KVM unusable, falling back to TCG: %s", probe["reason"])
+        (log.info if probe.get("cached") else log.warning)("KVM unusable, falling back to TCG: %s", probe["reason"])
         return "tcg", f"KVM probe failed: {probe['reason']}"
 
     def kvm_probe(self, image: Image, refresh: bool = False) -> dict[str, Any]:
@@ -138,7 +138,7 @@ class QemuBackend:
         if path.exists() and not refresh:
             cached = json.loads(path.read_text())
             if time.time() - cached["time"] < PROBE_TTL_S and cached.get("qemu") == qv:
-                return dict(cached)
+                return {**cached, "cached": True}
         wd = runtime_dir() / "probe" / str(os.getpid())
         spec = {
             "machine": "q35", "accel": "kvm", "memory_mib": 128, "cpus": 1,

@@ -1,0 +1,370 @@
+"""The ``testbed`` command line.
+
+Exit codes (every command):
+  0  no expectation violated (for run: no unexpected loss or duplicate)
+  1  an expectation of the playbook was violated (e.g. a lost shutdown)
+  2  usage or configuration error (the message names file:line)
+  3  infrastructure failure (host, QEMU, image build), never a product verdict
+  130 interrupted (Ctrl-C / SIGTERM): finished iterations and reports are kept
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from testbed import leases
+from testbed.config import STRATEGIES, ConfigError, load_playbook, load_vm_config
+from testbed.paths import runtime_dir
+
+HELP = __doc__ or ""
+app = typer.Typer(help="Race tests of paravisor servicing vs. vmbus messages.\n\n" + HELP,
+                  no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False)  # fmt: skip
+image_app = typer.Typer(help="Build and inspect the reference guest image.", no_args_is_help=True)
+vm_app = typer.Typer(help="Start, list and stop reference VMs by hand.", no_args_is_help=True)
+host_app = typer.Typer(help="Check a host before running suites on it.", no_args_is_help=True)
+app.add_typer(image_app, name="image")
+app.add_typer(vm_app, name="vm")
+app.add_typer(host_app, name="host")
+
+console = Console(stderr=True)
+out = Console()
+DEFAULT_CONFIG = Path("vm_configs/reference-linux.yaml")
+
+
+def fail(code: int, message: str) -> NoReturn:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _sigterm_as_interrupt() -> None:
+    def handler(_sig: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
+    _sigterm_as_interrupt()
+
+
+# ---- run -------------------------------------------------------------------------
+
+
+@app.command()
+def run(
+    playbook: Annotated[Path, typer.Argument(help="playbook YAML, e.g. playbooks/quick.yaml")],
+    host: Annotated[str, typer.Option(help="host URI; only 'local' in this version")] = "local",
+    vm_config: Annotated[Path | None, typer.Option(help="override the playbook's vm_config")] = None,
+    strategy: Annotated[str | None, typer.Option(help=f"override: {' | '.join(STRATEGIES)}")] = None,
+    iterations: Annotated[int | None, typer.Option(help="override the number of iterations")] = None,
+    offsets: Annotated[str | None, typer.Option(
+        help="override the schedule: 10,50,90 | linear:START:STOP:COUNT | random:LO:HI:COUNT | adaptive:LO:HI")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed of random/adaptive schedules and jitter")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="run folder (default runs/<time>-<playbook>)")] = None,
+    stop_on_loss: Annotated[bool, typer.Option("--stop-on-loss", help="stop at the first lost message")] = False,
+    keep_failed: Annotated[bool, typer.Option("--keep-failed", help="keep all artifacts of failed iterations")] = False,
+    reset: Annotated[str | None, typer.Option(help="cold | snapshot: how each iteration gets a fresh VM")] = None,
+    max_duration: Annotated[float | None, typer.Option(help="stop starting iterations after N seconds")] = None,
+    resume: Annotated[Path | None, typer.Option(help="continue an interrupted run folder")] = None,
+) -> None:
+    """Run a playbook: fire the shutdown IC at offsets across paravisor servicing, many times.
+
+    Writes results.jsonl (as each iteration ends), summary.json, junit.xml,
+    summary.md and report.html into the run folder.  Exit code 1 means an
+    expectation of the playbook was violated, 3 an infrastructure failure.
+    """
+    from testbed.engine.runner import RunOptions, Runner
+    from testbed.engine.schedule import parse_offsets
+
+    if host != "local":
+        fail(2, f"host {host!r}: only 'local' is supported in this version (SSH and WinRM come next)")
+    if strategy is not None and strategy not in STRATEGIES:
+        fail(2, f"--strategy {strategy!r}: allowed: {', '.join(STRATEGIES)}")
+    if reset is not None and reset not in ("cold", "snapshot"):
+        fail(2, f"--reset {reset!r}: allowed: cold, snapshot")
+    try:
+        pb, cfg = load_playbook(playbook)
+        if vm_config is not None:
+            cfg = load_vm_config(vm_config)
+        sched = parse_offsets(offsets) if offsets else None
+    except ConfigError as e:
+        fail(2, str(e))
+    except ValueError as e:
+        fail(2, str(e))
+    opts = RunOptions(strategy=strategy, iterations=iterations, offsets=sched, seed=seed, out=out_dir,
+                      stop_on_loss=stop_on_loss or None, keep_failed=keep_failed, max_duration_s=max_duration,
+                      resume=resume, reset=reset)  # fmt: skip
+    counts: Counter[str] = Counter()
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TextColumn("{task.fields[counts]}"), console=console,
+                        transient=False)  # fmt: skip
+    task = progress.add_task(pb.name, total=None, counts="booting / building the image...")
+
+    def on_event(ev: dict[str, Any]) -> None:
+        if ev["event"] == "start":
+            progress.update(task, total=ev["total"], completed=ev["done"],
+                            counts=f"accel {ev['accel']}, grace {ev['grace_ms']:.0f} ms")  # fmt: skip
+        elif ev["event"] == "iteration":
+            counts[ev["record"]["verdict"]] += 1
+            progress.update(task, advance=1, counts=" ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+
+    from testbed.backends.qemu.backend import InfraError
+
+    try:
+        with progress:
+            result = Runner(pb, cfg, opts, on_event, playbook_path=playbook).run()
+    except InfraError as e:
+        fail(3, str(e))
+    _print_summary(result.run_dir, result.summary)
+    raise typer.Exit(result.exit_code)
+
+
+def _print_summary(run_dir: Path, s: dict[str, Any]) -> None:
+    print((run_dir / "summary.md").read_text())
+    print(f"reports: {run_dir}/report.html, junit.xml, summary.json")
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="a run folder with results.jsonl")]) -> None:
+    """Rebuild summary.json, junit.xml, summary.md and report.html from results.jsonl alone."""
+    from testbed.engine.runner import rebuild
+
+    if not (run_dir / "results.jsonl").exists():
+        fail(2, f"{run_dir}: no results.jsonl here; pass a run folder")
+    summary, code = rebuild(run_dir)
+    _print_summary(run_dir, summary)
+    raise typer.Exit(code)
+
+
+@app.command()
+def compare(
+    run_a: Annotated[Path, typer.Argument(help="run folder A (e.g. before the fix)")],
+    run_b: Annotated[Path, typer.Argument(help="run folder B (e.g. after the fix)")],
+) -> None:
+    """Did the fix work? Loss rates side by side with Fisher's exact test of the difference."""
+    from testbed.engine.stats import fisher_exact, summarize
+    from testbed.report.jsonl import read_results
+
+    rows = []
+    for d in (run_a, run_b):
+        recs = read_results(d / "results.jsonl")
+        if not recs:
+            fail(2, f"{d}: no results.jsonl with iterations")
+        rows.append(summarize(recs))
+    (a, b) = rows
+    la, na, lb, nb = a["counts"]["lost"], a["product_iterations"], b["counts"]["lost"], b["product_iterations"]
+    p = fisher_exact(la, na - la, lb, nb - lb)
+    t = Table("run", "lost", "n", "loss rate", "Wilson 95%")
+    for d, s in ((run_a, a), (run_b, b)):
+        ci = s["loss_ci95"]
+        t.add_row(str(d), str(s["counts"]["lost"]), str(s["product_iterations"]),
+                  f"{100 * (s['loss_rate'] or 0):.1f}%", f"{100 * ci[0]:.1f}% to {100 * ci[1]:.1f}%")  # fmt: skip
+    out.print(t)
+    verdict = "the difference is significant" if p < 0.05 else "no significant difference"
+    out.print(f"Fisher exact test (two-sided): p = {p:.4g}: {verdict} at 5%")
+
+
+@app.command()
+def repro(
+    run_dir: Annotated[Path, typer.Argument(help="run folder")],
+    iteration: Annotated[int, typer.Option(help="iteration number to replay")],
+    keep: Annotated[bool, typer.Option("--keep", help="keep the VM running for inspection until Ctrl-C")] = False,
+) -> None:
+    """Replay one iteration with the same offset, strategy and config."""
+    from testbed.backends.base import RacePlan
+    from testbed.backends.qemu.backend import QemuBackend
+    from testbed.config import apply_lab_overrides
+    from testbed.engine.verdict import classify
+    from testbed.report.jsonl import read_results
+
+    run = json.loads((run_dir / "run.json").read_text())
+    rec = next((r for r in read_results(run_dir / "results.jsonl") if r["iteration"] == iteration), None)
+    if rec is None:
+        fail(2, f"{run_dir}: no iteration {iteration} in results.jsonl")
+    try:
+        pb, cfg = load_playbook(Path(run["playbook_path"]))
+    except (ConfigError, TypeError) as e:
+        fail(2, f"cannot reload the playbook of this run: {e}")
+    cfg = apply_lab_overrides(cfg, pb.lab)
+    with QemuBackend() as b:
+        vm = b.provision(cfg, rec["strategy"])
+        try:
+            b.start(vm, reset=run.get("reset", "snapshot"))
+            res = b.race(vm, RacePlan(iteration, rec["planned_offset_ms"], True, rec["decision"] is not None,
+                                      "offset" if rec["planned_offset_ms"] is not None else "after-ready",
+                                      rec.get("image")), run["grace_ms"])  # fmt: skip
+            res["shutdown_id"] = f"sd{iteration}"
+            v = classify(res)
+            out.print(f"iteration {iteration}: was [bold]{rec['verdict']}[/], now [bold]{v.kind}[/]: {v.reason}")
+            for line in v.evidence:
+                out.print("  " + line, highlight=False)
+            if keep and not res.get("ended"):
+                out.print(f"VM kept: work dir {vm.workdir} (serial.log, qmp.sock). Ctrl-C to destroy it.")
+                while True:
+                    time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            b.destroy(vm)
+
+
+# ---- image -------------------------------------------------------------------------
+
+
+@image_app.command("build")
+def image_build(
+    config: Annotated[Path, typer.Option(help="vm_config to build for")] = DEFAULT_CONFIG,
+    force: Annotated[bool, typer.Option(help="rebuild even on a cache hit")] = False,
+) -> None:
+    """Build the reference kernel + initramfs (cached by a hash of every input)."""
+    from testbed.backends.qemu.image import ImageBuildError, build_image
+
+    try:
+        cfg = load_vm_config(config)
+        t = time.monotonic()
+        img = build_image(cfg, force=force)
+    except ConfigError as e:
+        fail(2, str(e))
+    except ImageBuildError as e:
+        fail(3, str(e))
+    out.print(f"image {img.key} in {time.monotonic() - t:.1f} s: {img.directory}")
+    for k in ("kernel_package", "kernel_version", "kernel_release", "busybox_version", "modules"):
+        out.print(f"  {k}: {img.manifest.get(k)}", highlight=False)
+
+
+# ---- vm ------------------------------------------------------------------------------
+
+
+@vm_app.command("up")
+def vm_up(
+    config: Annotated[Path, typer.Option(help="vm_config")] = DEFAULT_CONFIG,
+    poweroff: Annotated[bool, typer.Option("--poweroff", help="power the VM off (ACPI) once it is ready")] = False,
+) -> None:
+    """Boot a reference VM to READY; keep it until Ctrl-C (or power it off with --poweroff).
+
+    The VM lives as long as this command: the host agent kills QEMU when its
+    owner goes away, so nothing is ever left running.
+    """
+    from testbed.backends.qemu.backend import InfraError, QemuBackend
+
+    try:
+        cfg = load_vm_config(config)
+    except ConfigError as e:
+        fail(2, str(e))
+    with QemuBackend() as b:
+        try:
+            vm = b.provision(cfg)
+            ready = b.start(vm, reset="cold")
+        except InfraError as e:
+            fail(3, str(e))
+        try:
+            info = b.uname(vm)
+            out.print(f"{vm.name}: ready in {ready['wall_s']:.2f} s (accel {vm.accel}, kernel {info.get('release')}, "
+                      f"paravisor {ready['guest_image']}); work dir {vm.workdir}")  # fmt: skip
+            if poweroff:
+                b.powerdown(vm)
+                outcome = b.wait_outcome(vm, 60)
+                out.print(f"{vm.name}: powered off, SHUTDOWN reason {outcome.get('reason')}")
+                if outcome.get("reason") != "guest-shutdown":
+                    raise typer.Exit(3)
+                return
+            out.print("Ctrl-C to destroy it.")
+            b.wait_outcome(vm, 10**7)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            b.destroy(vm)
+
+
+@vm_app.command("list")
+def vm_list() -> None:
+    """VMs with a lease on this machine (running or left by a dead owner)."""
+    t = Table("name", "qemu pid", "alive", "owner pid", "owner alive", "work dir")
+    for _p, lease in leases.read_all(runtime_dir() / "leases"):
+        if lease is None:
+            continue
+        t.add_row(lease.name, str(lease.qemu_pid), str(leases.alive(lease.qemu_pid, lease.qemu_start)),
+                  str(lease.owner_pid), str(leases.alive(lease.owner_pid, lease.owner_start)), lease.workdir)  # fmt: skip
+    out.print(t)
+
+
+@vm_app.command("down")
+def vm_down(name: Annotated[str, typer.Argument(help="VM name from 'testbed vm list'")]) -> None:
+    """Kill a VM by its lease (SIGTERM, then SIGKILL) and remove the lease."""
+    for p, lease in leases.read_all(runtime_dir() / "leases"):
+        if lease is not None and lease.name == name:
+            leases.kill_group(lease.qemu_pid, lease.qemu_start)
+            p.unlink(missing_ok=True)
+            out.print(f"{name}: stopped")
+            return
+    fail(2, f"no VM named {name!r}; see 'testbed vm list'")
+
+
+@app.command()
+def gc() -> None:
+    """Kill every QEMU whose owning testbed process is gone, and remove its lease and work dir."""
+    actions = leases.gc(runtime_dir() / "leases")
+    for a in actions:
+        out.print(a)
+    if not actions:
+        out.print("nothing to clean")
+
+
+# ---- host --------------------------------------------------------------------------
+
+
+@host_app.command("check")
+def host_check(
+    host: Annotated[str, typer.Argument(help="host URI; 'local' in this version")] = "local",
+    config: Annotated[Path, typer.Option(help="vm_config whose kernel to check")] = DEFAULT_CONFIG,
+    probe: Annotated[bool, typer.Option(help="run the KVM probe now (boots a tiny guest)")] = False,
+) -> None:
+    """Preflight: QEMU, KVM probe, build tools, kernel package, disk; each problem with its fix."""
+    from testbed.backends.qemu.backend import QemuBackend
+    from testbed.backends.qemu.image import ImageBuildError, build_image
+
+    if host != "local":
+        fail(2, f"host {host!r}: only 'local' is supported in this version")
+    try:
+        cfg = load_vm_config(config) if config.exists() else None
+    except ConfigError as e:
+        fail(2, str(e))
+    with QemuBackend() as b:
+        if probe and cfg is not None:
+            try:
+                img = build_image(cfg)
+                b.kvm_probe(img, refresh=True)
+            except ImageBuildError as e:
+                console.print(f"cannot probe KVM: {e}")
+        rep = b.preflight(cfg)
+    t = Table("check", "ok", "detail", "fix")
+    for c in rep.checks:
+        t.add_row(c.name, "yes" if c.ok else "NO", c.detail, "" if c.ok else c.fix)
+    out.print(t)
+    raise typer.Exit(0 if rep.ok else 3)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Schedules of shutdown offsets (ms from the servicing request; negative = before it).
+
+Static schedules are lists.  The adaptive window search is a generator that
+looks at the verdicts so far: a coarse grid, then bisection of every interval
+where a loss and a non-loss meet, down to ``resolution_ms``, then repeats at
+the edges.  ``seed`` makes every schedule repeat exactly.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from typing import Any
+
+Outcome = Callable[[float], str | None]  # offset -> verdict of its latest iteration
+
+
+def linear(start_ms: float, stop_ms: float, count: int) -> list[float]:
+    if count < 1:
+        raise ValueError("count must be >= 1")
+    if count == 1:
+        return [float(start_ms)]
+    step = (stop_ms - start_ms) / (count - 1)
+    return [round(start_ms + i * step, 3) for i in range(count)]
+
+
+def seeded_random(lo_ms: float, hi_ms: float, count: int, seed: int) -> list[float]:
+    rng = random.Random(seed)
+    return [round(rng.uniform(lo_ms, hi_ms), 3) for _ in range(count)]
+
+
+def cycle_to(points: list[float], iterations: int) -> list[float]:
+    """Repeat (or cut) a list of points to ``iterations`` offsets, in order."""
+    if not points:
+        return []
+    return [points[i % len(points)] for i in range(iterations)]
+
+
+def parse_offsets(spec: str) -> dict[str, Any]:
+    """CLI ``--offsets``: ``10,50,90`` | ``linear:-50:400:16`` | ``random:0:400:20``
+    | ``adaptive:-50:500`` -> a schedule mapping like the playbook's."""
+    s = spec.strip()
+    try:
+        if s.startswith(("linear:", "random:", "adaptive:")):
+            kind, *nums = s.split(":")
+            vals = [float(x) for x in nums]
+            if kind == "linear":
+                return {"kind": "linear", "start_ms": vals[0], "stop_ms": vals[1], "count": int(vals[2])}
+            if kind == "random":
+                return {"kind": "random", "lo_ms": vals[0], "hi_ms": vals[1], "count": int(vals[2])}
+            return {"kind": "adaptive", "lo_ms": vals[0], "hi_ms": vals[1]}
+        return {"kind": "fixed", "offsets_ms": [float(x) for x in s.split(",") if x.strip()]}
+    except (ValueError, IndexError):
+        raise ValueError(
+            f"bad --offsets {spec!r}: use 10,50,90 | linear:START:STOP:COUNT | random:LO:HI:COUNT | adaptive:LO:HI"
+        ) from None
+
+
+def adaptive(lo_ms: float, hi_ms: float, budget: int, outcome: Outcome, *, coarse: int = 8,
+             resolution_ms: float = 2.0, seed: int = 0) -> Iterator[float]:  # fmt: skip
+    """Yield offsets; ``outcome(offset)`` tells the verdict once the caller ran it."""
+    rng = random.Random(seed)
+    tried: list[float] = []
+    used = 0
+
+    def emit(x: float) -> Iterator[float]:
+        nonlocal used
+        if used < budget:
+            used += 1
+            tried.append(x)
+            yield x
+
+    for x in linear(lo_ms, hi_ms, max(2, min(coarse, budget))):
+        yield from emit(x)
+    # Bisection on every loss / non-loss boundary.
+    while used < budget:
+        pts = sorted({x for x in tried if outcome(x) is not None})
+        edges = [
+            (a, b)
+            for a, b in zip(pts, pts[1:], strict=False)
+            if (outcome(a) == "lost") != (outcome(b) == "lost") and b - a > resolution_ms
+        ]
+        if not edges:
+            break
+        for a, b in edges:
+            yield from emit(round((a + b) / 2, 3))
+    # Refinement: spend what is left around the edges, with a little jitter.
+    while used < budget:
+        pts = sorted({x for x in tried if outcome(x) is not None})
+        edges = [(a, b) for a, b in zip(pts, pts[1:], strict=False) if (outcome(a) == "lost") != (outcome(b) == "lost")]
+        if not edges:
+            return
+        a, b = edges[rng.randrange(len(edges))]
+        yield from emit(round(rng.uniform(a - resolution_ms, b + resolution_ms), 3))
+
+
+def bracket(points: list[tuple[float, str]]) -> dict[str, Any] | None:
+    """The adaptive search's bracket of the loss region: for each edge, the
+    (non-loss, loss) offsets closest to each other."""
+    pts = sorted(points)
+    lost = [o for o, v in pts if v == "lost"]
+    if not lost:
+        return None
+    first, last = min(lost), max(lost)
+    left = max((o for o, v in pts if v != "lost" and o < first), default=None)
+    right = min((o for o, v in pts if v != "lost" and o > last), default=None)
+    return {"left_edge_ms": [left, first], "right_edge_ms": [last, right]}

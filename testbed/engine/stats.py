@@ -1,0 +1,110 @@
+"""Statistics over iteration records: loss rate with a Wilson interval, window, skew, rate.
+
+Infrastructure errors are excluded from every denominator: a run that lost
+its host has not measured the product.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Any
+
+from testbed.engine.verdict import PRODUCT_FAILURES, VERDICTS
+
+Z95 = 1.959963984540054
+
+
+def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for k successes in n trials (0, 1 when n = 0)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100)."""
+    if not values:
+        return None
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, math.ceil(q / 100 * len(s)) - 1))
+    return s[k]
+
+
+def fisher_exact(a: int, b: int, c: int, d: int) -> float:
+    """Two-sided Fisher exact test p-value for the table [[a, b], [c, d]]."""
+    n1, n2, m = a + b, c + d, a + c
+    n = n1 + n2
+
+    def p_of(x: int) -> float:
+        return math.comb(n1, x) * math.comb(n2, m - x) / math.comb(n, m)
+
+    lo, hi = max(0, m - n2), min(m, n1)
+    p_obs = p_of(a)
+    return min(1.0, sum(p for x in range(lo, hi + 1) if (p := p_of(x)) <= p_obs * (1 + 1e-9)))
+
+
+def loss_window(records: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
+    """First/last offset with a loss, and the nearest non-loss offsets around them."""
+    pts = sorted((r[key], r["verdict"]) for r in records if r.get(key) is not None and r["verdict"] != "infra-error")
+    lost = [o for o, v in pts if v == "lost"]
+    if not lost:
+        return None
+    first, last = min(lost), max(lost)
+    before = [o for o, v in pts if v != "lost" and o < first]
+    after = [o for o, v in pts if v != "lost" and o > last]
+    return {
+        "anchor": key,
+        "first_loss_ms": first,
+        "last_loss_ms": last,
+        "bracket_ms": [max(before) if before else None, min(after) if after else None],
+    }
+
+
+def summarize(records: list[dict[str, Any]], bucket_ms: float = 50.0) -> dict[str, Any]:
+    counts = Counter(r["verdict"] for r in records)
+    product = [r for r in records if r["verdict"] != "infra-error"]
+    n = len(product)
+    lost = counts.get("lost", 0)
+    lo, hi = wilson(lost, n)
+    skews = [r["skew_ms"] for r in records if r.get("skew_ms") is not None]
+    buckets: dict[float, list[int]] = {}
+    for r in product:
+        off = r.get("offset_ms")
+        if off is None:
+            continue
+        b = math.floor(off / bucket_ms) * bucket_ms
+        buckets.setdefault(b, [0, 0])
+        buckets[b][1] += 1
+        buckets[b][0] += r["verdict"] == "lost"
+    durations = [r["duration_s"] for r in records if r.get("duration_s")]
+    t0 = min((r["started"] for r in records if r.get("started")), default=None)
+    t1 = max((r["started"] + r.get("duration_s", 0) for r in records if r.get("started")), default=None)
+    elapsed_min = (t1 - t0) / 60 if t0 is not None and t1 is not None and t1 > t0 else None
+    windows = {k: loss_window(records, k) for k in ("guest_offset_ms", "offset_ms")}
+    # The sharper anchor is the paravisor's own servicing start, when it was recorded.
+    best = windows["guest_offset_ms"] or windows["offset_ms"]
+    out: dict[str, Any] = {
+        "iterations": len(records),
+        "counts": {v: counts.get(v, 0) for v in VERDICTS},
+        "product_iterations": n,
+        "loss_rate": lost / n if n else None,
+        "loss_ci95": [lo, hi],
+        "failures": sum(counts.get(v, 0) for v in PRODUCT_FAILURES),
+        "per_bucket": [
+            {"from_ms": b, "to_ms": b + bucket_ms, "lost": k, "n": m, "rate": k / m}
+            for b, (k, m) in sorted(buckets.items())
+        ],
+        "window": best,
+        "windows_by_anchor": windows,
+        "skew_ms": {"p50": percentile(skews, 50), "p99": percentile(skews, 99), "max": max(skews) if skews else None},
+        "iterations_per_min": (len(records) / elapsed_min) if elapsed_min else None,
+        "mean_iteration_s": sum(durations) / len(durations) if durations else None,
+    }
+    if n and lost == 0:
+        out["zero_loss_bound"] = f"0 losses in {n} iterations: loss rate < {3 / n:.3g} at 95% (rule of three)"
+    return out

@@ -1,0 +1,116 @@
+"""One verdict per iteration, read only from evidence.
+
+Evidence is what the iteration left behind: the host relay's message log,
+the guest's serial lines (``TB t=<guest us> ...``), QMP events and the
+servicing report.  The classifier never looks at the planned offset and
+never guesses: each verdict carries the lines it was read from.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+VERDICTS = (
+    "preserved",
+    "delivered-before",
+    "lost",
+    "duplicated",
+    "rejected",
+    "servicing-failed",
+    "guest-crash",
+    "infra-error",
+)
+PRODUCT_FAILURES = ("lost", "duplicated")
+
+_T = re.compile(r"^TB t=(\d+) ")
+
+
+@dataclass
+class Verdict:
+    kind: str
+    reason: str
+    evidence: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"verdict": self.kind, "reason": self.reason, "evidence": self.evidence}
+
+
+def guest_time_us(line: str) -> int | None:
+    m = _T.match(line)
+    return int(m.group(1)) if m else None
+
+
+def _host_lines(log: list[dict[str, Any]], pred: Any) -> list[str]:
+    return [f"host {e['kind']} {e['port']}: {e['line']}" for e in log if pred(e)]
+
+
+def classify(ev: dict[str, Any]) -> Verdict:
+    """``ev`` is the agent's race result, plus ``infra_error`` when the testbed failed."""
+    if ev.get("infra_error"):
+        return Verdict("infra-error", str(ev["infra_error"]), [str(ev["infra_error"])])
+
+    serial: list[str] = ev.get("serial", [])
+    host_log: list[dict[str, Any]] = ev.get("host_log", [])
+    qmp: list[dict[str, Any]] = ev.get("qmp_events", [])
+    svc: dict[str, Any] = ev.get("svc", {})
+    shutdown = ev.get("shutdown") or {}
+    msg_id = ev.get("shutdown_id")
+
+    panicked = [e for e in qmp if e["event"] == "GUEST_PANICKED"]
+    if panicked or (shutdown.get("data", {}).get("reason") == "guest-panic"):
+        lines = [f"qmp {e['event']} {e.get('data')}" for e in panicked] or [f"qmp SHUTDOWN {shutdown.get('data')}"]
+        lines += [ln for ln in serial if "panick" in ln or "Kernel panic" in ln][:3]
+        return Verdict("guest-crash", "the guest kernel panicked", lines)
+    if shutdown.get("event") == "QEMU_EXIT":
+        return Verdict(
+            "infra-error",
+            f"QEMU exited without a guest shutdown (rc {shutdown.get('data', {}).get('rc')}): killed under the engine?",
+            [f"qmp QEMU_EXIT {shutdown.get('data')}"],
+        )
+
+    delivered = [ln for ln in serial if msg_id and f"VTL0 SHUTDOWN id={msg_id} " in ln]
+    svc_start = next((ln for ln in serial if " PV svc-start " in ln), None)
+    svc_lines = [ln for ln in serial if " PV svc-" in ln or " PV restore" in ln or " PV vmbus-" in ln]
+    host_msg = _host_lines(host_log, lambda e: msg_id and f"id={msg_id}" in e["line"])
+    servicing = "request_ns" in svc
+
+    if len(delivered) >= 2:
+        return Verdict("duplicated", f"VTL0 handled the shutdown {len(delivered)} times", delivered + host_msg)
+
+    if len(delivered) == 1:
+        t_del = guest_time_us(delivered[0])
+        t_svc = guest_time_us(svc_start) if svc_start else None
+        if not servicing or (t_svc is not None and t_del is not None and t_del < t_svc):
+            return Verdict("delivered-before", "VTL0 handled the shutdown before servicing took hold",
+                           delivered + ([svc_start] if svc_start else []) + host_msg)  # fmt: skip
+        if svc.get("ok") is False or ev.get("servicing_timeout"):
+            pass  # delivered after a failed servicing: report the servicing failure below
+        else:
+            return Verdict("preserved", "delivered exactly once, after servicing", delivered + svc_lines[-2:] + host_msg)
+
+    if servicing and (ev.get("servicing_timeout") or svc.get("ok") is False):
+        why = "servicing did not finish before its timeout" if ev.get("servicing_timeout") else (
+            f"servicing reported failure: {svc.get('reason') or 'unknown'}")  # fmt: skip
+        vm_fate = "VM still running" if not ev.get("ended") else f"VM ended ({shutdown.get('data', {}).get('reason')})"
+        return Verdict("servicing-failed", f"{why}; {vm_fate}",
+                       svc_lines + _host_lines(host_log, lambda e: e["port"] == "get"))  # fmt: skip
+
+    if ev.get("decision") == "rejected":
+        return Verdict("rejected", f"the host refused the request: shutdown IC was {ev.get('ic_at_fire')}",
+                       _host_lines(host_log, lambda e: e["kind"] == "rejected"))  # fmt: skip
+
+    if msg_id is None:  # servicing only, no shutdown fired
+        return Verdict("preserved", "servicing completed; no message was at stake", svc_lines)
+
+    if not delivered:
+        if ev.get("ended"):
+            return Verdict("infra-error", "the VM powered off but VTL0 never logged the request",
+                           [f"qmp SHUTDOWN {shutdown.get('data')}"] + host_msg)  # fmt: skip
+        sent = any(e["kind"] in ("sent", "held") for e in host_log if f"id={msg_id}" in e["line"])
+        if not sent:
+            return Verdict("infra-error", "the request was neither posted nor refused", host_msg)
+        return Verdict("lost", "posted by the host, never seen by VTL0; the VM outlived the deadline",
+                       host_msg + svc_lines)  # fmt: skip
+    return Verdict("infra-error", "evidence did not match any verdict", delivered)

@@ -1,0 +1,36 @@
+"""junit.xml: one testcase per iteration; failures carry their evidence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from junitparser import Error, Failure, JUnitXml, Skipped, TestCase, TestSuite
+
+
+def write_junit(path: Path, run: dict[str, Any], records: list[dict[str, Any]]) -> None:
+    suite = TestSuite(run.get("playbook", "testbed"))
+    for k in ("strategy", "accel", "kernel", "qemu_version", "seed", "run_dir"):
+        if run.get(k) is not None:
+            suite.add_property(k, str(run[k]))
+    for r in records:
+        name = f"iteration-{r['iteration']:04d} offset={r.get('planned_offset_ms')}ms"
+        tc = TestCase(name, classname=f"testbed.{run.get('playbook', 'run')}.{r.get('case', 'race')}",
+                      time=float(r.get("duration_s") or 0))  # fmt: skip
+        evidence = "\n".join(r.get("evidence", []))
+        text = f"{r['verdict']}: {r.get('reason', '')}\n{evidence}\nfolder: {r.get('dir', '')}"
+        if r["verdict"] in ("lost", "duplicated") or r.get("unexpected"):
+            f = Failure(f"{r['verdict']}: {r.get('reason', '')}", r["verdict"])
+            f.text = text
+            tc.result = [f]
+        elif r["verdict"] == "infra-error":
+            e = Error(r.get("reason", ""), "infra-error")
+            e.text = text
+            tc.result = [e]
+        elif r["verdict"] == "rejected":
+            tc.result = [Skipped(f"rejected: {r.get('reason', '')}")]
+        tc.system_out = text
+        suite.add_testcase(tc)
+    xml = JUnitXml()
+    xml.add_testsuite(suite)
+    xml.write(str(path), pretty=True)

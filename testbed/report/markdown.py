@@ -1,0 +1,41 @@
+"""summary.md: what a person pastes into an issue."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def render_markdown(run: dict[str, Any], s: dict[str, Any]) -> str:
+    lines = [
+        f"# {run.get('playbook', 'run')} ({run.get('strategy')})",
+        "",
+        f"- iterations: {s['iterations']} ({s['product_iterations']} counted; infra-error excluded)",
+        "- verdicts: " + ", ".join(f"{k} {v}" for k, v in s["counts"].items() if v),
+        f"- loss rate: {_pct(s['loss_rate'])}, Wilson 95% [{_pct(s['loss_ci95'][0])}, {_pct(s['loss_ci95'][1])}]",
+    ]
+    if s.get("zero_loss_bound"):
+        lines.append(f"- {s['zero_loss_bound']}")
+    w = s.get("window")
+    if w:
+        lines.append(
+            f"- vulnerable window ({w['anchor']}): losses from {w['first_loss_ms']:.1f} to {w['last_loss_ms']:.1f} ms;"
+            f" bracket {w['bracket_ms']}"
+        )
+    sk = s["skew_ms"]
+    if sk["p50"] is not None:
+        lines.append(f"- fire skew: p50 {sk['p50']:.3f} ms, p99 {sk['p99']:.3f} ms")
+    if s.get("iterations_per_min"):
+        lines.append(f"- rate: {s['iterations_per_min']:.1f} iterations/min")
+    lines.append(f"- accel {run.get('accel')}, kernel {run.get('kernel')}, QEMU {run.get('qemu_version')}, "
+                 f"paravisor {run.get('paravisor')}, seed {run.get('seed')}")  # fmt: skip
+    ex = s["expectations"]
+    lines.append("- expectations: " + ("met" if ex["ok"] else "VIOLATED: " + "; ".join(ex["violations"])))
+    if s.get("infra_errors_exceeded"):
+        lines.append("- infrastructure errors exceeded the playbook's max_infra_errors")
+    if s.get("interrupted"):
+        lines.append("- the run was interrupted; these are the iterations that finished")
+    return "\n".join(lines) + "\n"
