@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from testbed.config import ConfigError, Playbook, check_expectation, load_model, load_playbook, load_vm_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_shipped_configs_and_playbooks_load() -> None:
+    cfg = load_vm_config(ROOT / "vm_configs/reference-linux.yaml")
+    assert cfg.lab.save_ms >= 300  # CI window: >= 10x the servicing-start jitter
+    for pb in sorted((ROOT / "playbooks").glob("*.yaml")):
+        playbook, vmc = load_playbook(pb)
+        assert playbook.resolved_cases(), pb
+        assert vmc.name == "reference-linux"
+
+
+def test_unknown_key_names_file_and_line(tmp_path: Path) -> None:
+    p = write(tmp_path, "name: x\nmemory_mib: 256\nlab:\n  save_ms: 10\n  sav_ms: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_vm_config(p)
+    assert e.value.line == 5
+    assert str(e.value).startswith(f"{p}:5: ")
+    assert "unknown key 'lab.sav_ms'" in str(e.value)
+
+
+def test_wrong_type_and_bad_value_lines(tmp_path: Path) -> None:
+    p = write(tmp_path, "name: x\ncpus: many\n")
+    with pytest.raises(ConfigError) as e:
+        load_vm_config(p)
+    assert e.value.line == 2 and "cpus" in e.value.message
+    p = write(tmp_path, "name: x\n\naccel: vmware\n")
+    with pytest.raises(ConfigError) as e:
+        load_vm_config(p)
+    assert e.value.line == 3 and "'auto', 'kvm' or 'tcg'" in e.value.message
+    p = write(tmp_path, "name: x\nparavisor:\n  version: v9\n")
+    with pytest.raises(ConfigError) as e:
+        load_vm_config(p)
+    assert e.value.line == 3 and "v2-replay" in e.value.message
+
+
+def test_yaml_syntax_error_has_line(tmp_path: Path) -> None:
+    p = write(tmp_path, "name: x\nlab: [1, 2\ncpus: 1\n")
+    with pytest.raises(ConfigError) as e:
+        load_vm_config(p)
+    assert e.value.line is not None and e.value.line >= 2
+    assert "YAML syntax" in e.value.message
+
+
+def test_playbook_schedule_and_expect_validation(tmp_path: Path) -> None:
+    p = write(tmp_path, "name: p\nvm_config: x.yaml\nschedule:\n  kind: linear\n  start_ms: 0\n")
+    with pytest.raises(ConfigError) as e:
+        load_model(p, Playbook)
+    assert e.value.line == 3 and "stop_ms, count" in e.value.message
+    p = write(tmp_path, "name: p\nvm_config: x.yaml\nexpect:\n  lots: 0\n")
+    with pytest.raises(ConfigError) as e:
+        load_model(p, Playbook)
+    assert e.value.line == 3 and "unknown verdict 'lots'" in e.value.message
+    p = write(tmp_path, "name: p\nvm_config: missing.yaml\n")
+    with pytest.raises(ConfigError) as e:
+        load_playbook(p)
+    assert e.value.line == 2 and "not found" in e.value.message
+
+
+def test_expectations() -> None:
+    assert check_expectation(0, 0) and not check_expectation(0, 1)
+    assert check_expectation(">0", 3) and not check_expectation(">0", 0)
+    assert check_expectation("<=2", 2) and not check_expectation("<=2", 3)
+
+
+def test_cli_config_error_exit_code_2_without_traceback(tmp_path: Path) -> None:
+    p = write(tmp_path, "name: p\nvm_config: ../nope.yaml\niterations: -3\n")
+    r = subprocess.run([sys.executable, "-m", "testbed.cli", "run", str(p)], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert f"{p}:3:" in r.stderr.replace("\n", "")
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_help_everywhere() -> None:
+    for args in ([], ["run"], ["image", "build"], ["vm", "up"], ["host", "check"], ["gc"], ["report"]):
+        r = subprocess.run([sys.executable, "-m", "testbed.cli", *args, "--help"], capture_output=True, text=True)
+        assert r.returncode == 0, (args, r.stderr)
+        assert "Usage" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "testbed.cli", "--help"], capture_output=True, text=True)
+    assert "130" in r.stdout and "infrastructure" in r.stdout  # exit codes are documented

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from junitparser import JUnitXml
+
+from testbed.report import exit_code, write_reports
+
+
+def make_run(tmp_path: Path, verdicts: list[str], expect: dict[str, object], max_infra: int = 0) -> Path:
+    d = tmp_path / "run"
+    d.mkdir(parents=True)
+    (d / "run.json").write_text(json.dumps({"playbook": "t", "strategy": "none", "expect": expect,
+                                            "max_infra_errors": max_infra}))  # fmt: skip
+    with (d / "results.jsonl").open("w") as f:
+        for i, v in enumerate(verdicts):
+            f.write(json.dumps({"iteration": i, "case": "t", "planned_offset_ms": 10.0 * i, "offset_ms": 10.0 * i,
+                                "verdict": v, "reason": f"because {v}", "evidence": [f"line for {v}"],
+                                "skew_ms": 0.05, "started": 100.0 + i, "duration_s": 1.0,
+                                "timeline": [[0.0, "host sent get: SERVICE"], [5.0, "host sent vmbus: MSG"]]}) + "\n")
+        f.write('{"iteration": 99, "verd')  # a line torn by a crash
+    return d
+
+
+def test_reports_rebuild_from_results_alone(tmp_path: Path) -> None:
+    d = make_run(tmp_path, ["preserved", "lost", "lost", "infra-error", "rejected"], {"lost": 0})
+    s = write_reports(d)
+    assert s["counts"]["lost"] == 2 and s["product_iterations"] == 4
+    assert exit_code(s) == 1 and "expected lost 0, got 2" in s["expectations"]["violations"][0]
+    xml = JUnitXml.fromfile(str(d / "junit.xml"))
+    cases = [c for suite in xml for c in suite]
+    assert len(cases) == 5
+    failures = [c for c in cases if c.result and c.result[0]._tag == "failure"]
+    assert len(failures) == 2 and "line for lost" in failures[0].result[0].text
+    errors = [c for c in cases if c.result and c.result[0]._tag == "error"]
+    assert len(errors) == 1
+    html = (d / "report.html").read_text()
+    assert "<svg" in html and "Timeline of lost iteration" in html
+    # self-contained: no external scripts, styles, images or fonts
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)
+    assert "@import" not in html and "url(http" not in html
+    assert json.loads((d / "summary.json").read_text())["manifest"]["playbook"] == "t"
+    assert "VIOLATED" in (d / "summary.md").read_text()
+
+
+def test_exit_codes_expectation_wins_over_infra(tmp_path: Path) -> None:
+    d = make_run(tmp_path, ["infra-error", "infra-error", "preserved"], {"lost": ">0"}, max_infra=1)
+    s = write_reports(d)
+    assert s["infra_errors_exceeded"] and not s["expectations"]["ok"]
+    assert exit_code(s) == 1
+    d2 = make_run(tmp_path / "b", ["infra-error", "infra-error", "lost"], {"lost": ">0"}, max_infra=1)
+    assert exit_code(write_reports(d2)) == 3
+    d3 = make_run(tmp_path / "c", ["lost", "preserved"], {"lost": ">0"})
+    assert exit_code(write_reports(d3)) == 0

@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from testbed.engine import schedule as sched
+from testbed.engine.stats import fisher_exact, percentile, summarize, wilson
+
+
+def test_wilson_known_values() -> None:
+    lo, hi = wilson(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-3)
+    lo, hi = wilson(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-3) and hi == pytest.approx(0.7634, abs=1e-3)
+    assert wilson(0, 0) == (0.0, 1.0)
+
+
+@given(st.integers(1, 500), st.data())
+def test_wilson_contains_the_estimate(n: int, data: st.DataObject) -> None:
+    k = data.draw(st.integers(0, n))
+    lo, hi = wilson(k, n)
+    assert 0.0 <= lo <= k / n <= hi <= 1.0
+
+
+def test_fisher_exact_known_values() -> None:
+    # 9 of 16 lost vs 0 of 16 lost: clearly different.
+    assert fisher_exact(9, 7, 0, 16) == pytest.approx(0.0008157, rel=1e-3)  # scipy.stats.fisher_exact
+    assert fisher_exact(3, 5, 3, 5) == pytest.approx(1.0)
+    assert fisher_exact(1, 9, 11, 3) == pytest.approx(0.002759, rel=1e-3)  # R's fisher.test
+
+
+def test_percentile_nearest_rank() -> None:
+    v = [float(x) for x in range(1, 101)]
+    assert percentile(v, 50) == 50.0 and percentile(v, 99) == 99.0 and percentile([], 50) is None
+
+
+def rec(i: int, off: float, verdict: str, skew: float = 0.05) -> dict[str, object]:
+    return {"iteration": i, "offset_ms": off, "guest_offset_ms": off - 5, "planned_offset_ms": off,
+            "verdict": verdict, "skew_ms": skew, "started": 1000.0 + i, "duration_s": 1.0}  # fmt: skip
+
+
+def test_summary_window_and_rule_of_three() -> None:
+    recs = [rec(i, o, "lost" if 50 <= o <= 250 else "preserved") for i, o in enumerate(range(0, 400, 25))]
+    recs.append(rec(99, 100, "infra-error"))
+    s = summarize(recs)
+    assert s["product_iterations"] == 16 and s["counts"]["lost"] == 9
+    assert s["window"]["anchor"] == "guest_offset_ms"
+    assert (s["window"]["first_loss_ms"], s["window"]["last_loss_ms"]) == (45, 245)
+    assert s["window"]["bracket_ms"] == [20, 270]
+    assert s["windows_by_anchor"]["offset_ms"]["first_loss_ms"] == 50
+    ok = summarize([rec(i, 10, "preserved") for i in range(30)])
+    assert ok["zero_loss_bound"].startswith("0 losses in 30 iterations: loss rate < 0.1")
+
+
+def test_linear_random_and_parse() -> None:
+    assert sched.linear(-50, 650, 8) == [-50, 50, 150, 250, 350, 450, 550, 650]
+    assert sched.seeded_random(0, 10, 5, 7) == sched.seeded_random(0, 10, 5, 7)
+    assert sched.seeded_random(0, 10, 5, 7) != sched.seeded_random(0, 10, 5, 8)
+    assert sched.cycle_to([1.0, 2.0], 5) == [1.0, 2.0, 1.0, 2.0, 1.0]
+    assert sched.parse_offsets("linear:-10:100:12") == {"kind": "linear", "start_ms": -10, "stop_ms": 100, "count": 12}
+    assert sched.parse_offsets("1,2.5") == {"kind": "fixed", "offsets_ms": [1.0, 2.5]}
+    with pytest.raises(ValueError, match="linear:START:STOP:COUNT"):
+        sched.parse_offsets("linear:x")
+
+
+@pytest.mark.parametrize("window", [(40.0, 300.0), (-20.0, 5.0), (600.0, 640.0)])
+def test_adaptive_search_brackets_a_synthetic_window(window: tuple[float, float]) -> None:
+    lo_w, hi_w = window
+    seen: dict[float, str] = {}
+
+    def outcome(x: float) -> str | None:
+        return seen.get(x)
+
+    gen = sched.adaptive(-100, 700, 40, outcome, coarse=9, resolution_ms=2.0, seed=1)
+    for x in gen:
+        seen[x] = "lost" if lo_w <= x <= hi_w else "preserved"
+    b = sched.bracket(list(seen.items()))
+    assert b is not None
+    (left_ok, left_lost), (right_lost, right_ok) = b["left_edge_ms"], b["right_edge_ms"]
+    assert left_ok < lo_w <= left_lost and left_lost - left_ok <= 2.0 + 1e-9
+    assert right_lost <= hi_w < right_ok and right_ok - right_lost <= 2.0 + 1e-9
+    assert len(seen) <= 40 and not math.isnan(left_ok)
