@@ -1,8 +1,9 @@
 """One machine-wide limit on concurrent guests.
 
 Two TCG guests are what 2 cores carry; more would make every timing result a
-lie.  Each running guest holds one of N lock files in the runtime dir (flock,
-so a crashed holder releases it), honoured by every testbed process and every
+lie.  Each running guest holds one of N lock files in the runtime dir (flock on
+its own open file, so two guests of one process count twice and a crashed
+holder releases its slot), honoured by every testbed process and every
 pytest-xdist worker on the machine.
 """
 
@@ -12,7 +13,7 @@ import logging
 import os
 import time
 
-from filelock import FileLock, Timeout
+import fcntl
 
 from testbed.paths import runtime_dir
 
@@ -26,7 +27,7 @@ def max_guests() -> int:
 class GuestSlot:
     def __init__(self, timeout: float = 3600.0) -> None:
         self.timeout = timeout
-        self.lock: FileLock | None = None
+        self.fd: int | None = None
 
     def acquire(self) -> GuestSlot:
         d = runtime_dir() / "slots"
@@ -35,13 +36,14 @@ class GuestSlot:
         waited = False
         while True:
             for i in range(max_guests()):
-                lk = FileLock(str(d / f"slot-{i}.lock"))
+                fd = os.open(d / f"slot-{i}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
                 try:
-                    lk.acquire(timeout=0)
-                    self.lock = lk
-                    return self
-                except Timeout:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
                     continue
+                self.fd = fd
+                return self
             if not waited:
                 log.info("all %d guest slots busy; waiting", max_guests())
                 waited = True
@@ -50,6 +52,6 @@ class GuestSlot:
             time.sleep(0.1)
 
     def release(self) -> None:
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
+        if self.fd is not None:
+            os.close(self.fd)  # closing the file drops the flock
+            self.fd = None

@@ -8,14 +8,17 @@ from pathlib import Path
 
 import pytest
 
+from testbed import leases
+
 from testbed.config import VmConfig, load_vm_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def qemu_pids() -> set[int]:
+    """Live QEMU processes (a zombie waiting for a reaper is dead, not leaked)."""
     out = subprocess.run(["pgrep", "-f", "qemu-system"], capture_output=True, text=True).stdout
-    return {int(p) for p in out.split()}
+    return {int(p) for p in out.split() if leases.alive(int(p), None)}
 
 
 @pytest.fixture(scope="session")

@@ -56,7 +56,7 @@ def qemu_argv(spec: dict[str, Any], workdir: Path) -> list[str]:
     panic=shutdown, so a triple fault or panic ends the VM instead of rebooting."""
     accel = spec["accel"]
     argv = [
-        spec.get("qemu", "qemu-system-x86_64"),
+        spec.get("qemu") or os.environ.get("TESTBED_QEMU_BINARY", "qemu-system-x86_64"),
         "-machine", spec["machine"],
         "-accel", accel,
         "-m", str(spec["memory_mib"]),

@@ -31,7 +31,7 @@ from testbed.slots import GuestSlot
 log = logging.getLogger(__name__)
 
 PROBE_TTL_S = 24 * 3600
-PROBE_TIMEOUT_S = 15.0
+PROBE_TIMEOUT_S = float(os.environ.get("TESTBED_KVM_PROBE_TIMEOUT", "15"))
 _names = itertools.count(1)
 
 
@@ -133,7 +133,7 @@ class QemuBackend:
         return "tcg", f"KVM probe failed: {probe['reason']}"
 
     def kvm_probe(self, image: Image, refresh: bool = False) -> dict[str, Any]:
-        path = cache_dir() / "kvm-probe.json"
+        path = Path(os.environ.get("TESTBED_KVM_PROBE_CACHE") or cache_dir() / "kvm-probe.json")
         qv = qemu_version()
         if path.exists() and not refresh:
             cached = json.loads(path.read_text())
@@ -178,7 +178,7 @@ class QemuBackend:
         rep.checks.append(Check("disk", free > 2 << 30, f"{free / 2**30:.1f} GiB free in {cache_dir()}",
                                 "free at least 2 GiB in the cache dir (TESTBED_CACHE_DIR)"))  # fmt: skip
         kvm = Path("/dev/kvm")
-        cached = cache_dir() / "kvm-probe.json"
+        cached = Path(os.environ.get("TESTBED_KVM_PROBE_CACHE") or cache_dir() / "kvm-probe.json")
         if cached.exists():
             p = json.loads(cached.read_text())
             rep.checks.append(Check("kvm probe", True, f"{'usable' if p['ok'] else 'unusable (TCG fallback)'}: {p['reason']}"))

@@ -404,14 +404,27 @@ static int paravisor_loop(void) {
 }
 
 /* ---- VTL0: the guest OS ------------------------------------------------ */
+/* Open every evdev node: which one is the ACPI power button depends on the machine. */
+static int open_inputs(struct pollfd *p, int max) {
+    int n = 0;
+    for (int i = 0; i < 16 && n < max; i++) {
+        char path[64];
+        snprintf(path, sizeof path, "/dev/input/event%d", i);
+        int fd = open(path, O_RDONLY | O_NONBLOCK);
+        if (fd >= 0) p[n++] = (struct pollfd){fd, POLLIN, 0};
+    }
+    return n;
+}
+
 static void vtl0_main(int fd, int shutdown_ms) {
     struct reader r = {.fd = fd};
-    int input = open("/dev/input/event0", O_RDONLY | O_NONBLOCK);
+    struct pollfd p[9];
+    int ninputs = open_inputs(p + 1, 8);
     int64_t poweroff_at = 0;
     char line[LINE];
-    evidence("VTL0 up");
+    evidence("VTL0 up inputs=%d", ninputs);
     for (;;) {
-        struct pollfd p[2] = {{fd, POLLIN, 0}, {input, POLLIN, 0}};
+        p[0] = (struct pollfd){fd, POLLIN, 0};
         int timeout = -1;
         if (poweroff_at) {
             int64_t left = (poweroff_at - now_us()) / 1000;
@@ -422,23 +435,21 @@ static void vtl0_main(int fd, int shutdown_ms) {
             }
             timeout = (int)left;
         }
-        if (poll(p, input >= 0 ? 2 : 1, timeout) <= 0) continue;
-        if (p[1].revents & POLLIN) {
+        if (poll(p, 1 + ninputs, timeout) <= 0) continue;
+        for (int i = 1; i <= ninputs; i++) {
+            if (!(p[i].revents & POLLIN)) continue;
             struct input_event ev;
-            while (read(input, &ev, sizeof ev) == sizeof ev)
+            while (read(p[i].fd, &ev, sizeof ev) == sizeof ev)
                 if (ev.type == EV_KEY && ev.code == KEY_POWER && ev.value == 1 && !poweroff_at) {
                     evidence("VTL0 power-button");
                     poweroff_at = now_us();
                 }
         }
-        if ((p[0].revents & (POLLIN | POLLHUP)) && fill(&r) < 0) {
-            p[0].fd = -1;
-            fd = -1;
-        }
+        if ((p[0].revents & (POLLIN | POLLHUP)) && fill(&r) < 0) fd = -1;
         while (take_line(&r, line)) {
             if (!starts(line, "MSG")) continue;
-            const char *seq = field("seq", line);
-            char id[64];
+            char seq[64], id[64];
+            snprintf(seq, sizeof seq, "%s", field("seq", line));
             snprintf(id, sizeof id, "%s", field("id", line));
             if (strcmp(field("type", line), "shutdown") == 0) {
                 evidence("VTL0 SHUTDOWN id=%s seq=%s reason=%s", id, seq, field("reason", line));
