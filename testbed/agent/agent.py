@@ -111,8 +111,14 @@ class LineSocket:
             self.on_line(line.decode(errors="replace"))
 
     def send(self, line: str) -> None:
-        if not self.closed:
+        """Send a line; a peer that went away (QEMU exited) closes the socket
+        instead of raising, and the caller sees the VM's end in its events."""
+        if self.closed:
+            return
+        try:
             self.sock.sendall((line + "\n").encode())
+        except OSError:
+            self.close()
 
     def close(self) -> None:
         if not self.closed:
@@ -437,11 +443,16 @@ class Agent:
             if offset_ns is not None and offset_ns < 0:
                 fire()
                 await at(out["fire_ns"] - offset_ns)
-            t0 = relay.start_servicing(int(service["id"]), service["image"], service["knobs"])
-            out["t0_ns"] = t0
-            if offset_ns is not None and offset_ns >= 0:
-                await at(t0 + offset_ns)
-                fire()
+            if vm.shutdown.done():
+                # The shutdown fired first already ended the VM: nothing to service.
+                out["servicing_skipped"] = "the VM ended before the servicing request was due"
+                service = None
+            else:
+                t0 = relay.start_servicing(int(service["id"]), service["image"], service["knobs"])
+                out["t0_ns"] = t0
+                if offset_ns is not None and offset_ns >= 0:
+                    await at(t0 + offset_ns)
+                    fire()
         elif shutdown is not None and offset_ns is not None:
             out["t0_ns"] = t_begin
             fire()

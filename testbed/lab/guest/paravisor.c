@@ -206,6 +206,7 @@ struct state {
 };
 
 static struct state st;
+static int64_t replay_until; /* v2-replay: re-delivers what it relays for a while after restore */
 static struct reader rv, rg, r0;
 
 static int supports_pause_resume(void) { return strncmp(image, "v2", 2) == 0; }
@@ -230,6 +231,10 @@ static void host_message(const char *line, int frozen) {
             evidence("PV queued seq=%s id=%s", field("seq", line), field("id", line));
         } else {
             sendline(st.vtl0, "%s", line);
+            if (now_us() < replay_until) { /* the fault: a replayed, already-delivered message */
+                evidence("PV replaying seq=%s", field("seq", line));
+                sendline(st.vtl0, "%s", line);
+            }
         }
     }
 }
@@ -298,9 +303,10 @@ static void finish_restore(void) {
         evidence("PV hanging on purpose image=%s", image);
         for (;;) pause();
     }
+    if (strcmp(image, "v2-replay") == 0) replay_until = now_us() + 3000000;
     reopen_and_offer();
-    if (st.svc_strategy == S_PAUSE_RESUME) {
-        sendline(st.vmbus, "RESUME");
+    if (st.svc_strategy == S_PAUSE_RESUME && supports_pause_resume()) {
+        sendline(st.vmbus, "RESUME"); /* v1 knows no Resume: the host flushes on its re-offer */
     } else if (st.svc_strategy == S_MASK || st.svc_strategy == S_MASK_ASYNC) {
         sendline(st.get, "UNMASK");
     }
@@ -308,7 +314,7 @@ static void finish_restore(void) {
     sendline(st.get, "SVC_DONE id=%ld ok=1 image=%s t=%lld", st.svc_id, image,
              (long long)now_us());
     /* VTL0 thaws: held messages first, then whatever the host flushes. */
-    deliver_queue(strcmp(image, "v2-replay") == 0 ? 2 : 1);
+    deliver_queue(replay_until ? 2 : 1);
 }
 
 static void servicing(const char *req) {
@@ -379,6 +385,18 @@ static void servicing(const char *req) {
 static int paravisor_loop(void) {
     char line[LINE];
     for (;;) {
+        /* Lines already buffered first (e.g. read while waiting for WELCOME):
+         * poll() only reports what is still in the kernel. */
+        while (take_line(&rv, line)) host_message(line, 0);
+        while (take_line(&r0, line)) sendline(st.vmbus, "%s", line); /* VTL0 acks */
+        while (take_line(&rg, line)) {
+            if (starts(line, "SERVICE")) servicing(line);
+            if (starts(line, "UNAME")) { /* the host reads the guest kernel back */
+                struct utsname u;
+                uname(&u);
+                sendline(st.get, "UNAME release=%s machine=%s image=%s", u.release, u.machine, image);
+            }
+        }
         struct pollfd p[3] = {{st.vmbus, POLLIN, 0}, {st.get, POLLIN, 0}, {st.vtl0, POLLIN, 0}};
         if (poll(p, 3, -1) < 0) continue;
         /* A port whose host side is not connected polls as HUP: back off. */
@@ -389,16 +407,6 @@ static int paravisor_loop(void) {
         if (p[1].revents & POLLIN) fill(&rg);
         if (p[2].revents & (POLLIN | POLLHUP)) {
             if (fill(&r0) < 0) return 0;
-        }
-        while (take_line(&rv, line)) host_message(line, 0);
-        while (take_line(&r0, line)) sendline(st.vmbus, "%s", line); /* VTL0 acks */
-        while (take_line(&rg, line)) {
-            if (starts(line, "SERVICE")) servicing(line);
-            if (starts(line, "UNAME")) { /* the host reads the guest kernel back */
-                struct utsname u;
-                uname(&u);
-                sendline(st.get, "UNAME release=%s machine=%s image=%s", u.release, u.machine, image);
-            }
         }
     }
 }
