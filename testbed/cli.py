@@ -29,8 +29,12 @@ from testbed.config import STRATEGIES, ConfigError, load_playbook, load_vm_confi
 from testbed.paths import runtime_dir
 
 HELP = __doc__ or ""
-app = typer.Typer(help="Race tests of paravisor servicing vs. vmbus messages.\n\n" + HELP,
-                  no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False)  # fmt: skip
+app = typer.Typer(
+    help="Race tests of paravisor servicing vs. vmbus messages.\n\n" + HELP,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
 image_app = typer.Typer(help="Build and inspect the reference guest image.", no_args_is_help=True)
 vm_app = typer.Typer(help="Start, list and stop reference VMs by hand.", no_args_is_help=True)
 host_app = typer.Typer(help="Check a host before running suites on it.", no_args_is_help=True)
@@ -56,9 +60,12 @@ def _sigterm_as_interrupt() -> None:
 
 
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     _sigterm_as_interrupt()
 
 
@@ -72,14 +79,28 @@ def run(
     vm_config: Annotated[Path | None, typer.Option(help="override the playbook's vm_config")] = None,
     strategy: Annotated[str | None, typer.Option(help=f"override: {' | '.join(STRATEGIES)}")] = None,
     iterations: Annotated[int | None, typer.Option(help="override the number of iterations")] = None,
-    offsets: Annotated[str | None, typer.Option(
-        help="override the schedule: 10,50,90 | linear:START:STOP:COUNT | random:LO:HI:COUNT | adaptive:LO:HI")] = None,
+    offsets: Annotated[
+        str | None,
+        typer.Option(
+            help="override the schedule: 10,50,90 | linear:START:STOP:COUNT | random:LO:HI:COUNT | adaptive:LO:HI"
+        ),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="seed of random/adaptive schedules and jitter")] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="run folder (default runs/<time>-<playbook>)")] = None,
-    stop_on_loss: Annotated[bool, typer.Option("--stop-on-loss", help="stop at the first lost message")] = False,
-    keep_failed: Annotated[bool, typer.Option("--keep-failed", help="keep all artifacts of failed iterations")] = False,
-    reset: Annotated[str | None, typer.Option(help="cold | snapshot: how each iteration gets a fresh VM")] = None,
-    max_duration: Annotated[float | None, typer.Option(help="stop starting iterations after N seconds")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="run folder (default runs/<time>-<playbook>)")
+    ] = None,
+    stop_on_loss: Annotated[
+        bool, typer.Option("--stop-on-loss", help="stop at the first lost message")
+    ] = False,
+    keep_failed: Annotated[
+        bool, typer.Option("--keep-failed", help="keep all artifacts of failed iterations")
+    ] = False,
+    reset: Annotated[
+        str | None, typer.Option(help="cold | snapshot: how each iteration gets a fresh VM")
+    ] = None,
+    max_duration: Annotated[
+        float | None, typer.Option(help="stop starting iterations after N seconds")
+    ] = None,
     resume: Annotated[Path | None, typer.Option(help="continue an interrupted run folder")] = None,
 ) -> None:
     """Run a playbook: fire the shutdown IC at offsets across paravisor servicing, many times.
@@ -88,7 +109,7 @@ def run(
     summary.md and report.html into the run folder.  Exit code 1 means an
     expectation of the playbook was violated, 3 an infrastructure failure.
     """
-    from testbed.engine.runner import RunOptions, Runner
+    from testbed.engine.runner import Runner, RunOptions
     from testbed.engine.schedule import parse_offsets
 
     if host != "local":
@@ -106,19 +127,38 @@ def run(
         fail(2, str(e))
     except ValueError as e:
         fail(2, str(e))
-    opts = RunOptions(strategy=strategy, iterations=iterations, offsets=sched, seed=seed, out=out_dir,
-                      stop_on_loss=stop_on_loss or None, keep_failed=keep_failed, max_duration_s=max_duration,
-                      resume=resume, reset=reset)  # fmt: skip
+    opts = RunOptions(
+        strategy=strategy,
+        iterations=iterations,
+        offsets=sched,
+        seed=seed,
+        out=out_dir,
+        stop_on_loss=stop_on_loss or None,
+        keep_failed=keep_failed,
+        max_duration_s=max_duration,
+        resume=resume,
+        reset=reset,
+    )
     counts: Counter[str] = Counter()
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TextColumn("{task.fields[counts]}"), console=console,
-                        transient=False)  # fmt: skip
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[counts]}"),
+        console=console,
+        transient=False,
+    )
     task = progress.add_task(pb.name, total=None, counts="booting / building the image...")
 
     def on_event(ev: dict[str, Any]) -> None:
         if ev["event"] == "start":
-            progress.update(task, total=ev["total"], completed=ev["done"],
-                            counts=f"accel {ev['accel']}, grace {ev['grace_ms']:.0f} ms")  # fmt: skip
+            progress.update(
+                task,
+                total=ev["total"],
+                completed=ev["done"],
+                counts=f"accel {ev['accel']}, grace {ev['grace_ms']:.0f} ms",
+            )
         elif ev["event"] == "iteration":
             counts[ev["record"]["verdict"]] += 1
             progress.update(task, advance=1, counts=" ".join(f"{k}={v}" for k, v in sorted(counts.items())))
@@ -140,7 +180,9 @@ def _print_summary(run_dir: Path, s: dict[str, Any]) -> None:
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="a run folder with results.jsonl")]) -> None:
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a run folder with results.jsonl")],
+) -> None:
     """Rebuild summary.json, junit.xml, summary.md and report.html from results.jsonl alone."""
     from testbed.engine.runner import rebuild
 
@@ -167,13 +209,23 @@ def compare(
             fail(2, f"{d}: no results.jsonl with iterations")
         rows.append(summarize(recs))
     (a, b) = rows
-    la, na, lb, nb = a["counts"]["lost"], a["product_iterations"], b["counts"]["lost"], b["product_iterations"]
+    la, na, lb, nb = (
+        a["counts"]["lost"],
+        a["product_iterations"],
+        b["counts"]["lost"],
+        b["product_iterations"],
+    )
     p = fisher_exact(la, na - la, lb, nb - lb)
     t = Table("run", "lost", "n", "loss rate", "Wilson 95%")
     for d, s in ((run_a, a), (run_b, b)):
         ci = s["loss_ci95"]
-        t.add_row(str(d), str(s["counts"]["lost"]), str(s["product_iterations"]),
-                  f"{100 * (s['loss_rate'] or 0):.1f}%", f"{100 * ci[0]:.1f}% to {100 * ci[1]:.1f}%")  # fmt: skip
+        t.add_row(
+            str(d),
+            str(s["counts"]["lost"]),
+            str(s["product_iterations"]),
+            f"{100 * (s['loss_rate'] or 0):.1f}%",
+            f"{100 * ci[0]:.1f}% to {100 * ci[1]:.1f}%",
+        )
     out.print(t)
     verdict = "the difference is significant" if p < 0.05 else "no significant difference"
     out.print(f"Fisher exact test (two-sided): p = {p:.4g}: {verdict} at 5%")
@@ -183,7 +235,9 @@ def compare(
 def repro(
     run_dir: Annotated[Path, typer.Argument(help="run folder")],
     iteration: Annotated[int, typer.Option(help="iteration number to replay")],
-    keep: Annotated[bool, typer.Option("--keep", help="keep the VM running for inspection until Ctrl-C")] = False,
+    keep: Annotated[
+        bool, typer.Option("--keep", help="keep the VM running for inspection until Ctrl-C")
+    ] = False,
 ) -> None:
     """Replay one iteration with the same offset, strategy and config."""
     from testbed.backends.base import RacePlan
@@ -205,12 +259,23 @@ def repro(
         vm = b.provision(cfg, rec["strategy"])
         try:
             b.start(vm, reset=run.get("reset", "snapshot"))
-            res = b.race(vm, RacePlan(iteration, rec["planned_offset_ms"], True, rec["decision"] is not None,
-                                      "offset" if rec["planned_offset_ms"] is not None else "after-ready",
-                                      rec.get("image")), run["grace_ms"])  # fmt: skip
+            res = b.race(
+                vm,
+                RacePlan(
+                    iteration,
+                    rec["planned_offset_ms"],
+                    True,
+                    rec["decision"] is not None,
+                    "offset" if rec["planned_offset_ms"] is not None else "after-ready",
+                    rec.get("image"),
+                ),
+                run["grace_ms"],
+            )
             res["shutdown_id"] = f"sd{iteration}"
             v = classify(res)
-            out.print(f"iteration {iteration}: was [bold]{rec['verdict']}[/], now [bold]{v.kind}[/]: {v.reason}")
+            out.print(
+                f"iteration {iteration}: was [bold]{rec['verdict']}[/], now [bold]{v.kind}[/]: {v.reason}"
+            )
             for line in v.evidence:
                 out.print("  " + line, highlight=False)
             if keep and not res.get("ended"):
@@ -253,7 +318,9 @@ def image_build(
 @vm_app.command("up")
 def vm_up(
     config: Annotated[Path, typer.Option(help="vm_config")] = DEFAULT_CONFIG,
-    poweroff: Annotated[bool, typer.Option("--poweroff", help="power the VM off (ACPI) once it is ready")] = False,
+    poweroff: Annotated[
+        bool, typer.Option("--poweroff", help="power the VM off (ACPI) once it is ready")
+    ] = False,
 ) -> None:
     """Boot a reference VM to READY; keep it until Ctrl-C (or power it off with --poweroff).
 
@@ -274,8 +341,10 @@ def vm_up(
             fail(3, str(e))
         try:
             info = b.uname(vm)
-            out.print(f"{vm.name}: ready in {ready['wall_s']:.2f} s (accel {vm.accel}, kernel {info.get('release')}, "
-                      f"paravisor {ready['guest_image']}); work dir {vm.workdir}")  # fmt: skip
+            out.print(
+                f"{vm.name}: ready in {ready['wall_s']:.2f} s (accel {vm.accel}, kernel {info.get('release')}, "
+                f"paravisor {ready['guest_image']}); work dir {vm.workdir}"
+            )
             if poweroff:
                 b.powerdown(vm)
                 outcome = b.wait_outcome(vm, 60)
@@ -298,8 +367,14 @@ def vm_list() -> None:
     for _p, lease in leases.read_all(runtime_dir() / "leases"):
         if lease is None:
             continue
-        t.add_row(lease.name, str(lease.qemu_pid), str(leases.alive(lease.qemu_pid, lease.qemu_start)),
-                  str(lease.owner_pid), str(leases.alive(lease.owner_pid, lease.owner_start)), lease.workdir)  # fmt: skip
+        t.add_row(
+            lease.name,
+            str(lease.qemu_pid),
+            str(leases.alive(lease.qemu_pid, lease.qemu_start)),
+            str(lease.owner_pid),
+            str(leases.alive(lease.owner_pid, lease.owner_start)),
+            lease.workdir,
+        )
     out.print(t)
 
 

@@ -272,13 +272,15 @@ class Playbook(Strict):
     reset: Literal["cold", "snapshot"] = "snapshot"
     grace_ms: float | Literal["auto"] = "auto"
     lab: LabOverrides = LabOverrides()
-    expect: dict[str, ExpectValue] = Field(default_factory=lambda: {"lost": 0, "duplicated": 0})
+    expect: dict[str, ExpectValue] = Field(
+        default_factory=lambda: dict[str, ExpectValue](lost=0, duplicated=0)
+    )
     max_infra_errors: int = Field(0, ge=0)
     on_infra_error: Literal["continue", "stop"] = "continue"
     stop_on_loss: bool = False
     calibrate: bool = False
     seed: int = 0
-    collect: list[Literal["serial", "timeline", "qemu"]] = Field(default_factory=lambda: ["serial", "timeline"])
+    collect: list[Literal["serial", "timeline", "qemu"]] = ["serial", "timeline"]
 
     @field_validator("expect")
     @classmethod
@@ -289,18 +291,28 @@ class Playbook(Strict):
     def resolved_cases(self) -> list[Case]:
         """The playbook's cases with top-level defaults filled in."""
         if not self.cases:
-            return [Case(name=self.name, iterations=self.iterations, servicing=self.servicing,
-                         shutdown=self.shutdown, image=self.image, schedule=self.schedule,
-                         expect=self.expect)]  # fmt: skip
+            return [
+                Case(
+                    name=self.name,
+                    iterations=self.iterations,
+                    servicing=self.servicing,
+                    shutdown=self.shutdown,
+                    image=self.image,
+                    schedule=self.schedule,
+                    expect=self.expect,
+                )
+            ]
         return [
-            c.model_copy(update={
-                "iterations": c.iterations or self.iterations,
-                "schedule": c.schedule or self.schedule,
-                "image": c.image or self.image,
-                "expect": c.expect if c.expect is not None else self.expect,
-            })
+            c.model_copy(
+                update={
+                    "iterations": c.iterations or self.iterations,
+                    "schedule": c.schedule or self.schedule,
+                    "image": c.image or self.image,
+                    "expect": c.expect if c.expect is not None else self.expect,
+                }
+            )
             for c in self.cases
-        ]  # fmt: skip
+        ]
 
 
 def load_playbook(path: Path | str) -> tuple[Playbook, VmConfig]:
@@ -310,7 +322,11 @@ def load_playbook(path: Path | str) -> tuple[Playbook, VmConfig]:
     cfg_path = (p.parent / pb.vm_config).resolve()
     if not cfg_path.exists():
         data = load_yaml(p)
-        raise ConfigError(p, _node_line(data, ("vm_config",)), f"vm_config {pb.vm_config!r} not found at {cfg_path}")
+        raise ConfigError(
+            p,
+            _node_line(data, ("vm_config",)),
+            f"vm_config {pb.vm_config!r} not found at {cfg_path}",
+        )
     return pb, load_vm_config(cfg_path)
 
 

@@ -109,7 +109,9 @@ def gc(lease_dir: Path, remove_workdirs: bool = True) -> list[str]:
         if alive(lease.owner_pid, lease.owner_start):
             continue
         if kill_group(lease.qemu_pid, lease.qemu_start):
-            actions.append(f"killed QEMU pid {lease.qemu_pid} of {lease.name} (owner {lease.owner_pid} is gone)")
+            actions.append(
+                f"killed QEMU pid {lease.qemu_pid} of {lease.name} (owner {lease.owner_pid} is gone)"
+            )
         if remove_workdirs and lease.workdir and Path(lease.workdir).is_dir():
             shutil.rmtree(lease.workdir, ignore_errors=True)
         path.unlink(missing_ok=True)

@@ -9,11 +9,10 @@ pytest-xdist worker on the machine.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import time
-
-import fcntl
 
 from testbed.paths import runtime_dir
 

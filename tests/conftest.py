@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from testbed import leases
-
 from testbed.config import VmConfig, load_vm_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,8 +15,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def qemu_pids() -> set[int]:
     """Live QEMU processes (a zombie waiting for a reaper is dead, not leaked)."""
-    out = subprocess.run(["pgrep", "-f", "qemu-system"], capture_output=True, text=True).stdout
-    return {int(p) for p in out.split() if leases.alive(int(p), None)}
+    pids = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                comm = (d / "comm").read_text()
+            except OSError:
+                continue
+            if comm.startswith("qemu-system") and leases.alive(int(d.name), None):
+                pids.add(int(d.name))
+    return pids
 
 
 @pytest.fixture(scope="session")

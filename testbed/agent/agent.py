@@ -57,26 +57,47 @@ def qemu_argv(spec: dict[str, Any], workdir: Path) -> list[str]:
     accel = spec["accel"]
     argv = [
         spec.get("qemu") or os.environ.get("TESTBED_QEMU_BINARY", "qemu-system-x86_64"),
-        "-machine", spec["machine"],
-        "-accel", accel,
-        "-m", str(spec["memory_mib"]),
-        "-smp", str(spec["cpus"]),
-        "-nodefaults", "-no-user-config", "-display", "none",
-        "-no-reboot", "-action", "panic=shutdown",
-        "-kernel", spec["kernel"], "-initrd", spec["initrd"], "-append", spec["cmdline"],
-        "-chardev", f"file,id=ser0,path={workdir / 'serial.log'}",
-        "-serial", "chardev:ser0",
-        "-qmp", f"unix:{workdir / 'qmp.sock'},server=on,wait=off",
-        "-device", "virtio-serial-pci,id=vser0",
-        "-device", "pvpanic",
-    ]  # fmt: skip
+        "-machine",
+        spec["machine"],
+        "-accel",
+        accel,
+        "-m",
+        str(spec["memory_mib"]),
+        "-smp",
+        str(spec["cpus"]),
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-action",
+        "panic=shutdown",
+        "-kernel",
+        spec["kernel"],
+        "-initrd",
+        spec["initrd"],
+        "-append",
+        spec["cmdline"],
+        "-chardev",
+        f"file,id=ser0,path={workdir / 'serial.log'}",
+        "-serial",
+        "chardev:ser0",
+        "-qmp",
+        f"unix:{workdir / 'qmp.sock'},server=on,wait=off",
+        "-device",
+        "virtio-serial-pci,id=vser0",
+        "-device",
+        "pvpanic",
+    ]
     if accel == "kvm":
         argv += ["-cpu", "host"]
     for port in ("vmbus", "get"):
         argv += [
-            "-chardev", f"socket,id={port},path={workdir / (port + '.sock')},server=on,wait=off",
-            "-device", f"virtserialport,bus=vser0.0,chardev={port},name={port},id=port-{port}",
-        ]  # fmt: skip
+            "-chardev",
+            f"socket,id={port},path={workdir / (port + '.sock')},server=on,wait=off",
+            "-device",
+            f"virtserialport,bus=vser0.0,chardev={port},name={port},id=port-{port}",
+        ]
     if spec.get("incoming"):
         argv += ["-incoming", f"exec:cat {spec['incoming']}"]
     return argv
@@ -213,9 +234,14 @@ class Agent:
             self.reply({"id": rid, "ok": False, "kind": e.kind, "error": str(e)})
         except Exception as e:  # reported, never swallowed
             self.reply(
-                {"id": rid, "ok": False, "kind": "internal", "error": f"{type(e).__name__}: {e}",
-                 "trace": traceback.format_exc()}
-            )  # fmt: skip
+                {
+                    "id": rid,
+                    "ok": False,
+                    "kind": "internal",
+                    "error": f"{type(e).__name__}: {e}",
+                    "trace": traceback.format_exc(),
+                }
+            )
 
     def vm(self, name: str) -> Vm:
         if name not in self.vms:
@@ -224,7 +250,11 @@ class Agent:
 
     # ---- ops ---------------------------------------------------------------
     async def op_hello(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "python": sys.version.split()[0], "clock_ns": time.monotonic_ns()}
+        return {
+            "pid": os.getpid(),
+            "python": sys.version.split()[0],
+            "clock_ns": time.monotonic_ns(),
+        }
 
     async def op_clock(self) -> dict[str, Any]:
         return {"clock_ns": time.monotonic_ns()}
@@ -249,27 +279,32 @@ class Agent:
         stderr = (wd / "qemu.stderr").open("wb")
         try:
             vm.proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-                start_new_session=True, preexec_fn=_die_with_parent,
-            )  # fmt: skip
+                *argv,
+                stdin=subprocess.DEVNULL,
+                stdout=stderr,
+                stderr=stderr,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
         except FileNotFoundError:
-            raise AgentError("qemu-missing", f"{argv[0]} not found: apt-get install qemu-system-x86") from None
+            raise AgentError(
+                "qemu-missing", f"{argv[0]} not found: apt-get install qemu-system-x86"
+            ) from None
         finally:
             stderr.close()
         vm.qemu_start = leases.start_time(vm.pid)
         vm.lease_path = leases.write(
             vm.lease_dir,
-            leases.Lease(name, vm.pid, vm.qemu_start, owner_pid, leases.start_time(owner_pid),
-                         str(wd), time.time()),
-        )  # fmt: skip
+            leases.Lease(
+                name, vm.pid, vm.qemu_start, owner_pid, leases.start_time(owner_pid), str(wd), time.time()
+            ),
+        )
         self.vms[name] = vm
         vm.shutdown = self.loop.create_future()
         # QMP and the chardev sockets appear once QEMU has parsed its arguments.
         deadline = time.monotonic() + 20
         while True:
-            if vm.proc.returncode is not None or (
-                await _exited(vm.proc)
-            ):
+            if vm.proc.returncode is not None or (await _exited(vm.proc)):
                 err = (wd / "qemu.stderr").read_text(errors="replace")[-2000:]
                 await self.destroy_vm(vm)
                 raise AgentError("qemu-failed", f"QEMU exited at start: {err.strip()}")
@@ -284,9 +319,11 @@ class Agent:
                 raise AgentError("qemu-failed", "QMP socket did not come up in 20 s")
             await asyncio.sleep(0.01)
         vm.event_task = asyncio.create_task(self._events(vm))
-        relay = Relay(send_vmbus=lambda s: vm.ports["vmbus"].send(s),
-                      send_get=lambda s: vm.ports["get"].send(s),
-                      strategy=spec.get("strategy", "none"))  # fmt: skip
+        relay = Relay(
+            send_vmbus=lambda s: vm.ports["vmbus"].send(s),
+            send_get=lambda s: vm.ports["get"].send(s),
+            strategy=spec.get("strategy", "none"),
+        )
         vm.relay = relay
         vm.ports["vmbus"] = LineSocket(self.loop, wd / "vmbus.sock", relay.on_vmbus)
         vm.ports["get"] = LineSocket(self.loop, wd / "get.sock", lambda line: self._on_get(vm, line))
@@ -302,11 +339,17 @@ class Agent:
     async def _events(self, vm: Vm) -> None:
         with contextlib.suppress(Exception):
             async for ev in vm.qmp.events:
-                entry = {"t_ns": time.monotonic_ns(), "event": ev["event"], "data": ev.get("data", {})}
+                entry = {
+                    "t_ns": time.monotonic_ns(),
+                    "event": ev["event"],
+                    "data": ev.get("data", {}),
+                }
                 vm.events.append(entry)
+                raw = ev.get("data")
+                data: dict[str, Any] = dict(raw) if isinstance(raw, dict) else {}
                 if ev["event"] == "VSERPORT_CHANGE" and vm.relay is not None:
-                    port = str(ev["data"].get("id", "")).removeprefix("port-")
-                    vm.relay.on_port_change(port, bool(ev["data"].get("open")))
+                    port = str(data.get("id", "")).removeprefix("port-")
+                    vm.relay.on_port_change(port, bool(data.get("open")))
                 if ev["event"] == "SHUTDOWN" and vm.shutdown and not vm.shutdown.done():
                     vm.shutdown.set_result(entry)
 
@@ -335,7 +378,7 @@ class Agent:
         end = t_start + timeout
         if incoming:
             while True:
-                st = await vm.qmp.execute("query-migrate")
+                st = await _migrate_status(vm)
                 if st.get("status") == "completed":
                     break
                 if st.get("status") == "failed" or time.monotonic() > end:
@@ -395,7 +438,7 @@ class Agent:
         tmp = path + ".part"
         await vm.qmp.execute("migrate", {"uri": f"exec:cat > {tmp}"})
         while True:
-            st = await vm.qmp.execute("query-migrate")
+            st = await _migrate_status(vm)
             if st.get("status") == "completed":
                 break
             if st.get("status") in ("failed", "cancelled"):
@@ -421,7 +464,11 @@ class Agent:
         log_start = len(relay.log)
         ev_start = len(vm.events)
         out: dict[str, Any] = {"ic_before": relay.ic}
-        offset_ns = int(float(shutdown["offset_ms"]) * 1e6) if shutdown and shutdown.get("mode", "offset") == "offset" else None
+        offset_ns = (
+            int(float(shutdown["offset_ms"]) * 1e6)
+            if shutdown and shutdown.get("mode", "offset") == "offset"
+            else None
+        )
 
         def fire() -> None:
             assert shutdown is not None
@@ -541,23 +588,41 @@ class Agent:
         t = time.monotonic()
         timeout = timeout_s
         proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            start_new_session=True, preexec_fn=_die_with_parent,
-        )  # fmt: skip
+            *argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
         try:
             while time.monotonic() - t < timeout:
                 if proc.returncode is not None or await _exited(proc):
                     err = (await proc.stderr.read()).decode(errors="replace") if proc.stderr else ""
-                    return {"ok": False, "reason": f"QEMU exited ({proc.returncode}): {err.strip()[-300:]}"}
+                    return {
+                        "ok": False,
+                        "reason": f"QEMU exited ({proc.returncode}): {err.strip()[-300:]}",
+                    }
                 ser = wd / "serial.log"
                 if ser.exists() and "TB init" in ser.read_text(errors="replace"):
-                    return {"ok": True, "reason": f"guest reached init in {time.monotonic() - t:.1f} s"}
+                    return {
+                        "ok": True,
+                        "reason": f"guest reached init in {time.monotonic() - t:.1f} s",
+                    }
                 await asyncio.sleep(0.05)
-            return {"ok": False, "reason": f"guest did not reach init within {timeout:.0f} s (hung)"}
+            return {
+                "ok": False,
+                "reason": f"guest did not reach init within {timeout:.0f} s (hung)",
+            }
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
+
+
+async def _migrate_status(vm: Vm) -> dict[str, Any]:
+    res = await vm.qmp.execute("query-migrate")
+    return dict(res) if isinstance(res, dict) else {}
 
 
 async def _exited(proc: asyncio.subprocess.Process) -> bool:

@@ -76,7 +76,10 @@ def grace_for(pb: Playbook, cfg: VmConfig, accel: str) -> tuple[float, str]:
     if p.exists():
         cal = json.loads(p.read_text())
         return max(300.0, 3 * cal["max_delivery_ms"] + cfg.lab.vtl0_shutdown_ms), f"calibrated {p}"
-    return DEFAULT_GRACE_MS + cfg.lab.vtl0_shutdown_ms, "default (run playbooks/baselines.yaml to calibrate)"
+    return (
+        DEFAULT_GRACE_MS + cfg.lab.vtl0_shutdown_ms,
+        "default (run playbooks/baselines.yaml to calibrate)",
+    )
 
 
 def _timeline(res: dict[str, Any]) -> list[tuple[float, str]]:
@@ -84,7 +87,10 @@ def _timeline(res: dict[str, Any]) -> list[tuple[float, str]]:
     t0 = res.get("t0_ns")
     if t0 is None:
         return []
-    tl = [((e["t_ns"] - t0) / 1e6, f"host {e['kind']} {e['port']}: {e['line']}") for e in res.get("host_log", [])]
+    tl = [
+        ((e["t_ns"] - t0) / 1e6, f"host {e['kind']} {e['port']}: {e['line']}")
+        for e in res.get("host_log", [])
+    ]
     svc = res.get("svc", {})
     if "guest_start_us" in svc and "start_ns" in svc:
         base = (svc["start_ns"] - t0) / 1e6
@@ -98,8 +104,14 @@ def _timeline(res: dict[str, Any]) -> list[tuple[float, str]]:
 
 
 class Runner:
-    def __init__(self, pb: Playbook, cfg: VmConfig, opts: RunOptions, progress: Progress | None = None,
-                 playbook_path: Path | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        pb: Playbook,
+        cfg: VmConfig,
+        opts: RunOptions,
+        progress: Progress | None = None,
+        playbook_path: Path | None = None,
+    ) -> None:
         self.pb = pb
         self.cfg = apply_lab_overrides(cfg, pb.lab)
         self.opts = opts
@@ -118,9 +130,12 @@ class Runner:
         cases = self.pb.resolved_cases()
         if self.opts.iterations or self.opts.offsets:
             spec = ScheduleSpec(**self.opts.offsets) if self.opts.offsets else None
-            cases = [c.model_copy(update={k: v for k, v in
-                                          (("iterations", self.opts.iterations), ("schedule", spec)) if v})
-                     for c in cases]  # fmt: skip
+            cases = [
+                c.model_copy(
+                    update={k: v for k, v in (("iterations", self.opts.iterations), ("schedule", spec)) if v}
+                )
+                for c in cases
+            ]
         return cases
 
     def plans(self, case: Case, start_index: int) -> Iterator[RacePlan]:
@@ -128,7 +143,14 @@ class Runner:
         image = case.image
         if case.shutdown != "offset":
             for i in range(n):
-                yield RacePlan(start_index + i, None, case.servicing, case.shutdown != "none", case.shutdown, image)
+                yield RacePlan(
+                    start_index + i,
+                    None,
+                    case.servicing,
+                    case.shutdown != "none",
+                    case.shutdown,
+                    image,
+                )
             return
         s = case.schedule or self.pb.schedule
         if s.kind == "adaptive":
@@ -141,8 +163,9 @@ class Runner:
                 return outcomes.get(x)
 
             assert s.lo_ms is not None and s.hi_ms is not None
-            gen = sched.adaptive(s.lo_ms, s.hi_ms, n, outcome, coarse=s.coarse, resolution_ms=s.resolution_ms,
-                                 seed=self.seed)  # fmt: skip
+            gen = sched.adaptive(
+                s.lo_ms, s.hi_ms, n, outcome, coarse=s.coarse, resolution_ms=s.resolution_ms, seed=self.seed
+            )
             for i, x in enumerate(gen):
                 yield RacePlan(start_index + i, x, case.servicing, True, "offset", image)
             return
@@ -178,7 +201,9 @@ class Runner:
             "accel_reason": vm.boot.get("accel_reason"),
             "seed": self.seed,
             "reset": self.reset,
-            "config_hash": stable_hash({"playbook": self.pb.model_dump(), "vm_config": self.cfg.model_dump()}),
+            "config_hash": stable_hash(
+                {"playbook": self.pb.model_dump(), "vm_config": self.cfg.model_dump()}
+            ),
             "lab": self.cfg.lab.model_dump(),
             "grace_ms": grace[0],
             "grace_source": grace[1],
@@ -206,8 +231,16 @@ class Runner:
                 manifest = {**json.loads(run_json.read_text()), "resumed": time.time()}
             run_json.write_text(json.dumps(manifest, indent=2, default=str))
             total = sum((c.iterations or self.pb.iterations) for c in self.cases())
-            self.progress({"event": "start", "total": total, "run_dir": str(run_dir), "accel": vm.accel,
-                           "grace_ms": grace[0], "done": len(done)})  # fmt: skip
+            self.progress(
+                {
+                    "event": "start",
+                    "total": total,
+                    "run_dir": str(run_dir),
+                    "accel": vm.accel,
+                    "grace_ms": grace[0],
+                    "done": len(done),
+                }
+            )
             index = 0
             stop = False
             for case in self.cases():
@@ -244,14 +277,17 @@ class Runner:
             rj = run_dir / "run.json"
             if rj.exists():
                 manifest = json.loads(rj.read_text())
-                manifest.update({"interrupted": self.interrupted, "finished": time.time(),
-                                 "run_dir": str(run_dir)})  # fmt: skip
+                manifest.update(
+                    {"interrupted": self.interrupted, "finished": time.time(), "run_dir": str(run_dir)}
+                )
                 rj.write_text(json.dumps(manifest, indent=2, default=str))
         summary = write_reports(run_dir)
         code = 130 if self.interrupted else exit_code(summary)
         return RunResult(run_dir, summary, code, self.records)
 
-    def iteration(self, vm: QemuVm, case: Case, plan: RacePlan, grace_ms: float, run_dir: Path) -> dict[str, Any]:
+    def iteration(
+        self, vm: QemuVm, case: Case, plan: RacePlan, grace_ms: float, run_dir: Path
+    ) -> dict[str, Any]:
         it_dir = run_dir / "iterations" / f"{plan.iteration:04d}"
         it_dir.mkdir(parents=True, exist_ok=True)
         t_wall = time.time()
@@ -282,11 +318,16 @@ class Runner:
             "planned_offset_ms": plan.offset_ms,
             "offset_ms": offset,
             "guest_offset_ms": guest_offset,
-            "skew_ms": (offset - plan.offset_ms) if offset is not None and plan.offset_ms is not None else None,
+            "skew_ms": (offset - plan.offset_ms)
+            if offset is not None and plan.offset_ms is not None
+            else None,
             "servicing_lag_ms": (svc["start_ns"] - svc["request_ns"]) / 1e6 if "start_ns" in svc else None,
             "servicing_ms": (svc["done_ns"] - svc["request_ns"]) / 1e6 if "done_ns" in svc else None,
-            "delivery_ms": ((res["shutdown"]["t_ns"] - max(fire or 0, svc.get("done_ns", 0))) / 1e6
-                            if res.get("shutdown") and fire else None),  # fmt: skip
+            "delivery_ms": (
+                (res["shutdown"]["t_ns"] - max(fire or 0, svc.get("done_ns", 0))) / 1e6
+                if res.get("shutdown") and fire
+                else None
+            ),
             **verdict.as_dict(),
             "decision": res.get("decision"),
             "ic_at_fire": res.get("ic_at_fire"),
@@ -302,15 +343,28 @@ class Runner:
         }
         if "timeline" in self.pb.collect or verdict.kind != "preserved":
             rec["timeline"] = _timeline(res)
-            (it_dir / "timeline.json").write_text(json.dumps({"record": rec, "evidence": res}, indent=2, default=str))
+            (it_dir / "timeline.json").write_text(
+                json.dumps({"record": rec, "evidence": res}, indent=2, default=str)
+            )
         return rec
 
     def write_calibration(self, accel: str) -> None:
-        delays = [r["delivery_ms"] for r in self.records if r.get("delivery_ms") is not None
-                  and r["verdict"] in ("preserved", "delivered-before")]  # fmt: skip
+        delays = [
+            r["delivery_ms"]
+            for r in self.records
+            if r.get("delivery_ms") is not None and r["verdict"] in ("preserved", "delivered-before")
+        ]
         if delays:
-            calibration_path(accel).write_text(json.dumps({"max_delivery_ms": max(delays), "n": len(delays),
-                                                           "time": time.time(), "pid": os.getpid()}))  # fmt: skip
+            calibration_path(accel).write_text(
+                json.dumps(
+                    {
+                        "max_delivery_ms": max(delays),
+                        "n": len(delays),
+                        "time": time.time(),
+                        "pid": os.getpid(),
+                    }
+                )
+            )
 
 
 def rebuild(run_dir: Path) -> tuple[dict[str, Any], int]:

@@ -45,7 +45,12 @@ def parse_offsets(spec: str) -> dict[str, Any]:
             kind, *nums = s.split(":")
             vals = [float(x) for x in nums]
             if kind == "linear":
-                return {"kind": "linear", "start_ms": vals[0], "stop_ms": vals[1], "count": int(vals[2])}
+                return {
+                    "kind": "linear",
+                    "start_ms": vals[0],
+                    "stop_ms": vals[1],
+                    "count": int(vals[2]),
+                }
             if kind == "random":
                 return {"kind": "random", "lo_ms": vals[0], "hi_ms": vals[1], "count": int(vals[2])}
             return {"kind": "adaptive", "lo_ms": vals[0], "hi_ms": vals[1]}
@@ -56,8 +61,16 @@ def parse_offsets(spec: str) -> dict[str, Any]:
         ) from None
 
 
-def adaptive(lo_ms: float, hi_ms: float, budget: int, outcome: Outcome, *, coarse: int = 8,
-             resolution_ms: float = 2.0, seed: int = 0) -> Iterator[float]:  # fmt: skip
+def adaptive(
+    lo_ms: float,
+    hi_ms: float,
+    budget: int,
+    outcome: Outcome,
+    *,
+    coarse: int = 8,
+    resolution_ms: float = 2.0,
+    seed: int = 0,
+) -> Iterator[float]:
     """Yield offsets; ``outcome(offset)`` tells the verdict once the caller ran it."""
     rng = random.Random(seed)
     tried: list[float] = []
@@ -87,7 +100,11 @@ def adaptive(lo_ms: float, hi_ms: float, budget: int, outcome: Outcome, *, coars
     # Refinement: spend what is left around the edges, with a little jitter.
     while used < budget:
         pts = sorted({x for x in tried if outcome(x) is not None})
-        edges = [(a, b) for a, b in zip(pts, pts[1:], strict=False) if (outcome(a) == "lost") != (outcome(b) == "lost")]
+        edges = [
+            (a, b)
+            for a, b in zip(pts, pts[1:], strict=False)
+            if (outcome(a) == "lost") != (outcome(b) == "lost")
+        ]
         if not edges:
             return
         a, b = edges[rng.randrange(len(edges))]

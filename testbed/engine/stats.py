@@ -53,7 +53,9 @@ def fisher_exact(a: int, b: int, c: int, d: int) -> float:
 
 def loss_window(records: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
     """First/last offset with a loss, and the nearest non-loss offsets around them."""
-    pts = sorted((r[key], r["verdict"]) for r in records if r.get(key) is not None and r["verdict"] != "infra-error")
+    pts = sorted(
+        (r[key], r["verdict"]) for r in records if r.get(key) is not None and r["verdict"] != "infra-error"
+    )
     lost = [o for o, v in pts if v == "lost"]
     if not lost:
         return None
@@ -104,7 +106,11 @@ def summarize(records: list[dict[str, Any]], bucket_ms: float = 50.0) -> dict[st
         ],
         "window": best,
         "windows_by_anchor": windows,
-        "skew_ms": {"p50": percentile(skews, 50), "p99": percentile(skews, 99), "max": max(skews) if skews else None},
+        "skew_ms": {
+            "p50": percentile(skews, 50),
+            "p99": percentile(skews, 99),
+            "max": max(skews) if skews else None,
+        },
         "iterations_per_min": (len(records) / elapsed_min) if elapsed_min else None,
         "mean_iteration_s": sum(durations) / len(durations) if durations else None,
     }

@@ -60,7 +60,9 @@ def classify(ev: dict[str, Any]) -> Verdict:
 
     panicked = [e for e in qmp if e["event"] == "GUEST_PANICKED"]
     if panicked or (shutdown.get("data", {}).get("reason") == "guest-panic"):
-        lines = [f"qmp {e['event']} {e.get('data')}" for e in panicked] or [f"qmp SHUTDOWN {shutdown.get('data')}"]
+        lines = [f"qmp {e['event']} {e.get('data')}" for e in panicked] or [
+            f"qmp SHUTDOWN {shutdown.get('data')}"
+        ]
         lines += [ln for ln in serial if "panick" in ln or "Kernel panic" in ln][:3]
         return Verdict("guest-crash", "the guest kernel panicked", lines)
     if shutdown.get("event") == "QEMU_EXIT":
@@ -77,40 +79,68 @@ def classify(ev: dict[str, Any]) -> Verdict:
     servicing = "request_ns" in svc
 
     if len(delivered) >= 2:
-        return Verdict("duplicated", f"VTL0 handled the shutdown {len(delivered)} times", delivered + host_msg)
+        return Verdict(
+            "duplicated", f"VTL0 handled the shutdown {len(delivered)} times", delivered + host_msg
+        )
 
     if len(delivered) == 1:
         t_del = guest_time_us(delivered[0])
         t_svc = guest_time_us(svc_start) if svc_start else None
         if not servicing or (t_svc is not None and t_del is not None and t_del < t_svc):
-            return Verdict("delivered-before", "VTL0 handled the shutdown before servicing took hold",
-                           delivered + ([svc_start] if svc_start else []) + host_msg)  # fmt: skip
+            return Verdict(
+                "delivered-before",
+                "VTL0 handled the shutdown before servicing took hold",
+                delivered + ([svc_start] if svc_start else []) + host_msg,
+            )
         if svc.get("ok") is False or ev.get("servicing_timeout"):
             pass  # delivered after a failed servicing: report the servicing failure below
         else:
-            return Verdict("preserved", "delivered exactly once, after servicing", delivered + svc_lines[-2:] + host_msg)
+            return Verdict(
+                "preserved",
+                "delivered exactly once, after servicing",
+                delivered + svc_lines[-2:] + host_msg,
+            )
 
     if servicing and (ev.get("servicing_timeout") or svc.get("ok") is False):
-        why = "servicing did not finish before its timeout" if ev.get("servicing_timeout") else (
-            f"servicing reported failure: {svc.get('reason') or 'unknown'}")  # fmt: skip
-        vm_fate = "VM still running" if not ev.get("ended") else f"VM ended ({shutdown.get('data', {}).get('reason')})"
-        return Verdict("servicing-failed", f"{why}; {vm_fate}",
-                       svc_lines + _host_lines(host_log, lambda e: e["port"] == "get"))  # fmt: skip
+        why = (
+            "servicing did not finish before its timeout"
+            if ev.get("servicing_timeout")
+            else (f"servicing reported failure: {svc.get('reason') or 'unknown'}")
+        )
+        vm_fate = (
+            "VM still running"
+            if not ev.get("ended")
+            else f"VM ended ({shutdown.get('data', {}).get('reason')})"
+        )
+        return Verdict(
+            "servicing-failed",
+            f"{why}; {vm_fate}",
+            svc_lines + _host_lines(host_log, lambda e: e["port"] == "get"),
+        )
 
     if ev.get("decision") == "rejected":
-        return Verdict("rejected", f"the host refused the request: shutdown IC was {ev.get('ic_at_fire')}",
-                       _host_lines(host_log, lambda e: e["kind"] == "rejected"))  # fmt: skip
+        return Verdict(
+            "rejected",
+            f"the host refused the request: shutdown IC was {ev.get('ic_at_fire')}",
+            _host_lines(host_log, lambda e: e["kind"] == "rejected"),
+        )
 
     if msg_id is None:  # servicing only, no shutdown fired
         return Verdict("preserved", "servicing completed; no message was at stake", svc_lines)
 
     if not delivered:
         if ev.get("ended"):
-            return Verdict("infra-error", "the VM powered off but VTL0 never logged the request",
-                           [f"qmp SHUTDOWN {shutdown.get('data')}"] + host_msg)  # fmt: skip
+            return Verdict(
+                "infra-error",
+                "the VM powered off but VTL0 never logged the request",
+                [f"qmp SHUTDOWN {shutdown.get('data')}"] + host_msg,
+            )
         sent = any(e["kind"] in ("sent", "held") for e in host_log if f"id={msg_id}" in e["line"])
         if not sent:
             return Verdict("infra-error", "the request was neither posted nor refused", host_msg)
-        return Verdict("lost", "posted by the host, never seen by VTL0; the VM outlived the deadline",
-                       host_msg + svc_lines)  # fmt: skip
+        return Verdict(
+            "lost",
+            "posted by the host, never seen by VTL0; the VM outlived the deadline",
+            host_msg + svc_lines,
+        )
     return Verdict("infra-error", "evidence did not match any verdict", delivered)

@@ -13,9 +13,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 COLORS = {
-    "preserved": "#2e7d32", "delivered-before": "#81c784", "lost": "#c62828", "duplicated": "#6a1b9a",
-    "rejected": "#9e9e9e", "servicing-failed": "#ef6c00", "guest-crash": "#000000", "infra-error": "#1565c0",
-}  # fmt: skip
+    "preserved": "#2e7d32",
+    "delivered-before": "#81c784",
+    "lost": "#c62828",
+    "duplicated": "#6a1b9a",
+    "rejected": "#9e9e9e",
+    "servicing-failed": "#ef6c00",
+    "guest-crash": "#000000",
+    "infra-error": "#1565c0",
+}
 
 
 def _svg(fig: Any) -> str:
@@ -30,12 +36,15 @@ def loss_plot(records: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     anchor = (summary.get("window") or {}).get("anchor", "offset_ms")
     fig, ax = plt.subplots(figsize=(9, 3.2))
     for verdict, color in COLORS.items():
-        pts = [(r.get(anchor) if r.get(anchor) is not None else r.get("planned_offset_ms")) for r in records
-               if r["verdict"] == verdict]  # fmt: skip
-        pts = [p for p in pts if p is not None]
-        if pts:
-            y = [1 if verdict == "lost" else 0 for _ in pts]
-            ax.scatter(pts, y, s=22, color=color, label=f"{verdict} ({len(pts)})", alpha=0.8)
+        pts = [
+            (r.get(anchor) if r.get(anchor) is not None else r.get("planned_offset_ms"))
+            for r in records
+            if r["verdict"] == verdict
+        ]
+        xs: list[float] = [float(p) for p in pts if p is not None]
+        if xs:
+            y = [1 if verdict == "lost" else 0 for _ in xs]
+            ax.scatter(xs, y, s=22, color=color, label=f"{verdict} ({len(xs)})", alpha=0.8)
     w = summary.get("window")
     if w:
         ax.axvspan(w["first_loss_ms"], w["last_loss_ms"], color="#c62828", alpha=0.12, label="loss window")
@@ -73,19 +82,19 @@ def render(run: dict[str, Any], summary: dict[str, Any], records: list[dict[str,
     )
     counts = ", ".join(f"{k}: {v}" for k, v in summary["counts"].items() if v)
     ci = summary.get("loss_ci95", [0, 1])
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>testbed: {e(run.get('playbook', ''))}</title>
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>testbed: {e(run.get("playbook", ""))}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse;font-size:12px}}
 td,th{{border:1px solid #ddd;padding:2px 6px}}pre{{background:#f5f5f5;padding:8px;font-size:11px;overflow-x:auto}}</style>
 </head><body>
-<h1>{e(run.get('playbook', 'run'))}: {e(str(run.get('strategy')))}</h1>
-<p>{summary['iterations']} iterations; {e(counts)}.<br>
-Loss rate {_pct(summary.get('loss_rate'))} (Wilson 95%: {_pct(ci[0])} to {_pct(ci[1])}).
-{e(summary.get('zero_loss_bound', ''))}<br>
-Window: {e(json.dumps(summary.get('window')))}<br>
-Fire skew p50 {_fmt(summary['skew_ms']['p50'])} ms, p99 {_fmt(summary['skew_ms']['p99'])} ms;
-{_fmt(summary.get('iterations_per_min'))} iterations/min.</p>
+<h1>{e(run.get("playbook", "run"))}: {e(str(run.get("strategy")))}</h1>
+<p>{summary["iterations"]} iterations; {e(counts)}.<br>
+Loss rate {_pct(summary.get("loss_rate"))} (Wilson 95%: {_pct(ci[0])} to {_pct(ci[1])}).
+{e(summary.get("zero_loss_bound", ""))}<br>
+Window: {e(json.dumps(summary.get("window")))}<br>
+Fire skew p50 {_fmt(summary["skew_ms"]["p50"])} ms, p99 {_fmt(summary["skew_ms"]["p99"])} ms;
+{_fmt(summary.get("iterations_per_min"))} iterations/min.</p>
 <h2>Loss vs offset</h2>{loss_plot(records, summary)}
-{('<h2>Timeline of lost iteration ' + str(lost['iteration']) + '</h2>' + timeline_plot(lost)) if lost else ''}
+{("<h2>Timeline of lost iteration " + str(lost["iteration"]) + "</h2>" + timeline_plot(lost)) if lost else ""}
 <h2>Manifest</h2><pre>{e(json.dumps(run, indent=2, default=str))}</pre>
 <h2>Iterations</h2><table><tr><th>#</th><th>case</th><th>planned ms</th><th>actual ms</th><th>vs paravisor ms</th>
 <th>verdict</th><th>reason</th></tr>{rows}</table>

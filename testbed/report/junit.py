@@ -15,8 +15,11 @@ def write_junit(path: Path, run: dict[str, Any], records: list[dict[str, Any]]) 
             suite.add_property(k, str(run[k]))
     for r in records:
         name = f"iteration-{r['iteration']:04d} offset={r.get('planned_offset_ms')}ms"
-        tc = TestCase(name, classname=f"testbed.{run.get('playbook', 'run')}.{r.get('case', 'race')}",
-                      time=float(r.get("duration_s") or 0))  # fmt: skip
+        tc = TestCase(
+            name,
+            classname=f"testbed.{run.get('playbook', 'run')}.{r.get('case', 'race')}",
+            time=float(r.get("duration_s") or 0),
+        )
         evidence = "\n".join(r.get("evidence", []))
         text = f"{r['verdict']}: {r.get('reason', '')}\n{evidence}\nfolder: {r.get('dir', '')}"
         if r["verdict"] in ("lost", "duplicated") or r.get("unexpected"):

@@ -30,8 +30,10 @@ def render_markdown(run: dict[str, Any], s: dict[str, Any]) -> str:
         lines.append(f"- fire skew: p50 {sk['p50']:.3f} ms, p99 {sk['p99']:.3f} ms")
     if s.get("iterations_per_min"):
         lines.append(f"- rate: {s['iterations_per_min']:.1f} iterations/min")
-    lines.append(f"- accel {run.get('accel')}, kernel {run.get('kernel')}, QEMU {run.get('qemu_version')}, "
-                 f"paravisor {run.get('paravisor')}, seed {run.get('seed')}")  # fmt: skip
+    lines.append(
+        f"- accel {run.get('accel')}, kernel {run.get('kernel')}, QEMU {run.get('qemu_version')}, "
+        f"paravisor {run.get('paravisor')}, seed {run.get('seed')}"
+    )
     ex = s["expectations"]
     lines.append("- expectations: " + ("met" if ex["ok"] else "VIOLATED: " + "; ".join(ex["violations"])))
     if s.get("infra_errors_exceeded"):

@@ -34,8 +34,17 @@ def cfg(ref_cfg: VmConfig) -> VmConfig:
     return ref_cfg.model_copy(update={"lab": lab})
 
 
-def race(backend: QemuBackend, cfg: VmConfig, strategy: str, offset: float | None, *, image: str | None = None,
-         mode: str = "offset", reset: str = "snapshot", service: bool = True) -> tuple[Verdict, dict[str, Any]]:  # fmt: skip
+def race(
+    backend: QemuBackend,
+    cfg: VmConfig,
+    strategy: str,
+    offset: float | None,
+    *,
+    image: str | None = None,
+    mode: str = "offset",
+    reset: str = "snapshot",
+    service: bool = True,
+) -> tuple[Verdict, dict[str, Any]]:
     vm = backend.provision(cfg, strategy)
     try:
         backend.start(vm, reset=reset)
@@ -79,8 +88,9 @@ def test_canary_virtio_console_discards_unread_bytes_on_close(backend: QemuBacke
 
 
 @pytest.mark.parametrize("strategy", ["mask", "pause-resume"])
-def test_preserving_strategies_deliver_exactly_once_in_the_window(backend: QemuBackend, cfg: VmConfig,
-                                                                   strategy: str) -> None:  # fmt: skip
+def test_preserving_strategies_deliver_exactly_once_in_the_window(
+    backend: QemuBackend, cfg: VmConfig, strategy: str
+) -> None:
     v, res = race(backend, cfg, strategy, MIDDLE)
     assert v.kind == "preserved", v
     assert len(deliveries(res)) == 1
@@ -90,8 +100,9 @@ def test_preserving_strategies_deliver_exactly_once_in_the_window(backend: QemuB
 
 
 @pytest.mark.parametrize(("boot", "target"), [("v1", "v2"), ("v2", "v1")])
-def test_cross_version_servicing_falls_back_and_still_delivers(backend: QemuBackend, cfg: VmConfig, boot: str,
-                                                                target: str) -> None:  # fmt: skip
+def test_cross_version_servicing_falls_back_and_still_delivers(
+    backend: QemuBackend, cfg: VmConfig, boot: str, target: str
+) -> None:
     c = cfg.model_copy(update={"paravisor": ParavisorSpec(version=boot)})
     v, res = race(backend, c, "pause-resume", MIDDLE, image=target)
     assert v.kind == "preserved", v
@@ -102,7 +113,9 @@ def test_cross_version_servicing_falls_back_and_still_delivers(backend: QemuBack
 
 
 @pytest.mark.parametrize("image", ["v9-missing", "v2-crash", "v2-hang"])
-def test_servicing_failure_is_reported_with_the_vm_fate(backend: QemuBackend, cfg: VmConfig, image: str) -> None:
+def test_servicing_failure_is_reported_with_the_vm_fate(
+    backend: QemuBackend, cfg: VmConfig, image: str
+) -> None:
     v, res = race(backend, cfg, "none", None, image=image, mode="after-ready")
     assert v.kind == "servicing-failed", v
     if image == "v9-missing":  # exec failed: the old image restored itself, the VM is unharmed
@@ -128,19 +141,26 @@ def test_request_while_ic_not_ready_is_rejected(backend: QemuBackend, cfg: VmCon
     # 300 ms save + ~100 ms restore: at 360 ms the channel is closed, not yet re-offered.
     v, res = race(backend, cfg, "none", 360.0)
     assert v.kind == "rejected", v
-    assert res["ic_at_fire"] == "not-ready" and not any("id=sd7" in e["line"] and e["kind"] == "sent"
-                                                       for e in res["host_log"])  # fmt: skip
+    assert res["ic_at_fire"] == "not-ready" and not any(
+        "id=sd7" in e["line"] and e["kind"] == "sent" for e in res["host_log"]
+    )
 
 
-@pytest.mark.parametrize(("strategy", "offset", "expected"),
-                         [("none", MIDDLE, "lost"), ("pause-resume", MIDDLE, "preserved")])  # fmt: skip
-def test_snapshot_restore_behaves_like_cold_boot(backend: QemuBackend, cfg: VmConfig, strategy: str,
-                                                 offset: float, expected: str) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    ("strategy", "offset", "expected"), [("none", MIDDLE, "lost"), ("pause-resume", MIDDLE, "preserved")]
+)
+def test_snapshot_restore_behaves_like_cold_boot(
+    backend: QemuBackend, cfg: VmConfig, strategy: str, offset: float, expected: str
+) -> None:
     cold, cres = race(backend, cfg, strategy, offset, reset="cold")
     snap, sres = race(backend, cfg, strategy, offset, reset="snapshot")
     assert cold.kind == snap.kind == expected
     # After a restore the relay renegotiated: both sides agree on the feature and sequence numbers.
     assert cres["features"] == sres["features"] == (["pause_resume"] if strategy == "pause-resume" else [])
-    seqs = {e["line"].split()[1] for r in (cres, sres) for e in r["host_log"] if "id=sd7" in e["line"]
-            and e["line"].startswith("MSG")}  # fmt: skip
+    seqs = {
+        e["line"].split()[1]
+        for r in (cres, sres)
+        for e in r["host_log"]
+        if "id=sd7" in e["line"] and e["line"].startswith("MSG")
+    }
     assert seqs == {"seq=0"}

@@ -37,7 +37,13 @@ def test_image_build_is_cached_by_inputs(ref_cfg: VmConfig) -> None:
     b = build_image(ref_cfg)
     assert a.key == b.key and (b.directory / "manifest.json").stat().st_mtime == mtime  # a hit, not a rebuild
     assert a.manifest["modules"].split(",")[:6] == [
-        "virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci", "virtio_console"]
+        "virtio_ring",
+        "virtio",
+        "virtio_pci_legacy_dev",
+        "virtio_pci_modern_dev",
+        "virtio_pci",
+        "virtio_console",
+    ]
     other = build_image(ref_cfg.model_copy(update={"cmdline": ref_cfg.cmdline + " tb.test=1"}))
     assert other.key != a.key
 
@@ -62,7 +68,9 @@ def test_guest_panic_gives_guest_panic(backend: QemuBackend, ref_cfg: VmConfig) 
     vm = backend.provision(ref_cfg)
     try:
         backend.start(vm, reset="cold")
-        res = backend.race(vm, RacePlan(0, None, service=True, shutdown=False, image="v2-panic"), grace_ms=3000)
+        res = backend.race(
+            vm, RacePlan(0, None, service=True, shutdown=False, image="v2-panic"), grace_ms=3000
+        )
         assert res["ended"] and res["shutdown"]["data"]["reason"] == "guest-panic"
         assert any(e["event"] == "GUEST_PANICKED" for e in res["qmp_events"])
     finally:
@@ -72,13 +80,17 @@ def test_guest_panic_gives_guest_panic(backend: QemuBackend, ref_cfg: VmConfig) 
 def test_destroy_leaves_no_process_and_no_lease(backend: QemuBackend, ref_cfg: VmConfig) -> None:
     vm = backend.provision(ref_cfg)
     backend.start(vm, reset="cold")
-    mine = [lease for _p, lease in leases.read_all(runtime_dir() / "leases") if lease and lease.name == vm.name]
+    mine = [
+        lease for _p, lease in leases.read_all(runtime_dir() / "leases") if lease and lease.name == vm.name
+    ]
     assert len(mine) == 1
     pid = mine[0].qemu_pid
     assert leases.alive(pid, mine[0].qemu_start)
     backend.destroy(vm)
     assert not Path(f"/proc/{pid}").exists()
-    assert not [lease for _p, lease in leases.read_all(runtime_dir() / "leases") if lease and lease.name == vm.name]
+    assert not [
+        lease for _p, lease in leases.read_all(runtime_dir() / "leases") if lease and lease.name == vm.name
+    ]
 
 
 OWNER = textwrap.dedent("""
@@ -94,11 +106,19 @@ OWNER = textwrap.dedent("""
 
 
 def start_owner() -> tuple[subprocess.Popen[str], dict[str, object], leases.Lease]:
-    p = subprocess.Popen([sys.executable, "-c", OWNER, str(ROOT / "vm_configs/reference-linux.yaml")],
-                         stdout=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    p = subprocess.Popen(
+        [sys.executable, "-c", OWNER, str(ROOT / "vm_configs/reference-linux.yaml")],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     assert p.stdout is not None
     info = json.loads(p.stdout.readline())
-    lease = next(lease for _p, lease in leases.read_all(runtime_dir() / "leases") if lease and lease.name == info["name"])
+    lease = next(
+        lease
+        for _p, lease in leases.read_all(runtime_dir() / "leases")
+        if lease and lease.name == info["name"]
+    )
     assert leases.alive(lease.qemu_pid, lease.qemu_start)
     return p, info, lease
 
@@ -135,25 +155,34 @@ def test_killed_process_tree_leaves_a_lease_that_gc_cleans() -> None:
 
 
 def test_gc_kills_a_live_qemu_whose_owner_is_dead(tmp_path: Path) -> None:
-    q = subprocess.Popen(["qemu-system-x86_64", "-machine", "none", "-display", "none", "-S", "-nodefaults"],
-                         start_new_session=True)  # fmt: skip
+    q = subprocess.Popen(
+        ["qemu-system-x86_64", "-machine", "none", "-display", "none", "-S", "-nodefaults"],
+        start_new_session=True,
+    )
     dead = subprocess.Popen(["true"])
     dead.wait()
     lease_dir = runtime_dir() / "leases"
-    leases.write(lease_dir, leases.Lease("orphan", q.pid, leases.start_time(q.pid), dead.pid, None, str(tmp_path / "wd"),
-                                         time.time()))  # fmt: skip
+    leases.write(
+        lease_dir,
+        leases.Lease(
+            "orphan", q.pid, leases.start_time(q.pid), dead.pid, None, str(tmp_path / "wd"), time.time()
+        ),
+    )
     r = subprocess.run([sys.executable, "-m", "testbed.cli", "gc"], capture_output=True, text=True)
     assert f"killed QEMU pid {q.pid}" in r.stdout
     assert q.wait(timeout=10) is not None
 
 
 @pytest.mark.parametrize("failure", ["abort", "hang"])
-def test_kvm_probe_falls_back_to_tcg(failure: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                     ref_cfg: VmConfig) -> None:  # fmt: skip
+def test_kvm_probe_falls_back_to_tcg(
+    failure: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ref_cfg: VmConfig
+) -> None:
     """A KVM that aborts the guest (MSR assertion) or hangs it must give TCG, with the reason."""
     wrapper = tmp_path / "qemu-wrapper"
     bad = "echo 'failed to set MSR 0x10a' >&2; exit 134" if failure == "abort" else "exec sleep 600"
-    wrapper.write_text(f'#!/bin/sh\ncase " $* " in *" -accel kvm "*) {bad};; esac\nexec qemu-system-x86_64 "$@"\n')
+    wrapper.write_text(
+        f'#!/bin/sh\ncase " $* " in *" -accel kvm "*) {bad};; esac\nexec qemu-system-x86_64 "$@"\n'
+    )
     wrapper.chmod(0o755)
     monkeypatch.setenv("TESTBED_QEMU_BINARY", str(wrapper))
     monkeypatch.setenv("TESTBED_KVM_PROBE_CACHE", str(tmp_path / "probe.json"))

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from testbed.config import ConfigError, Playbook, check_expectation, load_model, load_playbook, load_vm_config
+from testbed.config import (
+    ConfigError,
+    Playbook,
+    check_expectation,
+    load_model,
+    load_playbook,
+    load_vm_config,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -88,8 +95,18 @@ def test_cli_config_error_exit_code_2_without_traceback(tmp_path: Path) -> None:
 
 
 def test_cli_help_everywhere() -> None:
-    for args in ([], ["run"], ["image", "build"], ["vm", "up"], ["host", "check"], ["gc"], ["report"]):
-        r = subprocess.run([sys.executable, "-m", "testbed.cli", *args, "--help"], capture_output=True, text=True)
+    for args in (
+        [],
+        ["run"],
+        ["image", "build"],
+        ["vm", "up"],
+        ["host", "check"],
+        ["gc"],
+        ["report"],
+    ):
+        r = subprocess.run(
+            [sys.executable, "-m", "testbed.cli", *args, "--help"], capture_output=True, text=True
+        )
         assert r.returncode == 0, (args, r.stderr)
         assert "Usage" in r.stdout
     r = subprocess.run([sys.executable, "-m", "testbed.cli", "--help"], capture_output=True, text=True)

@@ -10,8 +10,9 @@ import pytest
 from testbed.backends.qemu.cpio import write_newc
 from testbed.backends.qemu.image import ImageInputs, _modinfo_depends
 
-BASE = ImageInputs("linux-image-6.1.0-56-cloud-amd64", "6.1.192-2", "1:1.35.0-4", "12.2.0",
-                   "console=ttyS0", "abc")  # fmt: skip
+BASE = ImageInputs(
+    "linux-image-6.1.0-56-cloud-amd64", "6.1.192-2", "1:1.35.0-4", "12.2.0", "console=ttyS0", "abc"
+)
 
 
 def test_same_inputs_same_key() -> None:
@@ -37,14 +38,20 @@ def test_cpio_is_deterministic_and_readable(tmp_path: Path) -> None:
     busybox = shutil.which("busybox")
     if busybox is None:
         pytest.skip("busybox not installed (CI installs busybox-static)")
-    listing = subprocess.run([busybox, "cpio", "-tv"], input=(tmp_path / "a.cpio").read_bytes(),
-                             capture_output=True, check=True).stdout.decode()  # fmt: skip
+    listing = subprocess.run(
+        [busybox, "cpio", "-tv"], input=(tmp_path / "a.cpio").read_bytes(), capture_output=True, check=True
+    ).stdout.decode()
     assert "bin/link -> data" in listing
     assert "init" in listing and "dev/console" in listing
     out = tmp_path / "x"
     out.mkdir()
-    subprocess.run([busybox, "cpio", "-id"], input=(tmp_path / "a.cpio").read_bytes(), cwd=out, check=True,
-                   capture_output=True)  # fmt: skip
+    subprocess.run(
+        [busybox, "cpio", "-id"],
+        input=(tmp_path / "a.cpio").read_bytes(),
+        cwd=out,
+        check=True,
+        capture_output=True,
+    )
     assert (out / "bin" / "data").read_bytes() == b"x" * 13
     assert (out / "init").stat().st_mode & 0o111
 

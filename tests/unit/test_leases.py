@@ -26,8 +26,12 @@ def test_gc_kills_process_of_dead_owner_and_removes_workdir(tmp_path: Path) -> N
     owner, owner_start = dead_pid()
     wd = tmp_path / "wd"
     wd.mkdir()
-    leases.write(tmp_path / "leases", leases.Lease("vm1", victim.pid, leases.start_time(victim.pid), owner,
-                                                   owner_start, str(wd), time.time()))  # fmt: skip
+    leases.write(
+        tmp_path / "leases",
+        leases.Lease(
+            "vm1", victim.pid, leases.start_time(victim.pid), owner, owner_start, str(wd), time.time()
+        ),
+    )
     actions = leases.gc(tmp_path / "leases")
     assert any("killed" in a for a in actions)
     assert victim.wait(timeout=5) == -signal.SIGTERM
@@ -38,8 +42,18 @@ def test_gc_kills_process_of_dead_owner_and_removes_workdir(tmp_path: Path) -> N
 def test_gc_leaves_leases_of_live_owners(tmp_path: Path) -> None:
     victim = sleeper()
     try:
-        leases.write(tmp_path, leases.Lease("vm2", victim.pid, leases.start_time(victim.pid), os.getpid(),
-                                            leases.start_time(os.getpid()), "", time.time()))  # fmt: skip
+        leases.write(
+            tmp_path,
+            leases.Lease(
+                "vm2",
+                victim.pid,
+                leases.start_time(victim.pid),
+                os.getpid(),
+                leases.start_time(os.getpid()),
+                "",
+                time.time(),
+            ),
+        )
         assert leases.gc(tmp_path) == []
         assert victim.poll() is None
     finally:
@@ -54,7 +68,7 @@ def test_pid_reuse_is_not_mistaken_for_the_leased_process(tmp_path: Path) -> Non
         # The lease recorded another start time: this pid now belongs to someone else.
         leases.write(tmp_path, leases.Lease("vm3", victim.pid, 1, owner, owner_start, "", time.time()))
         actions = leases.gc(tmp_path)
-        assert actions == ["removed lease vm3-%d.json" % victim.pid]
+        assert actions == [f"removed lease vm3-{victim.pid}.json"]
         assert victim.poll() is None
     finally:
         victim.kill()

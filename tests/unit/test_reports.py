@@ -12,14 +12,32 @@ from testbed.report import exit_code, write_reports
 def make_run(tmp_path: Path, verdicts: list[str], expect: dict[str, object], max_infra: int = 0) -> Path:
     d = tmp_path / "run"
     d.mkdir(parents=True)
-    (d / "run.json").write_text(json.dumps({"playbook": "t", "strategy": "none", "expect": expect,
-                                            "max_infra_errors": max_infra}))  # fmt: skip
+    (d / "run.json").write_text(
+        json.dumps({"playbook": "t", "strategy": "none", "expect": expect, "max_infra_errors": max_infra})
+    )
     with (d / "results.jsonl").open("w") as f:
         for i, v in enumerate(verdicts):
-            f.write(json.dumps({"iteration": i, "case": "t", "planned_offset_ms": 10.0 * i, "offset_ms": 10.0 * i,
-                                "verdict": v, "reason": f"because {v}", "evidence": [f"line for {v}"],
-                                "skew_ms": 0.05, "started": 100.0 + i, "duration_s": 1.0,
-                                "timeline": [[0.0, "host sent get: SERVICE"], [5.0, "host sent vmbus: MSG"]]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "iteration": i,
+                        "case": "t",
+                        "planned_offset_ms": 10.0 * i,
+                        "offset_ms": 10.0 * i,
+                        "verdict": v,
+                        "reason": f"because {v}",
+                        "evidence": [f"line for {v}"],
+                        "skew_ms": 0.05,
+                        "started": 100.0 + i,
+                        "duration_s": 1.0,
+                        "timeline": [
+                            [0.0, "host sent get: SERVICE"],
+                            [5.0, "host sent vmbus: MSG"],
+                        ],
+                    }
+                )
+                + "\n"
+            )
         f.write('{"iteration": 99, "verd')  # a line torn by a crash
     return d
 

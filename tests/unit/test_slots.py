@@ -13,10 +13,15 @@ def test_machine_wide_guest_limit_across_processes(tmp_path: Path, monkeypatch: 
     monkeypatch.setenv("TESTBED_RUNTIME_DIR", str(tmp_path))
     monkeypatch.setenv("TESTBED_MAX_GUESTS", "2")
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys,time; from testbed.slots import GuestSlot; GuestSlot().acquire();"
-         " print('held', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import sys,time; from testbed.slots import GuestSlot; GuestSlot().acquire();"
+            " print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         mine = GuestSlot(timeout=1).acquire()

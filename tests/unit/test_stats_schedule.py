@@ -38,8 +38,16 @@ def test_percentile_nearest_rank() -> None:
 
 
 def rec(i: int, off: float, verdict: str, skew: float = 0.05) -> dict[str, object]:
-    return {"iteration": i, "offset_ms": off, "guest_offset_ms": off - 5, "planned_offset_ms": off,
-            "verdict": verdict, "skew_ms": skew, "started": 1000.0 + i, "duration_s": 1.0}  # fmt: skip
+    return {
+        "iteration": i,
+        "offset_ms": off,
+        "guest_offset_ms": off - 5,
+        "planned_offset_ms": off,
+        "verdict": verdict,
+        "skew_ms": skew,
+        "started": 1000.0 + i,
+        "duration_s": 1.0,
+    }
 
 
 def test_summary_window_and_rule_of_three() -> None:
@@ -60,7 +68,12 @@ def test_linear_random_and_parse() -> None:
     assert sched.seeded_random(0, 10, 5, 7) == sched.seeded_random(0, 10, 5, 7)
     assert sched.seeded_random(0, 10, 5, 7) != sched.seeded_random(0, 10, 5, 8)
     assert sched.cycle_to([1.0, 2.0], 5) == [1.0, 2.0, 1.0, 2.0, 1.0]
-    assert sched.parse_offsets("linear:-10:100:12") == {"kind": "linear", "start_ms": -10, "stop_ms": 100, "count": 12}
+    assert sched.parse_offsets("linear:-10:100:12") == {
+        "kind": "linear",
+        "start_ms": -10,
+        "stop_ms": 100,
+        "count": 12,
+    }
     assert sched.parse_offsets("1,2.5") == {"kind": "fixed", "offsets_ms": [1.0, 2.5]}
     with pytest.raises(ValueError, match="linear:START:STOP:COUNT"):
         sched.parse_offsets("linear:x")

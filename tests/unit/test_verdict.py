@@ -12,15 +12,20 @@ from testbed.engine.verdict import VERDICTS, classify
 def ev(**kw: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
         "shutdown_id": "sd1",
-        "serial": ["TB t=1000 PV ready image=v2", "TB t=2000 PV svc-start id=1 from=v2 to=v2 strategy=none",
-                   "TB t=2400 PV svc-done id=1 image=v2"],
-        "host_log": [{"t_ns": 1, "kind": "sent", "port": "vmbus", "line": "MSG seq=0 t=1 type=shutdown id=sd1"}],
+        "serial": [
+            "TB t=1000 PV ready image=v2",
+            "TB t=2000 PV svc-start id=1 from=v2 to=v2 strategy=none",
+            "TB t=2400 PV svc-done id=1 image=v2",
+        ],
+        "host_log": [
+            {"t_ns": 1, "kind": "sent", "port": "vmbus", "line": "MSG seq=0 t=1 type=shutdown id=sd1"}
+        ],
         "qmp_events": [],
         "svc": {"request_ns": 1, "start_ns": 2, "done_ns": 3, "ok": True},
         "decision": "posted",
         "ended": False,
         "shutdown": None,
-    }  # fmt: skip
+    }
     base.update(kw)
     return base
 
@@ -29,9 +34,10 @@ GUEST_SHUTDOWN = {"event": "SHUTDOWN", "data": {"guest": True, "reason": "guest-
 
 
 def delivered(t: int, times: int = 1) -> list[str]:
-    return ["TB t=1000 PV ready image=v2", "TB t=2000 PV svc-start id=1 from=v2 to=v2 strategy=none"] + [
-        f"TB t={t + i} VTL0 SHUTDOWN id=sd1 seq=0 reason=testbed" for i in range(times)
-    ]
+    return [
+        "TB t=1000 PV ready image=v2",
+        "TB t=2000 PV svc-start id=1 from=v2 to=v2 strategy=none",
+    ] + [f"TB t={t + i} VTL0 SHUTDOWN id=sd1 seq=0 reason=testbed" for i in range(times)]
 
 
 CASES = {
@@ -39,13 +45,19 @@ CASES = {
     "delivered-before": ev(serial=delivered(1500), ended=True, shutdown=GUEST_SHUTDOWN),
     "lost": ev(),
     "duplicated": ev(serial=delivered(2500, times=2), ended=True, shutdown=GUEST_SHUTDOWN),
-    "rejected": ev(decision="rejected", ic_at_fire="not-ready",
-                   host_log=[{"t_ns": 1, "kind": "rejected", "port": "vmbus", "line": "shutdown id=sd1"}]),
+    "rejected": ev(
+        decision="rejected",
+        ic_at_fire="not-ready",
+        host_log=[{"t_ns": 1, "kind": "rejected", "port": "vmbus", "line": "shutdown id=sd1"}],
+    ),
     "servicing-failed": ev(servicing_timeout=True, svc={"request_ns": 1, "start_ns": 2}),
-    "guest-crash": ev(qmp_events=[{"t_ns": 5, "event": "GUEST_PANICKED", "data": {"action": "pause"}}], ended=True,
-                      shutdown={"event": "SHUTDOWN", "data": {"guest": True, "reason": "guest-panic"}}),
+    "guest-crash": ev(
+        qmp_events=[{"t_ns": 5, "event": "GUEST_PANICKED", "data": {"action": "pause"}}],
+        ended=True,
+        shutdown={"event": "SHUTDOWN", "data": {"guest": True, "reason": "guest-panic"}},
+    ),
     "infra-error": ev(ended=True, shutdown={"event": "QEMU_EXIT", "data": {"rc": -9}}),
-}  # fmt: skip
+}
 
 
 def test_cases_cover_every_verdict() -> None:
@@ -75,5 +87,12 @@ def test_servicing_failure_reported_by_guest() -> None:
 
 
 def test_baseline_without_servicing_is_delivered_before() -> None:
-    v = classify(ev(svc={}, serial=["TB t=5 VTL0 SHUTDOWN id=sd1 seq=0 reason=x"], ended=True, shutdown=GUEST_SHUTDOWN))
+    v = classify(
+        ev(
+            svc={},
+            serial=["TB t=5 VTL0 SHUTDOWN id=sd1 seq=0 reason=x"],
+            ended=True,
+            shutdown=GUEST_SHUTDOWN,
+        )
+    )
     assert v.kind == "delivered-before"

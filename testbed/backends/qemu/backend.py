@@ -129,7 +129,9 @@ class QemuBackend:
         probe = self.kvm_probe(image, refresh=refresh)
         if probe["ok"]:
             return "kvm", probe["reason"]
-        (log.info if probe.get("cached") else log.warning)("KVM unusable, falling back to TCG: %s", probe["reason"])
+        (log.info if probe.get("cached") else log.warning)(
+            "KVM unusable, falling back to TCG: %s", probe["reason"]
+        )
         return "tcg", f"KVM probe failed: {probe['reason']}"
 
     def kvm_probe(self, image: Image, refresh: bool = False) -> dict[str, Any]:
@@ -141,18 +143,32 @@ class QemuBackend:
                 return {**cached, "cached": True}
         wd = runtime_dir() / "probe" / str(os.getpid())
         spec = {
-            "machine": "q35", "accel": "kvm", "memory_mib": 128, "cpus": 1,
-            "kernel": str(image.kernel), "initrd": str(image.initrd),
+            "machine": "q35",
+            "accel": "kvm",
+            "memory_mib": 128,
+            "cpus": 1,
+            "kernel": str(image.kernel),
+            "initrd": str(image.initrd),
             "cmdline": "console=ttyS0 quiet panic=-1 tb.pv=v2",
-        }  # fmt: skip
+        }
         try:
-            res = self.agent.call("probe_kvm", timeout=PROBE_TIMEOUT_S + 30, spec=spec, workdir=str(wd),
-                                  timeout_s=PROBE_TIMEOUT_S)  # fmt: skip
+            res = self.agent.call(
+                "probe_kvm",
+                timeout=PROBE_TIMEOUT_S + 30,
+                spec=spec,
+                workdir=str(wd),
+                timeout_s=PROBE_TIMEOUT_S,
+            )
         except AgentFailure as e:
             res = {"ok": False, "reason": str(e)}
         finally:
             shutil.rmtree(wd, ignore_errors=True)
-        result = {"ok": bool(res.get("ok")), "reason": res.get("reason", ""), "time": time.time(), "qemu": qv}
+        result = {
+            "ok": bool(res.get("ok")),
+            "reason": res.get("reason", ""),
+            "time": time.time(),
+            "qemu": qv,
+        }
         path.write_text(json.dumps(result))
         return result
 
@@ -160,14 +176,23 @@ class QemuBackend:
     def preflight(self, cfg: VmConfig | None = None) -> HostReport:
         rep = HostReport(self.host)
         qv = qemu_version()
-        rep.checks.append(Check("qemu", bool(qv), qv or "qemu-system-x86_64 not found",
-                                "apt-get install qemu-system-x86"))  # fmt: skip
+        rep.checks.append(
+            Check("qemu", bool(qv), qv or "qemu-system-x86_64 not found", "apt-get install qemu-system-x86")
+        )
         for tool, pkg in (("gcc", "gcc libc6-dev"), ("apt-cache", "apt"), ("dpkg-deb", "dpkg")):
             found = shutil.which(tool)
-            rep.checks.append(Check(tool, bool(found), found or f"{tool} not found", f"apt-get install {pkg}"))
+            rep.checks.append(
+                Check(tool, bool(found), found or f"{tool} not found", f"apt-get install {pkg}")
+            )
         libc_a = any(Path(p).exists() for p in ("/usr/lib/x86_64-linux-gnu/libc.a", "/usr/lib/libc.a"))
-        rep.checks.append(Check("static libc", libc_a, "libc.a present" if libc_a else "no libc.a for -static",
-                                "apt-get install libc6-dev"))  # fmt: skip
+        rep.checks.append(
+            Check(
+                "static libc",
+                libc_a,
+                "libc.a present" if libc_a else "no libc.a for -static",
+                "apt-get install libc6-dev",
+            )
+        )
         cfg = cfg or VmConfig(name="preflight")
         try:
             kpkg, kver = resolve_kernel(cfg.kernel.package, cfg.kernel.version)
@@ -175,15 +200,33 @@ class QemuBackend:
         except ImageBuildError as e:
             rep.checks.append(Check("kernel package", False, str(e), "apt-get update"))
         free = shutil.disk_usage(cache_dir()).free
-        rep.checks.append(Check("disk", free > 2 << 30, f"{free / 2**30:.1f} GiB free in {cache_dir()}",
-                                "free at least 2 GiB in the cache dir (TESTBED_CACHE_DIR)"))  # fmt: skip
+        rep.checks.append(
+            Check(
+                "disk",
+                free > 2 << 30,
+                f"{free / 2**30:.1f} GiB free in {cache_dir()}",
+                "free at least 2 GiB in the cache dir (TESTBED_CACHE_DIR)",
+            )
+        )
         kvm = Path("/dev/kvm")
         cached = Path(os.environ.get("TESTBED_KVM_PROBE_CACHE") or cache_dir() / "kvm-probe.json")
         if cached.exists():
             p = json.loads(cached.read_text())
-            rep.checks.append(Check("kvm probe", True, f"{'usable' if p['ok'] else 'unusable (TCG fallback)'}: {p['reason']}"))
+            rep.checks.append(
+                Check(
+                    "kvm probe",
+                    True,
+                    f"{'usable' if p['ok'] else 'unusable (TCG fallback)'}: {p['reason']}",
+                )
+            )
         else:
-            rep.checks.append(Check("kvm probe", True, f"not probed yet; /dev/kvm {'exists' if kvm.exists() else 'missing'} (TCG works either way)"))
+            rep.checks.append(
+                Check(
+                    "kvm probe",
+                    True,
+                    f"not probed yet; /dev/kvm {'exists' if kvm.exists() else 'missing'} (TCG works either way)",
+                )
+            )
         return rep
 
     # ---- lifecycle -----------------------------------------------------------
@@ -211,12 +254,22 @@ class QemuBackend:
         try:
             if vm.workdir.exists():
                 shutil.rmtree(vm.workdir)
-            self.agent.call("launch", name=vm.name, workdir=str(vm.workdir),
-                            lease_dir=str(runtime_dir() / "leases"), spec=vm.spec(incoming),
-                            owner_pid=os.getpid())  # fmt: skip
+            self.agent.call(
+                "launch",
+                name=vm.name,
+                workdir=str(vm.workdir),
+                lease_dir=str(runtime_dir() / "leases"),
+                spec=vm.spec(incoming),
+                owner_pid=os.getpid(),
+            )
             vm.running = True
-            ready = self.agent.call("wait_ready", timeout=vm.cfg.boot_timeout_s + 30, name=vm.name,
-                                    timeout_s=vm.cfg.boot_timeout_s, incoming=incoming is not None)
+            ready = self.agent.call(
+                "wait_ready",
+                timeout=vm.cfg.boot_timeout_s + 30,
+                name=vm.name,
+                timeout_s=vm.cfg.boot_timeout_s,
+                incoming=incoming is not None,
+            )
         except (AgentFailure, AgentLost) as e:
             self.destroy(vm)
             raise InfraError(f"start of {vm.name} failed: {e}") from None
@@ -233,8 +286,15 @@ class QemuBackend:
         if path.exists():
             return path
         path.parent.mkdir(exist_ok=True)
-        maker = QemuVm(vm.name + "-snap", vm.cfg, vm.image, vm.accel, vm.qemu_version, vm.strategy,
-                       vm.workdir.with_name(vm.workdir.name + "-snap"))  # fmt: skip
+        maker = QemuVm(
+            vm.name + "-snap",
+            vm.cfg,
+            vm.image,
+            vm.accel,
+            vm.qemu_version,
+            vm.strategy,
+            vm.workdir.with_name(vm.workdir.name + "-snap"),
+        )
         try:
             self.start(maker, reset="cold")
             self.agent.call("snapshot", name=maker.name, path=str(path), timeout=120)
@@ -261,15 +321,30 @@ class QemuBackend:
             service = {
                 "id": plan.iteration + 1,
                 "image": plan.image or vm.cfg.paravisor.version,
-                "knobs": {"save_ms": knobs.save_ms, "restore_ms": knobs.restore_ms, "blackout_ms": knobs.blackout_ms},
+                "knobs": {
+                    "save_ms": knobs.save_ms,
+                    "restore_ms": knobs.restore_ms,
+                    "blackout_ms": knobs.blackout_ms,
+                },
             }
         shutdown = None
         if plan.shutdown:
-            shutdown = {"id": f"sd{plan.iteration}", "reason": "testbed", "mode": plan.shutdown_mode,
-                        "offset_ms": plan.offset_ms if plan.offset_ms is not None else 0.0}  # fmt: skip
+            shutdown = {
+                "id": f"sd{plan.iteration}",
+                "reason": "testbed",
+                "mode": plan.shutdown_mode,
+                "offset_ms": plan.offset_ms if plan.offset_ms is not None else 0.0,
+            }
         budget = (knobs.servicing_timeout_ms + grace_ms) / 1000 + 60
-        return self.agent.call("race", timeout=budget, name=vm.name, service=service, shutdown=shutdown,
-                               grace_ms=grace_ms, servicing_timeout_ms=knobs.servicing_timeout_ms)  # fmt: skip
+        return self.agent.call(
+            "race",
+            timeout=budget,
+            name=vm.name,
+            service=service,
+            shutdown=shutdown,
+            grace_ms=grace_ms,
+            servicing_timeout_ms=knobs.servicing_timeout_ms,
+        )
 
     def collect(self, vm: QemuVm, dest: Path) -> list[Path]:
         dest.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,9 @@ class AgentClient:
     """Talks to one agent over a pair of pipes (a local subprocess here; the
     SSH transport gives the same pipes from an exec channel)."""
 
-    def __init__(self, stdin: IO[bytes], stdout: IO[bytes], proc: subprocess.Popen[bytes] | None = None) -> None:
+    def __init__(
+        self, stdin: IO[bytes], stdout: IO[bytes], proc: subprocess.Popen[bytes] | None = None
+    ) -> None:
         self._in = stdin
         self._out = stdout
         self.proc = proc

@@ -216,7 +216,16 @@ def build_image(cfg: VmConfig, force: bool = False) -> Image:
         _run(["gcc", "-O2", "-static", "-o", str(pv), str(work / "paravisor.c")])
 
         root = work / "root"
-        for d in ("bin", "proc", "sys", "dev", "run", "tmp", "lib/testbed/modules", "lib/testbed/images"):
+        for d in (
+            "bin",
+            "proc",
+            "sys",
+            "dev",
+            "run",
+            "tmp",
+            "lib/testbed/modules",
+            "lib/testbed/images",
+        ):
             (root / d).mkdir(parents=True, exist_ok=True)
         shutil.copy2(bx / "bin" / "busybox", root / "bin" / "busybox")
         (root / "init").write_bytes(sources["init.sh"])

@@ -1,0 +1,146 @@
+"""The race engine end to end on real guests: sweeps, window estimates, infra errors, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from junitparser import JUnitXml
+
+from testbed import leases
+from testbed.backends.base import RacePlan
+from testbed.backends.qemu.backend import QemuBackend
+from testbed.config import Playbook, ScheduleSpec, VmConfig
+from testbed.engine.runner import Runner, RunOptions
+from testbed.engine.verdict import classify
+from testbed.paths import runtime_dir
+from testbed.report.jsonl import read_results
+
+pytestmark = pytest.mark.vm
+ROOT = Path(__file__).resolve().parents[2]
+SAVE_MS = 300.0
+# Sweep: 16 points over [-100, 650] -> a 50 ms grid; 40 iterations cycle through it.
+START, STOP, POINTS, ITERATIONS = -100.0, 650.0, 16, 40
+STEP = (STOP - START) / (POINTS - 1)
+
+
+def sweep(tmp_path: Path, cfg: VmConfig, strategy: str) -> tuple[dict[str, object], list[dict[str, object]]]:
+    pb = Playbook(
+        name=f"sweep-{strategy}",
+        vm_config="unused",
+        strategy=strategy,
+        iterations=ITERATIONS,
+        schedule=ScheduleSpec(kind="linear", start_ms=START, stop_ms=STOP, count=POINTS),
+        reset="snapshot",
+        grace_ms=1200,
+        expect={"duplicated": 0},
+    )
+    result = Runner(pb, cfg, RunOptions(out=tmp_path / strategy, seed=1)).run()
+    return result.summary, result.records
+
+
+def test_none_sweep_finds_losses_only_inside_the_configured_window(tmp_path: Path, ref_cfg: VmConfig) -> None:
+    summary, records = sweep(tmp_path, ref_cfg, "none")
+    assert summary["counts"]["infra-error"] == 0, summary["counts"]
+    lost = [r for r in records if r["verdict"] == "lost"]
+    assert len(lost) >= 10, summary["counts"]
+    # Tolerance: skew p99 + one grid step + the anchor jitter (servicing lag spread).
+    lags = [float(r["servicing_lag_ms"]) for r in records if r.get("servicing_lag_ms") is not None]
+    jitter = max(lags) - min(lags)
+    tol = float(summary["skew_ms"]["p99"]) + STEP + jitter  # type: ignore[index]
+    # Guard band: no loss outside the configured window [0, save_ms] (paravisor anchor).
+    for r in records:
+        g = r["guest_offset_ms"]
+        if g is not None and (g < -tol or g > SAVE_MS + tol):
+            assert r["verdict"] != "lost", r
+    for r in lost:
+        assert -tol <= float(r["guest_offset_ms"]) <= SAVE_MS + tol, r  # type: ignore[arg-type]
+    w = summary["window"]
+    assert w["anchor"] == "guest_offset_ms"  # type: ignore[index]
+    # The estimate matches the configured window on both edges, not merely overlaps it.
+    assert abs(w["first_loss_ms"] - 0.0) <= tol, w  # type: ignore[index]
+    assert abs(w["last_loss_ms"] - SAVE_MS) <= tol, w  # type: ignore[index]
+    # Before the window: delivered-before; after the close: rejected (IC not ready) or preserved.
+    assert {
+        r["verdict"] for r in records if r["guest_offset_ms"] is not None and r["guest_offset_ms"] < -tol
+    } <= {"delivered-before"}
+    assert summary["counts"]["duplicated"] == 0
+
+
+def test_pause_resume_sweep_has_no_loss_and_no_duplicate(tmp_path: Path, ref_cfg: VmConfig) -> None:
+    summary, records = sweep(tmp_path, ref_cfg, "pause-resume")
+    assert summary["counts"]["infra-error"] == 0, summary["counts"]
+    assert summary["counts"]["lost"] == 0 and summary["counts"]["duplicated"] == 0, summary["counts"]
+    assert summary["counts"]["preserved"] >= 10
+    assert summary["zero_loss_bound"].startswith(f"0 losses in {ITERATIONS} iterations")  # type: ignore[union-attr]
+    assert float(summary["skew_ms"]["p99"]) < 5.0  # type: ignore[index]
+
+
+def test_qemu_killed_under_the_engine_is_infra_error(ref_cfg: VmConfig) -> None:
+    with QemuBackend() as b:
+        vm = b.provision(ref_cfg, "none")
+        try:
+            b.start(vm, reset="snapshot")
+            lease = next(
+                lz for _p, lz in leases.read_all(runtime_dir() / "leases") if lz and lz.name == vm.name
+            )
+            killer = threading.Timer(0.1, os.kill, (lease.qemu_pid, signal.SIGKILL))
+            killer.start()
+            res = b.race(vm, RacePlan(3, 200.0), grace_ms=1000)
+            killer.join()
+        finally:
+            b.destroy(vm)
+    res["shutdown_id"] = "sd3"
+    v = classify(res)
+    assert v.kind == "infra-error", v
+    assert "QEMU exited" in v.reason
+
+
+def test_sigint_mid_run_keeps_results_and_reports_rebuild(tmp_path: Path) -> None:
+    pb = tmp_path / "long.yaml"
+    pb.write_text(
+        f"name: long\nvm_config: {ROOT / 'vm_configs/reference-linux.yaml'}\nstrategy: none\n"
+        "iterations: 30\nschedule: {kind: fixed, offsets_ms: [150]}\nreset: snapshot\n"
+    )
+    out = tmp_path / "run"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "testbed.cli", "run", str(pb), "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        end = time.monotonic() + 180
+        while len(read_results(out / "results.jsonl")) < 2:
+            assert p.poll() is None and time.monotonic() < end, "run did not get going"
+            time.sleep(0.2)
+        time.sleep(0.7)  # land the interrupt mid-iteration
+        os.killpg(p.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
+        _o, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 130, err
+    lines = (out / "results.jsonl").read_text().splitlines()
+    recs = [json.loads(line) for line in lines]  # every line is valid JSON
+    assert 2 <= len(recs) < 30
+    assert all(r["verdict"] == "lost" for r in recs), [r["verdict"] for r in recs]
+    run = json.loads((out / "run.json").read_text())
+    assert run["interrupted"] is True
+    for f in ("summary.json", "junit.xml", "report.html", "summary.md"):
+        (out / f).unlink()
+    r = subprocess.run(
+        [sys.executable, "-m", "testbed.cli", "report", str(out)], capture_output=True, text=True
+    )
+    assert r.returncode == 1  # the expectation lost: 0 is violated by a `none` run
+    xml = JUnitXml.fromfile(str(out / "junit.xml"))
+    assert sum(1 for s in xml for _c in s) == len(recs)
+    assert (out / "report.html").exists() and json.loads((out / "summary.json").read_text())["interrupted"]
