@@ -53,10 +53,18 @@ def fail(code: int, message: str) -> NoReturn:
 
 
 def _sigterm_as_interrupt() -> None:
+    """SIGINT and SIGTERM both stop a run cleanly (VMs destroyed, reports written).
+
+    SIGINT is installed explicitly: a process started in the background by a
+    non-interactive shell (CI, nohup) inherits SIGINT as ignored, and Python
+    then never raises KeyboardInterrupt for it.
+    """
+
     def handler(_sig: int, _frame: Any) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @app.callback()
