@@ -13,19 +13,23 @@ from typing import Any
 from testbed.agent.agent import qemu_argv
 
 
-def _qmp(path: Path, *commands: dict[str, Any]) -> None:
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(str(path))
-    f = s.makefile("rw")
-    f.readline()  # greeting
-    for cmd in ({"execute": "qmp_capabilities"}, *commands):
-        f.write(json.dumps(cmd) + "\n")
-        f.flush()
-        while True:  # skip events until the reply
-            msg = json.loads(f.readline())
+class _Qmp:
+    """One raw QMP connection: send a command, skip events until its reply."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(str(path))
+        self.f = self.sock.makefile("rw")
+        self.f.readline()  # greeting
+        self("qmp_capabilities")
+
+    def __call__(self, command: str) -> Any:
+        self.f.write(json.dumps({"execute": command}) + "\n")
+        self.f.flush()
+        while True:
+            msg = json.loads(self.f.readline())
             if "return" in msg or "error" in msg:
-                break
-    s.close()
+                return msg.get("return")
 
 
 def bare_cycle(spec: dict[str, Any], incoming: Path | None = None) -> float:
@@ -49,26 +53,16 @@ def bare_cycle(spec: dict[str, Any], incoming: Path | None = None) -> float:
                     except OSError:
                         time.sleep(0.002)
                 socks.append(s)
+            qmp = _Qmp(wd / "qmp.sock")
             if incoming:
-                while True:
+                while (qmp("query-migrate") or {}).get("status") != "completed":
                     time.sleep(0.005)
-                    s = socket.socket(socket.AF_UNIX)
-                    s.connect(str(wd / "qmp.sock"))
-                    f = s.makefile("rw")
-                    f.readline()
-                    f.write('{"execute":"qmp_capabilities"}\n{"execute":"query-migrate"}\n')
-                    f.flush()
-                    f.readline()
-                    st = json.loads(f.readline())
-                    s.close()
-                    if st.get("return", {}).get("status") == "completed":
-                        break
-                _qmp(wd / "qmp.sock", {"execute": "cont"})
+                qmp("cont")
             else:
                 ser = wd / "serial.log"
                 while not (ser.exists() and "READY" in ser.read_text(errors="replace")):
                     time.sleep(0.01)
-            _qmp(wd / "qmp.sock", {"execute": "system_powerdown"})
+            qmp("system_powerdown")
             p.wait(timeout=120)
             return time.monotonic() - t
         finally:

@@ -38,7 +38,7 @@ def backend_cycle(b: QemuBackend, cfg, reset: str) -> float:  # type: ignore[no-
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=7)
+    ap.add_argument("--n", type=int, default=9)
     ap.add_argument("--config", default=str(ROOT / "vm_configs/reference-linux.yaml"))
     args = ap.parse_args()
     cfg = load_vm_config(args.config)

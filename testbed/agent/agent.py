@@ -386,12 +386,16 @@ class Agent:
                 await asyncio.sleep(0.01)
             await vm.qmp.execute("cont")
         else:
-            while not any("READY" in ln for ln in self._serial_lines(vm)):
-                if vm.shutdown and vm.shutdown.done():
-                    raise AgentError("guest-died", f"VM ended before READY: {vm.shutdown.result()}")
-                if time.monotonic() > end:
-                    raise AgentError("boot-timeout", f"no READY marker on serial after {timeout:.0f} s")
-                await asyncio.sleep(0.01)
+            # Tail the serial log (read only what is new) for the READY marker.
+            seen = b""
+            with (vm.workdir / "serial.log").open("rb") as ser:
+                while b"TB t=" not in seen or b" READY" not in seen:
+                    seen = seen[-64:] + ser.read()
+                    if vm.shutdown and vm.shutdown.done():
+                        raise AgentError("guest-died", f"VM ended before READY: {vm.shutdown.result()}")
+                    if time.monotonic() > end:
+                        raise AgentError("boot-timeout", f"no READY marker on serial after {timeout:.0f} s")
+                    await asyncio.sleep(0.003)
         t_marker = time.monotonic()
         vm.relay.sync()
         while vm.relay.ic != "ready":

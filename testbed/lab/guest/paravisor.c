@@ -431,6 +431,7 @@ static void vtl0_main(int fd, int shutdown_ms) {
     int64_t poweroff_at = 0;
     char line[LINE];
     evidence("VTL0 up inputs=%d", ninputs);
+    sendline(fd, "UP"); /* READY waits for this: VTL0 can take a power button now */
     for (;;) {
         p[0] = (struct pollfd){fd, POLLIN, 0};
         int timeout = -1;
@@ -509,6 +510,8 @@ int main(int argc, char **argv) {
         return 1;
     }
     hello();
+    char up[LINE];
+    if (!read_line_timeout(&r0, up, 10000) || !starts(up, "UP")) evidence("PV vtl0-not-up");
     evidence("PV ready image=%s", image);
     evidence("READY");
     return paravisor_loop();
