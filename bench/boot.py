@@ -55,9 +55,13 @@ def main() -> None:
                 ours.append(backend_cycle(b, cfg, reset))
             rows[reset] = (statistics.median(bare), statistics.median(ours))
     for reset, (bare_m, ours_m) in rows.items():
-        print(f"{reset:8s} bare QEMU median {bare_m:.3f} s | testbed backend median {ours_m:.3f} s | "
-              f"ratio {ours_m / bare_m:.3f} (target <= 1.15)")
-    print(f"snapshot restore vs cold boot through the backend: {rows['cold'][1] / rows['snapshot'][1]:.1f}x faster")
+        print(
+            f"{reset:8s} bare QEMU median {bare_m:.3f} s | testbed backend median {ours_m:.3f} s | "
+            f"ratio {ours_m / bare_m:.3f} (target <= 1.15)"
+        )
+    print(
+        f"snapshot restore vs cold boot through the backend: {rows['cold'][1] / rows['snapshot'][1]:.1f}x faster"
+    )
 
 
 if __name__ == "__main__":

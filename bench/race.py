@@ -42,9 +42,15 @@ def main() -> None:
         spec = vm.spec()
     floor = [bare_cycle(spec, snap) for _ in range(7)]
     floor_rate = 60 / statistics.median(floor)
-    pb = Playbook(name="bench-race", vm_config="-", strategy=args.strategy, iterations=args.iterations,
-                  schedule=ScheduleSpec(kind="random", lo_ms=args.lo, hi_ms=args.hi, count=args.iterations),
-                  reset=args.reset, expect={})
+    pb = Playbook(
+        name="bench-race",
+        vm_config="-",
+        strategy=args.strategy,
+        iterations=args.iterations,
+        schedule=ScheduleSpec(kind="random", lo_ms=args.lo, hi_ms=args.hi, count=args.iterations),
+        reset=args.reset,
+        expect={},
+    )
     with tempfile.TemporaryDirectory() as tmp:
         res = Runner(pb, cfg, RunOptions(out=Path(tmp) / "run", seed=7)).run()
     recs = res.records
@@ -54,11 +60,17 @@ def main() -> None:
         by[r["verdict"]].append(r["duration_s"])
     sk = res.summary["skew_ms"]
     print(f"reset {args.reset}, strategy {args.strategy}, {len(recs)} iterations, accel {recs[0]['accel']}")
-    print(f"floor (bare QEMU launch->ready->poweroff): median {statistics.median(floor):.3f} s = {floor_rate:.1f}/min")
+    print(
+        f"floor (bare QEMU launch->ready->poweroff): median {statistics.median(floor):.3f} s = {floor_rate:.1f}/min"
+    )
     print(f"race: {rate:.1f} iterations/min | ratio to floor {rate / floor_rate:.2f} (target >= 0.8)")
     for v, ds in sorted(by.items()):
-        print(f"  {v:17s} n={len(ds):3d} mean {statistics.mean(ds):.3f} s -> {60 / statistics.mean(ds):.1f}/min")
-    print(f"fire skew: p50 {sk['p50']:.4f} ms, p99 {sk['p99']:.4f} ms, max {sk['max']:.4f} ms (target p99 <= 1 ms)")
+        print(
+            f"  {v:17s} n={len(ds):3d} mean {statistics.mean(ds):.3f} s -> {60 / statistics.mean(ds):.1f}/min"
+        )
+    print(
+        f"fire skew: p50 {sk['p50']:.4f} ms, p99 {sk['p99']:.4f} ms, max {sk['max']:.4f} ms (target p99 <= 1 ms)"
+    )
 
 
 if __name__ == "__main__":

@@ -28,27 +28,29 @@ class GuestSlot:
         self.timeout = timeout
         self.fd: int | None = None
 
-    def acquire(self) -> GuestSlot:
+    def try_acquire(self) -> bool:
         d = runtime_dir() / "slots"
         d.mkdir(exist_ok=True)
+        for i in range(max_guests()):
+            fd = os.open(d / f"slot-{i}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            self.fd = fd
+            return True
+        return False
+
+    def acquire(self) -> GuestSlot:
         end = time.monotonic() + self.timeout
-        waited = False
-        while True:
-            for i in range(max_guests()):
-                fd = os.open(d / f"slot-{i}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    os.close(fd)
-                    continue
-                self.fd = fd
-                return self
-            if not waited:
-                log.info("all %d guest slots busy; waiting", max_guests())
-                waited = True
-            if time.monotonic() > end:
-                raise TimeoutError(f"no free guest slot in {self.timeout:.0f} s")
-            time.sleep(0.1)
+        if not self.try_acquire():
+            log.info("all %d guest slots busy; waiting", max_guests())
+            while not self.try_acquire():
+                if time.monotonic() > end:
+                    raise TimeoutError(f"no free guest slot in {self.timeout:.0f} s")
+                time.sleep(0.1)
+        return self
 
     def release(self) -> None:
         if self.fd is not None:

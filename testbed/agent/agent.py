@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,6 +35,8 @@ from qemu.qmp import QMPClient
 
 from testbed import leases
 from testbed.lab.relay import Relay
+from testbed.paths import cache_dir, runtime_dir
+from testbed.slots import GuestSlot
 
 PR_SET_PDEATHSIG = 1
 SPIN_NS = 2_000_000  # sleep until 2 ms before a target, then spin
@@ -166,6 +169,7 @@ class Vm:
         self.event_task: asyncio.Task[None] | None = None
         self.lease_path: Path | None = None
         self.uname: asyncio.Future[str] | None = None
+        self.slot: GuestSlot | None = None
 
     @property
     def pid(self) -> int:
@@ -250,11 +254,62 @@ class Agent:
 
     # ---- ops ---------------------------------------------------------------
     async def op_hello(self) -> dict[str, Any]:
+        """Who and where: the host's own cache and runtime dirs (paths on the host)."""
         return {
             "pid": os.getpid(),
             "python": sys.version.split()[0],
             "clock_ns": time.monotonic_ns(),
+            "cache_dir": str(cache_dir()),
+            "runtime_dir": str(runtime_dir()),
+            "hostname": os.uname().nodename,
         }
+
+    async def op_exists(self, path: str) -> dict[str, Any]:
+        p = Path(path)
+        return {"exists": p.exists(), "size": p.stat().st_size if p.exists() else None}
+
+    async def op_gc(self) -> dict[str, Any]:
+        """Reap leases on this host whose owner is gone (``testbed gc --host``)."""
+        return {"actions": leases.gc(runtime_dir() / "leases")}
+
+    async def op_preflight(self, qemu: str = "qemu-system-x86_64") -> dict[str, Any]:
+        """Host-side facts for ``testbed host check``: each missing thing is named."""
+        checks = []
+        qv = await self.op_qemu_version(qemu) if shutil.which(qemu) else {"version": ""}
+        checks.append(
+            _check(
+                "qemu",
+                bool(qv["version"]),
+                qv["version"] or f"{qemu} not found",
+                "apt-get install qemu-system-x86",
+            )
+        )
+        kvm = Path("/dev/kvm")
+        usable = kvm.exists() and os.access(kvm, os.R_OK | os.W_OK)
+        state = "read/write" if usable else ("no access" if kvm.exists() else "absent")
+        checks.append(
+            _check(
+                "/dev/kvm",
+                True,
+                f"{state} (TCG works regardless; the KVM probe decides)",
+                "add the user to group kvm" if kvm.exists() and not usable else "",
+            )
+        )
+        free = shutil.disk_usage(cache_dir()).free
+        checks.append(
+            _check(
+                "disk",
+                free > 2 << 30,
+                f"{free / 2**30:.1f} GiB free in {cache_dir()}",
+                "free at least 2 GiB in the testbed cache dir",
+            )
+        )
+        rt = runtime_dir()
+        checks.append(_check("runtime dir", os.access(rt, os.W_OK), str(rt), f"make {rt} writable"))
+        checks.append(
+            _check("python", sys.version_info >= (3, 9), sys.version.split()[0], "install python3 >= 3.9")
+        )
+        return {"checks": checks}
 
     async def op_clock(self) -> dict[str, Any]:
         return {"clock_ns": time.monotonic_ns()}
@@ -274,6 +329,11 @@ class Agent:
         wd = Path(workdir)
         wd.mkdir(parents=True, exist_ok=True)
         vm = Vm(name, wd, Path(lease_dir))
+        # The machine-wide guest limit is the host's: wait here for a slot.
+        slot = GuestSlot()
+        while not slot.try_acquire():
+            await asyncio.sleep(0.1)
+        vm.slot = slot
         argv = qemu_argv(spec, wd)
         (wd / "qemu.argv.json").write_text(json.dumps(argv))
         stderr = (wd / "qemu.stderr").open("wb")
@@ -293,11 +353,10 @@ class Agent:
         finally:
             stderr.close()
         vm.qemu_start = leases.start_time(vm.pid)
+        owner = owner_pid or os.getpid()  # 0: a remote owner; the agent stands for it
         vm.lease_path = leases.write(
             vm.lease_dir,
-            leases.Lease(
-                name, vm.pid, vm.qemu_start, owner_pid, leases.start_time(owner_pid), str(wd), time.time()
-            ),
+            leases.Lease(name, vm.pid, vm.qemu_start, owner, leases.start_time(owner), str(wd), time.time()),
         )
         self.vms[name] = vm
         vm.shutdown = self.loop.create_future()
@@ -542,11 +601,12 @@ class Agent:
         out["features"] = sorted(relay.features)
         return out
 
-    async def op_destroy(self, name: str) -> dict[str, Any]:
+    async def op_destroy(self, name: str, remove_workdir: bool = False) -> dict[str, Any]:
         vm = self.vms.get(name)
-        if vm is None:
-            return {"destroyed": False}
-        return await self.destroy_vm(vm)
+        res = {"destroyed": False} if vm is None else await self.destroy_vm(vm)
+        if remove_workdir and vm is not None:
+            shutil.rmtree(vm.workdir, ignore_errors=True)
+        return res
 
     async def destroy_vm(self, vm: Vm) -> dict[str, Any]:
         """QMP quit, then SIGTERM, then SIGKILL; lease removed only when the process is gone."""
@@ -573,6 +633,9 @@ class Agent:
             vm.event_task.cancel()
         if vm.lease_path is not None and (vm.proc is None or vm.proc.returncode is not None):
             vm.lease_path.unlink(missing_ok=True)
+        if vm.slot is not None:
+            vm.slot.release()
+            vm.slot = None
         return {"destroyed": True, "how": how, "pid": vm.proc.pid if vm.proc else None}
 
     async def op_probe_kvm(self, spec: dict[str, Any], workdir: str, timeout_s: float) -> dict[str, Any]:
@@ -622,6 +685,11 @@ class Agent:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
+            shutil.rmtree(wd, ignore_errors=True)
+
+
+def _check(name: str, ok: bool, detail: str, fix: str) -> dict[str, Any]:
+    return {"name": name, "ok": ok, "detail": detail, "fix": fix}
 
 
 async def _migrate_status(vm: Vm) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from testbed.engine.verdict import classify, guest_time_us
 from testbed.paths import cache_dir
 from testbed.report import evaluate, exit_code, write_reports
 from testbed.report.jsonl import ResultsWriter, read_results
+from testbed.transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class RunOptions:
     max_duration_s: float | None = None
     resume: Path | None = None
     reset: str | None = None
+    transport: Transport | None = None  # None: the local host
 
 
 @dataclass
@@ -121,7 +123,7 @@ class Runner:
         self.reset = opts.reset or pb.reset
         self.stop_on_loss = opts.stop_on_loss if opts.stop_on_loss is not None else pb.stop_on_loss
         self.playbook_path = playbook_path
-        self.backend = QemuBackend()
+        self.backend = QemuBackend(opts.transport)
         self.records: list[dict[str, Any]] = []
         self.interrupted = False
 
@@ -194,7 +196,7 @@ class Runner:
             "testbed_version": __version__,
             "playbook": self.pb.name,
             "playbook_path": str(self.playbook_path) if self.playbook_path else None,
-            "host": "local",
+            "host": self.backend.host,
             "host_os": f"{platform.system()} {platform.release()} ({platform.version()})",
             **vm.record(),
             "image_hash": vm.image.manifest.get("initrd_sha256"),

@@ -100,7 +100,7 @@ OWNER = textwrap.dedent("""
     b = QemuBackend()
     vm = b.provision(load_vm_config(sys.argv[1]))
     b.start(vm, reset="cold")
-    print(json.dumps({"agent": b.agent.proc.pid, "name": vm.name}), flush=True)
+    print(json.dumps({"agent": b.host_info["pid"], "name": vm.name}), flush=True)
     time.sleep(600)
 """)
 

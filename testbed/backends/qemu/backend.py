@@ -1,4 +1,9 @@
-"""The QEMU backend: reference-lab guests on this machine, driven through the host agent.
+"""The QEMU backend: reference-lab guests on this machine or a Linux host over SSH.
+
+Everything that runs next to QEMU is the host agent's job; this class only
+talks to it through a transport (a local subprocess, or an SSH exec channel
+running the agent zipapp), uploads the image when the host lacks it, and
+turns failures into ``InfraError``.
 
 Accelerator ``auto`` probes KVM once by booting the reference guest with a
 short timeout (``/dev/kvm`` existing proves nothing on these machines) and
@@ -14,19 +19,21 @@ import json
 import logging
 import os
 import shutil
-import subprocess
+import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from testbed import leases
+from testbed.agent.bundle import build_agent_pyz
 from testbed.backends.base import Check, HostReport, RacePlan
 from testbed.backends.qemu.client import AgentClient, AgentFailure, AgentLost
 from testbed.backends.qemu.image import Image, ImageBuildError, build_image, resolve_kernel
 from testbed.config import VmConfig
 from testbed.paths import cache_dir, runtime_dir
-from testbed.slots import GuestSlot
+from testbed.transport import LocalTransport, Transport, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +56,21 @@ class QemuVm:
     accel: str
     qemu_version: str
     strategy: str
-    workdir: Path
+    workdir: str  # on the host
+    host_kernel: str
+    host_initrd: str
+    host: str = "local"
     running: bool = False
-    slot: GuestSlot | None = None
     boot: dict[str, Any] = field(default_factory=dict)
 
-    def spec(self, incoming: Path | None = None) -> dict[str, Any]:
+    def spec(self, incoming: str | None = None) -> dict[str, Any]:
         return {
             "machine": self.cfg.machine,
             "accel": self.accel,
             "memory_mib": self.cfg.memory_mib,
             "cpus": self.cfg.cpus,
-            "kernel": str(self.image.kernel),
-            "initrd": str(self.image.initrd),
+            "kernel": self.host_kernel,
+            "initrd": self.host_initrd,
             "cmdline": guest_cmdline(self.cfg),
             "strategy": self.strategy,
             "incoming": str(incoming) if incoming else None,
@@ -70,6 +79,7 @@ class QemuVm:
     def record(self) -> dict[str, Any]:
         return {
             "vm": self.name,
+            "host": self.host,
             "vm_config": self.cfg.name,
             "accel": self.accel,
             "qemu_version": self.qemu_version,
@@ -85,34 +95,55 @@ def guest_cmdline(cfg: VmConfig) -> str:
     return f"{cfg.cmdline} tb.pv={cfg.paravisor.version} tb.shutdown_ms={cfg.lab.vtl0_shutdown_ms}"
 
 
-def qemu_version(binary: str = "qemu-system-x86_64") -> str:
-    try:
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=20).stdout
-    except FileNotFoundError:
-        return ""
-    return out.splitlines()[0].removeprefix("QEMU emulator version ").strip() if out else ""
+def _short_qemu_version(line: str) -> str:
+    return line.removeprefix("QEMU emulator version ").strip()
 
 
 class QemuBackend:
-    """Local QEMU host. One agent subprocess serves all VMs of this backend."""
+    """A QEMU host (local or over SSH). One agent serves all VMs of this backend."""
 
     kind = "qemu"
 
-    def __init__(self) -> None:
+    def __init__(self, transport: Transport | None = None) -> None:
+        self.transport: Transport = transport or LocalTransport()
+        self.host = self.transport.name
         self._agent: AgentClient | None = None
-        self.host = "local"
+        self._close_agent: Any = None
+        self.host_info: dict[str, Any] = {}
 
     # ---- agent -------------------------------------------------------------
     @property
     def agent(self) -> AgentClient:
         if self._agent is None:
-            self._agent = AgentClient.spawn_local()
-            self._agent.call("hello", timeout=30)
+            try:
+                if self.transport.is_local:
+                    argv = [sys.executable, "-m", "testbed.agent"]
+                else:
+                    pyz = build_agent_pyz()
+                    remote = f".cache/testbed/agent/{pyz.name}"
+                    uploaded = self.transport.put(pyz, remote)
+                    log.info(
+                        "%s: agent %s %s", self.host, pyz.name, "uploaded" if uploaded else "already there"
+                    )
+                    argv = ["python3", remote]
+                stdin, stdout, close = self.transport.open_agent(argv)
+            except TransportError as e:
+                raise InfraError(str(e)) from None
+            self._agent = AgentClient(stdin, stdout)
+            self._close_agent = close
+            try:
+                self.host_info = self._agent.call("hello", timeout=60)
+            except (AgentFailure, AgentLost) as e:
+                self.close()
+                raise InfraError(f"{self.host}: host agent did not start: {e}") from None
         return self._agent
 
     def close(self) -> None:
+        """Close the agent's stdin: it destroys its VMs and exits."""
         if self._agent is not None:
-            self._agent.close()
+            self._agent.close_input()
+            if self._close_agent is not None:
+                self._close_agent()
             self._agent = None
 
     def __enter__(self) -> QemuBackend:
@@ -120,6 +151,32 @@ class QemuBackend:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def host_path(self, kind: str, *parts: str) -> str:
+        """A path on the host under its cache or runtime dir."""
+        self.agent  # noqa: B018 (the agent's hello tells where the host keeps things)
+        base = str(self.host_info[f"{kind}_dir"])
+        return "/".join([base, *parts])
+
+    def qemu_version(self) -> str:
+        try:
+            return _short_qemu_version(self.agent.call("qemu_version", timeout=30)["version"])
+        except AgentFailure:
+            return ""
+
+    def upload_image(self, image: Image) -> tuple[str, str]:
+        """The kernel and initrd on the host (uploaded once; skipped when the hash matches)."""
+        if self.transport.is_local:
+            return str(image.kernel), str(image.initrd)
+        paths = []
+        for f in (image.kernel, image.initrd):
+            remote = self.host_path("cache", "images", image.key, f.name)
+            try:
+                self.transport.put(f, remote)
+            except TransportError as e:
+                raise InfraError(f"image upload: {e}") from None
+            paths.append(remote)
+        return paths[0], paths[1]
 
     # ---- accelerator ---------------------------------------------------------
     def resolve_accel(self, cfg: VmConfig, image: Image, refresh: bool = False) -> tuple[str, str]:
@@ -134,21 +191,29 @@ class QemuBackend:
         )
         return "tcg", f"KVM probe failed: {probe['reason']}"
 
+    def probe_cache_path(self) -> Path:
+        """Per host: a KVM verdict of one host says nothing about another."""
+        if env := os.environ.get("TESTBED_KVM_PROBE_CACHE"):
+            return Path(env)
+        tag = "local" if self.transport.is_local else hashlib.sha256(self.host.encode()).hexdigest()[:12]
+        return cache_dir() / f"kvm-probe-{tag}.json"
+
     def kvm_probe(self, image: Image, refresh: bool = False) -> dict[str, Any]:
-        path = Path(os.environ.get("TESTBED_KVM_PROBE_CACHE") or cache_dir() / "kvm-probe.json")
-        qv = qemu_version()
+        path = self.probe_cache_path()
+        qv = self.qemu_version()
         if path.exists() and not refresh:
             cached = json.loads(path.read_text())
             if time.time() - cached["time"] < PROBE_TTL_S and cached.get("qemu") == qv:
                 return {**cached, "cached": True}
-        wd = runtime_dir() / "probe" / str(os.getpid())
+        wd = self.host_path("runtime", "probe", str(os.getpid()))
+        kernel, initrd = self.upload_image(image)
         spec = {
             "machine": "q35",
             "accel": "kvm",
             "memory_mib": 128,
             "cpus": 1,
-            "kernel": str(image.kernel),
-            "initrd": str(image.initrd),
+            "kernel": kernel,
+            "initrd": initrd,
             "cmdline": "console=ttyS0 quiet panic=-1 tb.pv=v2",
         }
         try:
@@ -161,8 +226,6 @@ class QemuBackend:
             )
         except AgentFailure as e:
             res = {"ok": False, "reason": str(e)}
-        finally:
-            shutil.rmtree(wd, ignore_errors=True)
         result = {
             "ok": bool(res.get("ok")),
             "reason": res.get("reason", ""),
@@ -174,58 +237,45 @@ class QemuBackend:
 
     # ---- preflight -----------------------------------------------------------
     def preflight(self, cfg: VmConfig | None = None) -> HostReport:
+        """Controller checks (image build tools, kernel package) plus the host's own
+        (QEMU, /dev/kvm, disk, permissions), each failure with its fix."""
         rep = HostReport(self.host)
-        qv = qemu_version()
-        rep.checks.append(
-            Check("qemu", bool(qv), qv or "qemu-system-x86_64 not found", "apt-get install qemu-system-x86")
-        )
         for tool, pkg in (("gcc", "gcc libc6-dev"), ("apt-cache", "apt"), ("dpkg-deb", "dpkg")):
             found = shutil.which(tool)
             rep.checks.append(
-                Check(tool, bool(found), found or f"{tool} not found", f"apt-get install {pkg}")
+                Check(f"controller: {tool}", bool(found), found or "not found", f"apt-get install {pkg}")
             )
         libc_a = any(Path(p).exists() for p in ("/usr/lib/x86_64-linux-gnu/libc.a", "/usr/lib/libc.a"))
         rep.checks.append(
             Check(
-                "static libc",
+                "controller: static libc",
                 libc_a,
-                "libc.a present" if libc_a else "no libc.a for -static",
+                "libc.a" if libc_a else "missing",
                 "apt-get install libc6-dev",
             )
         )
         cfg = cfg or VmConfig(name="preflight")
         try:
             kpkg, kver = resolve_kernel(cfg.kernel.package, cfg.kernel.version)
-            rep.checks.append(Check("kernel package", True, f"{kpkg}={kver}"))
+            rep.checks.append(Check("controller: kernel package", True, f"{kpkg}={kver}"))
         except ImageBuildError as e:
-            rep.checks.append(Check("kernel package", False, str(e), "apt-get update"))
-        free = shutil.disk_usage(cache_dir()).free
-        rep.checks.append(
-            Check(
-                "disk",
-                free > 2 << 30,
-                f"{free / 2**30:.1f} GiB free in {cache_dir()}",
-                "free at least 2 GiB in the cache dir (TESTBED_CACHE_DIR)",
+            rep.checks.append(Check("controller: kernel package", False, str(e), "apt-get update"))
+        try:
+            host = self.agent.call("preflight", timeout=60)
+        except (InfraError, AgentFailure, AgentLost) as e:
+            rep.checks.append(
+                Check("host agent", False, str(e), "check the host URI, SSH access and python3")
             )
-        )
-        kvm = Path("/dev/kvm")
-        cached = Path(os.environ.get("TESTBED_KVM_PROBE_CACHE") or cache_dir() / "kvm-probe.json")
+            return rep
+        rep.checks += [Check(f"host: {c['name']}", c["ok"], c["detail"], c["fix"]) for c in host["checks"]]
+        cached = self.probe_cache_path()
         if cached.exists():
             p = json.loads(cached.read_text())
-            rep.checks.append(
-                Check(
-                    "kvm probe",
-                    True,
-                    f"{'usable' if p['ok'] else 'unusable (TCG fallback)'}: {p['reason']}",
-                )
-            )
+            verdict = "usable" if p["ok"] else "unusable (TCG fallback)"
+            rep.checks.append(Check("host: kvm probe", True, f"{verdict}: {p['reason']}"))
         else:
             rep.checks.append(
-                Check(
-                    "kvm probe",
-                    True,
-                    f"not probed yet; /dev/kvm {'exists' if kvm.exists() else 'missing'} (TCG works either way)",
-                )
+                Check("host: kvm probe", True, "not probed yet (--probe runs it; TCG works either way)")
             )
         return rep
 
@@ -235,9 +285,22 @@ class QemuBackend:
             image = build_image(cfg)
         except ImageBuildError as e:
             raise InfraError(f"image build failed: {e}") from None
+        kernel, initrd = self.upload_image(image)
         accel, reason = self.resolve_accel(cfg, image)
-        name = f"{cfg.name}-{os.getpid()}-{next(_names)}"
-        vm = QemuVm(name, cfg, image, accel, qemu_version(), strategy, runtime_dir() / "vms" / name)
+        # Owner-tagged: the controller's host name and pid are in every VM name.
+        name = f"{cfg.name}-{socket.gethostname()}-{os.getpid()}-{next(_names)}"
+        vm = QemuVm(
+            name,
+            cfg,
+            image,
+            accel,
+            self.qemu_version(),
+            strategy,
+            self.host_path("runtime", "vms", name),
+            kernel,
+            initrd,
+            self.host,
+        )
         vm.boot["accel_reason"] = reason
         return vm
 
@@ -245,22 +308,18 @@ class QemuBackend:
         """Boot the VM to the point where the shutdown IC is offered.
 
         ``reset="snapshot"`` restores a snapshot taken at READY (made once and
-        cached, keyed by everything that shapes it); ``"cold"`` boots.
+        cached on the host, keyed by everything that shapes it); ``"cold"`` boots.
         """
         incoming = self.ensure_snapshot(vm) if reset == "snapshot" else None
-        if vm.slot is None:
-            vm.slot = GuestSlot().acquire()
         t = time.monotonic()
         try:
-            if vm.workdir.exists():
-                shutil.rmtree(vm.workdir)
             self.agent.call(
                 "launch",
                 name=vm.name,
-                workdir=str(vm.workdir),
-                lease_dir=str(runtime_dir() / "leases"),
+                workdir=vm.workdir,
+                lease_dir=self.host_path("runtime", "leases"),
                 spec=vm.spec(incoming),
-                owner_pid=os.getpid(),
+                owner_pid=os.getpid() if self.transport.is_local else 0,
             )
             vm.running = True
             ready = self.agent.call(
@@ -281,11 +340,10 @@ class QemuBackend:
         blob = json.dumps({**vm.spec(), "image": vm.image.key, "qemu": vm.qemu_version, "strategy": None})
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
-    def ensure_snapshot(self, vm: QemuVm) -> Path:
-        path = cache_dir() / "snapshots" / f"{self.snapshot_key(vm)}.mig"
-        if path.exists():
+    def ensure_snapshot(self, vm: QemuVm) -> str:
+        path = self.host_path("cache", "snapshots", f"{self.snapshot_key(vm)}.mig")
+        if self.agent.call("exists", path=path)["exists"]:
             return path
-        path.parent.mkdir(exist_ok=True)
         maker = QemuVm(
             vm.name + "-snap",
             vm.cfg,
@@ -293,11 +351,14 @@ class QemuBackend:
             vm.accel,
             vm.qemu_version,
             vm.strategy,
-            vm.workdir.with_name(vm.workdir.name + "-snap"),
+            vm.workdir + "-snap",
+            vm.host_kernel,
+            vm.host_initrd,
+            vm.host,
         )
         try:
             self.start(maker, reset="cold")
-            self.agent.call("snapshot", name=maker.name, path=str(path), timeout=120)
+            self.agent.call("snapshot", name=maker.name, path=path, timeout=120)
         except AgentFailure as e:
             raise InfraError(f"snapshot failed: {e}") from None
         finally:
@@ -347,29 +408,37 @@ class QemuBackend:
         )
 
     def collect(self, vm: QemuVm, dest: Path) -> list[Path]:
+        """Copy the VM's serial log, QEMU stderr and argv from the host (before destroy)."""
         dest.mkdir(parents=True, exist_ok=True)
         out = []
         for name in ("serial.log", "qemu.stderr", "qemu.argv.json"):
-            src = vm.workdir / name
-            if src.exists():
-                shutil.copy2(src, dest / name)
+            try:
+                self.transport.get(f"{vm.workdir}/{name}", dest / name)
                 out.append(dest / name)
+            except (OSError, TransportError):
+                continue  # never created (QEMU did not start) or the host is gone
         return out
 
     def destroy(self, vm: QemuVm) -> None:
-        """Never leaves a process: the agent escalates quit -> SIGTERM -> SIGKILL."""
+        """Never leaves a process: the agent escalates quit -> SIGTERM -> SIGKILL
+        and removes the work dir. If the agent is gone, its own dead-man switch
+        (stdin EOF, PR_SET_PDEATHSIG) has already taken QEMU down; locally the
+        lease is reaped here as a last resort."""
         try:
             if vm.running and self._agent is not None:
-                self._agent.call("destroy", name=vm.name, timeout=30)
+                self._agent.call("destroy", name=vm.name, remove_workdir=True, timeout=30)
         except (AgentFailure, AgentLost) as e:
-            log.warning("destroy of %s through the agent failed (%s); reaping its lease", vm.name, e)
-            for path, lease in leases.read_all(runtime_dir() / "leases"):
-                if lease is not None and lease.name == vm.name:
-                    leases.kill_group(lease.qemu_pid, lease.qemu_start)
-                    path.unlink(missing_ok=True)
+            log.warning("destroy of %s through the agent failed (%s)", vm.name, e)
+            if self.transport.is_local:
+                for path, lease in leases.read_all(runtime_dir() / "leases"):
+                    if lease is not None and lease.name == vm.name:
+                        leases.kill_group(lease.qemu_pid, lease.qemu_start)
+                        path.unlink(missing_ok=True)
+                shutil.rmtree(vm.workdir, ignore_errors=True)
         finally:
             vm.running = False
-            shutil.rmtree(vm.workdir, ignore_errors=True)
-            if vm.slot is not None:
-                vm.slot.release()
-                vm.slot = None
+
+    def gc_host(self) -> list[str]:
+        """``testbed gc --host``: reap what dead owners left on the host."""
+        res: list[str] = self.agent.call("gc", timeout=120)["actions"]
+        return res

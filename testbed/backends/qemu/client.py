@@ -5,10 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 import queue
-import subprocess
-import sys
 import threading
 from typing import IO, Any
 
@@ -28,32 +25,17 @@ class AgentLost(Exception):
 
 
 class AgentClient:
-    """Talks to one agent over a pair of pipes (a local subprocess here; the
-    SSH transport gives the same pipes from an exec channel)."""
+    """Talks to one agent over a pair of pipes (a local subprocess's, or an SSH
+    exec channel's: the transport decides)."""
 
-    def __init__(
-        self, stdin: IO[bytes], stdout: IO[bytes], proc: subprocess.Popen[bytes] | None = None
-    ) -> None:
+    def __init__(self, stdin: IO[bytes], stdout: IO[bytes]) -> None:
         self._in = stdin
         self._out = stdout
-        self.proc = proc
         self._ids = itertools.count(1)
         self._replies: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self._lock = threading.Lock()
-
-    @classmethod
-    def spawn_local(cls) -> AgentClient:
-        env = dict(os.environ)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "testbed.agent"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-        )
-        assert proc.stdin is not None and proc.stdout is not None
-        return cls(proc.stdin, proc.stdout, proc)
 
     def _read(self) -> None:
         for raw in self._out:
@@ -88,15 +70,9 @@ class AgentClient:
                     log.debug("agent trace: %s", msg["trace"])
                 raise AgentFailure(str(msg.get("kind")), str(msg.get("error")))
 
-    def close(self, timeout: float = 15.0) -> None:
-        """Close stdin: the agent destroys its VMs and exits."""
+    def close_input(self) -> None:
+        """Close the agent's stdin: it destroys its VMs and exits."""
         try:
             self._in.close()
-        except OSError:
+        except (OSError, EOFError):
             pass
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()

@@ -1,0 +1,23 @@
+"""How testbed reaches a host: local processes, or SSH (paramiko).
+
+Every transport runs commands with arguments passed as data (an argv list;
+where a remote shell is unavoidable, each argument is quoted with shlex),
+streams output, moves files (skipping an upload whose remote hash matches),
+opens the host agent's pipes, and reads the host's monotonic clock.
+"""
+
+from testbed.transport.base import CommandResult, Transport, TransportError
+from testbed.transport.local import LocalTransport
+
+__all__ = ["CommandResult", "LocalTransport", "Transport", "TransportError", "open_transport"]
+
+
+def open_transport(uri: str, *, insecure_accept_new: bool = False, identity: str | None = None) -> Transport:
+    """``local`` or ``ssh://user@host[:port]``."""
+    if uri in ("local", "local://"):
+        return LocalTransport()
+    if uri.startswith("ssh://"):
+        from testbed.transport.ssh import SshTransport
+
+        return SshTransport.from_uri(uri, insecure_accept_new=insecure_accept_new, identity=identity)
+    raise TransportError(f"unsupported host URI {uri!r}: use 'local' or 'ssh://user@host[:port]'")

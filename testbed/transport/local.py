@@ -1,0 +1,101 @@
+"""This machine: subprocesses, shutil, the local clock."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+from testbed.transport.base import CommandResult, TransportError
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class LocalTransport:
+    name = "local"
+    is_local = True
+
+    def run(
+        self,
+        argv: list[str],
+        *,
+        input: bytes | None = None,
+        timeout: float | None = 120,
+        on_output: Callable[[str, str], None] | None = None,
+    ) -> CommandResult:
+        try:
+            p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        except FileNotFoundError as e:
+            return CommandResult(argv, 127, "", str(e))
+        out: dict[str, list[str]] = {"stdout": [], "stderr": []}
+
+        def pump(name: str, f: IO[bytes]) -> None:
+            for raw in f:
+                line = raw.decode(errors="replace")
+                out[name].append(line)
+                if on_output:
+                    on_output(name, line.rstrip("\n"))
+
+        threads = [
+            threading.Thread(target=pump, args=(n, f))
+            for n, f in (("stdout", p.stdout), ("stderr", p.stderr))
+        ]
+        for t in threads:
+            t.start()
+        assert p.stdin is not None
+        if input:
+            p.stdin.write(input)
+        p.stdin.close()
+        try:
+            rc = p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            raise TransportError(f"{argv[0]} did not finish within {timeout} s") from None
+        for t in threads:
+            t.join()
+        return CommandResult(argv, rc, "".join(out["stdout"]), "".join(out["stderr"]))
+
+    def put(self, local: Path, remote: str) -> bool:
+        dest = Path(remote)
+        if dest.exists() and sha256_file(dest) == sha256_file(local):
+            return False
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".part")
+        shutil.copyfile(local, tmp)
+        tmp.replace(dest)
+        return True
+
+    def get(self, remote: str, local: Path) -> None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(remote, local)
+
+    def open_agent(self, argv: list[str]) -> tuple[IO[bytes], IO[bytes], Callable[[], None]]:
+        p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert p.stdin is not None and p.stdout is not None
+
+        def close() -> None:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+        return p.stdin, p.stdout, close
+
+    def clock_ns(self) -> int:
+        return time.monotonic_ns()
+
+    def close(self) -> None:
+        pass

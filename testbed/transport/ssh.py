@@ -1,0 +1,248 @@
+"""A Linux host over SSH (paramiko).
+
+Host keys are checked strictly against known_hosts; trust on first use is
+opt-in (``insecure_accept_new``) and named so.  Only connection setup is
+retried (tenacity, bounded, each retry logged); a command that may have
+changed state on the host is never retried blindly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import shlex
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+from urllib.parse import urlparse
+
+import paramiko
+from tenacity import (
+    before_sleep_log,
+    retry,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+from testbed.transport.base import CommandResult, TransportError
+from testbed.transport.local import sha256_file
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 10.0
+KEEPALIVE_S = 5
+
+
+class HostKeyError(TransportError):
+    """The host's key is unknown or does not match known_hosts."""
+
+
+class AuthError(TransportError):
+    """The host refused every credential offered."""
+
+
+class SshTransport:
+    is_local = False
+
+    def __init__(
+        self,
+        host: str,
+        port: int = 22,
+        user: str | None = None,
+        *,
+        identity: str | None = None,
+        password_env: str | None = None,
+        known_hosts: str | None = None,
+        insecure_accept_new: bool = False,
+    ) -> None:
+        self.host, self.port = host, port
+        self.user = user or os.environ.get("USER") or "root"
+        self.identity = identity
+        self.password_env = password_env
+        self.known_hosts = known_hosts or os.path.expanduser("~/.ssh/known_hosts")
+        self.insecure_accept_new = insecure_accept_new
+        self.name = f"ssh://{self.user}@{host}:{port}"
+        self._client: paramiko.SSHClient | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_uri(cls, uri: str, **kw: object) -> SshTransport:
+        u = urlparse(uri)
+        if u.scheme != "ssh" or not u.hostname:
+            raise TransportError(f"bad SSH URI {uri!r}: use ssh://user@host[:port]")
+        return cls(u.hostname, u.port or 22, u.username, **kw)  # type: ignore[arg-type]
+
+    # ---- connection ------------------------------------------------------------
+    @property
+    def client(self) -> paramiko.SSHClient:
+        with self._lock:
+            if self._client is None or not self._alive(self._client):
+                self._client = self._connect()
+            return self._client
+
+    @staticmethod
+    def _alive(c: paramiko.SSHClient) -> bool:
+        t = c.get_transport()
+        return t is not None and t.is_active()
+
+    def _connect(self) -> paramiko.SSHClient:
+        try:
+            return self._connect_with_retries()
+        except paramiko.BadHostKeyException as e:
+            raise HostKeyError(
+                f"{self.name}: host key mismatch for {e.hostname} (got {e.key.get_name()} "
+                f"{e.key.get_base64()[:16]}..., known_hosts {self.known_hosts} has another). Someone may be "
+                "intercepting the connection, or the host was reinstalled: check, then fix known_hosts."
+            ) from None
+        except paramiko.SSHException as e:
+            if "not found in known_hosts" in str(e):
+                raise HostKeyError(
+                    f"{self.name}: host key not in {self.known_hosts}. Add it (ssh-keyscan -p {self.port} "
+                    f"{self.host} >> {self.known_hosts}, after checking it) or pass --insecure-accept-new."
+                ) from None
+            raise TransportError(f"{self.name}: {e}") from None
+        except (OSError, EOFError) as e:
+            raise TransportError(f"{self.name}: cannot connect: {e}") from None
+
+    @retry(
+        retry=retry_if_exception_type((OSError, EOFError, paramiko.ssh_exception.NoValidConnectionsError)),
+        stop=stop_after_attempt(4),
+        wait=wait_exponential(multiplier=0.5, max=4),
+        before_sleep=before_sleep_log(log, logging.WARNING),
+        reraise=True,
+    )
+    def _connect_with_retries(self) -> paramiko.SSHClient:
+        c = paramiko.SSHClient()
+        if os.path.exists(self.known_hosts):
+            c.load_host_keys(self.known_hosts)
+        if self.insecure_accept_new:
+            log.warning("%s: --insecure-accept-new: trusting an unknown host key on first use", self.name)
+            c.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+        else:
+            c.set_missing_host_key_policy(paramiko.RejectPolicy())
+        password = os.environ.get(self.password_env) if self.password_env else None
+        try:
+            c.connect(
+                self.host,
+                self.port,
+                self.user,
+                password=password,
+                key_filename=self.identity,
+                allow_agent=True,
+                look_for_keys=self.identity is None,
+                timeout=CONNECT_TIMEOUT_S,
+                auth_timeout=CONNECT_TIMEOUT_S,
+                banner_timeout=CONNECT_TIMEOUT_S,
+            )
+        except paramiko.AuthenticationException as e:
+            raise AuthError(f"{self.name}: authentication failed ({e}); check the key or agent") from None
+        t = c.get_transport()
+        assert t is not None
+        t.set_keepalive(KEEPALIVE_S)
+        if self.insecure_accept_new:
+            c.save_host_keys(self.known_hosts)
+        return c
+
+    # ---- commands ----------------------------------------------------------------
+    def run(
+        self,
+        argv: list[str],
+        *,
+        input: bytes | None = None,
+        timeout: float | None = 120,
+        on_output: Callable[[str, str], None] | None = None,
+    ) -> CommandResult:
+        """argv is quoted with shlex for the remote shell: every argument arrives verbatim."""
+        command = shlex.join(argv)
+        try:
+            stdin, stdout, stderr = self.client.exec_command(command, timeout=timeout)
+            if input:
+                stdin.write(input)
+            stdin.channel.shutdown_write()
+            out: dict[str, list[str]] = {"stdout": [], "stderr": []}
+
+            def pump(name: str, f: paramiko.ChannelFile) -> None:
+                for line in f:
+                    out[name].append(line)
+                    if on_output:
+                        on_output(name, line.rstrip("\n"))
+
+            t = threading.Thread(target=pump, args=("stderr", stderr))
+            t.start()
+            pump("stdout", stdout)
+            t.join()
+            rc = stdout.channel.recv_exit_status()
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise TransportError(f"{self.name}: connection lost during {argv[0]}: {e}") from None
+        return CommandResult(argv, rc, "".join(out["stdout"]), "".join(out["stderr"]))
+
+    # ---- files ---------------------------------------------------------------------
+    def put(self, local: Path, remote: str) -> bool:
+        want = sha256_file(local)
+        have = self.run(["sh", "-c", 'sha256sum "$1" 2>/dev/null || true', "sh", remote]).stdout.split()
+        if have and have[0] == want:
+            return False
+        self.run(["mkdir", "-p", posixpath.dirname(remote) or "."]).check()
+        try:
+            sftp = self.client.open_sftp()
+            try:
+                sftp.put(str(local), remote + ".part")
+                sftp.posix_rename(remote + ".part", remote)
+            finally:
+                sftp.close()
+        except (paramiko.SSHException, OSError) as e:
+            raise TransportError(f"{self.name}: upload of {local.name} failed: {e}") from None
+        return True
+
+    def get(self, remote: str, local: Path) -> None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            sftp = self.client.open_sftp()
+            try:
+                sftp.get(remote, str(local))
+            finally:
+                sftp.close()
+        except (paramiko.SSHException, OSError) as e:
+            raise TransportError(f"{self.name}: download of {remote} failed: {e}") from None
+
+    # ---- agent and clock --------------------------------------------------------------
+    def open_agent(self, argv: list[str]) -> tuple[IO[bytes], IO[bytes], Callable[[], None]]:
+        """An exec channel without a PTY: sshd sends no SIGHUP when it drops, so
+        the agent itself kills its QEMU when its stdin closes."""
+        try:
+            stdin, stdout, _stderr = self.client.exec_command(shlex.join(argv))
+        except (paramiko.SSHException, OSError) as e:
+            raise TransportError(f"{self.name}: cannot start the host agent: {e}") from None
+        chan = stdout.channel
+
+        def close() -> None:
+            try:
+                chan.shutdown_write()
+                chan.recv_exit_status()
+            except (OSError, EOFError, paramiko.SSHException):
+                pass
+            chan.close()
+
+        return stdin, stdout, close  # type: ignore[return-value]
+
+    def clock_ns(self) -> int:
+        r = self.run(["python3", "-c", "import time; print(time.monotonic_ns())"]).check()
+        return int(r.stdout.strip())
+
+    def sever(self) -> None:
+        """Drop the TCP connection abruptly (tests: a host lost mid-iteration)."""
+        c = self._client
+        if c is not None and (t := c.get_transport()) is not None:
+            sock = t.sock
+            if isinstance(sock, socket.socket):
+                sock.shutdown(socket.SHUT_RDWR)
+            t.close()
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
