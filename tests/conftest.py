@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from testbed import leases
 from testbed.config import VmConfig, load_vm_config
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 def qemu_pids() -> set[int]:
@@ -41,4 +43,27 @@ def no_leaked_qemu(request: pytest.FixtureRequest) -> Iterator[None]:
     before = qemu_pids()
     yield
     leaked = qemu_pids() - before
-    assert not leaked, f"test leaked QEMU processes: {sorted(leaked)}"
+    detail = {p: _describe(p) for p in leaked}
+    assert not leaked, f"test leaked QEMU processes: {detail}"
+
+
+def _describe(pid: int) -> str:
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        ppid = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+    except OSError:
+        return "gone"
+    return f"ppid {ppid}: " + " ".join(a.decode() for a in args if b"/" in a)[:300]
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A real OpenSSH server on loopback (Debian's openssh-server)."""
+    import shutil
+
+    if not Path("/usr/sbin/sshd").exists() or shutil.which("ssh-keygen") is None:
+        pytest.fail("openssh-server is not installed: apt-get install openssh-server")
+    from sshd import run_sshd  # type: ignore[import-not-found]
+
+    with run_sshd(tmp_path_factory.mktemp("sshd")) as s:
+        yield s

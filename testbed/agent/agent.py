@@ -497,6 +497,7 @@ class Agent:
         """Save the running VM (at READY) to ``path``; the VM stays paused."""
         vm = self.vm(name)
         t = time.monotonic()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         await vm.qmp.execute("stop")
         tmp = path + ".part"
         await vm.qmp.execute("migrate", {"uri": f"exec:cat > {tmp}"})

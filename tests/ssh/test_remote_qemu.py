@@ -1,0 +1,61 @@
+"""Playbooks against a QEMU host reached over real SSH: same verdicts, and a lost
+connection is an infra-error that leaves no remote QEMU."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from testbed.config import Playbook, ScheduleSpec, VmConfig
+from testbed.engine.runner import RunOptions, Runner
+from testbed.transport.ssh import SshTransport
+
+pytestmark = pytest.mark.vm
+OFFSETS = [-300.0, 150.0, 360.0]  # delivered-before, lost, rejected (with `none`)
+
+
+def ssh(sshd) -> SshTransport:  # type: ignore[no-untyped-def]
+    return SshTransport(sshd.host, sshd.port, "root", identity=str(sshd.key), known_hosts=str(sshd.known_hosts))
+
+
+def playbook(n: int, strategy: str = "none") -> Playbook:
+    return Playbook(name="short", vm_config="-", strategy=strategy, iterations=n,
+                    schedule=ScheduleSpec(kind="fixed", offsets_ms=OFFSETS), reset="snapshot",
+                    grace_ms=1200, expect={}, max_infra_errors=5)  # fmt: skip
+
+
+def test_same_verdicts_over_ssh_as_local(sshd, ref_cfg: VmConfig, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    t = ssh(sshd)
+    remote = Runner(playbook(3), ref_cfg, RunOptions(out=tmp_path / "ssh", transport=t)).run()
+    local = Runner(playbook(3), ref_cfg, RunOptions(out=tmp_path / "local")).run()
+    assert [r["verdict"] for r in remote.records] == [r["verdict"] for r in local.records]
+    assert [r["verdict"] for r in remote.records] == ["delivered-before", "lost", "rejected"]
+    assert remote.records[1]["skew_ms"] < 5.0  # fired on the host, not across the network
+    run = (tmp_path / "ssh" / "run.json").read_text()
+    assert "ssh://root@127.0.0.1" in run
+    # The image and the agent were uploaded into the remote host's own cache.
+    assert list(sshd.remote_cache.glob("images/*/initrd.cpio"))
+    assert list(sshd.remote_cache.glob("snapshots/*.mig"))
+
+
+def test_connection_killed_mid_iteration_is_infra_error(sshd, ref_cfg: VmConfig, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    t = ssh(sshd)
+    pb = playbook(2).model_copy(update={"schedule": ScheduleSpec(kind="fixed", offsets_ms=[150.0])})
+    runner = Runner(pb, ref_cfg, RunOptions(out=tmp_path / "cut", transport=t))
+    fired = threading.Event()
+
+    def cut_when_racing(ev: dict[str, object]) -> None:
+        if ev["event"] == "start" and not fired.is_set():
+            fired.set()
+            threading.Timer(1.2, t.sever).start()  # lands inside the first iteration
+
+    runner.progress = cut_when_racing
+    result = runner.run()
+    first, second = result.records
+    assert first["verdict"] == "infra-error", first
+    assert "AgentLost" in first["reason"] or "Transport" in first["reason"]
+    assert second["verdict"] == "lost"  # the run went on over a new connection
+    assert result.summary["counts"]["lost"] == 1  # never counted a lost host as a lost message
+    # conftest's no_leaked_qemu fixture asserts no QEMU is left, by pid.

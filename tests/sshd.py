@@ -1,0 +1,111 @@
+"""A real OpenSSH server for the tests: loopback on a free port, or inside a network namespace.
+
+Generated host and user keys, root login by key only, SFTP. The remote side
+keeps its own cache dir (SetEnv), so uploads really happen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Sshd:
+    host: str
+    port: int
+    key: Path  # the client's private key
+    known_hosts: Path
+    host_pub: str
+    remote_cache: Path
+    proc: subprocess.Popen[bytes]
+    netns: str | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"ssh://root@{self.host}:{self.port}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def keygen(path: Path) -> None:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+
+
+@contextlib.contextmanager
+def run_sshd(d: Path, host: str = "127.0.0.1", netns: str | None = None) -> Iterator[Sshd]:
+    d.mkdir(parents=True, exist_ok=True)
+    keygen(d / "host_ed25519")
+    keygen(d / "client_ed25519")
+    (d / "authorized_keys").write_text((d / "client_ed25519.pub").read_text())
+    remote_cache = d / "remote-cache"
+    port = free_port()
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress {host}\nHostKey {d}/host_ed25519\nPidFile {d}/sshd.pid\n"
+        f"AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+        f"Subsystem sftp internal-sftp\nSetEnv TESTBED_CACHE_DIR={remote_cache}\nLogLevel ERROR\n"
+    )
+    Path("/run/sshd").mkdir(exist_ok=True)
+    argv = ["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")]
+    if netns:
+        argv = ["ip", "netns", "exec", netns, *argv]
+    proc = subprocess.Popen(argv, stderr=open(d / "sshd.log", "wb"))
+    host_pub = " ".join((d / "host_ed25519.pub").read_text().split()[:2])
+    (d / "known_hosts").write_text(f"[{host}]:{port} {host_pub}\n")
+    end = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=0.5).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > end:
+                raise RuntimeError(f"sshd did not start: {(d / 'sshd.log').read_text()}") from None
+            time.sleep(0.05)
+    try:
+        yield Sshd(host, port, d / "client_ed25519", d / "known_hosts", host_pub, remote_cache, proc, netns)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextlib.contextmanager
+def netns_pair(name: str, delay_ms: float = 0, jitter_ms: float = 0) -> Iterator[tuple[str, str]]:
+    """A network namespace joined to this one by a veth pair (10.213.7.1 <-> 10.213.7.2),
+    with optional netem delay and jitter on both ends. Yields (host ip, namespace ip)."""
+    a, b = f"{name[:8]}-h", f"{name[:8]}-n"
+    cmds = [
+        ["ip", "netns", "add", name],
+        ["ip", "link", "add", a, "type", "veth", "peer", "name", b],
+        ["ip", "link", "set", b, "netns", name],
+        ["ip", "addr", "add", "10.213.7.1/30", "dev", a],
+        ["ip", "link", "set", a, "up"],
+        ["ip", "netns", "exec", name, "ip", "addr", "add", "10.213.7.2/30", "dev", b],
+        ["ip", "netns", "exec", name, "ip", "link", "set", b, "up"],
+        ["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"],
+    ]
+    if delay_ms:
+        netem = ["netem", "delay", f"{delay_ms}ms", f"{jitter_ms}ms"]
+        cmds += [["tc", "qdisc", "add", "dev", a, "root", *netem],
+                 ["ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", b, "root", *netem]]  # fmt: skip
+    try:
+        for c in cmds:
+            subprocess.run(c, check=True, capture_output=True)
+        yield "10.213.7.1", "10.213.7.2"
+    finally:
+        subprocess.run(["ip", "link", "del", a], capture_output=True)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def can_netns() -> bool:
+    return os.geteuid() == 0 and subprocess.run(["ip", "netns", "list"], capture_output=True).returncode == 0
