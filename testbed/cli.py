@@ -26,6 +26,7 @@ from rich.table import Table
 
 from testbed import leases
 from testbed.config import STRATEGIES, ConfigError, load_playbook, load_vm_config
+from testbed.hosts import resolve_host
 from testbed.paths import runtime_dir
 
 HELP = __doc__ or ""
@@ -41,6 +42,21 @@ host_app = typer.Typer(help="Check a host before running suites on it.", no_args
 app.add_typer(image_app, name="image")
 app.add_typer(vm_app, name="vm")
 app.add_typer(host_app, name="host")
+
+HostOpt = Annotated[str, typer.Option("--host", help="local | ssh://user@host[:port] | an inventory name")]
+InventoryOpt = Annotated[
+    Path | None, typer.Option("--inventory", help="host inventory YAML (or $TESTBED_INVENTORY)")
+]
+InsecureOpt = Annotated[
+    bool,
+    typer.Option(
+        "--insecure-accept-new",
+        help="SSH: trust an unknown host key on first use (default: strict known_hosts)",
+    ),
+]
+IdentityOpt = Annotated[
+    str | None, typer.Option("--identity", help="SSH private key file (default: agent, ~/.ssh)")
+]
 
 console = Console(stderr=True)
 out = Console()
@@ -83,7 +99,10 @@ def _main(
 @app.command()
 def run(
     playbook: Annotated[Path, typer.Argument(help="playbook YAML, e.g. playbooks/quick.yaml")],
-    host: Annotated[str, typer.Option(help="host URI; only 'local' in this version")] = "local",
+    host: HostOpt = "",
+    inventory: InventoryOpt = None,
+    insecure_accept_new: InsecureOpt = False,
+    identity: IdentityOpt = None,
     vm_config: Annotated[Path | None, typer.Option(help="override the playbook's vm_config")] = None,
     strategy: Annotated[str | None, typer.Option(help=f"override: {' | '.join(STRATEGIES)}")] = None,
     iterations: Annotated[int | None, typer.Option(help="override the number of iterations")] = None,
@@ -120,8 +139,6 @@ def run(
     from testbed.engine.runner import Runner, RunOptions
     from testbed.engine.schedule import parse_offsets
 
-    if host != "local":
-        fail(2, f"host {host!r}: only 'local' is supported in this version (SSH and WinRM come next)")
     if strategy is not None and strategy not in STRATEGIES:
         fail(2, f"--strategy {strategy!r}: allowed: {', '.join(STRATEGIES)}")
     if reset is not None and reset not in ("cold", "snapshot"):
@@ -131,11 +148,14 @@ def run(
         if vm_config is not None:
             cfg = load_vm_config(vm_config)
         sched = parse_offsets(offsets) if offsets else None
+        transport, _entry = resolve_host(host or pb.host, inventory, insecure_accept_new=insecure_accept_new,
+                                         identity=identity)  # fmt: skip
     except ConfigError as e:
         fail(2, str(e))
     except ValueError as e:
         fail(2, str(e))
     opts = RunOptions(
+        transport=transport,
         strategy=strategy,
         iterations=iterations,
         offsets=sched,
@@ -172,11 +192,12 @@ def run(
             progress.update(task, advance=1, counts=" ".join(f"{k}={v}" for k, v in sorted(counts.items())))
 
     from testbed.backends.qemu.backend import InfraError
+    from testbed.transport import TransportError
 
     try:
         with progress:
             result = Runner(pb, cfg, opts, on_event, playbook_path=playbook).run()
-    except InfraError as e:
+    except (InfraError, TransportError) as e:
         fail(3, str(e))
     _print_summary(result.run_dir, result.summary)
     raise typer.Exit(result.exit_code)
@@ -320,6 +341,48 @@ def image_build(
         out.print(f"  {k}: {img.manifest.get(k)}", highlight=False)
 
 
+@image_app.command("export")
+def image_export(
+    file: Annotated[Path, typer.Argument(help="archive to write, e.g. testbed-image.tar.gz")],
+    config: Annotated[Path, typer.Option(help="vm_config whose image to export")] = DEFAULT_CONFIG,
+) -> None:
+    """Write the built image (kernel, initramfs, manifest) to an archive, for hosts with no package mirror."""
+    import tarfile
+
+    from testbed.backends.qemu.image import ImageBuildError, build_image
+
+    try:
+        img = build_image(load_vm_config(config))
+    except ConfigError as e:
+        fail(2, str(e))
+    except ImageBuildError as e:
+        fail(3, str(e))
+    with tarfile.open(file, "w:gz") as tar:
+        tar.add(img.directory, arcname=f"images/{img.key}")
+    out.print(f"exported image {img.key} to {file}")
+
+
+@image_app.command("import")
+def image_import(
+    file: Annotated[Path, typer.Argument(help="archive written by 'testbed image export'")],
+) -> None:
+    """Put an exported image into this machine's cache (no apt needed here afterwards)."""
+    import json as _json
+    import tarfile
+
+    from testbed.paths import cache_dir
+
+    with tarfile.open(file, "r:gz") as tar:
+        names = tar.getnames()
+        keys = {n.split("/")[1] for n in names if n.startswith("images/") and n.count("/") >= 1}
+        if len(keys) != 1 or not any(n.endswith("manifest.json") for n in names):
+            fail(2, f"{file}: not an archive written by 'testbed image export'")
+        tar.extractall(cache_dir(), filter="data")
+    key = keys.pop()
+    manifest = _json.loads((cache_dir() / "images" / key / "manifest.json").read_text())
+    out.print(f"imported image {key} (kernel {manifest.get('kernel_release')})")
+
+
 # ---- vm ------------------------------------------------------------------------------
 
 
@@ -399,9 +462,31 @@ def vm_down(name: Annotated[str, typer.Argument(help="VM name from 'testbed vm l
 
 
 @app.command()
-def gc() -> None:
-    """Kill every QEMU whose owning testbed process is gone, and remove its lease and work dir."""
-    actions = leases.gc(runtime_dir() / "leases")
+def gc(
+    host: HostOpt = "local",
+    inventory: InventoryOpt = None,
+    insecure_accept_new: InsecureOpt = False,
+    identity: IdentityOpt = None,
+) -> None:
+    """Kill every QEMU whose owning testbed process is gone, and remove its lease and work dir.
+
+    With --host, on that host (through its agent): what a dead run left there.
+    """
+    if host == "local":
+        actions = leases.gc(runtime_dir() / "leases")
+    else:
+        from testbed.backends.qemu.backend import InfraError, QemuBackend
+
+        try:
+            transport, _e = resolve_host(
+                host, inventory, insecure_accept_new=insecure_accept_new, identity=identity
+            )
+            with QemuBackend(transport) as b:
+                actions = b.gc_host()
+        except ConfigError as e:
+            fail(2, str(e))
+        except InfraError as e:
+            fail(3, str(e))
     for a in actions:
         out.print(a)
     if not actions:
@@ -413,26 +498,33 @@ def gc() -> None:
 
 @host_app.command("check")
 def host_check(
-    host: Annotated[str, typer.Argument(help="host URI; 'local' in this version")] = "local",
+    host: Annotated[str, typer.Argument(help="local | ssh://user@host[:port] | an inventory name")] = "local",
+    inventory: InventoryOpt = None,
+    insecure_accept_new: InsecureOpt = False,
+    identity: IdentityOpt = None,
     config: Annotated[Path, typer.Option(help="vm_config whose kernel to check")] = DEFAULT_CONFIG,
     probe: Annotated[bool, typer.Option(help="run the KVM probe now (boots a tiny guest)")] = False,
 ) -> None:
-    """Preflight: QEMU, KVM probe, build tools, kernel package, disk; each problem with its fix."""
-    from testbed.backends.qemu.backend import QemuBackend
+    """Preflight: QEMU, KVM probe, build tools, kernel package, disk; each problem with its fix.
+
+    Remote hosts are checked on the host itself, through the host agent over SSH.
+    """
+    from testbed.backends.qemu.backend import InfraError, QemuBackend
     from testbed.backends.qemu.image import ImageBuildError, build_image
 
-    if host != "local":
-        fail(2, f"host {host!r}: only 'local' is supported in this version")
     try:
         cfg = load_vm_config(config) if config.exists() else None
+        transport, _e = resolve_host(
+            host, inventory, insecure_accept_new=insecure_accept_new, identity=identity
+        )
     except ConfigError as e:
         fail(2, str(e))
-    with QemuBackend() as b:
+    with QemuBackend(transport) as b:
         if probe and cfg is not None:
             try:
                 img = build_image(cfg)
                 b.kvm_probe(img, refresh=True)
-            except ImageBuildError as e:
+            except (ImageBuildError, InfraError) as e:
                 console.print(f"cannot probe KVM: {e}")
         rep = b.preflight(cfg)
     t = Table("check", "ok", "detail", "fix")

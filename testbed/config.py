@@ -333,3 +333,48 @@ def load_playbook(path: Path | str) -> tuple[Playbook, VmConfig]:
 def apply_lab_overrides(cfg: VmConfig, over: LabOverrides) -> VmConfig:
     changes = {k: v for k, v in over.model_dump().items() if v is not None}
     return cfg.model_copy(update={"lab": cfg.lab.model_copy(update=changes)}) if changes else cfg
+
+
+# ---- host inventory ------------------------------------------------------------
+
+
+class HostEntry(Strict):
+    """One lab host. Credentials only by reference: a key file, the ssh-agent, or
+    the name of an environment variable that holds a password."""
+
+    name: str
+    uri: str
+    kind: Literal["qemu", "hyperv", "openvmm"] = "qemu"
+    labels: list[str] = []
+    identity_file: str | None = None
+    password_env: str | None = Field(None, description="name of an env var holding the password")
+    known_hosts: str | None = None
+    insecure_accept_new: bool = False
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        if not (v == "local" or v.startswith(("ssh://", "winrm://", "winrms://"))):
+            raise ValueError("uri must be 'local', ssh://user@host[:port] or winrm(s)://user@host[:port]")
+        if re.match(r"^\w+://[^/@]*:[^/@]*@", v):
+            raise ValueError("no passwords in URIs: use password_env (an environment variable name)")
+        return v
+
+
+class Inventory(Strict):
+    hosts: list[HostEntry]
+
+    @model_validator(mode="after")
+    def _unique(self) -> Inventory:
+        names = [h.name for h in self.hosts]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"duplicate host names: {', '.join(sorted(dup))}")
+        return self
+
+    def find(self, name: str) -> HostEntry | None:
+        return next((h for h in self.hosts if h.name == name), None)
+
+
+def load_inventory(path: Path | str) -> Inventory:
+    return load_model(path, Inventory)

@@ -109,3 +109,58 @@ def netns_pair(name: str, delay_ms: float = 0, jitter_ms: float = 0) -> Iterator
 
 def can_netns() -> bool:
     return os.geteuid() == 0 and subprocess.run(["ip", "netns", "list"], capture_output=True).returncode == 0
+
+
+def netem_available() -> bool:
+    """Whether this kernel has the netem qdisc (some sandboxes' kernels do not)."""
+    with netns_pair("tbprobe") as _ips:
+        r = subprocess.run(["tc", "qdisc", "add", "dev", "tbprobe-h", "root", "netem", "delay", "1ms"],
+                           capture_output=True)  # fmt: skip
+    return r.returncode == 0
+
+
+@contextlib.contextmanager
+def delay_proxy(target: tuple[str, int], delay_ms: float, jitter_ms: float, seed: int = 1) -> Iterator[int]:
+    """A TCP relay on loopback that delays every chunk by delay +- jitter (order kept):
+    the stand-in for netem where the kernel lacks it. Yields the listening port."""
+    import random
+    import threading
+
+    rng = random.Random(seed)
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(8)
+    stop = threading.Event()
+
+    def pump(src: socket.socket, dst: socket.socket) -> None:
+        release = 0.0
+        try:
+            while not stop.is_set():
+                data = src.recv(65536)
+                if not data:
+                    break
+                release = max(release, time.monotonic() + (delay_ms + rng.uniform(-jitter_ms, jitter_ms)) / 1000)
+                time.sleep(max(0.0, release - time.monotonic()))
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                c, _ = lsock.accept()
+            except OSError:
+                return
+            u = socket.create_connection(target)
+            threading.Thread(target=pump, args=(c, u), daemon=True).start()
+            threading.Thread(target=pump, args=(u, c), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield int(lsock.getsockname()[1])
+    finally:
+        stop.set()
+        lsock.close()

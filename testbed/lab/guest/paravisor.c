@@ -354,7 +354,10 @@ static void servicing(const char *req) {
             while (read_line_timeout(&rg, line, 5000))
                 if (starts(line, "MASK_ACK")) break;
         }
-        drain_vmbus(2);
+        /* mask: the host has stopped posting (MASK_ACK), so wait out what is
+         * already in flight. mask-async: the host learns of the mask later;
+         * drain only what has arrived, the residual window is the finding. */
+        drain_vmbus(strat == S_MASK ? 2 : 0);
         evidence("PV masked drained=%d", st.nq);
     }
     /* S_NONE: stop reading; whatever lands now is at the mercy of the close. */
