@@ -1,0 +1,154 @@
+"""The public Python API: the same code path the CLI and the pytest plugin use.
+
+    from testbed.api import open_host
+
+    with open_host("local") as host:
+        with host.vm("vm_configs/reference-linux.yaml", strategy="none") as vm:
+            result = vm.race(offset_ms=150)
+            print(result.verdict, result.reason)
+            for line in result.evidence:
+                print(line)
+
+Each ``race`` gets a fresh VM (a snapshot restore, or a cold boot), fires the
+servicing request and the shutdown IC request on the host, and reads the
+verdict from evidence, exactly as ``testbed run`` does for one iteration.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from testbed.backends.base import RacePlan
+from testbed.backends.qemu.backend import QemuBackend, QemuVm
+from testbed.config import HostEntry, Playbook, VmConfig, apply_lab_overrides, load_playbook, load_vm_config
+from testbed.engine.runner import DEFAULT_GRACE_MS, Runner, RunOptions, RunResult
+from testbed.engine.verdict import classify
+from testbed.hosts import resolve_host
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class RaceResult:
+    verdict: str
+    reason: str
+    evidence: list[str]
+    offset_ms: float | None
+    guest_offset_ms: float | None
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+
+class Vm:
+    """A provisioned reference VM: each ``race`` starts it fresh and destroys it after."""
+
+    def __init__(self, host: Host, vm: QemuVm, reset: str) -> None:
+        self.host = host
+        self.qemu = vm
+        self.reset = reset
+
+    @property
+    def record(self) -> dict[str, Any]:
+        return self.qemu.record()
+
+    def race(
+        self,
+        offset_ms: float | None = 150.0,
+        *,
+        image: str | None = None,
+        servicing: bool = True,
+        after_ready: bool = False,
+        grace_ms: float = DEFAULT_GRACE_MS,
+    ) -> RaceResult:
+        """One iteration: servicing at t = 0, the shutdown IC request at ``offset_ms``."""
+        b = self.host.backend
+        n = next(_ids)
+        plan = RacePlan(n, None if after_ready else offset_ms, servicing, True,
+                        "after-ready" if after_ready else "offset", image)  # fmt: skip
+        try:
+            b.start(self.qemu, reset=self.reset)
+            res = b.race(self.qemu, plan, grace_ms)
+        finally:
+            b.destroy(self.qemu)
+        res["shutdown_id"] = f"sd{n}"
+        v = classify(res)
+        t0, fire, svc = res.get("t0_ns"), res.get("fire_ns"), res.get("svc", {})
+        return RaceResult(
+            v.kind,
+            v.reason,
+            v.evidence,
+            (fire - t0) / 1e6 if t0 is not None and fire is not None and servicing else None,
+            (fire - svc["start_ns"]) / 1e6 if fire is not None and "start_ns" in svc else None,
+            res,
+        )
+
+
+class Host:
+    """A lab host (local, or a Linux host over SSH) with its backend."""
+
+    def __init__(self, entry: HostEntry, backend: QemuBackend) -> None:
+        self.entry = entry
+        self.backend = backend
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def kind(self) -> str:
+        return self.entry.kind
+
+    @contextmanager
+    def vm(
+        self,
+        vm_config: str | Path | VmConfig,
+        strategy: str = "none",
+        *,
+        reset: str = "snapshot",
+        lab: dict[str, int] | None = None,
+        paravisor: str | None = None,
+    ) -> Iterator[Vm]:
+        cfg = vm_config if isinstance(vm_config, VmConfig) else load_vm_config(vm_config)
+        if lab:
+            cfg = cfg.model_copy(update={"lab": cfg.lab.model_copy(update=lab)})
+        if paravisor:
+            cfg = cfg.model_copy(
+                update={"paravisor": cfg.paravisor.model_copy(update={"version": paravisor})}
+            )
+        qvm = self.backend.provision(cfg, strategy)
+        try:
+            yield Vm(self, qvm, reset)
+        finally:
+            self.backend.destroy(qvm)
+
+    def run_playbook(self, playbook: str | Path | Playbook, out: Path, vm_config: VmConfig | None = None,
+                     **overrides: Any) -> RunResult:  # fmt: skip
+        """A whole playbook on this host; ``overrides`` are RunOptions fields (strategy, iterations...)."""
+        if isinstance(playbook, Playbook):
+            pb, cfg = playbook, vm_config
+            assert cfg is not None, "pass vm_config with a Playbook object"
+        else:
+            pb, cfg = load_playbook(playbook)
+            cfg = vm_config or cfg
+        cfg = apply_lab_overrides(cfg, pb.lab)
+        opts = RunOptions(out=out, transport=self.backend.transport, **overrides)
+        return Runner(pb, cfg, opts).run()
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+@contextmanager
+def open_host(host: str = "local", inventory: str | Path | None = None, *, insecure_accept_new: bool = False,
+              identity: str | None = None) -> Iterator[Host]:  # fmt: skip
+    transport, entry = resolve_host(host, Path(inventory) if inventory else None,
+                                    insecure_accept_new=insecure_accept_new, identity=identity)  # fmt: skip
+    h = Host(entry, QemuBackend(transport))
+    try:
+        yield h
+    finally:
+        h.close()
