@@ -75,7 +75,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _explicit_ini(config: pytest.Config) -> set[str]:
-    names = set(getattr(config, "inicfg", {}) or {})
+    """Ini names the user set (in the ini file, or with -o)."""
+    names = set()
+    if config.inipath is not None and "junit_family" in config.inipath.read_text(errors="replace"):
+        names.add("junit_family")
     for o in getattr(config.option, "override_ini", None) or []:
         names.add(o.split("=", 1)[0])
     return names

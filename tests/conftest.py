@@ -11,6 +11,7 @@ import pytest
 from testbed import leases
 from testbed.config import VmConfig, load_vm_config
 
+pytest_plugins = ["pytester"]
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -67,3 +68,23 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 
     with run_sshd(tmp_path_factory.mktemp("sshd")) as s:
         yield s
+
+
+# ---- CI guard: a run that silently skipped its VM tests must not go green ----------
+
+_vm_passed: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call" and report.passed and "vm" in report.keywords:
+        _vm_passed.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """With TESTBED_MIN_VM_TESTS set (.ci/run sets it), fewer passing VM tests fails the run."""
+    import os
+
+    want = int(os.environ.get("TESTBED_MIN_VM_TESTS", "0"))
+    if want and len(_vm_passed) < want and exitstatus == 0:
+        print(f"\nonly {len(_vm_passed)} VM tests passed; TESTBED_MIN_VM_TESTS={want}")
+        session.exitstatus = 1

@@ -139,7 +139,9 @@ def delay_proxy(target: tuple[str, int], delay_ms: float, jitter_ms: float, seed
                 data = src.recv(65536)
                 if not data:
                     break
-                release = max(release, time.monotonic() + (delay_ms + rng.uniform(-jitter_ms, jitter_ms)) / 1000)
+                release = max(
+                    release, time.monotonic() + (delay_ms + rng.uniform(-jitter_ms, jitter_ms)) / 1000
+                )
                 time.sleep(max(0.0, release - time.monotonic()))
                 dst.sendall(data)
         except OSError:

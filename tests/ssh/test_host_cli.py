@@ -25,7 +25,9 @@ def inventory(tmp_path: Path, sshd, extra: str = "") -> Path:  # type: ignore[no
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "testbed.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "testbed.cli", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_host_check_runs_on_the_remote_host(sshd, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -19,7 +19,9 @@ OFFSETS = [-300.0, 150.0, 360.0]  # delivered-before, lost, rejected (with `none
 
 
 def ssh(sshd) -> SshTransport:  # type: ignore[no-untyped-def]
-    return SshTransport(sshd.host, sshd.port, "root", identity=str(sshd.key), known_hosts=str(sshd.known_hosts))
+    return SshTransport(
+        sshd.host, sshd.port, "root", identity=str(sshd.key), known_hosts=str(sshd.known_hosts)
+    )
 
 
 def playbook(n: int, strategy: str = "none") -> Playbook:

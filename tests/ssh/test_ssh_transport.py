@@ -51,7 +51,18 @@ def test_unknown_host_needs_insecure_accept_new(sshd, tmp_path: Path) -> None:  
 
 def test_awkward_arguments_arrive_verbatim(sshd, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     canary = tmp_path / "pwned"
-    args = ["a b", "it's", '"q"', f"$(touch {canary})", "line1\nline2", "`id`", "*", "", "; rm -rf /nope", "\\"]
+    args = [
+        "a b",
+        "it's",
+        '"q"',
+        f"$(touch {canary})",
+        "line1\nline2",
+        "`id`",
+        "*",
+        "",
+        "; rm -rf /nope",
+        "\\",
+    ]
     t = transport(sshd)
     try:
         r = t.run(["printf", "%s\\0", *args]).check()
