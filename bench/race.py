@@ -22,7 +22,7 @@ from _bare import bare_cycle  # noqa: E402
 
 from testbed.backends.qemu.backend import QemuBackend  # noqa: E402
 from testbed.config import Playbook, ScheduleSpec, load_vm_config  # noqa: E402
-from testbed.engine.runner import RunOptions, Runner  # noqa: E402
+from testbed.engine.runner import Runner, RunOptions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

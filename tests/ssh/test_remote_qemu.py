@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from testbed.config import Playbook, ScheduleSpec, VmConfig
-from testbed.engine.runner import RunOptions, Runner
+from testbed.engine.runner import Runner, RunOptions
 from testbed.transport.ssh import SshTransport
 
 pytestmark = pytest.mark.vm
