@@ -326,17 +326,20 @@ def image_build(
     force: Annotated[bool, typer.Option(help="rebuild even on a cache hit")] = False,
 ) -> None:
     """Build the reference kernel + initramfs (cached by a hash of every input)."""
-    from testbed.backends.qemu.image import ImageBuildError, build_image
+    from testbed.backends.qemu.image import ImageBuildError, build_image, cached_image, resolve_inputs
 
     try:
         cfg = load_vm_config(config)
         t = time.monotonic()
+        hit = not force and cached_image(resolve_inputs(cfg).key()) is not None
         img = build_image(cfg, force=force)
     except ConfigError as e:
         fail(2, str(e))
     except ImageBuildError as e:
         fail(3, str(e))
-    out.print(f"image {img.key} in {time.monotonic() - t:.1f} s: {img.directory}")
+    out.print(
+        f"image {img.key} ({'cache hit' if hit else 'built'}) in {time.monotonic() - t:.1f} s: {img.directory}"
+    )
     for k in ("kernel_package", "kernel_version", "kernel_release", "busybox_version", "modules"):
         out.print(f"  {k}: {img.manifest.get(k)}", highlight=False)
 
@@ -532,6 +535,77 @@ def host_check(
         t.add_row(c.name, "yes" if c.ok else "NO", c.detail, "" if c.ok else c.fix)
     out.print(t)
     raise typer.Exit(0 if rep.ok else 3)
+
+
+@host_app.command("inventory")
+def host_inventory(
+    inventory: Annotated[Path, typer.Option("--inventory", help="testbed host inventory YAML")],
+    fmt: Annotated[str, typer.Option("--format", help="ansible (YAML inventory) | yaml")] = "ansible",
+) -> None:
+    """Render the host inventory, e.g. as an Ansible inventory (groups testbed_<kind>; never secrets)."""
+    from testbed.ansible import dump_yaml, render_inventory
+    from testbed.config import load_inventory
+
+    try:
+        inv = load_inventory(inventory)
+    except ConfigError as e:
+        fail(2, str(e))
+    if fmt == "ansible":
+        print(dump_yaml(render_inventory(inv)), end="")
+    elif fmt == "yaml":
+        print(dump_yaml(inv.model_dump()), end="")
+    else:
+        fail(2, f"--format {fmt!r}: allowed: ansible, yaml")
+
+
+@host_app.command("prepare")
+def host_prepare(
+    host: Annotated[str, typer.Argument(help="an inventory host name, or 'all'")],
+    inventory: Annotated[Path, typer.Option("--inventory", help="testbed host inventory YAML")],
+) -> None:
+    """Prepare lab hosts with Ansible (playbooks/hosts/): packages, the testbed user and venv,
+    the reference image, then 'testbed host check' on the host. Needs pip install 'testbed[hosts]'."""
+    from testbed.ansible import AnsibleMissing, prepare
+    from testbed.config import load_inventory
+
+    try:
+        inv = load_inventory(inventory)
+    except ConfigError as e:
+        fail(2, str(e))
+    targets = inv.hosts if host == "all" else [h for h in inv.hosts if h.name == host]
+    if not targets:
+        fail(2, f"no host named {host!r} in {inventory}")
+    status = console.status("starting ansible-playbook...")
+    log_lines: list[str] = []
+
+    def on_line(line: str) -> None:
+        log_lines.append(line)
+        if line.startswith(("TASK [", "PLAY [")):
+            status.update(line.strip(" *"))
+        elif line.startswith(("fatal:", "failed:")) or "UNREACHABLE" in line:
+            console.print(line, highlight=False)
+
+    t = time.monotonic()
+    try:
+        with status:
+            recap = prepare(inv, targets, on_line)
+    except AnsibleMissing as e:
+        fail(2, str(e))
+    table = Table("host", "ok", "changed", "unreachable", "failed")
+    bad = False
+    for h in targets:
+        r = recap.get(h.name)
+        if r is None:
+            table.add_row(h.name, "-", "-", "-", "no result")
+            bad = True
+            continue
+        bad = bad or bool(r["failed"] or r["unreachable"])
+        table.add_row(h.name, str(r["ok"]), str(r["changed"]), str(r["unreachable"]), str(r["failed"]))
+    out.print(table)
+    out.print(f"prepared in {time.monotonic() - t:.0f} s")
+    if bad:
+        console.print("\n".join(log_lines[-40:]), highlight=False)
+        raise typer.Exit(3)
 
 
 def main() -> None:

@@ -1,0 +1,97 @@
+"""A clean Debian 12 host for the Ansible tests: a freshly unpacked root with its own sshd.
+
+The root comes from the same cached debootstrap tarball as ../shared/tools/fresh-debian
+(built with it when missing). It gets only what any Debian server has (openssh-server)
+and this machine's CA bundle (so its package clients work through this network); the
+kvm-host playbook must bring everything else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from sshd import Sshd, free_port, keygen  # type: ignore[import-not-found]
+
+TARBALL = Path("/var/cache/fresh-debian/bookworm.tar")
+FRESH_DEBIAN = Path(__file__).resolve().parents[3] / "shared" / "tools" / "fresh-debian"
+MOUNTS = ("proc", "sys", "dev", "dev/pts")
+
+
+def ensure_tarball() -> Path | None:
+    if TARBALL.exists():
+        return TARBALL
+    if FRESH_DEBIAN.exists():
+        subprocess.run(["bash", str(FRESH_DEBIAN), "true"], cwd=Path(__file__).resolve().parents[2],
+                       capture_output=True, timeout=1200)  # fmt: skip
+    return TARBALL if TARBALL.exists() else None
+
+
+def chroot(root: Path, *argv: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["chroot", str(root), *argv], capture_output=True, text=True, timeout=timeout,
+                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DEBIAN_FRONTEND": "noninteractive",
+                               "HOME": "/root", "LANG": "C.UTF-8"})  # fmt: skip
+
+
+@contextlib.contextmanager
+def fresh_debian_host(workdir: Path) -> Iterator[Sshd]:
+    tar = ensure_tarball()
+    if tar is None:
+        raise RuntimeError("no Debian 12 root: need /var/cache/fresh-debian/bookworm.tar or ../shared/tools/fresh-debian")
+    root = Path(tempfile.mkdtemp(prefix="freshroot-", dir="/var/tmp"))
+    mounted: list[Path] = []
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        with tarfile.open(tar) as t:
+            t.extractall(root, filter="fully_trusted")
+        shutil.copyfile("/etc/resolv.conf", root / "etc/resolv.conf")
+        shutil.copyfile("/etc/ssl/certs/ca-certificates.crt", root / "etc/ssl/certs/ca-certificates.crt")
+        for m in MOUNTS:
+            (root / m).mkdir(parents=True, exist_ok=True)
+            subprocess.run(["mount", "--bind", f"/{m}", str(root / m)], check=True)
+            mounted.append(root / m)
+        r = chroot(root, "sh", "-c", "apt-get update -qq && apt-get install -y -qq openssh-server >/dev/null")
+        if r.returncode != 0:
+            raise RuntimeError(f"openssh-server did not install in the fresh root: {r.stderr[-800:]}")
+        keys = workdir / "keys"
+        keys.mkdir(parents=True, exist_ok=True)
+        keygen(keys / "client_ed25519")
+        (root / "root/.ssh").mkdir(mode=0o700, exist_ok=True)
+        (root / "root/.ssh/authorized_keys").write_text((keys / "client_ed25519.pub").read_text())
+        port = free_port()
+        (root / "etc/ssh/sshd_config.d/testbed.conf").write_text(
+            f"Port {port}\nListenAddress 127.0.0.1\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+        )
+        (root / "run/sshd").mkdir(parents=True, exist_ok=True)
+        proc = subprocess.Popen(["chroot", str(root), "/usr/sbin/sshd", "-D", "-e"],
+                                stderr=open(workdir / "sshd.log", "wb"))  # fmt: skip
+        host_pub = " ".join((root / "etc/ssh/ssh_host_ed25519_key.pub").read_text().split()[:2])
+        (workdir / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub}\n")
+        import socket
+
+        end = time.monotonic() + 15
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > end:
+                    raise RuntimeError(f"sshd in the fresh root did not start: {(workdir / 'sshd.log').read_text()}")
+                time.sleep(0.1)
+        yield Sshd("127.0.0.1", port, keys / "client_ed25519", workdir / "known_hosts", host_pub, root / "root/.cache",
+                   proc)  # fmt: skip
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(10)
+        # Anything the host left running inside the root (none expected) goes with it.
+        subprocess.run(["fuser", "-k", "-M", str(root)], capture_output=True)
+        for m in reversed(mounted):
+            subprocess.run(["umount", "-l", str(m)], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
