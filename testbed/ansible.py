@@ -101,8 +101,11 @@ def ansible_playbook() -> str:
 def build_wheel(dest: Path) -> Path:
     """The testbed wheel that kvm-host.yml installs on the host."""
     root = project_root()
+    # A fixed SOURCE_DATE_EPOCH makes the wheel byte-identical across builds, so
+    # copying it to a prepared host is not a change.
+    env = {**os.environ, "SOURCE_DATE_EPOCH": "315532800"}
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w",
-                    str(dest), str(root)], check=True, capture_output=True)  # fmt: skip
+                    str(dest), str(root)], check=True, capture_output=True, env=env)  # fmt: skip
     return next(dest.glob("testbed-*.whl"))
 
 

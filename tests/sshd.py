@@ -108,11 +108,23 @@ def netns_pair(name: str, delay_ms: float = 0, jitter_ms: float = 0) -> Iterator
 
 
 def can_netns() -> bool:
-    return os.geteuid() == 0 and subprocess.run(["ip", "netns", "list"], capture_output=True).returncode == 0
+    """Whether a namespace can really be made and entered here (not inside every chroot)."""
+    if os.geteuid() != 0:
+        return False
+    name = f"tbprobe{os.getpid()}"
+    try:
+        ok = subprocess.run(["ip", "netns", "add", name], capture_output=True).returncode == 0
+        return (
+            ok and subprocess.run(["ip", "netns", "exec", name, "true"], capture_output=True).returncode == 0
+        )
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
 def netem_available() -> bool:
     """Whether this kernel has the netem qdisc (some sandboxes' kernels do not)."""
+    if not can_netns():
+        return False
     with netns_pair("tbprobe") as _ips:
         r = subprocess.run(["tc", "qdisc", "add", "dev", "tbprobe-h", "root", "netem", "delay", "1ms"],
                            capture_output=True)  # fmt: skip

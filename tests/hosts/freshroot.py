@@ -1,7 +1,7 @@
 """A clean Debian 12 host for the Ansible tests: a freshly unpacked root with its own sshd.
 
-The root comes from the same cached debootstrap tarball as ../shared/tools/fresh-debian
-(built with it when missing). It gets only what any Debian server has (openssh-server)
+The root comes from the same cached debootstrap tarball as ../shared/tools/fresh-debian,
+or from one this module builds once with debootstrap. It gets only what any Debian server has (openssh-server)
 and this machine's CA bundle (so its package clients work through this network); the
 kvm-host playbook must bring everything else.
 """
@@ -20,17 +20,44 @@ from pathlib import Path
 from sshd import Sshd, free_port, keygen  # type: ignore[import-not-found]
 
 TARBALL = Path("/var/cache/fresh-debian/bookworm.tar")
-FRESH_DEBIAN = Path(__file__).resolve().parents[3] / "shared" / "tools" / "fresh-debian"
 MOUNTS = ("proc", "sys", "dev", "dev/pts")
 
 
+OWN_TARBALL = Path.home() / ".cache" / "testbed" / "fresh-debian" / "bookworm.tar"
+
+
+def _mirror() -> str:
+    for src in (Path("/etc/apt/sources.list.d/debian.sources"), Path("/etc/apt/sources.list")):
+        if src.exists():
+            for line in src.read_text().splitlines():
+                parts = line.split()
+                if parts[:1] == ["URIs:"] and len(parts) > 1:
+                    return parts[1]
+                if parts[:1] == ["deb"] and len(parts) > 1:
+                    return parts[1] if not parts[1].startswith("[") else parts[2]
+    return "http://deb.debian.org/debian"
+
+
 def ensure_tarball() -> Path | None:
-    if TARBALL.exists():
-        return TARBALL
-    if FRESH_DEBIAN.exists():
-        subprocess.run(["bash", str(FRESH_DEBIAN), "true"], cwd=Path(__file__).resolve().parents[2],
-                       capture_output=True, timeout=1200)  # fmt: skip
-    return TARBALL if TARBALL.exists() else None
+    """The shared tool's cached root, else our own, built once with debootstrap (a few minutes)."""
+    for t in (TARBALL, OWN_TARBALL):
+        if t.exists():
+            return t
+    if shutil.which("debootstrap") is None:
+        subprocess.run(["apt-get", "install", "-y", "-qq", "debootstrap"], capture_output=True)
+    OWN_TARBALL.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix="debootstrap-", dir="/var/tmp"))
+    try:
+        r = subprocess.run(["debootstrap", "--variant=minbase", "--include=python3,ca-certificates",
+                            "bookworm", str(build), _mirror()], capture_output=True, text=True, timeout=1500)  # fmt: skip
+        if r.returncode != 0:
+            return None
+        with tarfile.open(OWN_TARBALL.with_suffix(".part"), "w") as tar:
+            tar.add(build, arcname=".")
+        OWN_TARBALL.with_suffix(".part").replace(OWN_TARBALL)
+        return OWN_TARBALL
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
 
 
 def chroot(root: Path, *argv: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
@@ -43,7 +70,9 @@ def chroot(root: Path, *argv: str, timeout: float = 900) -> subprocess.Completed
 def fresh_debian_host(workdir: Path) -> Iterator[Sshd]:
     tar = ensure_tarball()
     if tar is None:
-        raise RuntimeError("no Debian 12 root: need /var/cache/fresh-debian/bookworm.tar or ../shared/tools/fresh-debian")
+        raise RuntimeError(
+            "no Debian 12 root: need /var/cache/fresh-debian/bookworm.tar or ../shared/tools/fresh-debian"
+        )
     root = Path(tempfile.mkdtemp(prefix="freshroot-", dir="/var/tmp"))
     mounted: list[Path] = []
     proc: subprocess.Popen[bytes] | None = None
@@ -82,7 +111,9 @@ def fresh_debian_host(workdir: Path) -> Iterator[Sshd]:
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > end:
-                    raise RuntimeError(f"sshd in the fresh root did not start: {(workdir / 'sshd.log').read_text()}")
+                    raise RuntimeError(
+                        f"sshd in the fresh root did not start: {(workdir / 'sshd.log').read_text()}"
+                    ) from None
                 time.sleep(0.1)
         yield Sshd("127.0.0.1", port, keys / "client_ed25519", workdir / "known_hosts", host_pub, root / "root/.cache",
                    proc)  # fmt: skip

@@ -15,7 +15,11 @@ from ruamel.yaml import YAML
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 PLAYS = ROOT / "playbooks" / "hosts"
-ANSIBLE_ENV = {"ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOCALHOST_WARNING": "0", "ANSIBLE_INVENTORY_UNPARSED_WARNING": "0"}
+ANSIBLE_ENV = {
+    "ANSIBLE_NOCOLOR": "1",
+    "ANSIBLE_LOCALHOST_WARNING": "0",
+    "ANSIBLE_INVENTORY_UNPARSED_WARNING": "0",
+}
 
 
 def need_ansible() -> None:
@@ -102,7 +106,9 @@ def test_prepare_a_clean_debian_host_twice_then_check_it(tmp_path: Path) -> None
             r = subprocess.run([sys.executable, "-m", "testbed.cli", "host", "prepare", "fresh", "--inventory",
                                 str(inv)], capture_output=True, text=True, timeout=1500)  # fmt: skip
             assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-            row = next(ln for ln in r.stdout.splitlines() if ln.strip().startswith("│ fresh") or " fresh " in ln)
+            row = next(
+                ln for ln in r.stdout.splitlines() if ln.strip().startswith("│ fresh") or " fresh " in ln
+            )
             runs.append([int(x) for x in row.replace("│", " ").split()[1:5]])
         (ok1, changed1, unreachable1, failed1), (ok2, changed2, unreachable2, failed2) = runs
         assert changed1 > 0 and failed1 == 0 and unreachable1 == 0
