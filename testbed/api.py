@@ -25,7 +25,7 @@ from typing import Any
 
 from testbed.backends.base import RacePlan
 from testbed.backends.qemu.backend import QemuBackend, QemuVm
-from testbed.config import HostEntry, Playbook, VmConfig, apply_lab_overrides, load_playbook, load_vm_config
+from testbed.config import HostEntry, Playbook, VmConfig, load_playbook, load_vm_config
 from testbed.engine.runner import DEFAULT_GRACE_MS, Runner, RunOptions, RunResult
 from testbed.engine.verdict import classify
 from testbed.hosts import resolve_host
@@ -134,7 +134,6 @@ class Host:
         else:
             pb, cfg = load_playbook(playbook)
             cfg = vm_config or cfg
-        cfg = apply_lab_overrides(cfg, pb.lab)
         opts = RunOptions(out=out, transport=self.backend.transport, **overrides)
         return Runner(pb, cfg, opts).run()
 

@@ -380,7 +380,15 @@ def image_import(
         keys = {n.split("/")[1] for n in names if n.startswith("images/") and n.count("/") >= 1}
         if len(keys) != 1 or not any(n.endswith("manifest.json") for n in names):
             fail(2, f"{file}: not an archive written by 'testbed image export'")
-        tar.extractall(cache_dir(), filter="data")
+        # The "data" filter refuses absolute paths, links out of the tree and devices;
+        # Python before 3.11.4 lacks filters, so check the members by hand there.
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(cache_dir(), filter="data")
+        else:
+            for m in tar.getmembers():
+                if m.name.startswith("/") or ".." in Path(m.name).parts or not (m.isfile() or m.isdir()):
+                    fail(2, f"{file}: refusing unsafe member {m.name!r}")
+            tar.extractall(cache_dir())
     key = keys.pop()
     manifest = _json.loads((cache_dir() / "images" / key / "manifest.json").read_text())
     out.print(f"imported image {key} (kernel {manifest.get('kernel_release')})")

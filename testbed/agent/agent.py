@@ -167,6 +167,7 @@ class Vm:
         self.relay: Relay | None = None
         self.ports: dict[str, LineSocket] = {}
         self.event_task: asyncio.Task[None] | None = None
+        self.exit_task: asyncio.Task[None] | None = None
         self.lease_path: Path | None = None
         self.uname: asyncio.Future[str] | None = None
         self.slot: GuestSlot | None = None
@@ -386,7 +387,7 @@ class Agent:
         vm.relay = relay
         vm.ports["vmbus"] = LineSocket(self.loop, wd / "vmbus.sock", relay.on_vmbus)
         vm.ports["get"] = LineSocket(self.loop, wd / "get.sock", lambda line: self._on_get(vm, line))
-        asyncio.create_task(self._watch_exit(vm))
+        vm.exit_task = asyncio.create_task(self._watch_exit(vm))  # keep a reference: tasks are weakly held
         return {"pid": vm.pid, "argv": argv}
 
     def _on_get(self, vm: Vm, line: str) -> None:

@@ -203,3 +203,17 @@ def test_kvm_probe_falls_back_to_tcg(
             b.start(vm, reset="cold")  # the fallback really boots (through the wrapper, under TCG)
         finally:
             b.destroy(vm)
+
+
+def test_image_export_and_import_into_another_cache(ref_cfg: VmConfig, tmp_path: Path) -> None:
+    img = build_image(ref_cfg)
+    archive = tmp_path / "image.tar.gz"
+    r = subprocess.run([sys.executable, "-m", "testbed.cli", "image", "export", str(archive)],
+                       capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    other = tmp_path / "other-cache"
+    r = subprocess.run([sys.executable, "-m", "testbed.cli", "image", "import", str(archive)], capture_output=True,
+                       text=True, env={**os.environ, "TESTBED_CACHE_DIR": str(other)})  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert f"imported image {img.key}" in r.stdout
+    assert (other / "images" / img.key / "initrd.cpio").read_bytes() == img.initrd.read_bytes()
