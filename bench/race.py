@@ -34,8 +34,12 @@ def main() -> None:
     ap.add_argument("--reset", default="snapshot", choices=["snapshot", "cold"])
     ap.add_argument("--lo", type=float, default=-100)
     ap.add_argument("--hi", type=float, default=650)
+    ap.add_argument("--save-ms", type=int, default=None, help="override the lab's save_ms (window width)")
+    ap.add_argument("--restore-ms", type=int, default=None)
     args = ap.parse_args()
     cfg = load_vm_config(ROOT / "vm_configs/reference-linux.yaml")
+    knobs = {k: v for k, v in (("save_ms", args.save_ms), ("restore_ms", args.restore_ms)) if v is not None}
+    cfg = cfg.model_copy(update={"lab": cfg.lab.model_copy(update=knobs)})
     with QemuBackend() as b:
         vm = b.provision(cfg)
         snap = b.ensure_snapshot(vm) if args.reset == "snapshot" else None
@@ -59,7 +63,10 @@ def main() -> None:
     for r in recs:
         by[r["verdict"]].append(r["duration_s"])
     sk = res.summary["skew_ms"]
-    print(f"reset {args.reset}, strategy {args.strategy}, {len(recs)} iterations, accel {recs[0]['accel']}")
+    print(
+        f"reset {args.reset}, strategy {args.strategy}, {len(recs)} iterations, accel {recs[0]['accel']}, "
+        f"save_ms {cfg.lab.save_ms}, restore_ms {cfg.lab.restore_ms}, grace {res.summary.get('grace_ms', '?')}"
+    )
     print(
         f"floor (bare QEMU launch->ready->poweroff): median {statistics.median(floor):.3f} s = {floor_rate:.1f}/min"
     )

@@ -67,6 +67,7 @@ class SshTransport:
         self.insecure_accept_new = insecure_accept_new
         self.name = f"ssh://{self.user}@{host}:{port}"
         self._client: paramiko.SSHClient | None = None
+        self._sftp: paramiko.SFTPClient | None = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -82,7 +83,16 @@ class SshTransport:
         with self._lock:
             if self._client is None or not self._alive(self._client):
                 self._client = self._connect()
+                self._sftp = None
             return self._client
+
+    @property
+    def sftp(self) -> paramiko.SFTPClient:
+        """One SFTP session per connection: opening one costs round trips on a slow link."""
+        client = self.client
+        if self._sftp is None:
+            self._sftp = client.open_sftp()
+        return self._sftp
 
     @staticmethod
     def _alive(c: paramiko.SSHClient) -> bool:
@@ -188,12 +198,8 @@ class SshTransport:
             return False
         self.run(["mkdir", "-p", posixpath.dirname(remote) or "."]).check()
         try:
-            sftp = self.client.open_sftp()
-            try:
-                sftp.put(str(local), remote + ".part")
-                sftp.posix_rename(remote + ".part", remote)
-            finally:
-                sftp.close()
+            self.sftp.put(str(local), remote + ".part")
+            self.sftp.posix_rename(remote + ".part", remote)
         except (paramiko.SSHException, OSError) as e:
             raise TransportError(f"{self.name}: upload of {local.name} failed: {e}") from None
         return True
@@ -201,11 +207,7 @@ class SshTransport:
     def get(self, remote: str, local: Path) -> None:
         local.parent.mkdir(parents=True, exist_ok=True)
         try:
-            sftp = self.client.open_sftp()
-            try:
-                sftp.get(remote, str(local))
-            finally:
-                sftp.close()
+            self.sftp.get(remote, str(local))
         except (paramiko.SSHException, OSError) as e:
             raise TransportError(f"{self.name}: download of {remote} failed: {e}") from None
 
@@ -246,3 +248,4 @@ class SshTransport:
         if self._client is not None:
             self._client.close()
             self._client = None
+            self._sftp = None
