@@ -1,0 +1,110 @@
+"""pywinrm's real wire traffic against the WS-Man stand-in (HTTP on loopback)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+
+import pytest
+from winrm_standin import EmulatedHost, StandIn, running  # type: ignore[import-not-found]
+
+from testbed.backends.hyperv.clixml import error_messages
+from testbed.transport.base import TransportError
+from testbed.transport.winrm import (
+    CMD_LIMIT,
+    PowerShellError,
+    WinRmAuthError,
+    WinRmPowerShell,
+    encoded_command,
+)
+
+MODULE = r"C:\testbed\cache\Testbed-0123.psm1"
+
+
+@pytest.fixture
+def standin() -> Iterator[StandIn]:
+    host = EmulatedHost(functions={
+        "Get-TestbedPreflight": lambda **kw: {"HyperV": True, "Build": 26100, "Echo": kw},
+        "Stop-TestbedVm": lambda Name: (_ for _ in ()).throw(RuntimeError(f"Hyper-V was unable to find a virtual "
+                                                                          f"machine with name \"{Name}\".")),
+    })  # fmt: skip
+    with running(host) as s:
+        yield s
+
+
+def ps(s: StandIn, password: str | None = None) -> WinRmPowerShell:
+    return WinRmPowerShell(s.endpoint, s.user, password or s.password, auth="basic")
+
+
+def test_module_upload_in_chunks_under_the_command_line_limit(standin: StandIn) -> None:
+    module = ("# Testbed.psm1 stand-in\n" + "function Get-TestbedX { 'x' }\n" * 2000).encode()
+    assert len(encoded_command(module.decode())) > CMD_LIMIT  # too big for one command line
+    p = ps(standin)
+    with pytest.raises(ValueError, match="too long"):
+        p.run(module.decode())
+    assert p.upload(module, MODULE) is True
+    assert standin.host.files[MODULE] == module
+    assert 0 < standin.host.max_command_seen <= CMD_LIMIT  # every call respected cmd.exe's limit
+    assert p.upload(module, MODULE) is False  # same sha256 on the host: skipped
+    assert hashlib.sha256(standin.host.files[MODULE]).hexdigest() == hashlib.sha256(module).hexdigest()
+
+
+def test_invoke_passes_parameters_as_data(standin: StandIn) -> None:
+    p = ps(standin)
+    p.upload(b"function Get-TestbedPreflight {}", MODULE)
+    awkward = 'it\'s "quoted"; $(Remove-Item C:\\ -Recurse) `n'
+    out = p.invoke(MODULE, "Get-TestbedPreflight", {"VmName": awkward, "Count": 3})
+    assert out["HyperV"] is True and out["Echo"] == {"VmName": awkward, "Count": 3}
+    assert standin.host.calls[-1] == ("Get-TestbedPreflight", {"VmName": awkward, "Count": 3})
+    with pytest.raises(ValueError, match="not a Testbed module function"):
+        p.invoke(MODULE, "Remove-Item", {})
+
+
+def test_powershell_error_records_become_typed_errors(standin: StandIn) -> None:
+    p = ps(standin)
+    p.upload(b"m", MODULE)
+    with pytest.raises(PowerShellError, match='unable to find a virtual machine with name "vm1"') as e:
+        p.invoke(MODULE, "Stop-TestbedVm", {"Name": "vm1"})
+    assert e.value.exit_code == 1 and e.value.records
+
+
+def test_401_is_an_auth_error_and_the_password_is_not_in_it(standin: StandIn) -> None:
+    with pytest.raises(WinRmAuthError, match="401") as e:
+        ps(standin, password="wrong horse battery").run("'x'")
+    assert "wrong horse battery" not in str(e.value)
+    standin.faults.unauthorized = True
+    with pytest.raises(WinRmAuthError):
+        ps(standin).run("'x'")
+
+
+def test_malformed_clixml_is_reported_not_swallowed(standin: StandIn) -> None:
+    standin.faults.malformed_clixml = True
+    with pytest.raises(PowerShellError, match="malformed CLIXML"):
+        ps(standin).run_json("$x = [Text.Encoding]::UTF8.GetString([Convert]::FromBase64String('{b64}'))",
+                             {"path": "C:\\x"})  # fmt: skip
+
+
+def test_dropped_connection_mid_receive_is_a_transport_error(standin: StandIn) -> None:
+    p = ps(standin)
+    standin.faults.drop_receive = True
+    with pytest.raises(TransportError):
+        p.upload(b"x", MODULE)
+
+
+def test_clixml_parsing() -> None:
+    err = (
+        '#< CLIXML\r\n<Objs Version="1.1.0.1" xmlns="http://schemas.microsoft.com/powershell/2004/04">'
+        '<S S="Error">Stop-VM : boom_x000D__x000A_</S><S S="Error">second _x0041_ line_x000D__x000A_</S></Objs>'
+    )
+    assert error_messages(err) == ["Stop-VM : boom", "second A line"]
+    assert error_messages("plain text\n") == ["plain text"]
+
+
+def test_from_uri_needs_the_password_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TB_HV_PASS", raising=False)
+    with pytest.raises(TransportError, match="TB_HV_PASS is not set"):
+        WinRmPowerShell.from_uri("winrms://admin@hv1", "TB_HV_PASS")
+    monkeypatch.setenv("TB_HV_PASS", "x")
+    p = WinRmPowerShell.from_uri("winrms://admin@hv1", "TB_HV_PASS")
+    assert p.endpoint == "https://hv1:5986/wsman" and os.environ["TB_HV_PASS"] not in p.name
