@@ -364,7 +364,8 @@ class Agent:
         # QMP and the chardev sockets appear once QEMU has parsed its arguments.
         deadline = time.monotonic() + 20
         while True:
-            if vm.proc.returncode is not None or (await _exited(vm.proc)):
+            await asyncio.sleep(0)  # let the child watcher record an early exit
+            if vm.proc.returncode is not None:
                 err = (wd / "qemu.stderr").read_text(errors="replace")[-2000:]
                 await self.destroy_vm(vm)
                 raise AgentError("qemu-failed", f"QEMU exited at start: {err.strip()}")
@@ -666,7 +667,8 @@ class Agent:
         )
         try:
             while time.monotonic() - t < timeout:
-                if proc.returncode is not None or await _exited(proc):
+                await asyncio.sleep(0)
+                if proc.returncode is not None:
                     err = (await proc.stderr.read()).decode(errors="replace") if proc.stderr else ""
                     return {
                         "ok": False,
@@ -697,11 +699,6 @@ def _check(name: str, ok: bool, detail: str, fix: str) -> dict[str, Any]:
 async def _migrate_status(vm: Vm) -> dict[str, Any]:
     res = await vm.qmp.execute("query-migrate")
     return dict(res) if isinstance(res, dict) else {}
-
-
-async def _exited(proc: asyncio.subprocess.Process) -> bool:
-    await asyncio.sleep(0)
-    return proc.returncode is not None
 
 
 async def _wait_proc(proc: asyncio.subprocess.Process, timeout: float) -> bool:

@@ -22,7 +22,7 @@ def write_junit(path: Path, run: dict[str, Any], records: list[dict[str, Any]]) 
         )
         evidence = "\n".join(r.get("evidence", []))
         text = f"{r['verdict']}: {r.get('reason', '')}\n{evidence}\nfolder: {r.get('dir', '')}"
-        if r["verdict"] in ("lost", "duplicated") or r.get("unexpected"):
+        if r["verdict"] in ("lost", "duplicated"):
             f = Failure(f"{r['verdict']}: {r.get('reason', '')}", r["verdict"])
             f.text = text
             tc.result = [f]
