@@ -105,6 +105,15 @@ def netns_pair(name: str, delay_ms: float = 0, jitter_ms: float = 0) -> Iterator
     finally:
         subprocess.run(["ip", "link", "del", a], capture_output=True)
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        _release_netns_mount()
+
+
+def _release_netns_mount() -> None:
+    """ip netns mounts /run/netns on first use; with no namespace left, undo it so
+    nothing of ours stays mounted (a chroot's temp root must stay removable)."""
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.strip()
+    if not left:
+        subprocess.run(["umount", "/run/netns"], capture_output=True)
 
 
 def can_netns() -> bool:
@@ -119,6 +128,7 @@ def can_netns() -> bool:
         )
     finally:
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        _release_netns_mount()
 
 
 def netem_available() -> bool:
