@@ -84,13 +84,16 @@ def classify(ev: dict[str, Any]) -> Verdict:
         )
 
     if len(delivered) == 1:
-        t_del = guest_time_us(delivered[0])
+        # When the paravisor handed the message to VTL0 decides before/after: VTL0
+        # may log a message it was given just before servicing a little later.
+        relay = next((ln for ln in serial if msg_id and " PV relay " in ln and f" id={msg_id}" in ln), None)
+        t_del = guest_time_us(relay or delivered[0])
         t_svc = guest_time_us(svc_start) if svc_start else None
         if not servicing or (t_svc is not None and t_del is not None and t_del < t_svc):
             return Verdict(
                 "delivered-before",
-                "VTL0 handled the shutdown before servicing took hold",
-                delivered + ([svc_start] if svc_start else []) + host_msg,
+                "VTL0 was handed the shutdown before servicing took hold",
+                ([relay] if relay else []) + delivered + ([svc_start] if svc_start else []) + host_msg,
             )
         if svc.get("ok") is False or ev.get("servicing_timeout"):
             pass  # delivered after a failed servicing: report the servicing failure below

@@ -86,6 +86,15 @@ def test_servicing_failure_reported_by_guest() -> None:
     assert v.kind == "servicing-failed" and "exec-failed" in v.reason and "still running" in v.reason
 
 
+def test_handover_before_servicing_counts_even_if_vtl0_logs_after() -> None:
+    """The paravisor relayed the message, then read the servicing request; VTL0 logged
+    it a moment later. It was accepted before servicing took hold."""
+    serial = ["TB t=1990 PV relay seq=0 id=sd1", "TB t=2000 PV svc-start id=1 from=v2 to=v2 strategy=none",
+              "TB t=2050 VTL0 SHUTDOWN id=sd1 seq=0 reason=testbed"]  # fmt: skip
+    v = classify(ev(serial=serial, ended=True, shutdown=GUEST_SHUTDOWN))
+    assert v.kind == "delivered-before" and v.evidence[0].endswith("PV relay seq=0 id=sd1")
+
+
 def test_baseline_without_servicing_is_delivered_before() -> None:
     v = classify(
         ev(

@@ -230,6 +230,8 @@ static void host_message(const char *line, int frozen) {
             if (st.nq < MAXQ) strcpy(st.queue[st.nq++], line);
             evidence("PV queued seq=%s id=%s", field("seq", line), field("id", line));
         } else {
+            /* Evidence of the hand-over: VTL0 may log it later, after servicing began. */
+            evidence("PV relay seq=%s id=%s", field("seq", line), field("id", line));
             sendline(st.vtl0, "%s", line);
             if (now_us() < replay_until) { /* the fault: a replayed, already-delivered message */
                 evidence("PV replaying seq=%s", field("seq", line));
