@@ -117,3 +117,24 @@ def test_prepare_a_clean_debian_host_twice_then_check_it(tmp_path: Path) -> None
                            capture_output=True, text=True, timeout=300)  # fmt: skip
         assert r.returncode == 0, r.stdout + r.stderr
         assert "host: qemu" in r.stdout
+        # ...and a suite runs on the prepared host: a short race over SSH gives the lab's verdicts.
+        from testbed.config import Playbook, ScheduleSpec, load_vm_config
+        from testbed.engine.runner import Runner, RunOptions
+        from testbed.transport.ssh import SshTransport
+
+        t = SshTransport(
+            "127.0.0.1", host.port, "root", identity=str(host.key), known_hosts=str(host.known_hosts)
+        )
+        pb = Playbook(
+            name="on-prepared-host",
+            vm_config="-",
+            strategy="none",
+            iterations=2,
+            reset="snapshot",
+            schedule=ScheduleSpec(kind="fixed", offsets_ms=[-300.0, 150.0]),
+            grace_ms=1200,
+            expect={},
+        )
+        res = Runner(pb, load_vm_config(ROOT / "vm_configs/reference-linux.yaml"),
+                     RunOptions(out=tmp_path / "run", transport=t)).run()  # fmt: skip
+        assert [rec["verdict"] for rec in res.records] == ["delivered-before", "lost"]
