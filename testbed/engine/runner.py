@@ -195,7 +195,7 @@ class Runner:
         return {
             "testbed_version": __version__,
             "playbook": self.pb.name,
-            "playbook_path": str(self.playbook_path) if self.playbook_path else None,
+            "playbook_path": str(self.playbook_path.resolve()) if self.playbook_path else None,
             "host": self.backend.host,
             "host_os": f"{platform.system()} {platform.release()} ({platform.version()})",
             **vm.record(),

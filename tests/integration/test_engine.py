@@ -144,3 +144,19 @@ def test_sigint_mid_run_keeps_results_and_reports_rebuild(tmp_path: Path) -> Non
     xml = JUnitXml.fromfile(str(out / "junit.xml"))
     assert sum(1 for s in xml for _c in s) == len(recs)
     assert (out / "report.html").exists() and json.loads((out / "summary.json").read_text())["interrupted"]
+
+
+def test_repro_replays_an_iteration_and_compare_tests_two_runs(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "testbed.cli", "run", str(ROOT / "playbooks/quick.yaml"), "--iterations",
+                        "2", "--offsets", "150,-250", "--out", str(out)], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr  # quick.yaml expects losses: one at 150 ms
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    r = subprocess.run([sys.executable, "-m", "testbed.cli", "repro", str(out), "--iteration", "0"],
+                       capture_output=True, text=True, cwd=elsewhere, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "iteration 0: was lost, now lost" in " ".join(r.stdout.split())
+    r = subprocess.run([sys.executable, "-m", "testbed.cli", "compare", str(out), str(out)], capture_output=True,
+                       text=True)  # fmt: skip
+    assert r.returncode == 0 and "p = 1: no significant difference" in r.stdout
