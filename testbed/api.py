@@ -27,7 +27,7 @@ from testbed.backends.base import RacePlan
 from testbed.backends.qemu.backend import QemuBackend, QemuVm
 from testbed.config import HostEntry, Playbook, VmConfig, load_playbook, load_vm_config
 from testbed.engine.runner import DEFAULT_GRACE_MS, Runner, RunOptions, RunResult
-from testbed.engine.verdict import classify
+from testbed.engine.verdict import classify, fire_offsets
 from testbed.hosts import resolve_host
 
 _ids = itertools.count(1)
@@ -74,17 +74,9 @@ class Vm:
             res = b.race(self.qemu, plan, grace_ms)
         finally:
             b.destroy(self.qemu)
-        res["shutdown_id"] = f"sd{n}"
         v = classify(res)
-        t0, fire, svc = res.get("t0_ns"), res.get("fire_ns"), res.get("svc", {})
-        return RaceResult(
-            v.kind,
-            v.reason,
-            v.evidence,
-            (fire - t0) / 1e6 if t0 is not None and fire is not None and servicing else None,
-            (fire - svc["start_ns"]) / 1e6 if fire is not None and "start_ns" in svc else None,
-            res,
-        )
+        offset, guest_offset = fire_offsets(res, servicing)
+        return RaceResult(v.kind, v.reason, v.evidence, offset, guest_offset, res)
 
 
 class Host:

@@ -300,7 +300,6 @@ def repro(
                 ),
                 run["grace_ms"],
             )
-            res["shutdown_id"] = f"sd{iteration}"
             v = classify(res)
             out.print(
                 f"iteration {iteration}: was [bold]{rec['verdict']}[/], now [bold]{v.kind}[/]: {v.reason}"

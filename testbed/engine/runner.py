@@ -25,7 +25,7 @@ from testbed.backends.qemu.backend import InfraError, QemuBackend, QemuVm
 from testbed.backends.qemu.client import AgentFailure, AgentLost
 from testbed.config import Case, Playbook, ScheduleSpec, VmConfig, apply_lab_overrides, stable_hash
 from testbed.engine import schedule as sched
-from testbed.engine.verdict import classify, guest_time_us
+from testbed.engine.verdict import classify, fire_offsets, guest_time_us
 from testbed.paths import cache_dir
 from testbed.report import evaluate, exit_code, write_reports
 from testbed.report.jsonl import ResultsWriter, read_results
@@ -308,12 +308,10 @@ class Runner:
                 self.backend.collect(vm, it_dir)  # the serial log is evidence: always kept
             finally:
                 self.backend.destroy(vm)
-        res["shutdown_id"] = f"sd{plan.iteration}" if plan.shutdown else None
         verdict = classify(res)
-        t0, fire = res.get("t0_ns"), res.get("fire_ns")
+        fire = res.get("fire_ns")
         svc = res.get("svc", {})
-        offset = (fire - t0) / 1e6 if t0 is not None and fire is not None and plan.service else None
-        guest_offset = (fire - svc["start_ns"]) / 1e6 if fire is not None and "start_ns" in svc else None
+        offset, guest_offset = fire_offsets(res, plan.service)
         rec: dict[str, Any] = {
             "iteration": plan.iteration,
             "case": case.name,

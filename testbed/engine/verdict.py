@@ -42,6 +42,15 @@ def guest_time_us(line: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def fire_offsets(ev: dict[str, Any], servicing: bool) -> tuple[float | None, float | None]:
+    """When the shutdown was fired, in ms: from the servicing request (host anchor)
+    and from the paravisor's reported servicing start (guest anchor)."""
+    t0, fire, svc = ev.get("t0_ns"), ev.get("fire_ns"), ev.get("svc", {})
+    offset = (fire - t0) / 1e6 if t0 is not None and fire is not None and servicing else None
+    guest = (fire - svc["start_ns"]) / 1e6 if fire is not None and "start_ns" in svc else None
+    return offset, guest
+
+
 def _host_lines(log: list[dict[str, Any]], pred: Any) -> list[str]:
     return [f"host {e['kind']} {e['port']}: {e['line']}" for e in log if pred(e)]
 

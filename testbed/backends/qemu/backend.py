@@ -397,7 +397,7 @@ class QemuBackend:
                 "offset_ms": plan.offset_ms if plan.offset_ms is not None else 0.0,
             }
         budget = (knobs.servicing_timeout_ms + grace_ms) / 1000 + 60
-        return self.agent.call(
+        res = self.agent.call(
             "race",
             timeout=budget,
             name=vm.name,
@@ -406,6 +406,8 @@ class QemuBackend:
             grace_ms=grace_ms,
             servicing_timeout_ms=knobs.servicing_timeout_ms,
         )
+        res["shutdown_id"] = shutdown["id"] if shutdown else None  # what the verdict looks for
+        return res
 
     def collect(self, vm: QemuVm, dest: Path) -> list[Path]:
         """Copy the VM's serial log, QEMU stderr and argv from the host (before destroy)."""
