@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol
@@ -23,6 +23,24 @@ class CommandResult:
         if self.rc != 0:
             raise TransportError(f"{self.argv[0]} exited {self.rc}: {self.stderr.strip()[-500:]}")
         return self
+
+
+class OutputCollector:
+    """Gathers a command's stdout and stderr line by line, passing each line on as it
+    comes; ``pump`` is run once per stream (one of them on its own thread)."""
+
+    def __init__(self, on_output: Callable[[str, str], None] | None) -> None:
+        self.on_output = on_output
+        self.lines: dict[str, list[str]] = {"stdout": [], "stderr": []}
+
+    def pump(self, name: str, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.lines[name].append(line)
+            if self.on_output:
+                self.on_output(name, line.rstrip("\n"))
+
+    def result(self, argv: list[str], rc: int) -> CommandResult:
+        return CommandResult(argv, rc, "".join(self.lines["stdout"]), "".join(self.lines["stderr"]))
 
 
 class AgentPipes(Protocol):

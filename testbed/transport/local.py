@@ -7,11 +7,11 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-from testbed.transport.base import CommandResult, TransportError
+from testbed.transport.base import CommandResult, OutputCollector, TransportError
 
 
 def sha256_file(path: Path) -> str:
@@ -38,18 +38,15 @@ class LocalTransport:
             p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         except FileNotFoundError as e:
             return CommandResult(argv, 127, "", str(e))
-        out: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        out = OutputCollector(on_output)
 
-        def pump(name: str, f: IO[bytes]) -> None:
-            for raw in f:
-                line = raw.decode(errors="replace")
-                out[name].append(line)
-                if on_output:
-                    on_output(name, line.rstrip("\n"))
+        def decoded(f: IO[bytes]) -> Iterator[str]:
+            return (raw.decode(errors="replace") for raw in f)
 
         threads = [
-            threading.Thread(target=pump, args=(n, f))
+            threading.Thread(target=out.pump, args=(n, decoded(f)))
             for n, f in (("stdout", p.stdout), ("stderr", p.stderr))
+            if f is not None
         ]
         for t in threads:
             t.start()
@@ -65,7 +62,7 @@ class LocalTransport:
             raise TransportError(f"{argv[0]} did not finish within {timeout} s") from None
         for t in threads:
             t.join()
-        return CommandResult(argv, rc, "".join(out["stdout"]), "".join(out["stderr"]))
+        return out.result(argv, rc)
 
     def put(self, local: Path, remote: str) -> bool:
         dest = Path(remote)

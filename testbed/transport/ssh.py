@@ -28,7 +28,7 @@ from tenacity import (
     wait_exponential,
 )
 
-from testbed.transport.base import CommandResult, TransportError
+from testbed.transport.base import CommandResult, OutputCollector, TransportError
 from testbed.transport.local import sha256_file
 
 log = logging.getLogger(__name__)
@@ -173,22 +173,15 @@ class SshTransport:
             if input:
                 stdin.write(input)
             stdin.channel.shutdown_write()
-            out: dict[str, list[str]] = {"stdout": [], "stderr": []}
-
-            def pump(name: str, f: paramiko.ChannelFile) -> None:
-                for line in f:
-                    out[name].append(line)
-                    if on_output:
-                        on_output(name, line.rstrip("\n"))
-
-            t = threading.Thread(target=pump, args=("stderr", stderr))
+            out = OutputCollector(on_output)
+            t = threading.Thread(target=out.pump, args=("stderr", stderr))
             t.start()
-            pump("stdout", stdout)
+            out.pump("stdout", stdout)
             t.join()
             rc = stdout.channel.recv_exit_status()
         except (paramiko.SSHException, OSError, EOFError) as e:
             raise TransportError(f"{self.name}: connection lost during {argv[0]}: {e}") from None
-        return CommandResult(argv, rc, "".join(out["stdout"]), "".join(out["stderr"]))
+        return out.result(argv, rc)
 
     # ---- files ---------------------------------------------------------------------
     def put(self, local: Path, remote: str) -> bool:
