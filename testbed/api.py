@@ -23,12 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from testbed.backends.base import RacePlan
-from testbed.backends.qemu.backend import QemuBackend, QemuVm
+from testbed.backends.base import Backend, RacePlan
 from testbed.config import HostEntry, Playbook, VmConfig, load_playbook, load_vm_config
 from testbed.engine.runner import DEFAULT_GRACE_MS, Runner, RunOptions, RunResult
 from testbed.engine.verdict import classify, fire_offsets
-from testbed.hosts import resolve_host
+from testbed.hosts import lookup_entry, open_backend
 
 _ids = itertools.count(1)
 
@@ -46,14 +45,14 @@ class RaceResult:
 class Vm:
     """A provisioned reference VM: each ``race`` starts it fresh and destroys it after."""
 
-    def __init__(self, host: Host, vm: QemuVm, reset: str) -> None:
+    def __init__(self, host: Host, vm: Any, reset: str) -> None:
         self.host = host
-        self.qemu = vm
+        self.backend_vm = vm
         self.reset = reset
 
     @property
     def record(self) -> dict[str, Any]:
-        return self.qemu.record()
+        return dict(self.backend_vm.record())
 
     def race(
         self,
@@ -70,19 +69,19 @@ class Vm:
         plan = RacePlan(n, None if after_ready else offset_ms, servicing, True,
                         "after-ready" if after_ready else "offset", image)  # fmt: skip
         try:
-            b.start(self.qemu, reset=self.reset)
-            res = b.race(self.qemu, plan, grace_ms)
+            b.start(self.backend_vm, reset=self.reset)
+            res = b.race(self.backend_vm, plan, grace_ms)
         finally:
-            b.destroy(self.qemu)
+            b.destroy(self.backend_vm)
         v = classify(res)
         offset, guest_offset = fire_offsets(res, servicing)
         return RaceResult(v.kind, v.reason, v.evidence, offset, guest_offset, res)
 
 
 class Host:
-    """A lab host (local, or a Linux host over SSH) with its backend."""
+    """A lab host (local, a Linux host over SSH, or a Hyper-V host) with its backend."""
 
-    def __init__(self, entry: HostEntry, backend: QemuBackend) -> None:
+    def __init__(self, entry: HostEntry, backend: Backend) -> None:
         self.entry = entry
         self.backend = backend
 
@@ -126,7 +125,7 @@ class Host:
         else:
             pb, cfg = load_playbook(playbook)
             cfg = vm_config or cfg
-        opts = RunOptions(out=out, transport=self.backend.transport, **overrides)
+        opts = RunOptions(out=out, backend=self.backend, **overrides)
         return Runner(pb, cfg, opts).run()
 
     def close(self) -> None:
@@ -136,9 +135,8 @@ class Host:
 @contextmanager
 def open_host(host: str = "local", inventory: str | Path | None = None, *, insecure_accept_new: bool = False,
               identity: str | None = None) -> Iterator[Host]:  # fmt: skip
-    transport, entry = resolve_host(host, Path(inventory) if inventory else None,
-                                    insecure_accept_new=insecure_accept_new, identity=identity)  # fmt: skip
-    h = Host(entry, QemuBackend(transport))
+    entry = lookup_entry(host, Path(inventory) if inventory else None)
+    h = Host(entry, open_backend(entry, insecure_accept_new=insecure_accept_new, identity=identity))
     try:
         yield h
     finally:

@@ -10,6 +10,7 @@ Exit codes (every command):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -26,8 +27,9 @@ from rich.table import Table
 
 from testbed import leases
 from testbed.config import STRATEGIES, ConfigError, load_playbook, load_vm_config
-from testbed.hosts import resolve_host
+from testbed.hosts import lookup_entry, open_backend
 from testbed.paths import runtime_dir
+from testbed.transport import TransportError
 
 HELP = __doc__ or ""
 app = typer.Typer(
@@ -148,14 +150,16 @@ def run(
         if vm_config is not None:
             cfg = load_vm_config(vm_config)
         sched = parse_offsets(offsets) if offsets else None
-        transport, _entry = resolve_host(host or pb.host, inventory, insecure_accept_new=insecure_accept_new,
-                                         identity=identity)  # fmt: skip
+        entry = lookup_entry(host or pb.host, inventory)
+        backend = open_backend(entry, cfg.backend, insecure_accept_new=insecure_accept_new, identity=identity)
     except ConfigError as e:
         fail(2, str(e))
     except ValueError as e:
         fail(2, str(e))
+    except TransportError as e:
+        fail(3, str(e))
     opts = RunOptions(
-        transport=transport,
+        backend=backend,
         strategy=strategy,
         iterations=iterations,
         offsets=sched,
@@ -191,8 +195,7 @@ def run(
             counts[ev["record"]["verdict"]] += 1
             progress.update(task, advance=1, counts=" ".join(f"{k}={v}" for k, v in sorted(counts.items())))
 
-    from testbed.backends.qemu.backend import InfraError
-    from testbed.transport import TransportError
+    from testbed.backends.base import InfraError
 
     try:
         with progress:
@@ -408,7 +411,8 @@ def vm_up(
     The VM lives as long as this command: the host agent kills QEMU when its
     owner goes away, so nothing is ever left running.
     """
-    from testbed.backends.qemu.backend import InfraError, QemuBackend
+    from testbed.backends.base import InfraError
+    from testbed.backends.qemu.backend import QemuBackend
 
     try:
         cfg = load_vm_config(config)
@@ -485,18 +489,22 @@ def gc(
     if host == "local":
         actions = leases.gc(runtime_dir() / "leases")
     else:
-        from testbed.backends.qemu.backend import InfraError, QemuBackend
+        from testbed.backends.base import InfraError
+        from testbed.hosts import lookup_entry, open_backend
 
         try:
-            transport, _e = resolve_host(
-                host, inventory, insecure_accept_new=insecure_accept_new, identity=identity
-            )
-            with QemuBackend(transport) as b:
-                actions = b.gc_host()
+            entry = lookup_entry(host, inventory)
+            backend = open_backend(entry, insecure_accept_new=insecure_accept_new, identity=identity)
         except ConfigError as e:
             fail(2, str(e))
+        except TransportError as e:
+            fail(3, str(e))
+        try:
+            actions = backend.gc_host()  # type: ignore[attr-defined]
         except InfraError as e:
             fail(3, str(e))
+        finally:
+            backend.close()
     for a in actions:
         out.print(a)
     if not actions:
@@ -508,35 +516,47 @@ def gc(
 
 @host_app.command("check")
 def host_check(
-    host: Annotated[str, typer.Argument(help="local | ssh://user@host[:port] | an inventory name")] = "local",
+    host: Annotated[
+        str, typer.Argument(help="local | ssh://user@host[:port] | winrms://user@host | an inventory name")
+    ] = "local",
     inventory: InventoryOpt = None,
     insecure_accept_new: InsecureOpt = False,
     identity: IdentityOpt = None,
-    config: Annotated[Path, typer.Option(help="vm_config whose kernel to check")] = DEFAULT_CONFIG,
+    config: Annotated[Path, typer.Option(help="vm_config to check the host against")] = DEFAULT_CONFIG,
     probe: Annotated[bool, typer.Option(help="run the KVM probe now (boots a tiny guest)")] = False,
 ) -> None:
-    """Preflight: QEMU, KVM probe, build tools, kernel package, disk; each problem with its fix.
+    """Preflight: each problem with the command that fixes it.
 
-    Remote hosts are checked on the host itself, through the host agent over SSH.
+    A QEMU host: QEMU, the KVM probe, build tools, kernel package, disk (remote hosts
+    are checked on the host itself, through the host agent over SSH). A Hyper-V host
+    (winrm(s)://, or an inventory entry of kind hyperv; password in
+    TESTBED_WINRM_PASSWORD or the entry's password_env): WinRM reachable and
+    credentials accepted, Hyper-V enabled, AllowFirmwareLoadFromFile, OS build, COM3,
+    free memory.
     """
-    from testbed.backends.qemu.backend import InfraError, QemuBackend
+    from testbed.backends.base import InfraError
+    from testbed.backends.qemu.backend import QemuBackend
     from testbed.backends.qemu.image import ImageBuildError, build_image
+    from testbed.hosts import lookup_entry, open_backend
 
     try:
+        entry = lookup_entry(host, inventory)
         cfg = load_vm_config(config) if config.exists() else None
-        transport, _e = resolve_host(
-            host, inventory, insecure_accept_new=insecure_accept_new, identity=identity
-        )
+        if cfg is not None and cfg.backend != entry.kind:
+            cfg = None  # the default vm_config is for the other kind of host
+        backend = open_backend(entry, insecure_accept_new=insecure_accept_new, identity=identity)
     except ConfigError as e:
         fail(2, str(e))
-    with QemuBackend(transport) as b:
-        if probe and cfg is not None:
+    except TransportError as e:
+        fail(3, str(e))
+    with contextlib.closing(backend):
+        if probe and cfg is not None and isinstance(backend, QemuBackend):
             try:
                 img = build_image(cfg)
-                b.kvm_probe(img, refresh=True)
+                backend.kvm_probe(img, refresh=True)
             except (ImageBuildError, InfraError) as e:
                 console.print(f"cannot probe KVM: {e}")
-        rep = b.preflight(cfg)
+        rep = backend.preflight(cfg)
     t = Table("check", "ok", "detail", "fix")
     for c in rep.checks:
         t.add_row(c.name, "yes" if c.ok else "NO", c.detail, "" if c.ok else c.fix)

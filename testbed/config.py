@@ -71,9 +71,86 @@ class ParavisorSpec(Strict):
         return v
 
 
+class Artifact(Strict):
+    """A file the Hyper-V host needs (IGVM, VHDX): uploaded from ``path`` in hash-checked
+    chunks (fine for small files), or pulled by the host from ``url`` or ``share``
+    into its cache, keyed by ``sha256`` (required then, so the host can verify it)."""
+
+    path: str | None = None
+    url: str | None = None
+    share: str | None = None
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Artifact:
+        given = [k for k in ("path", "url", "share") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of path (upload), url or share (the host pulls it)")
+        if given[0] != "path" and not self.sha256:
+            raise ValueError(f"{given[0]} needs sha256, so the host can verify what it pulled")
+        return self
+
+    @property
+    def file_name(self) -> str:
+        src = self.path or self.url or self.share or ""
+        return re.split(r"[\\/]", src.rstrip("/\\"))[-1] or "artifact"
+
+
+class NestedSpec(Strict):
+    """Nested Hyper-V: an L1 Windows VM (virtualization extensions exposed) on the L0
+    host; the L2 OpenHCL VM is driven inside it through PowerShell Direct."""
+
+    l1_vhd: Artifact
+    user: str = "Administrator"
+    password_env: str = Field(description="env var on the controller holding the L1 password")
+    memory_mb: int = Field(8192, ge=2048)
+    processors: int = Field(4, ge=1, le=240)
+    heartbeat_timeout_s: int = Field(600, ge=10)
+    host_dir: str = r"C:\testbed"
+
+
+class HyperVSpec(Strict):
+    """A Gen2 VM with OpenHCL on a Hyper-V host (facts in CONTEXT.md)."""
+
+    igvm: Artifact
+    vtl0_vhd: Artifact
+    vtl0_image: str = Field(
+        "Linux VHDX, kernel console=ttyS0 with hv_utils (logs the shutdown request on COM1)",
+        description="what the VTL0 image must be for COM1 evidence to exist",
+    )
+    firmware_cmdline: str = ""
+    memory_mb: int = Field(2048, ge=256)
+    processors: int = Field(2, ge=1, le=240)
+    override_version_checks: bool = True
+    disable_nvme_keepalive: bool = False
+    timeout_hint_secs: int = Field(60, ge=1, le=3600)
+    ic_ready_timeout_s: int = Field(300, ge=1)
+    com1: bool = True
+    com3: Literal["auto", "off"] = "auto"
+    vtl0_shutdown_pattern: str = Field(
+        "Shutdown request received", description="regex of the VTL0 line on COM1 that shows delivery"
+    )
+    com3_servicing_start_pattern: str | None = Field(
+        None, description="regex of OpenHCL's COM3 line that marks the start of its save (guest anchor)"
+    )
+    host_dir: str = r"C:\testbed"
+    nested: NestedSpec | None = None
+
+    @field_validator("vtl0_shutdown_pattern", "com3_servicing_start_pattern")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"not a regular expression: {e}") from None
+        return v
+
+
 class VmConfig(Strict):
     name: str
-    backend: Literal["qemu"] = "qemu"
+    backend: Literal["qemu", "hyperv"] = "qemu"
+    hyperv: HyperVSpec | None = None
     kernel: KernelSpec = KernelSpec()
     busybox_package: str = "busybox-static"
     cmdline: str = "console=ttyS0 quiet loglevel=1 panic=-1"
@@ -84,6 +161,12 @@ class VmConfig(Strict):
     boot_timeout_s: float = Field(90.0, gt=0, le=3600)
     paravisor: ParavisorSpec = ParavisorSpec()
     lab: LabKnobs = LabKnobs()
+
+    @model_validator(mode="after")
+    def _backend_section(self) -> VmConfig:
+        if self.backend == "hyperv" and self.hyperv is None:
+            raise ValueError("backend hyperv needs a 'hyperv:' section (igvm, vtl0_vhd, ...)")
+        return self
 
     def digest(self) -> str:
         """Stable hash of everything in the config (for run manifests)."""
@@ -162,7 +245,22 @@ def load_model(path: Path | str, model: type[M]) -> M:
 
 
 def load_vm_config(path: Path | str) -> VmConfig:
-    return load_model(path, VmConfig)
+    """A vm_config; Hyper-V artifact paths are made relative to the file itself."""
+    cfg = load_model(path, VmConfig)
+    if cfg.hyperv is None:
+        return cfg
+    base = Path(path).resolve().parent
+
+    def anchored(a: Artifact) -> Artifact:
+        if a.path and not Path(a.path).is_absolute():
+            return a.model_copy(update={"path": str(base / a.path)})
+        return a
+
+    hv = cfg.hyperv
+    update: dict[str, Any] = {"igvm": anchored(hv.igvm), "vtl0_vhd": anchored(hv.vtl0_vhd)}
+    if hv.nested is not None:
+        update["nested"] = hv.nested.model_copy(update={"l1_vhd": anchored(hv.nested.l1_vhd)})
+    return cfg.model_copy(update={"hyperv": hv.model_copy(update=update)})
 
 
 def stable_hash(obj: Any) -> str:
@@ -340,6 +438,9 @@ class HostEntry(Strict):
     password_env: str | None = Field(None, description="name of an env var holding the password")
     known_hosts: str | None = None
     insecure_accept_new: bool = False
+    winrm_auth: Literal["ntlm", "kerberos", "credssp", "basic"] = "ntlm"
+    verify_tls: bool = Field(True, description="WinRM over HTTPS: validate the host's certificate")
+    ca_bundle: str | None = Field(None, description="CA file that signed the host's WinRM certificate")
 
     @field_validator("uri")
     @classmethod

@@ -153,14 +153,13 @@ def _testbed_kind_markers(request: pytest.FixtureRequest) -> None:
 @pytest.fixture(scope="session")
 def testbed_host(testbed_host_entry: HostEntry, request: pytest.FixtureRequest) -> Iterator[Any]:
     from testbed.api import Host
-    from testbed.backends.qemu.backend import QemuBackend
-    from testbed.hosts import transport_for
+    from testbed.hosts import open_backend
 
-    if testbed_host_entry.kind != "qemu":
+    if testbed_host_entry.kind not in ("qemu", "hyperv"):
         pytest.skip(
             f"host {testbed_host_entry.name} is of kind {testbed_host_entry.kind}: no backend in this version"
         )
-    host = Host(testbed_host_entry, QemuBackend(transport_for(testbed_host_entry)))
+    host = Host(testbed_host_entry, open_backend(testbed_host_entry))
     try:
         yield host
     finally:

@@ -1,17 +1,27 @@
-"""A WS-Management stand-in for the tests: real HTTP, the SOAP shell protocol pywinrm speaks
-(Create, Command, Receive, Signal, Delete, SOAP faults), Basic auth, and cmd.exe's 8191
-character limit. It decodes ``powershell -encodedcommand`` and answers only the fixed
-scripts of testbed.transport.winrm, from an emulated host (a dict of files and
-functions); anything else is an error, as PowerShell would give one.
+"""A WS-Management stand-in for the tests: real HTTP(S), the SOAP shell protocol pywinrm
+speaks (Create, Command, Receive, Signal, Delete, SOAP faults), Basic auth or NTLM with
+WinRM message encryption (pyspnego as the acceptor, MS-WSMV 2.2.9.1.1), and cmd.exe's
+8191 character limit. It decodes ``powershell -EncodedCommand`` and answers only the
+fixed scripts of testbed.transport.powershell, from an emulated host (files and the
+Testbed module's functions) that answers as Windows PowerShell 5.1 would (one-element
+arrays unwrapped, dates as \\/Date(ms)\\/); anything else is an error, as PowerShell
+would give one. ``serve_unix`` offers the same host to a fake ``powershell`` executable
+on an SSH server's PATH.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import datetime as dt
 import hashlib
 import json
+import os
 import re
+import socket
+import socketserver
+import ssl
+import struct
 import threading
 import uuid
 import xml.etree.ElementTree as ET
@@ -43,21 +53,52 @@ def clixml_error(message: str) -> str:
             f'<S S="Error">{esc}_x000D__x000A_</S></Objs>')  # fmt: skip
 
 
+def ps51_json(obj: Any) -> str:
+    """ConvertTo-Json as Windows PowerShell 5.1 writes it: dates as \\/Date(ms)\\/, and a
+    one-element array written by a function's pipeline comes out as the element."""
+
+    def conv(o: Any) -> Any:
+        if isinstance(o, dt.datetime):
+            return f"/Date({int(o.timestamp() * 1000)})/"
+        if isinstance(o, dict):
+            return {k: conv(v) for k, v in o.items()}
+        if isinstance(o, list):
+            return [conv(v) for v in o]
+        return o
+
+    if isinstance(obj, list) and len(obj) == 1:
+        obj = obj[0]
+    return json.dumps(conv(obj), separators=(",", ":")).replace("/Date(", "\\/Date(").replace(")/", ")\\/")
+
+
 @dataclass
 class EmulatedHost:
-    """What the stand-in's PowerShell can see: files and the Testbed module's functions."""
+    """What the stand-in's PowerShell can see: files and the Testbed module's functions,
+    and for nested Hyper-V the VMs reachable with PowerShell Direct."""
 
     files: dict[str, bytes] = field(default_factory=dict)
     functions: dict[str, Callable[..., Any]] = field(default_factory=dict)
     calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     max_command_seen: int = 0
+    vms: dict[str, tuple[str, str, EmulatedHost]] = field(
+        default_factory=dict
+    )  # name -> user, password, host
+    scripts_seen: list[str] = field(default_factory=list)
 
     def powershell(self, script: str) -> tuple[int, str, str]:
         """(exit code, stdout, stderr) of one of testbed's fixed scripts."""
+        self.scripts_seen.append(script)
         m = B64.search(script)
         if not m:
             return 1, "", clixml_error(f"stand-in: unrecognised script: {script[:80]!r}")
         a = json.loads(base64.b64decode(m.group(1)))
+        if "Invoke-Command -VMName $a.vm" in script:
+            target = self.vms.get(a["vm"])
+            if target is None:
+                return 1, "", clixml_error(f"Invoke-Command : The virtual machine {a['vm']} is not running.")
+            if (a["user"], a["password"]) != target[:2]:
+                return 1, "", clixml_error("Invoke-Command : The credential is invalid.")
+            return target[2].powershell(a["script"])
         if "Import-Module -Force $a.module" in script:
             if a["module"] not in self.files:
                 return (
@@ -74,7 +115,7 @@ class EmulatedHost:
                 )
             self.calls.append((a["function"], a["params"]))
             try:
-                return 0, json.dumps(fn(**a["params"])), ""
+                return 0, ps51_json(fn(**a["params"])), ""
             except Exception as e:  # the emulated cmdlet threw: a terminating error record
                 return 1, "", clixml_error(str(e))
         if "[IO.FileMode]::Append" in script:
@@ -103,48 +144,127 @@ class Faults:
     malformed_clixml: bool = False
 
 
+BOUNDARY = b"--Encrypted Boundary"
+SPNEGO_ENC = "application/HTTP-SPNEGO-session-encrypted"
+
+
 class StandIn:
-    def __init__(self, host: EmulatedHost, user: str = "tester", password: str = "s3cret pass") -> None:
+    """``auth``: "basic", or "ntlm" (NTLM through Negotiate, with message encryption on
+    plain HTTP as Windows requires; the acceptor reads NTLM_USER_FILE). ``tls``: serve
+    HTTPS with this server context."""
+
+    def __init__(self, host: EmulatedHost, user: str = "tester", password: str = "s3cret pass",
+                 auth: str = "basic", tls: ssl.SSLContext | None = None) -> None:  # fmt: skip
         self.host = host
         self.user, self.password = user, password
+        self.auth = auth
+        self.tls = tls
         self.faults = Faults()
         self.shells: set[str] = set()
         self.commands: dict[str, tuple[int, str, str]] = {}
         self.requests: list[str] = []
+        self.encrypted_requests = 0
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/wsman"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.server.server_address[1]}/wsman"
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         standin = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # NTLM authenticates the connection, so keep it
+            ntlm: Any = None
+            ntlm_done = False
+
             def log_message(self, *args: Any) -> None:
                 pass
 
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                expected = "Basic " + base64.b64encode(f"{standin.user}:{standin.password}".encode()).decode()
-                if standin.faults.unauthorized or self.headers.get("Authorization") != expected:
-                    self.send_response(401)
-                    self.send_header("WWW-Authenticate", 'Basic realm="WSMAN"')
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                status, reply = standin.handle(body.decode())
-                if reply is None:  # a dropped connection mid-receive
-                    self.close_connection = True
-                    self.connection.shutdown(2)
-                    return
-                data = reply.encode()
+            def reply(self, status: int, data: bytes, headers: dict[str, str]) -> None:
                 self.send_response(status)
-                self.send_header("Content-Type", "application/soap+xml;charset=UTF-8")
+                for k, v in headers.items():
+                    self.send_header(k, v)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+
+            def deny(self) -> None:
+                scheme = "Negotiate" if standin.auth == "ntlm" else 'Basic realm="WSMAN"'
+                self.reply(401, b"", {"WWW-Authenticate": scheme})
+
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if standin.faults.unauthorized:
+                    return self.deny()
+                if standin.auth == "basic":
+                    expected = (
+                        "Basic " + base64.b64encode(f"{standin.user}:{standin.password}".encode()).decode()
+                    )
+                    if self.headers.get("Authorization") != expected:
+                        return self.deny()
+                    return self.soap(body.decode(), encrypt=False)
+                return self.ntlm_post(body)
+
+            def ntlm_post(self, body: bytes) -> None:
+                import spnego
+
+                header = self.headers.get("Authorization", "")
+                if header.startswith("Negotiate "):
+                    token = base64.b64decode(header.split(" ", 1)[1])
+                    if self.ntlm is None or token[8:12] == b"\x01\x00\x00\x00":  # NEGOTIATE_MESSAGE
+                        self.ntlm = spnego.server(protocol="ntlm")
+                    try:
+                        out = self.ntlm.step(token)
+                    except Exception:  # wrong password: the acceptor refuses the AUTHENTICATE_MESSAGE
+                        self.ntlm = None
+                        return self.deny()
+                    if not self.ntlm.complete:
+                        return self.reply(
+                            401,
+                            b"",
+                            {"WWW-Authenticate": "Negotiate " + base64.b64encode(out or b"").decode()},
+                        )
+                    self.ntlm_done = True
+                if not self.ntlm_done:
+                    return self.deny()
+                if not body:  # pywinrm's empty request that sets the security context up
+                    return self.reply(200, b"", {})
+                ctype = self.headers.get("Content-Type", "")
+                if SPNEGO_ENC not in ctype:
+                    # Windows refuses unencrypted SOAP over HTTP with AllowUnencrypted=false.
+                    return self.reply(500, b"unencrypted", {"Content-Type": "text/plain"})
+                standin.encrypted_requests += 1
+                parts = [x for x in body.split(BOUNDARY + b"\r\n") if x]
+                length = int(parts[0].split(b"Length=")[1].strip())
+                payload = parts[1].removeprefix(b"\tContent-Type: application/octet-stream\r\n")
+                payload = payload.removesuffix(BOUNDARY + b"--\r\n")
+                sig_len = struct.unpack("<i", payload[:4])[0]
+                plain = self.ntlm.unwrap(payload[4 : 4 + sig_len] + payload[4 + sig_len :]).data
+                assert len(plain) == length, "OriginalContent length does not match"
+                self.soap(plain.decode(), encrypt=True)
+
+            def soap(self, text: str, encrypt: bool) -> None:
+                status, reply = standin.handle(text)
+                if reply is None:  # a dropped connection mid-receive
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                data = reply.encode()
+                if not encrypt:
+                    return self.reply(status, data, {"Content-Type": "application/soap+xml;charset=UTF-8"})
+                wrapped = self.ntlm.wrap(data, encrypt=True).data
+                stream = struct.pack("<i", 16) + wrapped[:16] + wrapped[16:]
+                body = (BOUNDARY + b"\r\n\tContent-Type: " + SPNEGO_ENC.encode() + b"\r\n"
+                        b"\tOriginalContent: type=application/soap+xml;charset=UTF-8;Length=" + str(len(data)).encode()
+                        + b"\r\n" + BOUNDARY + b"\r\n\tContent-Type: application/octet-stream\r\n" + stream
+                        + BOUNDARY + b"--\r\n")  # fmt: skip
+                ctype = f'multipart/encrypted;protocol="{SPNEGO_ENC}";boundary="Encrypted Boundary"'
+                self.reply(status, body, {"Content-Type": ctype})
 
         return Handler
 
@@ -220,11 +340,102 @@ class StandIn:
 
 
 @contextlib.contextmanager
-def running(host: EmulatedHost) -> Iterator[StandIn]:
-    s = StandIn(host)
+def running(host: EmulatedHost, **kw: Any) -> Iterator[StandIn]:
+    s = StandIn(host, **kw)
     s.thread.start()
     try:
         yield s
     finally:
         s.server.shutdown()
         s.server.server_close()
+
+
+# ---- the SSH route: a fake ``powershell`` on an SSH server's PATH ------------------------
+
+FAKE_POWERSHELL = """#!{python}
+# testbed's tests: powershell.exe as Windows OpenSSH would run it, answered by the
+# emulated host of the test process over a Unix socket.
+import base64, json, socket, sys
+args = sys.argv[1:]
+if len(" ".join(["powershell"] + args)) > 8191:
+    sys.stderr.write("The command line is too long.\\r\\n"); sys.exit(1)
+low = [a.lower() for a in args]
+if "-encodedcommand" not in low:
+    sys.stderr.write("fake powershell: only -EncodedCommand\\n"); sys.exit(1)
+script = base64.b64decode(args[low.index("-encodedcommand") + 1]).decode("utf-16-le")
+s = socket.socket(socket.AF_UNIX)
+s.connect({sock!r})
+s.sendall(json.dumps({{"script": script}}).encode() + b"\\n")
+r = json.loads(s.makefile().readline())
+sys.stdout.write(r["stdout"]); sys.stderr.write(r["stderr"]); sys.exit(r["rc"])
+"""
+
+
+@contextlib.contextmanager
+def serve_unix(host: EmulatedHost, directory: str) -> Iterator[str]:
+    """The emulated host on a Unix socket, and a ``bin`` dir with a fake powershell for PATH."""
+    import sys
+
+    sock = os.path.join(directory, "powershell.sock")
+    bindir = os.path.join(directory, "bin")
+    os.makedirs(bindir, exist_ok=True)
+
+    class H(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            req = json.loads(self.rfile.readline())
+            rc, out, err = host.powershell(req["script"])
+            self.wfile.write(json.dumps({"rc": rc, "stdout": out, "stderr": err}).encode() + b"\n")
+
+    server = socketserver.ThreadingUnixStreamServer(sock, H)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    exe = os.path.join(bindir, "powershell")
+    with open(exe, "w") as f:
+        f.write(FAKE_POWERSHELL.format(python=sys.executable, sock=sock))
+    os.chmod(exe, 0o755)
+    try:
+        yield bindir
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def make_test_ca(directory: str) -> tuple[str, ssl.SSLContext]:
+    """A throwaway CA and a server certificate for 127.0.0.1 signed by it: (CA file, server context)."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("testbed test CA")).issuer_name(name("testbed test CA"))
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))  # fmt: skip
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder().subject_name(name("127.0.0.1")).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))  # fmt: skip
+    ca_file = os.path.join(directory, "ca.pem")
+    with open(ca_file, "wb") as f:
+        f.write(ca.public_bytes(serialization.Encoding.PEM))
+    cert_file, key_file = os.path.join(directory, "server.pem"), os.path.join(directory, "server.key")
+    with open(cert_file, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_file, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))  # fmt: skip
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert_file, key_file)
+    return ca_file, ctx

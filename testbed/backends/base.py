@@ -13,6 +13,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 
+class InfraError(Exception):
+    """The testbed or the host failed; never a product verdict."""
+
+
 @dataclass
 class Check:
     name: str
@@ -50,7 +54,7 @@ class Backend(Protocol):
 
     host: str
 
-    def preflight(self) -> HostReport: ...
+    def preflight(self, cfg: Any = None) -> HostReport: ...
     def provision(self, cfg: Any, strategy: str = "none") -> Any: ...
     def start(self, vm: Any, reset: str = "cold") -> dict[str, Any]: ...
     def race(self, vm: Any, plan: RacePlan, grace_ms: float) -> dict[str, Any]: ...

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from testbed import __version__
-from testbed.backends.base import RacePlan
-from testbed.backends.qemu.backend import InfraError, QemuBackend, QemuVm
+from testbed.backends.base import Backend, InfraError, RacePlan
+from testbed.backends.qemu.backend import QemuBackend
 from testbed.backends.qemu.client import AgentFailure, AgentLost
 from testbed.config import Case, Playbook, ScheduleSpec, VmConfig, apply_lab_overrides, stable_hash
 from testbed.engine import schedule as sched
@@ -49,6 +49,7 @@ class RunOptions:
     resume: Path | None = None
     reset: str | None = None
     transport: Transport | None = None  # None: the local host
+    backend: Backend | None = None  # given: used instead of a QEMU backend on ``transport``
 
 
 @dataclass
@@ -86,6 +87,8 @@ def grace_for(pb: Playbook, cfg: VmConfig, accel: str) -> tuple[float, str]:
 
 def _timeline(res: dict[str, Any]) -> list[tuple[float, str]]:
     """Host log and guest serial on one axis: ms from the servicing request."""
+    if "timeline" in res:  # backends that tell their own (Hyper-V)
+        return [tuple(x) for x in res["timeline"]]
     t0 = res.get("t0_ns")
     if t0 is None:
         return []
@@ -123,7 +126,7 @@ class Runner:
         self.reset = opts.reset or pb.reset
         self.stop_on_loss = opts.stop_on_loss if opts.stop_on_loss is not None else pb.stop_on_loss
         self.playbook_path = playbook_path
-        self.backend = QemuBackend(opts.transport)
+        self.backend: Backend = opts.backend or QemuBackend(opts.transport)
         self.records: list[dict[str, Any]] = []
         self.interrupted = False
 
@@ -191,7 +194,7 @@ class Runner:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         return Path("runs") / f"{stamp}-{self.pb.name}"
 
-    def manifest(self, vm: QemuVm, grace: tuple[float, str]) -> dict[str, Any]:
+    def manifest(self, vm: Any, grace: tuple[float, str]) -> dict[str, Any]:
         return {
             "testbed_version": __version__,
             "playbook": self.pb.name,
@@ -199,8 +202,6 @@ class Runner:
             "host": self.backend.host,
             "host_os": f"{platform.system()} {platform.release()} ({platform.version()})",
             **vm.record(),
-            "image_hash": vm.image.manifest.get("initrd_sha256"),
-            "accel_reason": vm.boot.get("accel_reason"),
             "seed": self.seed,
             "reset": self.reset,
             "config_hash": stable_hash(
@@ -223,7 +224,7 @@ class Runner:
         done_ids = {r["iteration"] for r in done}
         writer = ResultsWriter(run_dir / "results.jsonl")
         started = time.monotonic()
-        vm: QemuVm | None = None
+        vm: Any = None
         try:
             vm = self.backend.provision(self.cfg, self.strategy)
             grace = grace_for(self.pb, self.cfg, vm.accel)
@@ -288,7 +289,7 @@ class Runner:
         return RunResult(run_dir, summary, code, self.records)
 
     def iteration(
-        self, vm: QemuVm, case: Case, plan: RacePlan, grace_ms: float, run_dir: Path
+        self, vm: Any, case: Case, plan: RacePlan, grace_ms: float, run_dir: Path
     ) -> dict[str, Any]:
         it_dir = run_dir / "iterations" / f"{plan.iteration:04d}"
         it_dir.mkdir(parents=True, exist_ok=True)
@@ -333,7 +334,7 @@ class Runner:
             "ic_at_fire": res.get("ic_at_fire"),
             "strategy": self.strategy,
             "features": res.get("features"),
-            "image": plan.image or vm.cfg.paravisor.version,
+            "image": plan.image or vm.record()["paravisor"],
             "accel": vm.accel,
             "reset": self.reset,
             "boot_s": boot.get("wall_s"),

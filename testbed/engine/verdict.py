@@ -56,7 +56,16 @@ def _host_lines(log: list[dict[str, Any]], pred: Any) -> list[str]:
 
 
 def classify(ev: dict[str, Any]) -> Verdict:
-    """``ev`` is the agent's race result, plus ``infra_error`` when the testbed failed."""
+    """``ev`` is a backend's race result, plus ``infra_error`` when the testbed failed."""
+    if ev.get("backend") == "hyperv":
+        from testbed.backends.hyperv.evidence import classify as classify_hyperv
+
+        return classify_hyperv(ev)
+    return classify_lab(ev)
+
+
+def classify_lab(ev: dict[str, Any]) -> Verdict:
+    """The reference lab's evidence: the QEMU host agent's race result."""
     if ev.get("infra_error"):
         return Verdict("infra-error", str(ev["infra_error"]), [str(ev["infra_error"])])
 

@@ -7,22 +7,53 @@ from __future__ import annotations
 import re
 from importlib import resources
 
+import pytest
 import tree_sitter as ts
 import tree_sitter_powershell as tsp
 
-from testbed.transport.winrm import FUNCTION
+from testbed.transport.powershell import FUNCTION
 
 SOURCE = (resources.files("testbed.backends.hyperv") / "Testbed.psm1").read_bytes()
-KNOWN_CMDLETS = {
+# Every cmdlet the module may call, with the parameters it may pass (from each cmdlet's
+# documented syntax; Windows PowerShell 5.1 plus the Hyper-V module of build 26100+).
+KNOWN_CMDLETS: dict[str, set[str]] = {
     # Hyper-V module
-    "New-VM", "Set-VM", "Get-VM", "Start-VM", "Stop-VM", "Remove-VM", "Set-VMFirmware", "Set-VMComPort",
-    "Get-VMIntegrationService",
+    "New-VM": {"Name", "Generation", "MemoryStartupBytes", "VHDPath", "Path", "GuestStateIsolationType"},
+    "Set-VM": {"VM", "ProcessorCount", "Notes", "AutomaticCheckpointsEnabled", "StaticMemory"},
+    "Get-VM": {"Id", "ErrorAction"},
+    "Start-VM": {"VM"},
+    "Stop-VM": {"VM", "TurnOff", "Force"},
+    "Remove-VM": {"VM", "Force"},
+    "Set-VMFirmware": {"VM", "EnableSecureBoot"},
+    "Set-VMComPort": {"VM", "Number", "Path"},
+    "Set-VMProcessor": {"VM", "ExposeVirtualizationExtensions"},
+    "Get-VMIntegrationService": {"VM", "Name"},
+    "New-VHD": {"Path", "ParentPath", "Differencing"},
     # CIM, events, features
-    "Get-CimInstance", "Get-CimAssociatedInstance", "Invoke-CimMethod", "Get-WinEvent",
-    "Get-WindowsOptionalFeature", "Get-WindowsFeature",
+    "Get-CimInstance": {"Namespace", "ClassName", "Filter", "InputObject"},
+    "Get-CimAssociatedInstance": {"InputObject", "ResultClassName"},
+    "Invoke-CimMethod": {"InputObject", "MethodName", "Arguments"},
+    "Get-WinEvent": {"FilterHashtable", "ErrorAction"},
+    "Get-WindowsOptionalFeature": {"Online", "FeatureName"},
+    "Get-WindowsFeature": {"Name"},
     # core
-    "Set-StrictMode", "Get-ItemProperty", "Where-Object", "ForEach-Object", "Start-Sleep", "Export-ModuleMember",
-}  # fmt: skip
+    "Set-StrictMode": {"Version"},
+    "Get-ItemProperty": {"Path", "Name", "ErrorAction"},
+    "Where-Object": set(),
+    "ForEach-Object": set(),
+    "Start-Sleep": {"Milliseconds", "Seconds"},
+    "Export-ModuleMember": {"Function"},
+    "Add-Type": {"TypeDefinition"},
+    "Join-Path": set(),
+    "Test-Path": set(),
+    "New-Item": {"ItemType", "Path"},
+    "Remove-Item": {"Force", "Recurse"},
+    "Get-FileHash": {"Algorithm", "Path"},
+    "Invoke-WebRequest": {"UseBasicParsing", "Uri", "OutFile"},
+    "Copy-Item": {"Path", "Destination", "Force"},
+    "Move-Item": {"Force"},
+    "New-Object": set(),
+}
 
 
 def tree() -> ts.Tree:
@@ -49,13 +80,56 @@ def defined_functions() -> set[str]:
     }
 
 
-def test_calls_only_known_cmdlets_and_own_functions() -> None:
-    defined = defined_functions()
-    called = {
-        SOURCE[n.start_byte : n.end_byte].decode() for n in walk(tree().root_node) if n.type == "command_name"
-    }
-    unknown = called - defined - KNOWN_CMDLETS
-    assert not unknown, f"cmdlets the module does not know: {unknown}"
+def text(n: ts.Node) -> str:
+    return SOURCE[n.start_byte : n.end_byte].decode()
+
+
+def declared_parameters() -> dict[str, set[str]]:
+    """The module's own functions and the parameters their param blocks declare."""
+    out = {}
+    for fn in walk(tree().root_node):
+        if fn.type == "function_statement":
+            name = next(text(c) for c in fn.children if c.type == "function_name")
+            params = {
+                text(v).lstrip("$")
+                for sp in walk(fn)
+                if sp.type == "script_parameter"
+                for v in sp.children
+                if v.type == "variable"
+            }
+            out[name] = params
+    return out
+
+
+def test_calls_only_known_cmdlets_with_known_parameters() -> None:
+    known = {**KNOWN_CMDLETS, **declared_parameters()}
+    problems = []
+    for cmd in walk(tree().root_node):
+        if cmd.type != "command":
+            continue
+        name = next((text(c) for c in cmd.children if c.type == "command_name"), None)
+        if name is None:
+            continue
+        if name not in known:
+            problems.append(f"line {cmd.start_point[0] + 1}: unknown command {name}")
+            continue
+        elements = next((c for c in cmd.children if c.type == "command_elements"), None)
+        for p in elements.children if elements is not None else []:
+            if p.type == "command_parameter" and text(p).lstrip("-").rstrip(":") not in known[name]:
+                problems.append(f"line {p.start_point[0] + 1}: {name} has no parameter {text(p)}")
+    assert not problems, problems
+
+
+def test_a_misspelt_parameter_would_be_caught() -> None:
+    """The check above can fail: a module with a wrong parameter is reported."""
+    global SOURCE
+    saved = SOURCE
+    SOURCE = saved.replace(b"Stop-VM -VM $vm -TurnOff -Force", b"Stop-VM -VM $vm -TurnOf -Force", 1)
+    try:
+        with pytest.raises(AssertionError, match="Stop-VM has no parameter -TurnOf"):
+            test_calls_only_known_cmdlets_with_known_parameters()
+    finally:
+        SOURCE = saved
 
 
 def test_exports_every_public_function_with_a_callable_name() -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from winrm_standin import EmulatedHost, StandIn, running  # type: ignore[import-not-found]
+from winrm_standin import EmulatedHost, StandIn, make_test_ca, ps51_json, running  # type: ignore[import-not-found]
 
 from testbed.backends.hyperv.clixml import error_messages
 from testbed.transport.base import TransportError
+from testbed.transport.powershell import FILE_HASH as FILE_HASH_PROBE
 from testbed.transport.winrm import (
     CMD_LIMIT,
     PowerShellError,
@@ -108,3 +110,42 @@ def test_from_uri_needs_the_password_variable(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("TB_HV_PASS", "x")
     p = WinRmPowerShell.from_uri("winrms://admin@hv1", "TB_HV_PASS")
     assert p.endpoint == "https://hv1:5986/wsman" and os.environ["TB_HV_PASS"] not in p.name
+
+
+def test_ntlm_with_message_encryption(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NTLM over plain HTTP, as labs run it: every SOAP body is sealed (pyspnego is the acceptor)."""
+    (tmp_path / "ntlm").write_text("LAB:tester:s3cret pass\n")
+    monkeypatch.setenv("NTLM_USER_FILE", str(tmp_path / "ntlm"))
+    host = EmulatedHost(functions={"Get-TestbedPreflight": lambda: {"HyperV": True}})
+    with running(host, auth="ntlm") as s:
+        p = WinRmPowerShell(s.endpoint, r"LAB\tester", "s3cret pass", auth="ntlm")
+        p.upload(b"module", MODULE)
+        assert p.invoke(MODULE, "Get-TestbedPreflight", {}) == {"HyperV": True}
+        assert s.encrypted_requests >= 8  # create, command, receive, delete for each call: all sealed
+        with pytest.raises(WinRmAuthError):
+            WinRmPowerShell(s.endpoint, r"LAB\tester", "wrong", auth="ntlm").run("'x'")
+
+
+def test_https_with_a_test_ca(tmp_path: Path) -> None:
+    ca_file, ctx = make_test_ca(str(tmp_path))
+    host = EmulatedHost(functions={"Get-TestbedPreflight": lambda: {"HyperV": True}})
+    with running(host, tls=ctx) as s:
+        assert s.endpoint.startswith("https://")
+        good = WinRmPowerShell(s.endpoint, s.user, s.password, auth="basic", ca_bundle=ca_file)
+        good.upload(b"m", MODULE)
+        assert good.invoke(MODULE, "Get-TestbedPreflight", {}) == {"HyperV": True}
+        with pytest.raises(TransportError, match="CERTIFICATE_VERIFY_FAILED"):
+            WinRmPowerShell(s.endpoint, s.user, s.password, auth="basic").run("'x'")  # system CAs: refused
+        insecure = WinRmPowerShell(s.endpoint, s.user, s.password, auth="basic", verify_tls=False)
+        assert insecure.run_json(FILE_HASH_PROBE, {"path": MODULE}) == {
+            "sha256": hashlib.sha256(b"m").hexdigest()
+        }
+
+
+def test_powershell_5_1_json_shapes() -> None:
+    import datetime as dt
+
+    assert ps51_json([{"Id": 18504}]) == '{"Id":18504}'  # one-element arrays come out unwrapped
+    stamp = dt.datetime(2026, 1, 2, tzinfo=dt.UTC)
+    ms = int(stamp.timestamp() * 1000)
+    assert ps51_json({"T": stamp}) == '{"T":"\\/Date(' + str(ms) + ')\\/"}'

@@ -2,13 +2,14 @@
 #
 # Uploaded once per host (hash-checked) and imported by path for every call; each
 # call passes its parameters as data (named parameters built from base64 JSON by
-# testbed.transport.winrm), never as spliced PowerShell. Every function returns one
-# object that testbed serializes with ConvertTo-Json. Windows PowerShell 5.1
-# compatible: no ternary, no null-coalescing, no pipeline chain operators.
+# testbed.transport.powershell), never as spliced PowerShell. Every function returns
+# one object that testbed serializes with ConvertTo-Json. Windows PowerShell 5.1
+# compatible: no ternary, no null-coalescing, no pipeline chain operators, no Start-Job.
 #
 # Facts used here (see CONTEXT.md): WMI namespace root\virtualization\v2;
 # ReloadManagementVtl returns 4096 with an Msvm_ConcreteJob (JobState 7 = completed);
-# Options 0x1 = override version checks, 0x10 = disable NVMe keepalive.
+# Options 0x1 = override version checks, 0x10 = disable NVMe keepalive;
+# Msvm_ComputerSystem.EnabledState 2 = running, 3 = off.
 
 Set-StrictMode -Version 3.0
 $ErrorActionPreference = 'Stop'
@@ -16,14 +17,45 @@ $ErrorActionPreference = 'Stop'
 $script:Namespace = 'root\virtualization\v2'
 $script:JobStarted = 4096
 $script:JobCompleted = 7
+$script:StateOff = 3
 $script:WorkerLog = 'Microsoft-Windows-Hyper-V-Worker-Admin'
 
-function Get-TestbedVmSettings {
-    param([Parameter(Mandatory = $true)][string]$VmId)
-    $vm = Get-CimInstance -Namespace $script:Namespace -ClassName Msvm_ComputerSystem -Filter "Name='$VmId'"
-    if ($null -eq $vm) { throw "no Hyper-V VM with id $VmId" }
-    Get-CimAssociatedInstance -InputObject $vm -ResultClassName Msvm_VirtualSystemSettingData |
-        Where-Object { $_.VirtualSystemType -eq 'Microsoft:Hyper-V:System:Realized' }
+# Serial pipes are read on a background thread that stamps each line with the race's
+# Stopwatch when it arrives, so a line's time does not depend on when PowerShell polls.
+if (-not ('Testbed.PipeTail' -as [type])) {
+    Add-Type -TypeDefinition @'
+using System;
+using System.Collections.Generic;
+using System.Diagnostics;
+using System.IO;
+using System.IO.Pipes;
+using System.Threading;
+namespace Testbed {
+    public class PipeTail {
+        private readonly List<object[]> lines = new List<object[]>();
+        private readonly Stopwatch clock;
+        private NamedPipeClientStream pipe;
+        public string Error = "";
+        public PipeTail(string name, Stopwatch clock, int connectMs) {
+            this.clock = clock;
+            pipe = new NamedPipeClientStream(".", name, PipeDirection.In);
+            try { pipe.Connect(connectMs); } catch (Exception e) { Error = e.Message; pipe = null; return; }
+            var t = new Thread(Read); t.IsBackground = true; t.Start();
+        }
+        private void Read() {
+            try {
+                var r = new StreamReader(pipe);
+                string line;
+                while ((line = r.ReadLine()) != null) {
+                    lock (lines) { lines.Add(new object[] { clock.Elapsed.TotalMilliseconds, line }); }
+                }
+            } catch (Exception e) { Error = e.Message; }
+        }
+        public object[] Lines() { lock (lines) { return lines.ToArray(); } }
+        public void Close() { if (pipe != null) { pipe.Dispose(); } }
+    }
+}
+'@
 }
 
 function Test-TestbedVmId {
@@ -31,6 +63,21 @@ function Test-TestbedVmId {
     $parsed = [guid]::Empty
     if (-not [guid]::TryParse($VmId, [ref]$parsed)) { throw "not a VM id: $VmId" }
     $parsed.ToString()
+}
+
+function Get-TestbedComputerSystem {
+    param([Parameter(Mandatory = $true)][string]$VmId)
+    $id = Test-TestbedVmId -VmId $VmId
+    $vm = Get-CimInstance -Namespace $script:Namespace -ClassName Msvm_ComputerSystem -Filter "Name='$id'"
+    if ($null -eq $vm) { throw "no Hyper-V VM with id $id" }
+    $vm
+}
+
+function Get-TestbedVmSettings {
+    param([Parameter(Mandatory = $true)][string]$VmId)
+    $vm = Get-TestbedComputerSystem -VmId $VmId
+    Get-CimAssociatedInstance -InputObject $vm -ResultClassName Msvm_VirtualSystemSettingData |
+        Where-Object { $_.VirtualSystemType -eq 'Microsoft:Hyper-V:System:Realized' }
 }
 
 function Get-TestbedPreflight {
@@ -41,7 +88,7 @@ function Get-TestbedPreflight {
     if ($isClient) {
         $feature = Get-WindowsOptionalFeature -Online -FeatureName Microsoft-Hyper-V-All
         $hyperV = ($null -ne $feature -and $feature.State -eq 'Enabled')
-        $featureFix = 'Enable-WindowsOptionalFeature -Online -FeatureName Microsoft-Hyper-V-All'
+        $featureFix = 'Enable-WindowsOptionalFeature -Online -FeatureName Microsoft-Hyper-V-All (then reboot)'
     } else {
         $feature = Get-WindowsFeature -Name Hyper-V
         $hyperV = ($null -ne $feature -and $feature.Installed)
@@ -58,14 +105,50 @@ function Get-TestbedPreflight {
         FreeMemoryMB              = [int]($os.FreePhysicalMemory / 1024)
         OpenHclSupported          = ($build -ge 26100)
         Com3Supported             = ($build -gt 26100)
+        PowerShell                = $PSVersionTable.PSVersion.ToString()
     }
 }
 
+function Get-TestbedArtifact {
+    # Pull an artifact (IGVM file, VHDX) from a URL or a share into the host's cache,
+    # keyed by its sha256; a cached copy with the right hash is used as is.
+    param(
+        [Parameter(Mandatory = $true)][string]$Sha256,
+        [Parameter(Mandatory = $true)][string]$FileName,
+        [Parameter(Mandatory = $true)][string]$CacheDir,
+        [string]$Url = '',
+        [string]$SharePath = ''
+    )
+    $dir = Join-Path $CacheDir $Sha256.ToLower()
+    $path = Join-Path $dir $FileName
+    if (Test-Path $path) {
+        if ((Get-FileHash -Algorithm SHA256 -Path $path).Hash.ToLower() -eq $Sha256.ToLower()) {
+            return [pscustomobject]@{ Path = $path; Pulled = $false }
+        }
+        Remove-Item -Force $path
+    }
+    if (-not (Test-Path $dir)) { $null = New-Item -ItemType Directory -Path $dir }
+    $part = $path + '.part'
+    if ($Url) { Invoke-WebRequest -UseBasicParsing -Uri $Url -OutFile $part }
+    elseif ($SharePath) { Copy-Item -Path $SharePath -Destination $part -Force }
+    else { throw "artifact $FileName ($Sha256) is not in the cache and has no url or share to pull from" }
+    $got = (Get-FileHash -Algorithm SHA256 -Path $part).Hash.ToLower()
+    if ($got -ne $Sha256.ToLower()) {
+        Remove-Item -Force $part
+        throw "artifact $FileName pulled with sha256 $got, expected $Sha256"
+    }
+    Move-Item -Force $part $path
+    [pscustomobject]@{ Path = $path; Pulled = $true }
+}
+
 function New-TestbedVm {
+    # A Gen2 VM with OpenHCL on a differencing disk over the cached VTL0 image (the
+    # cache stays pristine), owner-tagged in its Notes for `testbed gc --host`.
     param(
         [Parameter(Mandatory = $true)][string]$Name,
         [Parameter(Mandatory = $true)][string]$IgvmPath,
         [Parameter(Mandatory = $true)][string]$VhdPath,
+        [Parameter(Mandatory = $true)][string]$VmDir,
         [Parameter(Mandatory = $true)][string]$Owner,
         [int]$MemoryMB = 2048,
         [int]$ProcessorCount = 2,
@@ -73,13 +156,14 @@ function New-TestbedVm {
         [string]$Com1Pipe = '',
         [string]$Com3Pipe = ''
     )
-    $vm = New-VM -Name $Name -Generation 2 -MemoryStartupBytes ([int64]$MemoryMB * 1048576) -VHDPath $VhdPath -GuestStateIsolationType OpenHCL
-    Set-VM -VM $vm -ProcessorCount $ProcessorCount -Notes "testbed-owner=$Owner" -AutomaticCheckpointsEnabled $false
+    if (-not (Test-Path $VmDir)) { $null = New-Item -ItemType Directory -Path $VmDir }
+    $disk = Join-Path $VmDir 'vtl0.vhdx'
+    $null = New-VHD -Path $disk -ParentPath $VhdPath -Differencing
+    $vm = New-VM -Name $Name -Generation 2 -MemoryStartupBytes ([int64]$MemoryMB * 1048576) -VHDPath $disk -Path $VmDir -GuestStateIsolationType OpenHCL
+    Set-VM -VM $vm -ProcessorCount $ProcessorCount -Notes "testbed-owner=$Owner" -AutomaticCheckpointsEnabled $false -StaticMemory
     Set-VMFirmware -VM $vm -EnableSecureBoot Off
     if ($Com1Pipe) { Set-VMComPort -VM $vm -Number 1 -Path "\\.\pipe\$Com1Pipe" }
-    if ($Com3Pipe) {
-        Set-VMComPort -VM $vm -Number 3 -Path "\\.\pipe\$Com3Pipe"
-    }
+    if ($Com3Pipe) { Set-VMComPort -VM $vm -Number 3 -Path "\\.\pipe\$Com3Pipe" }
     $vssd = Get-TestbedVmSettings -VmId $vm.Id.ToString()
     $vssd.GuestFeatureSet = 0x201
     $vssd.FirmwareFile = $IgvmPath
@@ -89,8 +173,37 @@ function New-TestbedVm {
     $svc = Get-CimInstance -Namespace $script:Namespace -ClassName Msvm_VirtualSystemManagementService
     $text = $vssd | ConvertTo-CimEmbeddedString
     $r = Invoke-CimMethod -InputObject $svc -MethodName ModifySystemSettings -Arguments @{ SystemSettings = $text }
-    if ($r.ReturnValue -eq $script:JobStarted) { $null = Wait-TestbedJob -JobPath $r.Job -TimeoutSeconds 60 }
-    elseif ($r.ReturnValue -ne 0) { throw "ModifySystemSettings returned $($r.ReturnValue)" }
+    if ($r.ReturnValue -eq $script:JobStarted) {
+        $j = Wait-TestbedJob -JobPath $r.Job -TimeoutSeconds 60
+        if ($j.JobState -ne $script:JobCompleted) { throw "ModifySystemSettings job ended in state $($j.JobState), error $($j.ErrorCode)" }
+    } elseif ($r.ReturnValue -ne 0) { throw "ModifySystemSettings returned $($r.ReturnValue)" }
+    [pscustomobject]@{ Name = $vm.Name; VmId = $vm.Id.ToString() }
+}
+
+function New-TestbedL1Vm {
+    # Nested Hyper-V: an L1 Windows VM with virtualization extensions exposed, reached
+    # later through PowerShell Direct (no network path into it is needed).
+    param(
+        [Parameter(Mandatory = $true)][string]$Name,
+        [Parameter(Mandatory = $true)][string]$VhdPath,
+        [Parameter(Mandatory = $true)][string]$VmDir,
+        [Parameter(Mandatory = $true)][string]$Owner,
+        [int]$MemoryMB = 8192,
+        [int]$ProcessorCount = 4,
+        [int]$HeartbeatTimeoutSecs = 600
+    )
+    if (-not (Test-Path $VmDir)) { $null = New-Item -ItemType Directory -Path $VmDir }
+    $disk = Join-Path $VmDir 'l1.vhdx'
+    $null = New-VHD -Path $disk -ParentPath $VhdPath -Differencing
+    $vm = New-VM -Name $Name -Generation 2 -MemoryStartupBytes ([int64]$MemoryMB * 1048576) -VHDPath $disk -Path $VmDir
+    Set-VM -VM $vm -ProcessorCount $ProcessorCount -Notes "testbed-owner=$Owner" -AutomaticCheckpointsEnabled $false -StaticMemory
+    Set-VMProcessor -VM $vm -ExposeVirtualizationExtensions $true
+    Start-VM -VM $vm
+    $watch = [Diagnostics.Stopwatch]::StartNew()
+    while ((Get-VMIntegrationService -VM $vm -Name Heartbeat).PrimaryStatusDescription -ne 'OK') {
+        if ($watch.Elapsed.TotalSeconds -gt $HeartbeatTimeoutSecs) { throw "L1 VM $Name: no heartbeat after $HeartbeatTimeoutSecs s" }
+        Start-Sleep -Seconds 2
+    }
     [pscustomobject]@{ Name = $vm.Name; VmId = $vm.Id.ToString() }
 }
 
@@ -102,10 +215,19 @@ function ConvertTo-CimEmbeddedString {
 }
 
 function Start-TestbedVm {
-    param([Parameter(Mandatory = $true)][string]$VmId)
+    # Start, then wait until the shutdown IC reports OK (the seed test's "IC ready").
+    param([Parameter(Mandatory = $true)][string]$VmId, [int]$IcReadyTimeoutSecs = 300)
     $id = Test-TestbedVmId -VmId $VmId
-    Start-VM -VM (Get-VM -Id $id)
-    [pscustomobject]@{ VmId = $id; State = (Get-VM -Id $id).State.ToString() }
+    $vm = Get-VM -Id $id
+    $watch = [Diagnostics.Stopwatch]::StartNew()
+    Start-VM -VM $vm
+    $status = ''
+    while ($watch.Elapsed.TotalSeconds -lt $IcReadyTimeoutSecs) {
+        $status = [string](Get-VMIntegrationService -VM $vm -Name Shutdown).PrimaryStatusDescription
+        if ($status -eq 'OK') { break }
+        Start-Sleep -Milliseconds 250
+    }
+    [pscustomobject]@{ VmId = $id; State = (Get-VM -Id $id).State.ToString(); Ic = $status; ReadyMs = $watch.ElapsedMilliseconds }
 }
 
 function Get-TestbedIcStatus {
@@ -120,56 +242,74 @@ function Wait-TestbedJob {
     $watch = [Diagnostics.Stopwatch]::StartNew()
     while ($true) {
         $job = Get-CimInstance -InputObject $JobPath
-        if ($job.JobState -eq $script:JobCompleted) {
-            return [pscustomobject]@{ Done = $true; JobState = $job.JobState; ErrorCode = $job.ErrorCode; Ms = $watch.ElapsedMilliseconds }
-        }
-        if ($job.JobState -gt $script:JobCompleted) {
-            return [pscustomobject]@{ Done = $true; JobState = $job.JobState; ErrorCode = $job.ErrorCode; ErrorDescription = $job.ErrorDescription; Ms = $watch.ElapsedMilliseconds }
+        if ($job.JobState -ge $script:JobCompleted) {
+            return [pscustomobject]@{ Done = $true; JobState = [int]$job.JobState; ErrorCode = [int64]$job.ErrorCode; ErrorDescription = [string]$job.ErrorDescription; Ms = $watch.ElapsedMilliseconds }
         }
         if ($watch.Elapsed.TotalSeconds -gt $TimeoutSeconds) {
-            return [pscustomobject]@{ Done = $false; JobState = $job.JobState; ErrorCode = $null; Ms = $watch.ElapsedMilliseconds }
+            return [pscustomobject]@{ Done = $false; JobState = [int]$job.JobState; ErrorCode = $null; ErrorDescription = ''; Ms = $watch.ElapsedMilliseconds }
         }
         Start-Sleep -Milliseconds 100
     }
 }
 
 function Invoke-TestbedRace {
-    # The race, timed on the host: servicing (ReloadManagementVtl) at t = 0, the
-    # shutdown through the IC at OffsetMs, then the servicing job is polled. The IC
-    # state is sampled before and after the timed section, never inside it.
+    # The race, timed on the host with one Stopwatch: servicing (ReloadManagementVtl) at
+    # ServiceMs, the shutdown through the IC (InitiateShutdown, which returns a status)
+    # at ServiceMs + OffsetMs (before it when negative), then the job is polled and the VM
+    # watched until it is off or GraceMs after the later of the two. The IC state is
+    # sampled before and after the timed section, never inside it. COM1 (VTL0) and COM3
+    # (OpenHCL) lines carry the same clock.
     param(
         [Parameter(Mandatory = $true)][string]$VmId,
         [double]$OffsetMs = 0,
         [int]$Options = 0,
         [int]$TimeoutHintSecs = 60,
         [bool]$Service = $true,
-        [bool]$Shutdown = $true
+        [bool]$Shutdown = $true,
+        [bool]$AfterReady = $false,
+        [double]$GraceMs = 5000,
+        [int]$IcReadyTimeoutSecs = 120,
+        [string]$Com1Pipe = '',
+        [string]$Com3Pipe = ''
     )
     $id = Test-TestbedVmId -VmId $VmId
-    $vm = Get-CimInstance -Namespace $script:Namespace -ClassName Msvm_ComputerSystem -Filter "Name='$id'"
+    $vm = Get-TestbedComputerSystem -VmId $id
     $guestSvc = Get-CimInstance -Namespace $script:Namespace -ClassName Msvm_VirtualSystemGuestManagementService
     $shutdownIc = Get-CimAssociatedInstance -InputObject $vm -ResultClassName Msvm_ShutdownComponent
-    $icBefore = [string](Get-VMIntegrationService -VM (Get-VM -Id $id) -Name Shutdown).PrimaryStatusDescription
+    $hvVm = Get-VM -Id $id
     $clock = [Diagnostics.Stopwatch]::StartNew()
-    $result = [ordered]@{ VmId = $id; IcBefore = $icBefore; OffsetMs = $OffsetMs; StartedUtc = [DateTime]::UtcNow.ToString('o') }
+    $tails = @{}
+    foreach ($port in @(@('Com1', $Com1Pipe), @('Com3', $Com3Pipe))) {
+        if ($port[1]) { $tails[$port[0]] = New-Object Testbed.PipeTail($port[1], $clock, 2000) }
+    }
+    $icBefore = [string](Get-VMIntegrationService -VM $hvVm -Name Shutdown).PrimaryStatusDescription
+    $result = [ordered]@{ VmId = $id; IcBefore = $icBefore; OffsetMs = $OffsetMs; StartedUtc = [DateTime]::UtcNow.ToString('o'); StartMs = $clock.Elapsed.TotalMilliseconds }
+    $result.FireMs = $null; $result.FireReturn = $null; $result.ServiceMs = $null; $result.ServiceReturn = $null
+    $result.JobDone = $null; $result.JobState = $null; $result.JobErrorCode = $null; $result.ServiceDoneMs = $null
     $fire = {
+        $result.IcAtFire = $icBefore
         $t = $clock.Elapsed.TotalMilliseconds
         $r = Invoke-CimMethod -InputObject $shutdownIc -MethodName InitiateShutdown -Arguments @{ Force = $false; Reason = 'testbed' }
         $result.FireMs = $t
+        $result.FireReturnedMs = $clock.Elapsed.TotalMilliseconds
         $result.FireReturn = [int]$r.ReturnValue
     }
-    if ($Shutdown -and $OffsetMs -lt 0) { & $fire }
+    $byOffset = ($Shutdown -and -not $AfterReady)
+    if ($byOffset -and $OffsetMs -lt 0) {
+        & $fire
+        while ($clock.Elapsed.TotalMilliseconds -lt $result.FireMs - $OffsetMs) { }
+    }
     $job = $null
     if ($Service) {
-        while ($Shutdown -and $OffsetMs -lt 0 -and $clock.Elapsed.TotalMilliseconds -lt $result.FireMs - $OffsetMs) { }
         $result.ServiceMs = $clock.Elapsed.TotalMilliseconds
         $r = Invoke-CimMethod -InputObject $guestSvc -MethodName ReloadManagementVtl -Arguments @{ VmId = $id; Options = [uint32]$Options; TimeoutHintSecs = [uint32]$TimeoutHintSecs }
         $result.ServiceReturnedMs = $clock.Elapsed.TotalMilliseconds
         $result.ServiceReturn = [int]$r.ReturnValue
-        $job = $r.Job
+        if ($r.ReturnValue -eq $script:JobStarted) { $job = $r.Job }
     }
-    if ($Shutdown -and $OffsetMs -ge 0) {
-        $target = $result.ServiceMs + $OffsetMs
+    if ($byOffset -and $OffsetMs -ge 0) {
+        $target = $OffsetMs
+        if ($null -ne $result.ServiceMs) { $target = $result.ServiceMs + $OffsetMs }
         $sleep = [int]($target - $clock.Elapsed.TotalMilliseconds - 2)
         if ($sleep -gt 0) { Start-Sleep -Milliseconds $sleep }
         while ($clock.Elapsed.TotalMilliseconds -lt $target) { }
@@ -180,9 +320,39 @@ function Invoke-TestbedRace {
         $result.JobDone = $j.Done
         $result.JobState = $j.JobState
         $result.JobErrorCode = $j.ErrorCode
+        $result.JobErrorDescription = $j.ErrorDescription
         $result.ServiceDoneMs = $clock.Elapsed.TotalMilliseconds
     }
-    $result.IcAfter = [string](Get-VMIntegrationService -VM (Get-VM -Id $id) -Name Shutdown).PrimaryStatusDescription
+    if ($Shutdown -and $AfterReady) {
+        # The seed test's order: the IC must come back to OK after servicing, then fire.
+        $deadline = $clock.Elapsed.TotalMilliseconds + 1000 * $IcReadyTimeoutSecs
+        while ($clock.Elapsed.TotalMilliseconds -lt $deadline) {
+            $icBefore = [string](Get-VMIntegrationService -VM $hvVm -Name Shutdown).PrimaryStatusDescription
+            if ($icBefore -eq 'OK') { break }
+            Start-Sleep -Milliseconds 50
+        }
+        & $fire
+    }
+    $from = $clock.Elapsed.TotalMilliseconds
+    $result.OffMs = $null
+    while ($clock.Elapsed.TotalMilliseconds -lt $from + $GraceMs) {
+        $state = (Get-CimInstance -InputObject $vm).EnabledState
+        if ($state -eq $script:StateOff) { $result.OffMs = $clock.Elapsed.TotalMilliseconds; break }
+        Start-Sleep -Milliseconds 50
+    }
+    $result.EndMs = $clock.Elapsed.TotalMilliseconds
+    $result.Running = ($null -eq $result.OffMs)
+    $result.IcAfter = ''
+    if ($result.Running) { $result.IcAfter = [string](Get-VMIntegrationService -VM $hvVm -Name Shutdown).PrimaryStatusDescription }
+    foreach ($name in @('Com1', 'Com3')) {
+        $result[$name] = @()
+        $result[$name + 'Error'] = ''
+        if ($tails.ContainsKey($name)) {
+            $result[$name] = @($tails[$name].Lines() | ForEach-Object { [pscustomobject]@{ Ms = $_[0]; Line = $_[1] } })
+            $result[$name + 'Error'] = $tails[$name].Error
+            $tails[$name].Close()
+        }
+    }
     [pscustomobject]$result
 }
 
@@ -197,22 +367,25 @@ function Get-TestbedEvents {
         })
 }
 
-function Stop-TestbedVm {
-    param([Parameter(Mandatory = $true)][string]$VmId, [bool]$TurnOff = $false)
-    $id = Test-TestbedVmId -VmId $VmId
-    $vm = Get-VM -Id $id
-    if ($TurnOff) { Stop-VM -VM $vm -TurnOff -Force } else { Stop-VM -VM $vm -Force }
-    [pscustomobject]@{ VmId = $id; State = (Get-VM -Id $id).State.ToString() }
+function Get-TestbedVmState {
+    param([Parameter(Mandatory = $true)][string]$VmId)
+    $vm = Get-TestbedComputerSystem -VmId $VmId
+    [pscustomobject]@{ VmId = $vm.Name; EnabledState = [int]$vm.EnabledState; Off = ($vm.EnabledState -eq $script:StateOff) }
 }
 
 function Remove-TestbedVm {
-    param([Parameter(Mandatory = $true)][string]$VmId)
+    # Turn off, remove, and delete the VM's folder (its differencing disk and state).
+    param([Parameter(Mandatory = $true)][string]$VmId, [string]$VmDir = '')
     $id = Test-TestbedVmId -VmId $VmId
     $vm = Get-VM -Id $id -ErrorAction SilentlyContinue
-    if ($null -eq $vm) { return [pscustomobject]@{ VmId = $id; Removed = $false } }
-    if ($vm.State -ne 'Off') { Stop-VM -VM $vm -TurnOff -Force }
-    Remove-VM -VM $vm -Force
-    [pscustomobject]@{ VmId = $id; Removed = $true }
+    $removed = $false
+    if ($null -ne $vm) {
+        if ($vm.State -ne 'Off') { Stop-VM -VM $vm -TurnOff -Force }
+        Remove-VM -VM $vm -Force
+        $removed = $true
+    }
+    if ($VmDir -and (Test-Path $VmDir)) { Remove-Item -Recurse -Force $VmDir }
+    [pscustomobject]@{ VmId = $id; Removed = $removed }
 }
 
 function Get-TestbedOwnedVm {
@@ -220,13 +393,14 @@ function Get-TestbedOwnedVm {
     param()
     @(Get-VM | ForEach-Object {
             if ($_.Notes -match 'testbed-owner=(\S+)') {
-                [pscustomobject]@{ Name = $_.Name; VmId = $_.Id.ToString(); Owner = $Matches[1]; State = $_.State.ToString() }
+                [pscustomobject]@{ Name = $_.Name; VmId = $_.Id.ToString(); Owner = $Matches[1]; State = $_.State.ToString(); Path = $_.Path }
             }
         })
 }
 
 $public = @(
-    'Get-TestbedPreflight', 'New-TestbedVm', 'Start-TestbedVm', 'Get-TestbedIcStatus', 'Invoke-TestbedRace',
-    'Get-TestbedEvents', 'Stop-TestbedVm', 'Remove-TestbedVm', 'Get-TestbedOwnedVm', 'Wait-TestbedJob'
+    'Get-TestbedPreflight', 'Get-TestbedArtifact', 'New-TestbedVm', 'New-TestbedL1Vm', 'Start-TestbedVm',
+    'Get-TestbedIcStatus', 'Invoke-TestbedRace', 'Get-TestbedEvents', 'Get-TestbedVmState', 'Remove-TestbedVm',
+    'Get-TestbedOwnedVm', 'Wait-TestbedJob'
 )
 Export-ModuleMember -Function $public

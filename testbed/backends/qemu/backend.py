@@ -28,7 +28,7 @@ from typing import Any
 
 from testbed import leases
 from testbed.agent.bundle import build_agent_pyz
-from testbed.backends.base import Check, HostReport, RacePlan
+from testbed.backends.base import Check, HostReport, InfraError, RacePlan
 from testbed.backends.qemu.client import AgentClient, AgentFailure, AgentLost
 from testbed.backends.qemu.image import Image, ImageBuildError, build_image, resolve_kernel
 from testbed.config import VmConfig
@@ -40,10 +40,6 @@ log = logging.getLogger(__name__)
 PROBE_TTL_S = 24 * 3600
 PROBE_TIMEOUT_S = float(os.environ.get("TESTBED_KVM_PROBE_TIMEOUT", "15"))
 _names = itertools.count(1)
-
-
-class InfraError(Exception):
-    """The testbed or the host failed; never a product verdict."""
 
 
 @dataclass
@@ -88,6 +84,8 @@ class QemuVm:
             "image_key": self.image.key,
             "paravisor": self.cfg.paravisor.version,
             "strategy": self.strategy,
+            "image_hash": self.image.manifest.get("initrd_sha256"),
+            "accel_reason": self.boot.get("accel_reason"),
         }
 
 

@@ -1,0 +1,137 @@
+"""Verdicts from Hyper-V evidence: the host-timed race result of ``Invoke-TestbedRace``,
+the worker's event log, and the VTL0 (COM1) and OpenHCL (COM3) serial lines.
+
+Classified on numbers (event IDs, return values, job error codes), never on
+message text, which is localized and varies between builds.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from testbed.engine.verdict import Verdict
+
+JOB_STARTED = 4096
+JOB_COMPLETED = 7
+# Microsoft-Windows-Hyper-V-Worker-Admin event IDs (CONTEXT.md).
+EV_TURNED_OFF = 18502
+EV_SHUTDOWN_IC = 18504
+EV_SHUTDOWN_BY_GUEST = 18508
+EV_OFF_ON_GUEST_RESET = 18515
+EV_MANAGEMENT_VTL_FAILED = 18620
+EV_WORKER_TERMINATED = 14070
+CRASH_EVENTS = {
+    18528: "stopped after a critical error",
+    18539: "triple fault",
+    18540: "triple fault",
+    18550: "triple fault",
+    18560: "triple fault",
+    18590: "guest crash report",
+    EV_OFF_ON_GUEST_RESET: "turned off because the guest reset (TurnOffOnGuestRestart)",
+}
+# Servicing failure codes documented publicly (job ErrorCode / event data).
+SERVICING_CODES = {
+    0xC0370800: "servicing already in progress",
+    0xC0370801: "invalid protocol response from the management VTL",
+    0xC0370802: "the management VTL failed to save state (the VM resumes unharmed)",
+    0xC0370803: "the management VTL failed to restore (often corrupt saved state)",
+    0xC037080A: "no GET protocol with the management VTL (timeout)",
+}
+ACCEPTED = (0, JOB_STARTED)  # InitiateShutdown / ReloadManagementVtl: done, or job started
+
+
+def code_name(code: int) -> str:
+    c = code & 0xFFFFFFFF
+    return f"0x{c:08X}" + (f" ({SERVICING_CODES[c]})" if c in SERVICING_CODES else "")
+
+
+def servicing_failure(race: dict[str, Any], event_ids: set[int]) -> str | None:
+    """Why servicing failed, from numbers only; None when it succeeded or did not run."""
+    if race.get("ServiceMs") is None:
+        return None
+    rv = race.get("ServiceReturn")
+    if rv not in ACCEPTED:
+        return f"ReloadManagementVtl returned {rv}"
+    if EV_MANAGEMENT_VTL_FAILED in event_ids:
+        return f"event {EV_MANAGEMENT_VTL_FAILED}: failure in the management VTL"
+    if rv == JOB_STARTED:
+        if race.get("JobDone") is False:
+            return f"the servicing job was still in state {race.get('JobState')} after TimeoutHintSecs + 30 s"
+        code = race.get("JobErrorCode") or 0
+        if race.get("JobState") != JOB_COMPLETED or code:
+            return f"the servicing job ended in state {race.get('JobState')} with ErrorCode {code_name(int(code))}"
+    return None
+
+
+def _lines(entries: list[dict[str, Any]], port: str) -> list[str]:
+    return [f"{port} {e['Ms']:.1f} ms: {e['Line']}" for e in entries]
+
+
+def classify(ev: dict[str, Any]) -> Verdict:
+    """``ev`` is what HyperVBackend.race returned (plus ``infra_error`` when testbed failed)."""
+    if ev.get("infra_error"):
+        return Verdict("infra-error", str(ev["infra_error"]), [str(ev["infra_error"])])
+    race: dict[str, Any] = ev["race"]
+    events: list[dict[str, Any]] = ev.get("events", [])
+    ids = {int(e["Id"]) for e in events}
+    ev_lines = [f"event {e['Id']} at {e['TimeUtc']}: {e.get('Message', '')}".strip() for e in events]
+    pattern = re.compile(ev["vtl0_pattern"])
+    delivered = [e for e in race.get("Com1") or [] if pattern.search(e["Line"])]
+    delivered_lines = _lines(delivered, "COM1")
+    fired = race.get("FireMs") is not None
+    servicing = race.get("ServiceMs") is not None
+    svc_lines = [
+        f"host ReloadManagementVtl at {race['ServiceMs']:.1f} ms returned {race.get('ServiceReturn')}"
+        + (f", job state {race.get('JobState')} error {race.get('JobErrorCode')}" if race.get("JobState") else "")
+    ] if servicing else []  # fmt: skip
+    fire_line = (
+        [f"host InitiateShutdown at {race['FireMs']:.1f} ms returned {race.get('FireReturn')}; "
+         f"shutdown IC was {race.get('IcAtFire')!r}"] if fired else []
+    )  # fmt: skip
+
+    crash = sorted(ids & set(CRASH_EVENTS))
+    if crash:
+        return Verdict("guest-crash", f"event {crash[0]}: {CRASH_EVENTS[crash[0]]}", ev_lines)
+    if EV_WORKER_TERMINATED in ids:
+        return Verdict("infra-error", "the VM worker process terminated (event 14070)", ev_lines)
+    if len(delivered) >= 2:
+        return Verdict(
+            "duplicated", f"VTL0 handled the shutdown {len(delivered)} times", delivered_lines + fire_line
+        )
+
+    failure = servicing_failure(race, ids)
+    if delivered or (EV_SHUTDOWN_IC in ids and fired):
+        anchor = ev.get("guest_anchor_ms")
+        anchor = anchor if anchor is not None else race.get("ServiceMs")
+        t_del = delivered[0]["Ms"] if delivered else None
+        shown = delivered_lines + [ln for ln in ev_lines if ln.startswith(f"event {EV_SHUTDOWN_IC} ")]
+        if not servicing or (t_del is not None and anchor is not None and t_del < anchor):
+            return Verdict("delivered-before", "VTL0 got the shutdown before servicing took hold",
+                           shown + fire_line + svc_lines)  # fmt: skip
+        if failure is None:
+            why = "delivered exactly once, after servicing"
+            if not delivered:
+                why += " (event 18504; no VTL0 line on COM1, so delivered-before cannot be ruled out)"
+            return Verdict("preserved", why, shown + fire_line + svc_lines)
+    if failure is not None:
+        fate = "VM still running" if race.get("Running") else "VM off"
+        return Verdict("servicing-failed", f"{failure}; {fate}", svc_lines + ev_lines)
+    if fired and (race.get("IcAtFire") != "OK" or race.get("FireReturn") not in ACCEPTED):
+        return Verdict(
+            "rejected",
+            f"the shutdown IC was {race.get('IcAtFire')!r} and InitiateShutdown returned {race.get('FireReturn')}",
+            fire_line,
+        )
+    if not fired:
+        return Verdict("preserved", "servicing completed; no message was at stake", svc_lines)
+    if not race.get("Running"):
+        return Verdict(
+            "infra-error", "the VM turned off, but not through the shutdown IC", ev_lines + fire_line
+        )
+    return Verdict(
+        "lost",
+        "the host's shutdown request was accepted with the IC OK, VTL0 never saw it; "
+        f"the VM was still running {ev.get('grace_ms', 0):.0f} ms after servicing",
+        fire_line + svc_lines + [f"host shutdown IC after the race: {race.get('IcAfter')!r}"],
+    )

@@ -1,0 +1,205 @@
+"""PowerShell on a Windows host, whichever way it is reached.
+
+One runner class per route, sharing everything but how a command line gets to
+the host: WinRM (testbed.transport.winrm), SSH to Windows OpenSSH, a local
+``powershell.exe``/``pwsh``, and PowerShell Direct into a nested VM.
+
+Scripts go as ``powershell -EncodedCommand`` (UTF-16LE, base64), which cmd.exe
+limits to 8191 characters, so a module is uploaded once in chunks (hash-checked)
+and each call afterwards is a short fixed script plus its parameters as base64
+JSON: user values are data inside a single-quoted base64 literal, never
+PowerShell syntax. Results come back as JSON; error records (CLIXML on stderr)
+and non-zero exits become typed errors with the host's message.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+from typing import Any
+
+from testbed.backends.hyperv.clixml import ClixmlError, error_messages
+from testbed.transport.base import TransportError
+
+log = logging.getLogger(__name__)
+
+CMD_LIMIT = 8191  # cmd.exe's command-line limit, which -EncodedCommand lives within
+FUNCTION = re.compile(r"^[A-Z][A-Za-z]+-Testbed[A-Za-z0-9]+$")
+
+
+class PowerShellError(Exception):
+    """A script failed on the host: its error records, or a non-zero exit."""
+
+    def __init__(self, message: str, exit_code: int, records: list[str]) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.records = records
+
+
+def encoded_argv(script: str) -> list[str]:
+    return [
+        "powershell",
+        "-NoProfile",
+        "-NonInteractive",
+        "-EncodedCommand",
+        base64.b64encode(script.encode("utf-16-le")).decode(),
+    ]
+
+
+def encoded_command(script: str) -> str:
+    return " ".join(encoded_argv(script))
+
+
+def b64json(obj: Any) -> str:
+    return base64.b64encode(json.dumps(obj).encode()).decode()
+
+
+# The fixed scripts. {b64} is the only substitution, and it is base64 (A-Z a-z 0-9 + / =).
+_ARGS = "$a = [Text.Encoding]::UTF8.GetString([Convert]::FromBase64String('{b64}')) | ConvertFrom-Json\n"
+APPEND_CHUNK = _ARGS + (
+    "$d = Split-Path -Parent $a.path; if (-not (Test-Path $d)) {{ New-Item -ItemType Directory -Path $d | Out-Null }}\n"
+    "$m = if ($a.first) {{ [IO.FileMode]::Create }} else {{ [IO.FileMode]::Append }}\n"
+    "$s = [IO.File]::Open($a.path + '.part', $m); $b = [Convert]::FromBase64String($a.data)\n"
+    "$s.Write($b, 0, $b.Length); $s.Close()\n"
+)
+FINISH_UPLOAD = _ARGS + (
+    "$h = (Get-FileHash -Algorithm SHA256 -Path ($a.path + '.part')).Hash.ToLower()\n"
+    "if ($h -ne $a.sha256) {{ Remove-Item ($a.path + '.part'); throw \"upload of $($a.path) corrupted: $h\" }}\n"
+    "Move-Item -Force ($a.path + '.part') $a.path; @{{ sha256 = $h }} | ConvertTo-Json -Compress\n"
+)
+FILE_HASH = _ARGS + (
+    "if (Test-Path $a.path) {{ @{{ sha256 = (Get-FileHash -Algorithm SHA256 -Path $a.path).Hash.ToLower() }} }}"
+    " else {{ @{{ sha256 = '' }} }} | ConvertTo-Json -Compress\n"
+)
+CALL = _ARGS + (
+    "Import-Module -Force $a.module\n"
+    "$p = @{{}}; $a.params.psobject.Properties | ForEach-Object {{ $p[$_.Name] = $_.Value }}\n"
+    "$r = & $a.function @p\n"
+    "ConvertTo-Json -InputObject $r -Depth 8 -Compress\n"
+)
+# PowerShell Direct (nested Hyper-V): the inner script is an argument of the script
+# block, so it reaches the L1 VM as data; the L1 password is data too, and never logged.
+IN_VM = _ARGS + (
+    "$c = New-Object Management.Automation.PSCredential($a.user, (ConvertTo-SecureString $a.password -AsPlainText -Force))\n"
+    "Invoke-Command -VMName $a.vm -Credential $c -ArgumentList $a.script -ScriptBlock {{\n"
+    "    param($s) & ([scriptblock]::Create($s)) }}\n"
+)
+
+
+class PowerShellRunner:
+    """Runs testbed's fixed scripts on a Windows host; subclasses deliver the command line."""
+
+    name = "powershell"
+    chunk_bytes = 1200  # raw bytes per upload call: x ~4.7 after the encodings, under 8191
+
+    def execute(self, argv: list[str]) -> tuple[int, str, str]:
+        """(exit code, stdout, stderr) of ``powershell ... -EncodedCommand B64`` on the host."""
+        raise NotImplementedError
+
+    def run(self, script: str) -> str:
+        """Run a script; returns stdout. Raises PowerShellError or TransportError."""
+        argv = encoded_argv(script)
+        if len(" ".join(argv)) > CMD_LIMIT:
+            raise ValueError(
+                f"script too long for one command line ({len(' '.join(argv))} > {CMD_LIMIT}): upload it"
+            )
+        rc, stdout, stderr = self.execute(argv)
+        try:
+            records = error_messages(stderr)
+        except ClixmlError as e:
+            raise PowerShellError(f"{self.name}: {e}", rc, []) from None
+        if rc != 0 or records:
+            msg = "; ".join(records) or f"exit code {rc}"
+            raise PowerShellError(f"{self.name}: {msg}", rc, records)
+        return stdout
+
+    def run_json(self, template: str, args: dict[str, Any]) -> Any:
+        out = self.run(template.format(b64=b64json(args))).strip()
+        try:
+            return json.loads(out) if out else None
+        except ValueError:
+            raise PowerShellError(f"{self.name}: output is not JSON: {out[:200]!r}", 0, []) from None
+
+    def invoke(self, module: str, function: str, params: dict[str, Any]) -> Any:
+        """Call a function of an uploaded module with named parameters (as data)."""
+        if not FUNCTION.match(function):
+            raise ValueError(f"not a Testbed module function name: {function!r}")
+        return self.run_json(CALL, {"module": module, "function": function, "params": params})
+
+    def upload(self, data: bytes, remote_path: str) -> bool:
+        """Upload in chunks that each fit the command-line limit; skipped when the host's
+        copy has the same sha256. The host checks the hash before it renames the file."""
+        want = hashlib.sha256(data).hexdigest()
+        if self.run_json(FILE_HASH, {"path": remote_path})["sha256"] == want:
+            return False
+        for i in range(0, len(data), self.chunk_bytes):
+            chunk = base64.b64encode(data[i : i + self.chunk_bytes]).decode()
+            self.run(APPEND_CHUNK.format(b64=b64json({"path": remote_path, "data": chunk, "first": i == 0})))
+        got = self.run_json(FINISH_UPLOAD, {"path": remote_path, "sha256": want})["sha256"]
+        if got != want:
+            raise TransportError(f"{self.name}: upload of {remote_path} came out as {got}")
+        log.info("%s: uploaded %s (%d bytes)", self.name, remote_path, len(data))
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+class LocalPowerShell(PowerShellRunner):
+    """testbed running on the Hyper-V host itself: ``powershell.exe`` (5.1) or ``pwsh``."""
+
+    def __init__(self, exe: str | None = None) -> None:
+        found = exe or shutil.which("powershell") or shutil.which("pwsh")
+        if not found:
+            raise TransportError("no powershell or pwsh on PATH: the local Hyper-V route needs Windows")
+        self.exe = found
+        self.name = f"local {os.path.basename(found)}"
+
+    def execute(self, argv: list[str]) -> tuple[int, str, str]:
+        try:
+            p = subprocess.run([self.exe, *argv[1:]], capture_output=True, timeout=900)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise TransportError(f"{self.name}: {e}") from None
+        return p.returncode, p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace")
+
+
+class SshPowerShell(PowerShellRunner):
+    """A Windows host with OpenSSH (as LISA reaches its Hyper-V hosts): the same scripts
+    as an SSH exec of ``powershell -EncodedCommand`` (base64 needs no quoting)."""
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self.name = f"{transport.name} (powershell)"
+
+    def execute(self, argv: list[str]) -> tuple[int, str, str]:
+        r = self.transport.run(argv, timeout=900)
+        return r.rc, r.stdout, r.stderr
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+class PowerShellDirect(PowerShellRunner):
+    """Nested Hyper-V: scripts run inside the L1 VM through ``Invoke-Command -VMName``
+    on the L0 host, so the L2 VM is driven with no network path into L1."""
+
+    chunk_bytes = 400  # the chunk travels inside a script inside a script
+
+    def __init__(self, outer: PowerShellRunner, vm: str, user: str, password: str) -> None:
+        self.outer = outer
+        self.vm, self.user = vm, user
+        self._password = password
+        self.name = f"{outer.name} -> VM {vm}"
+
+    def run(self, script: str) -> str:
+        args = {"vm": self.vm, "user": self.user, "password": self._password, "script": script}
+        return self.outer.run(IN_VM.format(b64=b64json(args)))
+
+    def close(self) -> None:
+        self.outer.close()
