@@ -253,7 +253,7 @@ def load_vm_config(path: Path | str) -> VmConfig:
 
     def anchored(a: Artifact) -> Artifact:
         if a.path and not Path(a.path).is_absolute():
-            return a.model_copy(update={"path": str(base / a.path)})
+            return a.model_copy(update={"path": str((base / a.path).resolve())})
         return a
 
     hv = cfg.hyperv

@@ -64,6 +64,7 @@ class EmulatedHyperV:
         self.vms: dict[str, HvVm] = {}
         self.races: list[dict[str, Any]] = []  # the parameters of every race, as received
         self.l1: dict[str, dict[str, Any]] = {}
+        self.on_l1: Any = None  # called with the name of a new L1 VM (nested Hyper-V tests)
         self.lab = QemuBackend()
         self._lock = threading.Lock()
 
@@ -132,6 +133,8 @@ class EmulatedHyperV:
             raise RuntimeError(f"New-VM : Cannot find path '{VhdPath}' because it does not exist.")
         vm_id = str(uuid.uuid4())
         self.l1[Name] = {"VmId": vm_id, "Owner": Owner, "Path": VmDir, "Memory": MemoryMB}
+        if self.on_l1 is not None:
+            self.on_l1(Name)
         return {"Name": Name, "VmId": vm_id}
 
     def _vm(self, vm_id: str) -> HvVm:

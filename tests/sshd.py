@@ -43,18 +43,22 @@ def keygen(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def run_sshd(d: Path, host: str = "127.0.0.1", netns: str | None = None) -> Iterator[Sshd]:
+def run_sshd(
+    d: Path, host: str = "127.0.0.1", netns: str | None = None, env: dict[str, str] | None = None
+) -> Iterator[Sshd]:
+    """``env``: more variables for sessions (sshd takes only its first SetEnv line: one line)."""
     d.mkdir(parents=True, exist_ok=True)
     keygen(d / "host_ed25519")
     keygen(d / "client_ed25519")
     (d / "authorized_keys").write_text((d / "client_ed25519.pub").read_text())
     remote_cache = d / "remote-cache"
+    setenv = " ".join(f"{k}={v}" for k, v in {"TESTBED_CACHE_DIR": str(remote_cache), **(env or {})}.items())
     port = free_port()
     (d / "sshd_config").write_text(
         f"Port {port}\nListenAddress {host}\nHostKey {d}/host_ed25519\nPidFile {d}/sshd.pid\n"
         f"AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\n"
         "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
-        f"Subsystem sftp internal-sftp\nSetEnv TESTBED_CACHE_DIR={remote_cache}\nLogLevel ERROR\n"
+        f"Subsystem sftp internal-sftp\nSetEnv {setenv}\nLogLevel ERROR\n"
     )
     Path("/run/sshd").mkdir(exist_ok=True)
     argv = ["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")]

@@ -142,6 +142,8 @@ class Faults:
     unauthorized: bool = False
     drop_receive: bool = False
     malformed_clixml: bool = False
+    drop_on: str | None = None  # drop the connection when receiving this module function's output
+    malformed_on: str | None = None  # answer this module function with broken CLIXML
 
 
 BOUNDARY = b"--Encrypted Boundary"
@@ -164,6 +166,7 @@ class StandIn:
         self.commands: dict[str, tuple[int, str, str]] = {}
         self.requests: list[str] = []
         self.encrypted_requests = 0
+        self.command_fn: dict[str, str] = {}
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         if tls is not None:
             self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
@@ -314,14 +317,18 @@ class StandIn:
                 else:
                     script = base64.b64decode(m.group(1)).decode("utf-16-le")
                     self.commands[cid] = self.host.powershell(script)
+                    m = B64.search(script)
+                    if m:
+                        self.command_fn[cid] = json.loads(base64.b64decode(m.group(1))).get("function", "")
             return 200, self.envelope(msg_id, f"<rsp:CommandResponse><rsp:CommandId>{cid}</rsp:CommandId>"
                                               "</rsp:CommandResponse>")  # fmt: skip
         if action == "receive":
-            if self.faults.drop_receive:
-                return 200, None
             cid = root.find(".//rsp:DesiredStream", NS).get("CommandId", "")  # type: ignore[union-attr]
+            fn = self.command_fn.pop(cid, None)
+            if self.faults.drop_receive or (fn and fn == self.faults.drop_on):
+                return 200, None
             rc, out, err = self.commands.pop(cid, (1, "", "no such command"))
-            if self.faults.malformed_clixml:
+            if self.faults.malformed_clixml or (fn and fn == self.faults.malformed_on):
                 err, rc = '#< CLIXML\r\n<Objs><S S="Error">broken', 1
             streams = "".join(
                 f'<rsp:Stream Name="{n}" CommandId="{cid}">{base64.b64encode(v.encode()).decode()}</rsp:Stream>'

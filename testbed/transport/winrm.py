@@ -62,7 +62,12 @@ class WinRmPowerShell(PowerShellRunner):
             import certifi
 
             kw["ca_trust_path"] = os.environ.get("REQUESTS_CA_BUNDLE") or certifi.where()
-        self._session = winrm.Session(endpoint, auth=(user, password), **kw)
+        self._auth = (user, password)
+        self._kw = kw
+        self._session: winrm.Session | None = None
+
+    def _connect(self) -> winrm.Session:
+        return winrm.Session(self.endpoint, auth=self._auth, **self._kw)
 
     @classmethod
     def from_uri(cls, uri: str, password_env: str, *, auth: str = "ntlm", verify_tls: bool = True,
@@ -84,11 +89,17 @@ class WinRmPowerShell(PowerShellRunner):
         return cls(endpoint, u.username, password, auth=auth, verify_tls=verify_tls, ca_bundle=ca_bundle)
 
     def execute(self, argv: list[str]) -> tuple[int, str, str]:
+        if self._session is None:
+            self._session = self._connect()
         try:
             r = self._session.run_cmd(argv[0], argv[1:])
         except InvalidCredentialsError as e:
+            self._session = None
             raise WinRmAuthError(f"{self.name}: credentials refused (401): check the user and {e}") from None
         except (WinRMTransportError, WinRMError, requests.RequestException, OSError) as e:
+            # A broken connection takes its authenticated (and sealed) context with it:
+            # the next command starts a new session. The failed command is not retried.
+            self._session = None
             raise TransportError(f"{self.name}: {type(e).__name__}: {e}") from None
         return (
             r.status_code,
