@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import requests
 import winrm
@@ -76,17 +76,18 @@ class WinRmPowerShell(PowerShellRunner):
         u = urlparse(uri)
         if u.scheme not in ("winrm", "winrms") or not u.hostname or not u.username:
             raise TransportError(f"bad WinRM URI {uri!r}: use winrms://user@host[:port]")
+        user = unquote(u.username)  # DOMAIN%5Cuser in a URI is DOMAIN\\user
         password = os.environ.get(password_env)
         if password is None:
-            password = _from_keyring(u.hostname, u.username)
+            password = _from_keyring(u.hostname, user)
         if password is None:
             raise TransportError(
                 f"{uri}: the password variable {password_env} is not set "
-                f"(or store it with: keyring set testbed {u.username}@{u.hostname})"
+                f"(or store it with: keyring set testbed {user}@{u.hostname})"
             )
         scheme, port = ("https", 5986) if u.scheme == "winrms" else ("http", 5985)
         endpoint = f"{scheme}://{u.hostname}:{u.port or port}/wsman"
-        return cls(endpoint, u.username, password, auth=auth, verify_tls=verify_tls, ca_bundle=ca_bundle)
+        return cls(endpoint, user, password, auth=auth, verify_tls=verify_tls, ca_bundle=ca_bundle)
 
     def execute(self, argv: list[str]) -> tuple[int, str, str]:
         if self._session is None:

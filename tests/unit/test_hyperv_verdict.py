@@ -1,0 +1,90 @@
+"""Verdicts from Hyper-V evidence, on numbers: event IDs, return values, job error codes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from testbed.engine.verdict import classify
+
+SHUTDOWN_LINE = {"Ms": 900.0, "Line": "hv_utils: Shutdown request received - graceful shutdown initiated"}
+
+
+def ev(race: dict[str, Any] | None = None, events: list[int] | None = None, **kw: Any) -> dict[str, Any]:
+    base = {
+        "ServiceMs": 5.0, "ServiceReturn": 4096, "JobDone": True, "JobState": 7, "JobErrorCode": 0,
+        "ServiceDoneMs": 450.0, "FireMs": 105.0, "FireReturn": 0, "IcAtFire": "OK", "Running": True,
+        "IcAfter": "OK", "Com1": [], "Com3": [],
+    }  # fmt: skip
+    return {
+        "backend": "hyperv",
+        "race": {**base, **(race or {})},
+        "events": [{"Id": i, "TimeUtc": "2026-11-26T04:00:00Z", "Message": ""} for i in events or []],
+        "vtl0_pattern": "Shutdown request received",
+        "grace_ms": 3000.0,
+        **kw,
+    }
+
+
+def test_running_at_the_deadline_with_the_ic_ok_is_lost() -> None:
+    v = classify(ev())
+    assert v.kind == "lost" and "IC OK" in v.reason
+
+
+def test_shutdown_ic_event_after_servicing_is_preserved() -> None:
+    v = classify(ev({"Running": False, "Com1": [SHUTDOWN_LINE]}, [18504]))
+    assert v.kind == "preserved" and any("hv_utils" in e for e in v.evidence)
+    v = classify(ev({"Running": False}, [18504]))  # no COM1: preserved, with the caveat said
+    assert v.kind == "preserved" and "cannot be ruled out" in v.reason
+
+
+def test_vtl0_line_before_the_guest_anchor_is_delivered_before() -> None:
+    early = {"Ms": 40.0, "Line": SHUTDOWN_LINE["Line"]}
+    assert classify(ev({"Com1": [early]}, guest_anchor_ms=60.0)).kind == "delivered-before"
+    assert classify(ev({"Com1": [early]}, guest_anchor_ms=30.0)).kind == "preserved"
+    assert classify(ev({"Com1": [early]})).kind == "preserved"  # host anchor (ServiceMs 5.0) only
+
+
+def test_two_vtl0_lines_are_duplicated() -> None:
+    assert classify(ev({"Com1": [SHUTDOWN_LINE, {**SHUTDOWN_LINE, "Ms": 1200.0}]})).kind == "duplicated"
+
+
+@pytest.mark.parametrize(
+    ("race", "events", "reason"),
+    [
+        ({"ServiceReturn": 32773}, [], "ReloadManagementVtl returned 32773"),
+        ({}, [18620], "event 18620"),
+        ({"JobDone": False, "JobState": 4}, [], "still in state 4"),
+        (
+            {"JobState": 10, "JobErrorCode": 0xC0370803},
+            [],
+            "0xC0370803 (the management VTL failed to restore",
+        ),
+        ({"JobState": 10, "JobErrorCode": -1070135294}, [], "0xC0370802"),  # a signed int32 from WMI
+    ],
+)
+def test_servicing_failures_by_number(race: dict[str, Any], events: list[int], reason: str) -> None:
+    v = classify(ev(race, events))
+    assert v.kind == "servicing-failed" and reason in v.reason
+
+
+@pytest.mark.parametrize("event", [18528, 18539, 18540, 18550, 18560, 18590, 18515])
+def test_crash_and_reset_events_are_guest_crash(event: int) -> None:
+    assert classify(ev({"Running": False}, [event])).kind == "guest-crash"
+
+
+def test_ic_not_ok_when_fired_is_rejected() -> None:
+    v = classify(ev({"IcAtFire": "No Contact", "FireReturn": 32775}))
+    assert v.kind == "rejected" and "'No Contact'" in v.reason
+
+
+def test_turned_off_without_the_ic_is_not_a_product_verdict() -> None:
+    assert classify(ev({"Running": False}, [18502])).kind == "infra-error"
+    assert classify(ev({}, [14070])).kind == "infra-error"
+    assert classify(ev(infra_error="TransportError: connection reset")).kind == "infra-error"
+
+
+def test_servicing_only_is_preserved_with_nothing_at_stake() -> None:
+    v = classify(ev({"FireMs": None, "FireReturn": None, "IcAtFire": None}))
+    assert v.kind == "preserved" and "no message" in v.reason
