@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import socket
+from pathlib import Path
 
 import pytest
 from conftest import PASSWORD, HvLab  # type: ignore[import-not-found]
@@ -57,3 +59,27 @@ def test_password_variable_missing() -> None:
         app, ["host", "check", "winrm://admin@hv1"], env={"TESTBED_WINRM_PASSWORD": None, "COLUMNS": "250"}
     )
     assert r.exit_code == 3 and "TESTBED_WINRM_PASSWORD is not set" in r.output
+
+
+@pytest.mark.vm
+def test_testbed_run_against_a_winrm_host(hv_lab: HvLab, tmp_path: Path) -> None:
+    """The CLI picks the Hyper-V backend from the vm_config and the winrm:// URI."""
+    assert hv_lab.cfg.hyperv is not None
+    hv = hv_lab.cfg.hyperv
+    (tmp_path / "hv.yaml").write_text(
+        "name: hv-cli\nbackend: hyperv\nhyperv:\n"
+        f"  igvm: {{path: {hv.igvm.path}}}\n  vtl0_vhd: {{path: {hv.vtl0_vhd.path}}}\n"
+        "  ic_ready_timeout_s: 30\n"
+    )
+    (tmp_path / "pb.yaml").write_text(
+        "name: hv-cli-run\nvm_config: hv.yaml\niterations: 1\n"
+        "schedule: {kind: fixed, offsets_ms: [1500]}\ngrace_ms: 1500\nexpect: {lost: 0}\n"
+    )
+    port = hv_lab.standin.server.server_address[1]
+    env = {"TESTBED_WINRM_PASSWORD": PASSWORD, "COLUMNS": "250"}
+    r = CliRunner().invoke(app, ["run", str(tmp_path / "pb.yaml"), "--host", f"winrm://LAB%5Ctester@127.0.0.1:{port}",
+                                 "--out", str(tmp_path / "out")], env=env)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert {k: v for k, v in summary["counts"].items() if v} == {"preserved": 1}, summary["counts"]
+    assert "accel hyperv" in r.output
