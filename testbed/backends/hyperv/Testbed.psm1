@@ -20,9 +20,11 @@ $script:JobCompleted = 7
 $script:StateOff = 3
 $script:WorkerLog = 'Microsoft-Windows-Hyper-V-Worker-Admin'
 
-# Serial pipes are read on a background thread that stamps each line with the race's
-# Stopwatch when it arrives, so a line's time does not depend on when PowerShell polls.
-if (-not ('Testbed.PipeTail' -as [type])) {
+function Initialize-TestbedPipeTail {
+    # Serial pipes are read on a background thread that stamps each line with the race's
+    # Stopwatch when it arrives, so a line's time does not depend on when PowerShell
+    # polls. Compiled only by the race (each call is a new powershell.exe).
+    if ('Testbed.PipeTail' -as [type]) { return }
     Add-Type -TypeDefinition @'
 using System;
 using System.Collections.Generic;
@@ -279,6 +281,7 @@ function Invoke-TestbedRace {
     $hvVm = Get-VM -Id $id
     $clock = [Diagnostics.Stopwatch]::StartNew()
     $tails = @{}
+    if ($Com1Pipe -or $Com3Pipe) { Initialize-TestbedPipeTail }
     foreach ($port in @(@('Com1', $Com1Pipe), @('Com3', $Com3Pipe))) {
         if ($port[1]) { $tails[$port[0]] = New-Object Testbed.PipeTail($port[1], $clock, 2000) }
     }
