@@ -45,7 +45,12 @@ app.add_typer(image_app, name="image")
 app.add_typer(vm_app, name="vm")
 app.add_typer(host_app, name="host")
 
-HostOpt = Annotated[str, typer.Option("--host", help="local | ssh://user@host[:port] | an inventory name")]
+HostOpt = Annotated[
+    str,
+    typer.Option(
+        "--host", help="local | ssh://user@host[:port] | winrms://user@host (Hyper-V) | an inventory name"
+    ),
+]
 InventoryOpt = Annotated[
     Path | None, typer.Option("--inventory", help="host inventory YAML (or $TESTBED_INVENTORY)")
 ]

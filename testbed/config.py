@@ -106,7 +106,7 @@ class NestedSpec(Strict):
     memory_mb: int = Field(8192, ge=2048)
     processors: int = Field(4, ge=1, le=240)
     heartbeat_timeout_s: int = Field(600, ge=10)
-    host_dir: str = r"C:\testbed"
+    host_dir: str = Field(r"C:\testbed", description="testbed's folder on the L0 host (the L1 VM, its disk)")
 
 
 class HyperVSpec(Strict):
@@ -133,7 +133,9 @@ class HyperVSpec(Strict):
     com3_servicing_start_pattern: str | None = Field(
         None, description="regex of OpenHCL's COM3 line that marks the start of its save (guest anchor)"
     )
-    host_dir: str = r"C:\testbed"
+    host_dir: str = Field(
+        r"C:\testbed", description="testbed's folder on the Hyper-V host (inside L1 when nested)"
+    )
     nested: NestedSpec | None = None
 
     @field_validator("vtl0_shutdown_pattern", "com3_servicing_start_pattern")

@@ -216,8 +216,10 @@ def test_nested_hyperv_through_powershell_direct(hv_lab: HvLab, tmp_path: Path, 
     (tmp_path / "l1.vhdx").write_bytes(b"L1 Windows image\n" * 20)
     monkeypatch.setenv("TB_L1_PASS", "l1 pass")
     assert hv_lab.cfg.hyperv is not None
-    nested = NestedSpec(l1_vhd=Artifact(path=str(tmp_path / "l1.vhdx")), password_env="TB_L1_PASS")
-    cfg = hv_lab.cfg.model_copy(update={"hyperv": hv_lab.cfg.hyperv.model_copy(update={"nested": nested})})
+    nested = NestedSpec(l1_vhd=Artifact(path=str(tmp_path / "l1.vhdx")), password_env="TB_L1_PASS",
+                        host_dir=r"E:\l0")  # fmt: skip
+    hv = hv_lab.cfg.hyperv.model_copy(update={"nested": nested, "host_dir": r"D:\l1"})
+    cfg = hv_lab.cfg.model_copy(update={"hyperv": hv})
     try:
         recs = run(hv_lab.backend(), cfg, tmp_path / "run", [1500.0])
     finally:
@@ -228,6 +230,8 @@ def test_nested_hyperv_through_powershell_direct(hv_lab: HvLab, tmp_path: Path, 
     assert any("Invoke-Command -VMName $a.vm" in s for s in hv_lab.host.scripts_seen)
     assert not any("l1 pass" in s for s in hv_lab.host.scripts_seen)  # the password is data, in base64
     assert hv_lab.emulator.l1 == {}  # the L1 VM was removed at the end
+    assert hv_lab.host.files and all(f.startswith("E:\\l0\\") for f in hv_lab.host.files)  # L1 disk, module
+    assert l1_host.files and all(f.startswith("D:\\l1\\") for f in l1_host.files)
 
 
 def test_winrm_password_never_in_logs(

@@ -86,28 +86,33 @@ class HyperVVm:
 class HyperVBackend:
     kind = "hyperv"
 
-    def __init__(self, ps: PowerShellRunner, host_dir: str = r"C:\testbed") -> None:
+    def __init__(self, ps: PowerShellRunner) -> None:
         self.ps = ps
         self.l0 = ps  # the physical host, even when self.ps is PowerShell Direct into L1
         self.host = ps.name
-        self.host_dir = host_dir
-        self._modules: set[int] = set()  # runners (by id) that have the module uploaded
+        self.host_dirs: dict[int, str] = {id(ps): r"C:\testbed"}  # per runner: L0, and L1 when nested
+        self._modules: set[tuple[int, str]] = set()  # (runner, path) where the module is uploaded
         self._l1: dict[str, Any] | None = None
         self.preflight_data: dict[str, Any] = {}
 
     # ---- calling the module ------------------------------------------------------------
-    def module_path(self) -> str:
+    def host_dir(self, runner: PowerShellRunner | None = None) -> str:
+        """testbed's folder on the host the runner reaches (vm_config ``host_dir``)."""
+        return self.host_dirs[id(runner or self.ps)]
+
+    def module_path(self, runner: PowerShellRunner | None = None) -> str:
         digest = hashlib.sha256(module_source()).hexdigest()[:12]
-        return rf"{self.host_dir}\modules\Testbed-{digest}.psm1"
+        return rf"{self.host_dir(runner)}\modules\Testbed-{digest}.psm1"
 
     def call(self, function: str, runner: PowerShellRunner | None = None, **params: Any) -> Any:
         """One Testbed.psm1 function on the host; failures become InfraError with the host's words."""
         ps = runner or self.ps
         try:
-            if id(ps) not in self._modules:
-                ps.upload(module_source(), self.module_path())
-                self._modules.add(id(ps))
-            return ps.invoke(self.module_path(), function, params)
+            path = self.module_path(ps)
+            if (id(ps), path) not in self._modules:
+                ps.upload(module_source(), path)
+                self._modules.add((id(ps), path))
+            return ps.invoke(path, function, params)
         except PowerShellError as e:
             raise InfraError(f"{function} failed on {ps.name}: {e}") from None
         except TransportError as e:
@@ -177,7 +182,7 @@ class HyperVBackend:
     # ---- artifacts -----------------------------------------------------------------------
     def artifact(self, a: Artifact, base: Path, runner: PowerShellRunner | None = None) -> str:
         """The artifact's path on the host, in a cache keyed by sha256 (uploaded or pulled)."""
-        cache = rf"{self.host_dir}\cache"
+        cache = rf"{self.host_dir(runner)}\cache"
         if a.path:
             local = (base / a.path) if not os.path.isabs(a.path) else Path(a.path)
             try:
@@ -206,7 +211,10 @@ class HyperVBackend:
             raise InfraError(f"vm_config {cfg.name} has no hyperv section (backend: {cfg.backend})")
         spec = cfg.hyperv
         base = base or Path.cwd()
-        if spec.nested is not None and self._l1 is None:
+        if spec.nested is None:
+            self.host_dirs[id(self.ps)] = spec.host_dir
+        elif self._l1 is None:
+            self.host_dirs[id(self.l0)] = spec.nested.host_dir
             self._nested_up(cfg, base)
         rep = self.preflight(cfg)
         bad = [c for c in rep.checks if not c.ok]
@@ -223,7 +231,9 @@ class HyperVBackend:
         vhd = self.artifact(spec.vtl0_vhd, base)
         com3 = spec.com3 == "auto" and bool(self.preflight_data.get("Com3Supported"))
         name = f"{cfg.name}-{socket.gethostname()}-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
-        return HyperVVm(name, cfg, "hyperv-host", self.host, igvm, vhd, rf"{self.host_dir}\vms\{name}", com3)
+        return HyperVVm(
+            name, cfg, "hyperv-host", self.host, igvm, vhd, rf"{self.host_dir()}\vms\{name}", com3
+        )
 
     def _nested_up(self, cfg: VmConfig, base: Path) -> None:
         assert cfg.hyperv is not None and cfg.hyperv.nested is not None
@@ -233,13 +243,13 @@ class HyperVBackend:
             raise InfraError(f"nested Hyper-V: the L1 password variable {n.password_env} is not set")
         vhd = self.artifact(n.l1_vhd, base, self.l0)
         name = f"testbed-l1-{socket.gethostname()}-{os.getpid()}"
-        vm_dir = rf"{self.host_dir}\vms\{name}"
+        vm_dir = rf"{self.host_dir(self.l0)}\vms\{name}"
         l1 = self.call("New-TestbedL1Vm", self.l0, Name=name, VhdPath=vhd, VmDir=vm_dir, Owner=owner_tag(),
                        MemoryMB=n.memory_mb, ProcessorCount=n.processors,
                        HeartbeatTimeoutSecs=n.heartbeat_timeout_s)  # fmt: skip
         self._l1 = {**l1, "VmDir": vm_dir}
         self.ps = PowerShellDirect(self.l0, name, n.user, password)
-        self.host_dir = n.host_dir
+        self.host_dirs[id(self.ps)] = cfg.hyperv.host_dir  # inside L1
         log.info("nested Hyper-V: L1 VM %s is up; the module now runs inside it", name)
 
     def start(self, vm: HyperVVm, reset: str = "cold") -> dict[str, Any]:
