@@ -149,3 +149,12 @@ def test_powershell_5_1_json_shapes() -> None:
     stamp = dt.datetime(2026, 1, 2, tzinfo=dt.UTC)
     ms = int(stamp.timestamp() * 1000)
     assert ps51_json({"T": stamp}) == '{"T":"\\/Date(' + str(ms) + ')\\/"}'
+
+
+def test_an_unexpected_answer_is_a_typed_error_naming_the_function(standin: StandIn) -> None:
+    from testbed.backends.hyperv.module import HostModule, HostModuleError
+
+    standin.host.functions["Get-TestbedPreflight"] = lambda: {"Build": "not a number", "HyperV": True}
+    with pytest.raises(HostModuleError, match="Get-TestbedPreflight failed on .*unexpected answer") as e:
+        HostModule(ps(standin)).preflight()
+    assert e.value.function == "Get-TestbedPreflight"

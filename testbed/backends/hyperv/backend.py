@@ -14,10 +14,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +25,14 @@ from testbed import leases
 from testbed.backends.base import Check, HostReport, InfraError, RacePlan
 from testbed.backends.hyperv import options
 from testbed.backends.hyperv.evidence import EV_SHUTDOWN_IC
+from testbed.backends.hyperv.module import CreatedVm, HostModule, Preflight, RaceOutcome, WorkerEvent
 from testbed.config import Artifact, HyperVSpec, VmConfig
-from testbed.transport.base import TransportError
-from testbed.transport.powershell import PowerShellDirect, PowerShellError, PowerShellRunner
+from testbed.transport.powershell import PowerShellDirect, PowerShellRunner
 
 log = logging.getLogger(__name__)
 
 MIN_GRACE_MS = 3000.0  # a real VTL0 needs a moment to log the request on COM1
 MIN_BUILD = 26100  # Windows 11 24H2 / Server 2025: OpenHCL development support
-
-
-def module_source() -> bytes:
-    return (resources.files("testbed.backends.hyperv") / "Testbed.psm1").read_bytes()
 
 
 def owner_tag() -> str:
@@ -56,6 +52,8 @@ class HyperVVm:
     com3: bool
     vm_id: str | None = None
     running: bool = False
+    com1_pipe: str = ""
+    com3_pipe: str = ""
     accel: str = "hyperv"
     boot: dict[str, Any] = field(default_factory=dict)
     last: dict[str, Any] = field(default_factory=dict)
@@ -87,46 +85,22 @@ class HyperVBackend:
     kind = "hyperv"
 
     def __init__(self, ps: PowerShellRunner) -> None:
-        self.ps = ps
-        self.l0 = ps  # the physical host, even when self.ps is PowerShell Direct into L1
+        self.l0 = HostModule(ps)  # the physical host
+        self.module = self.l0  # where the OpenHCL VMs live: L0, or L1 when nested
         self.host = ps.name
-        self.host_dirs: dict[int, str] = {id(ps): r"C:\testbed"}  # per runner: L0, and L1 when nested
-        self._modules: set[tuple[int, str]] = set()  # (runner, path) where the module is uploaded
-        self._l1: dict[str, Any] | None = None
-        self.preflight_data: dict[str, Any] = {}
-
-    # ---- calling the module ------------------------------------------------------------
-    def host_dir(self, runner: PowerShellRunner | None = None) -> str:
-        """testbed's folder on the host the runner reaches (vm_config ``host_dir``)."""
-        return self.host_dirs[id(runner or self.ps)]
-
-    def module_path(self, runner: PowerShellRunner | None = None) -> str:
-        digest = hashlib.sha256(module_source()).hexdigest()[:12]
-        return rf"{self.host_dir(runner)}\modules\Testbed-{digest}.psm1"
-
-    def call(self, function: str, runner: PowerShellRunner | None = None, **params: Any) -> Any:
-        """One Testbed.psm1 function on the host; failures become InfraError with the host's words."""
-        ps = runner or self.ps
-        try:
-            path = self.module_path(ps)
-            if (id(ps), path) not in self._modules:
-                ps.upload(module_source(), path)
-                self._modules.add((id(ps), path))
-            return ps.invoke(path, function, params)
-        except PowerShellError as e:
-            raise InfraError(f"{function} failed on {ps.name}: {e}") from None
-        except TransportError as e:
-            raise InfraError(f"{ps.name}: {e}") from None
+        self._l1: tuple[CreatedVm, str] | None = None  # the L1 VM and its folder on L0
+        self.host_info: Preflight | None = None
 
     def close(self) -> None:
         if self._l1 is not None:
+            l1, vm_dir = self._l1
             try:
-                self.call("Remove-TestbedVm", self.l0, VmId=self._l1["VmId"], VmDir=self._l1["VmDir"])
+                self.l0.remove_vm(l1.vm_id, vm_dir)
             except InfraError as e:
-                log.warning("could not remove the L1 VM %s: %s", self._l1["Name"], e)
+                log.warning("could not remove the L1 VM %s: %s", l1.name, e)
             self._l1 = None
-            self.ps = self.l0
-        self.l0.close()
+            self.module = self.l0
+        self.l0.runner.close()
 
     def __enter__(self) -> HyperVBackend:
         return self
@@ -138,51 +112,43 @@ class HyperVBackend:
     def preflight(self, cfg: VmConfig | None = None) -> HostReport:
         rep = HostReport(self.host)
         try:
-            p = self.call("Get-TestbedPreflight")
+            p = self.module.preflight()
         except InfraError as e:
             rep.checks.append(Check("reach the host", False, str(e), _reach_fix(str(e))))
             return rep
-        self.preflight_data = p
+        self.host_info = p
+        com3 = "available" if p.com3_supported else (
+            "not on this build (needs newer than 24H2): the guest-side servicing anchor is unavailable")  # fmt: skip
+        need = (cfg.hyperv.memory_mb + 512) if cfg is not None and cfg.hyperv is not None else 1024
         rep.checks += [
-            Check(
-                "Hyper-V", bool(p["HyperV"]), f"{p['Edition']} edition, build {p['Build']}", p["HyperVFix"]
-            ),
+            Check("Hyper-V", p.hyper_v, f"{p.edition} edition, build {p.build}", p.hyper_v_fix),
             Check(
                 "AllowFirmwareLoadFromFile",
-                bool(p["AllowFirmwareLoadFromFile"]),
+                p.allow_firmware_load_from_file,
                 "lets a VM load its IGVM firmware from a file",
                 r"Set-ItemProperty -Path 'HKLM:\SOFTWARE\Microsoft\Windows NT\CurrentVersion\Virtualization'"
                 " -Name AllowFirmwareLoadFromFile -Value 1 -Type DWord (or playbooks/hosts/hyperv-host.yml)",
             ),
             Check(
                 "OS build",
-                int(p["Build"]) >= MIN_BUILD,
-                f"build {p['Build']} (OpenHCL needs {MIN_BUILD}+)",
+                p.build >= MIN_BUILD,
+                f"build {p.build} (OpenHCL needs {MIN_BUILD}+)",
                 "update the host to Windows 11 24H2 / Server 2025 or newer",
-            ),
-            Check(
-                "COM3 (OpenHCL log)",
-                True,
-                "available"
-                if p["Com3Supported"]
-                else "not on this build (needs newer than 24H2): the guest-side servicing anchor is unavailable",
             ),  # fmt: skip
-        ]
-        need = (cfg.hyperv.memory_mb + 512) if cfg is not None and cfg.hyperv is not None else 1024
-        rep.checks.append(
+            Check("COM3 (OpenHCL log)", True, com3),
             Check(
                 "free memory",
-                int(p["FreeMemoryMB"]) >= need,
-                f"{p['FreeMemoryMB']} MB free, need {need}",
+                p.free_memory_mb >= need,
+                f"{p.free_memory_mb} MB free, need {need}",
                 "stop other VMs or lower hyperv.memory_mb",
-            )  # fmt: skip
-        )
+            ),  # fmt: skip
+        ]
         return rep
 
     # ---- artifacts -----------------------------------------------------------------------
-    def artifact(self, a: Artifact, base: Path, runner: PowerShellRunner | None = None) -> str:
+    def artifact(self, a: Artifact, base: Path, where: HostModule | None = None) -> str:
         """The artifact's path on the host, in a cache keyed by sha256 (uploaded or pulled)."""
-        cache = rf"{self.host_dir(runner)}\cache"
+        host = where or self.module
         if a.path:
             local = (base / a.path) if not os.path.isabs(a.path) else Path(a.path)
             try:
@@ -192,16 +158,11 @@ class HyperVBackend:
             digest = hashlib.sha256(data).hexdigest()
             if a.sha256 and a.sha256.lower() != digest:
                 raise InfraError(f"artifact {local} has sha256 {digest}, the vm_config says {a.sha256}")
-            remote = rf"{cache}\{digest}\{a.file_name}"
-            try:
-                (runner or self.ps).upload(data, remote)
-            except (PowerShellError, TransportError) as e:
-                raise InfraError(f"upload of {local} failed: {e}") from None
+            remote = rf"{host.host_dir}\cache\{digest}\{a.file_name}"
+            host.upload(data, remote)
             return remote
         assert a.sha256 is not None
-        got = self.call("Get-TestbedArtifact", runner, Sha256=a.sha256, FileName=a.file_name, CacheDir=cache,
-                        Url=a.url or "", SharePath=a.share or "")  # fmt: skip
-        return str(got["Path"])
+        return host.pull_artifact(a.sha256, a.file_name, url=a.url or "", share=a.share or "").path
 
     # ---- VM lifecycle --------------------------------------------------------------------
     def provision(self, cfg: VmConfig, strategy: str = "none", base: Path | None = None) -> HyperVVm:
@@ -212,9 +173,9 @@ class HyperVBackend:
         spec = cfg.hyperv
         base = base or Path.cwd()
         if spec.nested is None:
-            self.host_dirs[id(self.ps)] = spec.host_dir
+            self.l0.host_dir = spec.host_dir
         elif self._l1 is None:
-            self.host_dirs[id(self.l0)] = spec.nested.host_dir
+            self.l0.host_dir = spec.nested.host_dir
             self._nested_up(cfg, base)
         rep = self.preflight(cfg)
         bad = [c for c in rep.checks if not c.ok]
@@ -229,11 +190,10 @@ class HyperVBackend:
             )
         igvm = self.artifact(spec.igvm, base)
         vhd = self.artifact(spec.vtl0_vhd, base)
-        com3 = spec.com3 == "auto" and bool(self.preflight_data.get("Com3Supported"))
+        com3 = spec.com3 == "auto" and self.host_info is not None and self.host_info.com3_supported
         name = f"{cfg.name}-{socket.gethostname()}-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
-        return HyperVVm(
-            name, cfg, "hyperv-host", self.host, igvm, vhd, rf"{self.host_dir()}\vms\{name}", com3
-        )
+        vm_dir = rf"{self.module.host_dir}\vms\{name}"
+        return HyperVVm(name, cfg, "hyperv-host", self.host, igvm, vhd, vm_dir, com3)
 
     def _nested_up(self, cfg: VmConfig, base: Path) -> None:
         assert cfg.hyperv is not None and cfg.hyperv.nested is not None
@@ -243,13 +203,13 @@ class HyperVBackend:
             raise InfraError(f"nested Hyper-V: the L1 password variable {n.password_env} is not set")
         vhd = self.artifact(n.l1_vhd, base, self.l0)
         name = f"testbed-l1-{socket.gethostname()}-{os.getpid()}"
-        vm_dir = rf"{self.host_dir(self.l0)}\vms\{name}"
-        l1 = self.call("New-TestbedL1Vm", self.l0, Name=name, VhdPath=vhd, VmDir=vm_dir, Owner=owner_tag(),
-                       MemoryMB=n.memory_mb, ProcessorCount=n.processors,
-                       HeartbeatTimeoutSecs=n.heartbeat_timeout_s)  # fmt: skip
-        self._l1 = {**l1, "VmDir": vm_dir}
-        self.ps = PowerShellDirect(self.l0, name, n.user, password)
-        self.host_dirs[id(self.ps)] = cfg.hyperv.host_dir  # inside L1
+        vm_dir = rf"{self.l0.host_dir}\vms\{name}"
+        l1 = self.l0.new_l1_vm(name, vhd, vm_dir, owner_tag(), memory_mb=n.memory_mb, processors=n.processors,
+                               heartbeat_timeout_s=n.heartbeat_timeout_s)  # fmt: skip
+        self._l1 = (l1, vm_dir)
+        self.module = HostModule(
+            PowerShellDirect(self.l0.runner, name, n.user, password), cfg.hyperv.host_dir
+        )
         log.info("nested Hyper-V: L1 VM %s is up; the module now runs inside it", name)
 
     def start(self, vm: HyperVVm, reset: str = "cold") -> dict[str, Any]:
@@ -259,24 +219,22 @@ class HyperVBackend:
         ``reset`` is always cold; the record says so."""
         s = vm.spec
         t = time.monotonic()
-        pipes: dict[str, Any] = {
-            "Com1Pipe": f"{vm.name}-com1" if s.com1 else "",
-            "Com3Pipe": f"{vm.name}-com3" if vm.com3 else "",
-        }
-        created = self.call("New-TestbedVm", Name=vm.name, IgvmPath=vm.igvm_path, VhdPath=vm.vhd_path,
-                            VmDir=vm.vm_dir, Owner=owner_tag(), MemoryMB=s.memory_mb, ProcessorCount=s.processors,
-                            FirmwareCommandLine=s.firmware_cmdline, **pipes)  # fmt: skip
-        vm.vm_id = str(created["VmId"])
+        vm.com1_pipe = f"{vm.name}-com1" if s.com1 else ""
+        vm.com3_pipe = f"{vm.name}-com3" if vm.com3 else ""
+        created = self.module.new_vm(vm.name, vm.igvm_path, vm.vhd_path, vm.vm_dir, owner_tag(),
+                                     memory_mb=s.memory_mb, processors=s.processors,
+                                     firmware_cmdline=s.firmware_cmdline, com1_pipe=vm.com1_pipe,
+                                     com3_pipe=vm.com3_pipe)  # fmt: skip
+        vm.vm_id = created.vm_id
         vm.running = True
-        vm.boot.update(pipes)
-        started = self.call("Start-TestbedVm", VmId=vm.vm_id, IcReadyTimeoutSecs=s.ic_ready_timeout_s)
-        if started["Ic"] != "OK":
+        started = self.module.start_vm(vm.vm_id, s.ic_ready_timeout_s)
+        if started.ic != "OK":
             raise InfraError(
-                f"the shutdown IC of {vm.name} reported {started['Ic']!r}, not OK, {s.ic_ready_timeout_s} s after "
+                f"the shutdown IC of {vm.name} reported {started.ic!r}, not OK, {s.ic_ready_timeout_s} s after "
                 f"start: is the VTL0 image ({s.vtl0_image}) running its integration services (hv_utils)?"
             )
         return {"wall_s": time.monotonic() - t, "reset": "cold", "requested_reset": reset,
-                "ic_ready_ms": started["ReadyMs"]}  # fmt: skip
+                "ic_ready_ms": started.ready_ms}  # fmt: skip
 
     def race(self, vm: HyperVVm, plan: RacePlan, grace_ms: float) -> dict[str, Any]:
         """One iteration, timed on the host; returns the evidence ``classify`` reads."""
@@ -285,26 +243,23 @@ class HyperVBackend:
         assert vm.vm_id is not None
         s = vm.spec
         grace = max(grace_ms, MIN_GRACE_MS)
-        opts = options(override_version_checks=s.override_version_checks,
-                       disable_nvme_keepalive=s.disable_nvme_keepalive)  # fmt: skip
-        race = self.call(
-            "Invoke-TestbedRace",
-            VmId=vm.vm_id,
-            OffsetMs=float(plan.offset_ms or 0.0),
-            Options=opts,
-            TimeoutHintSecs=s.timeout_hint_secs,
-            Service=plan.service,
-            Shutdown=plan.shutdown,
-            AfterReady=plan.shutdown_mode == "after-ready",
-            GraceMs=grace,
-            IcReadyTimeoutSecs=s.ic_ready_timeout_s,
-            Com1Pipe=vm.boot.get("Com1Pipe", ""),
-            Com3Pipe=vm.boot.get("Com3Pipe", ""),
+        race = self.module.race(
+            vm.vm_id,
+            offset_ms=float(plan.offset_ms or 0.0),
+            options=options(
+                override_version_checks=s.override_version_checks,
+                disable_nvme_keepalive=s.disable_nvme_keepalive,
+            ),  # fmt: skip
+            timeout_hint_secs=s.timeout_hint_secs,
+            service=plan.service,
+            shutdown=plan.shutdown,
+            after_ready=plan.shutdown_mode == "after-ready",
+            grace_ms=grace,
+            ic_ready_timeout_s=s.ic_ready_timeout_s,
+            com1_pipe=vm.com1_pipe,
+            com3_pipe=vm.com3_pipe,
         )
-        events = self.call("Get-TestbedEvents", VmId=vm.vm_id, SinceUtc=race["StartedUtc"]) or []
-        events = events if isinstance(events, list) else [events]  # 5.1 unwraps one-element arrays
-        race["Com1"] = _as_list(race.get("Com1"))
-        race["Com3"] = _as_list(race.get("Com3"))
+        events = self.module.events(vm.vm_id, race.started_utc)
         ev = evidence(race, events, s, grace, plan.shutdown)
         vm.last = ev
         return ev
@@ -332,7 +287,7 @@ class HyperVBackend:
         if vm.vm_id is None:
             return
         try:
-            self.call("Remove-TestbedVm", VmId=vm.vm_id, VmDir=vm.vm_dir)
+            self.module.remove_vm(vm.vm_id, vm.vm_dir)
         except InfraError as e:
             log.warning("could not remove %s (%s): `testbed gc --host` will reap it", vm.name, e)
         finally:
@@ -343,25 +298,17 @@ class HyperVBackend:
         """Remove VMs tagged by a testbed process of this controller that is gone."""
         me = socket.gethostname()
         actions = []
-        owned = self.call("Get-TestbedOwnedVm") or []
-        for v in owned if isinstance(owned, list) else [owned]:
-            host, _, rest = str(v["Owner"]).partition(":")
+        for v in self.l0.owned_vms():
+            host, _, rest = v.owner.partition(":")
             pid_s, _, start_s = rest.partition(":")
             if host != me or not pid_s.isdigit():
-                actions.append(f"kept {v['Name']}: owned by {v['Owner']} (another controller)")
+                actions.append(f"kept {v.name}: owned by {v.owner} (another controller)")
                 continue
-            start = int(start_s) if start_s.isdigit() else None
-            if leases.alive(int(pid_s), start):
+            if leases.alive(int(pid_s), int(start_s) if start_s.isdigit() else None):
                 continue
-            self.call("Remove-TestbedVm", VmId=v["VmId"], VmDir=str(v.get("Path") or ""))
-            actions.append(f"removed Hyper-V VM {v['Name']} (owner pid {pid_s} is gone)")
+            self.l0.remove_vm(v.vm_id, v.path)
+            actions.append(f"removed Hyper-V VM {v.name} (owner pid {pid_s} is gone)")
         return actions
-
-
-def _as_list(v: Any) -> list[Any]:
-    if v is None:
-        return []
-    return v if isinstance(v, list) else [v]
 
 
 def _reach_fix(msg: str) -> str:
@@ -377,45 +324,43 @@ def _reach_fix(msg: str) -> str:
 
 
 def evidence(
-    race: dict[str, Any], events: list[dict[str, Any]], spec: HyperVSpec, grace_ms: float, fired: bool
+    outcome: RaceOutcome, events: list[WorkerEvent], spec: HyperVSpec, grace_ms: float, fired: bool
 ) -> dict[str, Any]:
-    """The race in the engine's terms: t0 = the servicing request, all on the host's clock."""
-    import re
-
+    """The race in the engine's terms: t0 = the servicing request, all on the host's clock.
+    The host's own answer (PascalCase, as on the wire) is kept whole as ``race``."""
     ms = 1e6
-    svc_ms = race.get("ServiceMs")
     anchor = None
-    if spec.com3_servicing_start_pattern and race["Com3"]:
+    if spec.com3_servicing_start_pattern:
         pat = re.compile(spec.com3_servicing_start_pattern)
-        anchor = next((e["Ms"] for e in race["Com3"] if pat.search(e["Line"])), None)
+        anchor = next((x.ms for x in outcome.com3 if pat.search(x.line)), None)
     svc: dict[str, Any] = {}
-    if svc_ms is not None:
-        svc["request_ns"] = svc_ms * ms
-        if race.get("ServiceDoneMs") is not None:
-            svc["done_ns"] = race["ServiceDoneMs"] * ms
+    if outcome.service_ms is not None:
+        svc["request_ns"] = outcome.service_ms * ms
+        if outcome.service_done_ms is not None:
+            svc["done_ns"] = outcome.service_done_ms * ms
         if anchor is not None:
             svc["start_ns"] = anchor * ms
-    zero = svc_ms if svc_ms is not None else race.get("StartMs", 0.0)
-    timeline = [(e["Ms"] - zero, f"COM1 {e['Line']}") for e in race["Com1"]]
-    timeline += [(e["Ms"] - zero, f"COM3 {e['Line']}") for e in race["Com3"]]
-    for key, label in (("ServiceMs", "host ReloadManagementVtl"), ("FireMs", "host InitiateShutdown"),
-                       ("ServiceDoneMs", "host servicing job done"), ("OffMs", "host VM off")):  # fmt: skip
-        if race.get(key) is not None:
-            timeline.append((race[key] - zero, label))
+    zero = outcome.service_ms if outcome.service_ms is not None else outcome.start_ms
+    timeline = [(x.ms - zero, f"COM1 {x.line}") for x in outcome.com1]
+    timeline += [(x.ms - zero, f"COM3 {x.line}") for x in outcome.com3]
+    for at, label in ((outcome.service_ms, "host ReloadManagementVtl"), (outcome.fire_ms, "host InitiateShutdown"),
+                      (outcome.service_done_ms, "host servicing job done"), (outcome.off_ms, "host VM off")):  # fmt: skip
+        if at is not None:
+            timeline.append((at - zero, label))
     return {
         "backend": "hyperv",
-        "race": race,
-        "events": events,
+        "race": outcome.model_dump(by_alias=True),
+        "events": [e.model_dump(by_alias=True) for e in events],
         "vtl0_pattern": spec.vtl0_shutdown_pattern,
         "grace_ms": grace_ms,
-        "t0_ns": svc_ms * ms if svc_ms is not None else None,
-        "fire_ns": race["FireMs"] * ms if race.get("FireMs") is not None else None,
+        "t0_ns": outcome.service_ms * ms if outcome.service_ms is not None else None,
+        "fire_ns": outcome.fire_ms * ms if outcome.fire_ms is not None else None,
         "svc": svc,
         "guest_anchor_ms": anchor,
         "guest_anchor": "COM3" if anchor is not None else "unavailable",
         "shutdown_id": "shutdown-ic" if fired else None,
-        "ic_at_fire": race.get("IcAtFire"),
-        "ended": not race.get("Running", True),
-        "shutdown_event": any(int(e["Id"]) == EV_SHUTDOWN_IC for e in events),
+        "ic_at_fire": outcome.ic_at_fire,
+        "ended": not outcome.running,
+        "shutdown_event": any(e.id == EV_SHUTDOWN_IC for e in events),
         "timeline": sorted(timeline),
     }
