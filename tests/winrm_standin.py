@@ -41,6 +41,7 @@ ACT = {
     "http://schemas.microsoft.com/wbem/wsman/1/windows/shell/Command": "command",
     "http://schemas.microsoft.com/wbem/wsman/1/windows/shell/Receive": "receive",
     "http://schemas.microsoft.com/wbem/wsman/1/windows/shell/Signal": "signal",
+    "http://schemas.microsoft.com/wbem/wsman/1/windows/shell/Send": "send",
     "http://schemas.xmlsoap.org/ws/2004/09/transfer/Delete": "delete",
 }
 CMD_LIMIT = 8191
@@ -84,9 +85,10 @@ class EmulatedHost:
         default_factory=dict
     )  # name -> user, password, host
     scripts_seen: list[str] = field(default_factory=list)
+    stdin_uploads: int = 0
 
-    def powershell(self, script: str) -> tuple[int, str, str]:
-        """(exit code, stdout, stderr) of one of testbed's fixed scripts."""
+    def powershell(self, script: str, stdin: bytes = b"") -> tuple[int, str, str]:
+        """(exit code, stdout, stderr) of one of testbed's fixed scripts, with its stdin."""
         self.scripts_seen.append(script)
         m = B64.search(script)
         if not m:
@@ -118,17 +120,22 @@ class EmulatedHost:
                 return 0, ps51_json(fn(**a["params"])), ""
             except Exception as e:  # the emulated cmdlet threw: a terminating error record
                 return 1, "", clixml_error(str(e))
-        if "[IO.FileMode]::Append" in script:
-            old = b"" if a.get("first") else self.files.get(a["path"] + ".part", b"")
-            self.files[a["path"] + ".part"] = old + base64.b64decode(a["data"])
-            return 0, "", ""
-        if "Move-Item" in script:
-            data = self.files.pop(a["path"] + ".part", b"")
+        if "process {" in script and "[IO.File]::Create($a.path + '.part')" in script:  # upload on stdin
+            self.stdin_uploads += 1
+            data = b"".join(base64.b64decode(line) for line in stdin.split(b"\r\n") if line)
             h = hashlib.sha256(data).hexdigest()
             if h != a["sha256"]:
                 return 1, "", clixml_error(f"upload of {a['path']} corrupted: {h}")
             self.files[a["path"]] = data
             return 0, json.dumps({"sha256": h}), ""
+        if "Copy-Item -ToSession $s" in script:  # into a VM over PowerShell Direct
+            target = self.vms.get(a["vm"])
+            if target is None or (a["user"], a["password"]) != target[:2]:
+                return 1, "", clixml_error(f"New-PSSession : cannot open a session to {a['vm']}")
+            if a["src"] not in self.files:
+                return 1, "", clixml_error(f"Copy-Item : Cannot find path '{a['src']}'")
+            target[2].files[a["dest"]] = self.files[a["src"]]
+            return 0, json.dumps({"sha256": hashlib.sha256(self.files[a["src"]]).hexdigest()}), ""
         if "Get-FileHash" in script and "Test-Path $a.path" in script:
             f = self.files.get(a["path"])
             return 0, json.dumps({"sha256": hashlib.sha256(f).hexdigest() if f is not None else ""}), ""
@@ -167,6 +174,8 @@ class StandIn:
         self.requests: list[str] = []
         self.encrypted_requests = 0
         self.command_fn: dict[str, str] = {}
+        self.pending: dict[str, tuple[str, bytearray]] = {}  # commands waiting for their stdin
+        self.sends = 0
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         if tls is not None:
             self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
@@ -316,7 +325,10 @@ class StandIn:
                     )
                 else:
                     script = base64.b64decode(m.group(1)).decode("utf-16-le")
-                    self.commands[cid] = self.host.powershell(script)
+                    if "process {" in script:  # reads stdin: runs when the last Send arrives
+                        self.pending[cid] = (script, bytearray())
+                    else:
+                        self.commands[cid] = self.host.powershell(script)
                     m = B64.search(script)
                     if m:
                         self.command_fn[cid] = json.loads(base64.b64decode(m.group(1))).get("function", "")
@@ -338,6 +350,18 @@ class StandIn:
                 f"<rsp:ReceiveResponse>{streams}<rsp:CommandState CommandId=\"{cid}\" "
                 f'State="http://schemas.microsoft.com/wbem/wsman/1/windows/shell/CommandState/Done">'
                 f"<rsp:ExitCode>{rc}</rsp:ExitCode></rsp:CommandState></rsp:ReceiveResponse>"))  # fmt: skip
+        if action == "send":
+            stream = root.find(".//rsp:Send/rsp:Stream", NS)
+            assert stream is not None
+            cid = stream.get("CommandId", "")
+            if cid not in self.pending:
+                return self.fault(msg_id, 2150858843, "The request for the command is invalid")
+            self.sends += 1
+            self.pending[cid][1].extend(base64.b64decode(stream.text or ""))
+            if stream.get("End") == "true":
+                script, data = self.pending.pop(cid)
+                self.commands[cid] = self.host.powershell(script, bytes(data))
+            return 200, self.envelope(msg_id, "<rsp:SendResponse/>")
         if action == "signal":
             return 200, self.envelope(msg_id, "<rsp:SignalResponse/>")
         if action == "delete":
@@ -372,7 +396,8 @@ if "-encodedcommand" not in low:
 script = base64.b64decode(args[low.index("-encodedcommand") + 1]).decode("utf-16-le")
 s = socket.socket(socket.AF_UNIX)
 s.connect({sock!r})
-s.sendall(json.dumps({{"script": script}}).encode() + b"\\n")
+stdin = base64.b64encode(sys.stdin.buffer.read()).decode()
+s.sendall(json.dumps({{"script": script, "stdin": stdin}}).encode() + b"\\n")
 r = json.loads(s.makefile().readline())
 sys.stdout.write(r["stdout"]); sys.stderr.write(r["stderr"]); sys.exit(r["rc"])
 """
@@ -390,7 +415,7 @@ def serve_unix(host: EmulatedHost, directory: str) -> Iterator[str]:
     class H(socketserver.StreamRequestHandler):
         def handle(self) -> None:
             req = json.loads(self.rfile.readline())
-            rc, out, err = host.powershell(req["script"])
+            rc, out, err = host.powershell(req["script"], base64.b64decode(req.get("stdin", "")))
             self.wfile.write(json.dumps({"rc": rc, "stdout": out, "stderr": err}).encode() + b"\n")
 
     server = socketserver.ThreadingUnixStreamServer(sock, H)

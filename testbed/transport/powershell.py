@@ -5,9 +5,9 @@ the host: WinRM (testbed.transport.winrm), SSH to Windows OpenSSH, a local
 ``powershell.exe``/``pwsh``, and PowerShell Direct into a nested VM.
 
 Scripts go as ``powershell -EncodedCommand`` (UTF-16LE, base64), which cmd.exe
-limits to 8191 characters, so a module is uploaded once in chunks (hash-checked)
-and each call afterwards is a short fixed script plus its parameters as base64
-JSON: user values are data inside a single-quoted base64 literal, never
+limits to 8191 characters, so files (the module, artifacts) are streamed on stdin
+as base64 lines and hash-checked on the host, and each call is a short fixed
+script plus its parameters as base64 JSON: user values are data inside a single-quoted base64 literal, never
 PowerShell syntax. Results come back as JSON; error records (CLIXML on stderr)
 and non-zero exits become typed errors with the host's message.
 """
@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Iterable
 from typing import Any
 
 from testbed.backends.hyperv.clixml import ClixmlError, error_messages
@@ -62,16 +63,23 @@ def b64json(obj: Any) -> str:
 
 # The fixed scripts. {b64} is the only substitution, and it is base64 (A-Z a-z 0-9 + / =).
 _ARGS = "$a = [Text.Encoding]::UTF8.GetString([Convert]::FromBase64String('{b64}')) | ConvertFrom-Json\n"
-APPEND_CHUNK = _ARGS + (
-    "$d = Split-Path -Parent $a.path; if (-not (Test-Path $d)) {{ New-Item -ItemType Directory -Path $d | Out-Null }}\n"
-    "$m = if ($a.first) {{ [IO.FileMode]::Create }} else {{ [IO.FileMode]::Append }}\n"
-    "$s = [IO.File]::Open($a.path + '.part', $m); $b = [Convert]::FromBase64String($a.data)\n"
-    "$s.Write($b, 0, $b.Length); $s.Close()\n"
-)
-FINISH_UPLOAD = _ARGS + (
-    "$h = (Get-FileHash -Algorithm SHA256 -Path ($a.path + '.part')).Hash.ToLower()\n"
-    "if ($h -ne $a.sha256) {{ Remove-Item ($a.path + '.part'); throw \"upload of $($a.path) corrupted: $h\" }}\n"
-    "Move-Item -Force ($a.path + '.part') $a.path; @{{ sha256 = $h }} | ConvertTo-Json -Compress\n"
+# Upload: the file arrives on stdin as base64 lines, which powershell.exe feeds to the
+# script's process block (as Ansible's WinRM put_file does); the host checks the sha256
+# before the file takes its name.
+STREAM_UPLOAD = (
+    "begin {{\n"
+    "    $a = [Text.Encoding]::UTF8.GetString([Convert]::FromBase64String('{b64}')) | ConvertFrom-Json\n"
+    "    $d = Split-Path -Parent $a.path\n"
+    "    if (-not (Test-Path $d)) {{ New-Item -ItemType Directory -Path $d | Out-Null }}\n"
+    "    $fs = [IO.File]::Create($a.path + '.part')\n"
+    "}}\n"
+    "process {{ foreach ($line in $input) {{ if ($line) {{\n"
+    "    $b = [Convert]::FromBase64String([string]$line); $fs.Write($b, 0, $b.Length) }} }} }}\n"
+    "end {{\n"
+    "    $fs.Close(); $h = (Get-FileHash -Algorithm SHA256 -Path ($a.path + '.part')).Hash.ToLower()\n"
+    "    if ($h -ne $a.sha256) {{ Remove-Item ($a.path + '.part'); throw \"upload of $($a.path) corrupted: $h\" }}\n"
+    "    Move-Item -Force ($a.path + '.part') $a.path; @{{ sha256 = $h }} | ConvertTo-Json -Compress\n"
+    "}}\n"
 )
 FILE_HASH = _ARGS + (
     "if (Test-Path $a.path) {{ @{{ sha256 = (Get-FileHash -Algorithm SHA256 -Path $a.path).Hash.ToLower() }} }}"
@@ -85,10 +93,31 @@ CALL = _ARGS + (
 )
 # PowerShell Direct (nested Hyper-V): the inner script is an argument of the script
 # block, so it reaches the L1 VM as data; the L1 password is data too, and never logged.
-IN_VM = _ARGS + (
-    "$c = New-Object Management.Automation.PSCredential($a.user, (ConvertTo-SecureString $a.password -AsPlainText -Force))\n"
-    "Invoke-Command -VMName $a.vm -Credential $c -ArgumentList $a.script -ScriptBlock {{\n"
-    "    param($s) & ([scriptblock]::Create($s)) }}\n"
+_CRED = "$c = New-Object Management.Automation.PSCredential($a.user, (ConvertTo-SecureString $a.password -AsPlainText -Force))\n"
+IN_VM = (
+    _ARGS
+    + _CRED
+    + (
+        "Invoke-Command -VMName $a.vm -Credential $c -ArgumentList $a.script -ScriptBlock {{\n"
+        "    param($s) & ([scriptblock]::Create($s)) }}\n"
+    )
+)
+# A file already on L0 copied into the L1 VM over a PowerShell Direct session, then hashed there.
+COPY_TO_VM = (
+    _ARGS
+    + _CRED
+    + (
+        "$s = New-PSSession -VMName $a.vm -Credential $c\n"
+        "try {{\n"
+        "    Invoke-Command -Session $s -ArgumentList $a.dest -ScriptBlock {{ param($p)\n"
+        "        $d = Split-Path -Parent $p; if (-not (Test-Path $d)) {{ New-Item -ItemType Directory -Path $d | Out-Null }} }}\n"
+        "    Copy-Item -ToSession $s -Path $a.src -Destination $a.dest -Force\n"
+        "    $h = Invoke-Command -Session $s -ArgumentList $a.dest -ScriptBlock {{ param($p)\n"
+        "        (Get-FileHash -Algorithm SHA256 -Path $p).Hash.ToLower() }}\n"
+        "}} finally {{ Remove-PSSession $s }}\n"
+        'if ($h -ne $a.sha256) {{ throw "copy of $($a.src) into $($a.vm) came out as $h" }}\n'
+        "@{{ sha256 = $h }} | ConvertTo-Json -Compress\n"
+    )
 )
 
 
@@ -96,20 +125,19 @@ class PowerShellRunner:
     """Runs testbed's fixed scripts on a Windows host; subclasses deliver the command line."""
 
     name = "powershell"
-    chunk_bytes = 1200  # raw bytes per upload call: x ~4.7 after the encodings, under 8191
+    line_bytes = 48 * 1024  # raw bytes per stdin line of an upload (64 KiB of base64)
 
-    def execute(self, argv: list[str]) -> tuple[int, str, str]:
-        """(exit code, stdout, stderr) of ``powershell ... -EncodedCommand B64`` on the host."""
+    def execute(self, argv: list[str], stdin: Iterable[bytes] = ()) -> tuple[int, str, str]:
+        """(exit code, stdout, stderr) of ``powershell ... -EncodedCommand B64`` on the host,
+        with ``stdin`` (lines, CR LF terminated) fed to it."""
         raise NotImplementedError
 
-    def run(self, script: str) -> str:
-        """Run a script; returns stdout. Raises PowerShellError or TransportError."""
-        argv = encoded_argv(script)
+    def _checked(self, argv: list[str], stdin: Iterable[bytes] = ()) -> str:
         if len(" ".join(argv)) > CMD_LIMIT:
             raise ValueError(
                 f"script too long for one command line ({len(' '.join(argv))} > {CMD_LIMIT}): upload it"
             )
-        rc, stdout, stderr = self.execute(argv)
+        rc, stdout, stderr = self.execute(argv, stdin)
         try:
             records = error_messages(stderr)
         except ClixmlError as e:
@@ -119,8 +147,12 @@ class PowerShellRunner:
             raise PowerShellError(f"{self.name}: {msg}", rc, records)
         return stdout
 
-    def run_json(self, template: str, args: dict[str, Any]) -> Any:
-        out = self.run(template.format(b64=b64json(args))).strip()
+    def run(self, script: str, stdin: Iterable[bytes] = ()) -> str:
+        """Run a script; returns stdout. Raises PowerShellError or TransportError."""
+        return self._checked(encoded_argv(script), stdin)
+
+    def run_json(self, template: str, args: dict[str, Any], stdin: Iterable[bytes] = ()) -> Any:
+        out = self.run(template.format(b64=b64json(args)), stdin).strip()
         try:
             return json.loads(out) if out else None
         except ValueError:
@@ -132,16 +164,18 @@ class PowerShellRunner:
             raise ValueError(f"not a Testbed module function name: {function!r}")
         return self.run_json(CALL, {"module": module, "function": function, "params": params})
 
+    def file_sha256(self, remote_path: str) -> str:
+        return str(self.run_json(FILE_HASH, {"path": remote_path})["sha256"])
+
     def upload(self, data: bytes, remote_path: str) -> bool:
-        """Upload in chunks that each fit the command-line limit; skipped when the host's
-        copy has the same sha256. The host checks the hash before it renames the file."""
+        """Stream a file to the host as base64 lines on stdin; skipped when the host's copy
+        has the same sha256. The host checks the hash before the file takes its name."""
         want = hashlib.sha256(data).hexdigest()
-        if self.run_json(FILE_HASH, {"path": remote_path})["sha256"] == want:
+        if self.file_sha256(remote_path) == want:
             return False
-        for i in range(0, len(data), self.chunk_bytes):
-            chunk = base64.b64encode(data[i : i + self.chunk_bytes]).decode()
-            self.run(APPEND_CHUNK.format(b64=b64json({"path": remote_path, "data": chunk, "first": i == 0})))
-        got = self.run_json(FINISH_UPLOAD, {"path": remote_path, "sha256": want})["sha256"]
+        n = self.line_bytes
+        lines = (base64.b64encode(data[i : i + n]) + b"\r\n" for i in range(0, len(data), n))
+        got = self.run_json(STREAM_UPLOAD, {"path": remote_path, "sha256": want}, stdin=lines)["sha256"]
         if got != want:
             raise TransportError(f"{self.name}: upload of {remote_path} came out as {got}")
         log.info("%s: uploaded %s (%d bytes)", self.name, remote_path, len(data))
@@ -161,9 +195,9 @@ class LocalPowerShell(PowerShellRunner):
         self.exe = found
         self.name = f"local {os.path.basename(found)}"
 
-    def execute(self, argv: list[str]) -> tuple[int, str, str]:
+    def execute(self, argv: list[str], stdin: Iterable[bytes] = ()) -> tuple[int, str, str]:
         try:
-            p = subprocess.run([self.exe, *argv[1:]], capture_output=True, timeout=900)
+            p = subprocess.run([self.exe, *argv[1:]], input=b"".join(stdin), capture_output=True, timeout=900)
         except (OSError, subprocess.TimeoutExpired) as e:
             raise TransportError(f"{self.name}: {e}") from None
         return p.returncode, p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace")
@@ -177,8 +211,8 @@ class SshPowerShell(PowerShellRunner):
         self.transport = transport
         self.name = f"{transport.name} (powershell)"
 
-    def execute(self, argv: list[str]) -> tuple[int, str, str]:
-        r = self.transport.run(argv, timeout=900)
+    def execute(self, argv: list[str], stdin: Iterable[bytes] = ()) -> tuple[int, str, str]:
+        r = self.transport.run(argv, input=b"".join(stdin) or None, timeout=900)
         return r.rc, r.stdout, r.stderr
 
     def close(self) -> None:
@@ -187,19 +221,34 @@ class SshPowerShell(PowerShellRunner):
 
 class PowerShellDirect(PowerShellRunner):
     """Nested Hyper-V: scripts run inside the L1 VM through ``Invoke-Command -VMName``
-    on the L0 host, so the L2 VM is driven with no network path into L1."""
+    on the L0 host, so the L2 VM is driven with no network path into L1. Files go to
+    L0 first and are copied in over a PowerShell Direct session."""
 
-    chunk_bytes = 400  # the chunk travels inside a script inside a script
-
-    def __init__(self, outer: PowerShellRunner, vm: str, user: str, password: str) -> None:
+    def __init__(self, outer: PowerShellRunner, vm: str, user: str, password: str, staging_dir: str) -> None:
         self.outer = outer
         self.vm, self.user = vm, user
         self._password = password
+        self.staging_dir = staging_dir
         self.name = f"{outer.name} -> VM {vm}"
 
-    def run(self, script: str) -> str:
-        args = {"vm": self.vm, "user": self.user, "password": self._password, "script": script}
-        return self.outer.run(IN_VM.format(b64=b64json(args)))
+    def _args(self, **kw: Any) -> dict[str, Any]:
+        return {"vm": self.vm, "user": self.user, "password": self._password, **kw}
+
+    def run(self, script: str, stdin: Iterable[bytes] = ()) -> str:
+        if stdin != ():
+            raise ValueError("PowerShell Direct carries no stdin: stage the data on L0 (upload does)")
+        return self.outer.run(IN_VM.format(b64=b64json(self._args(script=script))))
+
+    def upload(self, data: bytes, remote_path: str) -> bool:
+        want = hashlib.sha256(data).hexdigest()
+        if self.file_sha256(remote_path) == want:
+            return False
+        staged = rf"{self.staging_dir}\{want}"
+        self.outer.upload(data, staged)
+        got = self.outer.run_json(COPY_TO_VM, self._args(src=staged, dest=remote_path, sha256=want))["sha256"]
+        if got != want:
+            raise TransportError(f"{self.name}: copy of {remote_path} came out as {got}")
+        return True
 
     def close(self) -> None:
         self.outer.close()

@@ -10,14 +10,17 @@ never logged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 import requests
 import winrm
 from winrm.exceptions import InvalidCredentialsError, WinRMError, WinRMTransportError
+from winrm.protocol import Protocol
 
 from testbed.transport.base import TransportError
 from testbed.transport.powershell import (  # noqa: F401 (re-exported for callers and tests)
@@ -89,11 +92,11 @@ class WinRmPowerShell(PowerShellRunner):
         endpoint = f"{scheme}://{u.hostname}:{u.port or port}/wsman"
         return cls(endpoint, user, password, auth=auth, verify_tls=verify_tls, ca_bundle=ca_bundle)
 
-    def execute(self, argv: list[str]) -> tuple[int, str, str]:
+    def execute(self, argv: list[str], stdin: Iterable[bytes] = ()) -> tuple[int, str, str]:
         if self._session is None:
             self._session = self._connect()
         try:
-            r = self._session.run_cmd(argv[0], argv[1:])
+            out, err, rc = self._command(self._session.protocol, argv, stdin)
         except InvalidCredentialsError as e:
             self._session = None
             raise WinRmAuthError(f"{self.name}: credentials refused (401): check the user and {e}") from None
@@ -102,11 +105,29 @@ class WinRmPowerShell(PowerShellRunner):
             # the next command starts a new session. The failed command is not retried.
             self._session = None
             raise TransportError(f"{self.name}: {type(e).__name__}: {e}") from None
-        return (
-            r.status_code,
-            r.std_out.decode("utf-8", errors="replace"),
-            r.std_err.decode("utf-8", errors="replace"),
-        )
+        return rc, out.decode("utf-8", errors="replace"), err.decode("utf-8", errors="replace")
+
+    @staticmethod
+    def _command(p: Protocol, argv: list[str], stdin: Iterable[bytes]) -> tuple[bytes, bytes, int]:
+        """One command in its own shell; stdin goes as WS-Man Send messages, the last with End."""
+        shell = p.open_shell()
+        try:
+            cmd = p.run_command(shell, argv[0], argv[1:])
+            pending: bytes | None = None
+            for line in stdin:
+                if pending is not None:
+                    p.send_command_input(shell, cmd, pending)
+                pending = line
+            if pending is not None:
+                p.send_command_input(shell, cmd, pending, end=True)
+            out, err, rc = p.get_command_output(shell, cmd)
+            p.cleanup_command(shell, cmd)
+        except BaseException:
+            with contextlib.suppress(Exception):  # keep the first failure, not the cleanup's
+                p.close_shell(shell)
+            raise
+        p.close_shell(shell)
+        return out, err, rc
 
 
 def _from_keyring(host: str, user: str) -> str | None:

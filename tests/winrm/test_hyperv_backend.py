@@ -198,6 +198,7 @@ def test_hyperv_route_over_real_ssh(hv_lab: HvLab, tmp_path: Path) -> None:
             recs = run(backend, hv_lab.cfg, tmp_path / "run", [-300.0, 1500.0])  # type: ignore[arg-type]
     assert [r["verdict"] for r in recs] == ["delivered-before", "preserved"], [r["reason"] for r in recs]
     assert hv_lab.standin.requests == []  # nothing went over WinRM
+    assert hv_lab.host.stdin_uploads >= 3  # module, IGVM, VHDX streamed on the SSH channel's stdin
 
 
 def test_nested_hyperv_through_powershell_direct(hv_lab: HvLab, tmp_path: Path, ref_cfg,  # type: ignore[no-untyped-def]
@@ -228,6 +229,9 @@ def test_nested_hyperv_through_powershell_direct(hv_lab: HvLab, tmp_path: Path, 
     assert [c[0] for c in hv_lab.host.calls] == ["New-TestbedL1Vm", "Remove-TestbedVm"]  # L0 only made L1
     assert "Invoke-TestbedRace" in [c[0] for c in l1_host.calls] and l1.races
     assert any("Invoke-Command -VMName $a.vm" in s for s in hv_lab.host.scripts_seen)
+    assert any(
+        "Copy-Item -ToSession $s" in s for s in hv_lab.host.scripts_seen
+    )  # files: staged on L0, copied in
     assert not any("l1 pass" in s for s in hv_lab.host.scripts_seen)  # the password is data, in base64
     assert hv_lab.emulator.l1 == {}  # the L1 VM was removed at the end
     assert hv_lab.host.files and all(f.startswith("E:\\l0\\") for f in hv_lab.host.files)  # L1 disk, module

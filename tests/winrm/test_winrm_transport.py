@@ -39,7 +39,7 @@ def ps(s: StandIn, password: str | None = None) -> WinRmPowerShell:
     return WinRmPowerShell(s.endpoint, s.user, password or s.password, auth="basic")
 
 
-def test_module_upload_in_chunks_under_the_command_line_limit(standin: StandIn) -> None:
+def test_uploads_stream_on_stdin_under_the_command_line_limit(standin: StandIn) -> None:
     module = ("# Testbed.psm1 stand-in\n" + "function Get-TestbedX { 'x' }\n" * 2000).encode()
     assert len(encoded_command(module.decode())) > CMD_LIMIT  # too big for one command line
     p = ps(standin)
@@ -49,7 +49,11 @@ def test_module_upload_in_chunks_under_the_command_line_limit(standin: StandIn) 
     assert standin.host.files[MODULE] == module
     assert 0 < standin.host.max_command_seen <= CMD_LIMIT  # every call respected cmd.exe's limit
     assert p.upload(module, MODULE) is False  # same sha256 on the host: skipped
-    assert hashlib.sha256(standin.host.files[MODULE]).hexdigest() == hashlib.sha256(module).hexdigest()
+    sends = standin.sends
+    big = os.urandom(300_000)  # an artifact: 7 lines of 48 KiB, one WS-Man Send each
+    assert p.upload(big, r"C:\testbed\cache\big.bin") is True
+    assert standin.host.files[r"C:\testbed\cache\big.bin"] == big
+    assert standin.sends - sends == 7 and standin.host.stdin_uploads == 2
 
 
 def test_invoke_passes_parameters_as_data(standin: StandIn) -> None:

@@ -208,7 +208,8 @@ class HyperVBackend:
                                heartbeat_timeout_s=n.heartbeat_timeout_s)  # fmt: skip
         self._l1 = (l1, vm_dir)
         self.module = HostModule(
-            PowerShellDirect(self.l0.runner, name, n.user, password), cfg.hyperv.host_dir
+            PowerShellDirect(self.l0.runner, name, n.user, password, rf"{self.l0.host_dir}\staging"),
+            cfg.hyperv.host_dir,
         )
         log.info("nested Hyper-V: L1 VM %s is up; the module now runs inside it", name)
 
