@@ -258,7 +258,7 @@ class EmulatedHyperV:
             events.append({"Id": eid, "TimeUtc": when(out["OffMs"]), "Message": f"'{out['VmId']}' shut down"})
         return events
 
-    def events(self, VmId: str, SinceUtc: str) -> Any:  # noqa: N803
+    def events(self, VmId: str, SinceUtc: str, SettleMs: int = 0) -> Any:  # noqa: N803
         evs = self._vm(VmId).events
         return evs[0] if len(evs) == 1 else evs  # Windows PowerShell 5.1 unwraps one-element arrays
 

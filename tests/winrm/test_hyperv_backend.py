@@ -179,6 +179,8 @@ def test_race_parameters_reach_the_host_as_data(hv_lab: HvLab) -> None:
     calls = [s for s in hv_lab.host.scripts_seen if "& $a.function @p" in s]
     assert calls and all(B64.sub("FromBase64String('')", s) == CALL.format(b64="") for s in calls)
     assert ev["guest_anchor"] == "COM3" and ev["race"]["FireReturn"] == 0
+    _, ev_params = next(c for c in hv_lab.host.calls if c[0] == "Get-TestbedEvents")
+    assert ev_params["SettleMs"] == 3000  # the VM went off: wait for the event that says how
 
 
 def test_hyperv_route_over_real_ssh(hv_lab: HvLab, tmp_path: Path) -> None:

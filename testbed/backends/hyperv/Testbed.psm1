@@ -313,7 +313,8 @@ function Invoke-TestbedRace {
     if ($byOffset -and $OffsetMs -ge 0) {
         $target = $OffsetMs
         if ($null -ne $result.ServiceMs) { $target = $result.ServiceMs + $OffsetMs }
-        $sleep = [int]($target - $clock.Elapsed.TotalMilliseconds - 2)
+        # Windows sleeps in timer ticks (15.6 ms by default): sleep to 20 ms before, then spin.
+        $sleep = [int]($target - $clock.Elapsed.TotalMilliseconds - 20)
         if ($sleep -gt 0) { Start-Sleep -Milliseconds $sleep }
         while ($clock.Elapsed.TotalMilliseconds -lt $target) { }
         & $fire
@@ -360,11 +361,24 @@ function Invoke-TestbedRace {
 }
 
 function Get-TestbedEvents {
-    param([Parameter(Mandatory = $true)][string]$VmId, [Parameter(Mandatory = $true)][string]$SinceUtc)
+    # The worker's events for one VM since a time. With SettleMs, wait up to that long for
+    # the event that says how the VM went off (the log is written a moment after).
+    param(
+        [Parameter(Mandatory = $true)][string]$VmId,
+        [Parameter(Mandatory = $true)][string]$SinceUtc,
+        [int]$SettleMs = 0
+    )
     $id = Test-TestbedVmId -VmId $VmId
     $since = [DateTime]::Parse($SinceUtc).ToLocalTime()
-    $events = Get-WinEvent -FilterHashtable @{ LogName = $script:WorkerLog; StartTime = $since } -ErrorAction SilentlyContinue |
-        Where-Object { $_.Message -match $id -or $_.Properties.Value -contains $id }
+    $offIds = @(18502, 18504, 18508, 18515, 18528, 18539, 18540, 18550, 18560, 18590, 14070)
+    $watch = [Diagnostics.Stopwatch]::StartNew()
+    while ($true) {
+        $events = @(Get-WinEvent -FilterHashtable @{ LogName = $script:WorkerLog; StartTime = $since } -ErrorAction SilentlyContinue |
+                Where-Object { $_.Message -match $id -or $_.Properties.Value -contains $id })
+        $settled = @($events | Where-Object { $offIds -contains $_.Id }).Count -gt 0
+        if ($settled -or $watch.ElapsedMilliseconds -ge $SettleMs) { break }
+        Start-Sleep -Milliseconds 200
+    }
     @($events | ForEach-Object {
             [pscustomobject]@{ Id = $_.Id; TimeUtc = $_.TimeCreated.ToUniversalTime().ToString('o'); Message = $_.Message }
         })

@@ -32,7 +32,8 @@ from testbed.transport.powershell import PowerShellDirect, PowerShellRunner
 log = logging.getLogger(__name__)
 
 MIN_GRACE_MS = 3000.0  # a real VTL0 needs a moment to log the request on COM1
-MIN_BUILD = 26100  # Windows 11 24H2 / Server 2025: OpenHCL development support
+MIN_BUILD = 26100
+EVENT_SETTLE_MS = 3000  # Windows 11 24H2 / Server 2025: OpenHCL development support
 
 
 def owner_tag() -> str:
@@ -260,7 +261,10 @@ class HyperVBackend:
             com1_pipe=vm.com1_pipe,
             com3_pipe=vm.com3_pipe,
         )
-        events = self.module.events(vm.vm_id, race.started_utc)
+        # A VM that went off has an event saying how; give the log a moment to have it.
+        events = self.module.events(
+            vm.vm_id, race.started_utc, settle_ms=0 if race.running else EVENT_SETTLE_MS
+        )
         ev = evidence(race, events, s, grace, plan.shutdown)
         vm.last = ev
         return ev

@@ -213,8 +213,10 @@ class HostModule:
                          AfterReady=after_ready, GraceMs=grace_ms, IcReadyTimeoutSecs=ic_ready_timeout_s,
                          Com1Pipe=com1_pipe, Com3Pipe=com3_pipe)  # fmt: skip
 
-    def events(self, vm_id: str, since_utc: str) -> list[WorkerEvent]:
-        return self._many("Get-TestbedEvents", WorkerEvent, VmId=vm_id, SinceUtc=since_utc)
+    def events(self, vm_id: str, since_utc: str, settle_ms: int = 0) -> list[WorkerEvent]:
+        return self._many(
+            "Get-TestbedEvents", WorkerEvent, VmId=vm_id, SinceUtc=since_utc, SettleMs=settle_ms
+        )
 
     def remove_vm(self, vm_id: str, vm_dir: str = "") -> Removed:
         return self._one("Remove-TestbedVm", Removed, VmId=vm_id, VmDir=vm_dir)
