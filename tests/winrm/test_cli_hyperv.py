@@ -83,3 +83,12 @@ def test_testbed_run_against_a_winrm_host(hv_lab: HvLab, tmp_path: Path) -> None
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert {k: v for k, v in summary["counts"].items() if v} == {"preserved": 1}, summary["counts"]
     assert "accel hyperv" in r.output
+
+
+def test_gc_host_on_a_winrm_host(hv_lab: HvLab) -> None:
+    dead = hv_lab.emulator.adopt("left-behind", f"{socket.gethostname()}:999999:1")
+    port = hv_lab.standin.server.server_address[1]
+    env = {"TESTBED_WINRM_PASSWORD": PASSWORD, "COLUMNS": "250"}
+    r = CliRunner().invoke(app, ["gc", "--host", f"winrm://LAB%5Ctester@127.0.0.1:{port}"], env=env)
+    assert r.exit_code == 0, r.output
+    assert "removed Hyper-V VM left-behind" in r.output and dead not in hv_lab.emulator.vms

@@ -162,23 +162,29 @@ function New-TestbedVm {
     $disk = Join-Path $VmDir 'vtl0.vhdx'
     $null = New-VHD -Path $disk -ParentPath $VhdPath -Differencing
     $vm = New-VM -Name $Name -Generation 2 -MemoryStartupBytes ([int64]$MemoryMB * 1048576) -VHDPath $disk -Path $VmDir -GuestStateIsolationType OpenHCL
-    Set-VM -VM $vm -ProcessorCount $ProcessorCount -Notes "testbed-owner=$Owner" -AutomaticCheckpointsEnabled $false -StaticMemory
-    Set-VMFirmware -VM $vm -EnableSecureBoot Off
-    if ($Com1Pipe) { Set-VMComPort -VM $vm -Number 1 -Path "\\.\pipe\$Com1Pipe" }
-    if ($Com3Pipe) { Set-VMComPort -VM $vm -Number 3 -Path "\\.\pipe\$Com3Pipe" }
-    $vssd = Get-TestbedVmSettings -VmId $vm.Id.ToString()
-    $vssd.GuestFeatureSet = 0x201
-    $vssd.FirmwareFile = $IgvmPath
-    $vssd.FirmwareParameters = [Text.Encoding]::UTF8.GetBytes($FirmwareCommandLine)
-    $vssd.VMBusMessageRedirection = 1
-    $vssd.TurnOffOnGuestRestart = $true
-    $svc = Get-CimInstance -Namespace $script:Namespace -ClassName Msvm_VirtualSystemManagementService
-    $text = $vssd | ConvertTo-CimEmbeddedString
-    $r = Invoke-CimMethod -InputObject $svc -MethodName ModifySystemSettings -Arguments @{ SystemSettings = $text }
-    if ($r.ReturnValue -eq $script:JobStarted) {
-        $j = Wait-TestbedJob -JobPath $r.Job -TimeoutSeconds 60
-        if ($j.JobState -ne $script:JobCompleted) { throw "ModifySystemSettings job ended in state $($j.JobState), error $($j.ErrorCode)" }
-    } elseif ($r.ReturnValue -ne 0) { throw "ModifySystemSettings returned $($r.ReturnValue)" }
+    try {
+        Set-VM -VM $vm -ProcessorCount $ProcessorCount -Notes "testbed-owner=$Owner" -AutomaticCheckpointsEnabled $false -StaticMemory
+        Set-VMFirmware -VM $vm -EnableSecureBoot Off
+        if ($Com1Pipe) { Set-VMComPort -VM $vm -Number 1 -Path "\\.\pipe\$Com1Pipe" }
+        if ($Com3Pipe) { Set-VMComPort -VM $vm -Number 3 -Path "\\.\pipe\$Com3Pipe" }
+        $vssd = Get-TestbedVmSettings -VmId $vm.Id.ToString()
+        $vssd.GuestFeatureSet = 0x201
+        $vssd.FirmwareFile = $IgvmPath
+        $vssd.FirmwareParameters = [Text.Encoding]::UTF8.GetBytes($FirmwareCommandLine)
+        $vssd.VMBusMessageRedirection = 1
+        $vssd.TurnOffOnGuestRestart = $true
+        $svc = Get-CimInstance -Namespace $script:Namespace -ClassName Msvm_VirtualSystemManagementService
+        $text = $vssd | ConvertTo-CimEmbeddedString
+        $r = Invoke-CimMethod -InputObject $svc -MethodName ModifySystemSettings -Arguments @{ SystemSettings = $text }
+        if ($r.ReturnValue -eq $script:JobStarted) {
+            $j = Wait-TestbedJob -JobPath $r.Job -TimeoutSeconds 60
+            if ($j.JobState -ne $script:JobCompleted) { throw "ModifySystemSettings job ended in state $($j.JobState), error $($j.ErrorCode)" }
+        } elseif ($r.ReturnValue -ne 0) { throw "ModifySystemSettings returned $($r.ReturnValue)" }
+    } catch {
+        # Half-made VMs are not left behind: the caller never learnt this one's id.
+        $null = Remove-TestbedVm -VmId $vm.Id.ToString() -VmDir $VmDir
+        throw
+    }
     [pscustomobject]@{ Name = $vm.Name; VmId = $vm.Id.ToString() }
 }
 
@@ -203,7 +209,10 @@ function New-TestbedL1Vm {
     Start-VM -VM $vm
     $watch = [Diagnostics.Stopwatch]::StartNew()
     while ((Get-VMIntegrationService -VM $vm -Name Heartbeat).PrimaryStatusDescription -ne 'OK') {
-        if ($watch.Elapsed.TotalSeconds -gt $HeartbeatTimeoutSecs) { throw "L1 VM $Name: no heartbeat after $HeartbeatTimeoutSecs s" }
+        if ($watch.Elapsed.TotalSeconds -gt $HeartbeatTimeoutSecs) {
+            $null = Remove-TestbedVm -VmId $vm.Id.ToString() -VmDir $VmDir
+            throw "L1 VM ${Name}: no heartbeat after $HeartbeatTimeoutSecs s (removed it)"
+        }
         Start-Sleep -Seconds 2
     }
     [pscustomobject]@{ Name = $vm.Name; VmId = $vm.Id.ToString() }
