@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlparse
 
 import requests
 import winrm
+from tenacity import before_sleep_log, retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 from winrm.exceptions import InvalidCredentialsError, WinRMError, WinRMTransportError
 from winrm.protocol import Protocol
 
@@ -110,7 +111,7 @@ class WinRmPowerShell(PowerShellRunner):
     @staticmethod
     def _command(p: Protocol, argv: list[str], stdin: Iterable[bytes]) -> tuple[bytes, bytes, int]:
         """One command in its own shell; stdin goes as WS-Man Send messages, the last with End."""
-        shell = p.open_shell()
+        shell = _open_shell(p)
         try:
             cmd = p.run_command(shell, argv[0], argv[1:])
             pending: bytes | None = None
@@ -128,6 +129,19 @@ class WinRmPowerShell(PowerShellRunner):
             raise
         p.close_shell(shell)
         return out, err, rc
+
+
+@retry(
+    retry=retry_if_exception_type(requests.ConnectionError),
+    stop=stop_after_attempt(3),
+    wait=wait_exponential(multiplier=0.5, max=2),
+    before_sleep=before_sleep_log(log, logging.WARNING),
+    reraise=True,
+)
+def _open_shell(p: Protocol) -> str:
+    """Connection setup is retried (bounded, each retry logged): nothing has run yet. A
+    command, once sent, is never retried."""
+    return str(p.open_shell())
 
 
 def _from_keyring(host: str, user: str) -> str | None:

@@ -162,3 +162,25 @@ def test_an_unexpected_answer_is_a_typed_error_naming_the_function(standin: Stan
     with pytest.raises(HostModuleError, match="Get-TestbedPreflight failed on .*unexpected answer") as e:
         HostModule(ps(standin)).preflight()
     assert e.value.function == "Get-TestbedPreflight"
+
+
+def test_connection_setup_is_retried_and_logged_but_a_command_is_not(
+    standin: StandIn, caplog: pytest.LogCaptureFixture
+) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    caplog.set_level("WARNING")
+    with pytest.raises(TransportError, match="ConnectionError"):
+        WinRmPowerShell(f"http://127.0.0.1:{port}/wsman", "u", "p", auth="basic").run("'x'")
+    assert len([r for r in caplog.records if "Retrying" in r.getMessage()]) == 2  # 3 attempts in all
+    caplog.clear()
+    standin.faults.drop_on = "Get-TestbedPreflight"
+    p = ps(standin)
+    p.upload(b"m", MODULE)
+    commands = standin.requests.count("command")
+    with pytest.raises(TransportError):
+        p.invoke(MODULE, "Get-TestbedPreflight", {})
+    assert standin.requests.count("command") == commands + 1  # sent once, not again
