@@ -174,7 +174,8 @@ class PowerShellRunner:
         if self.file_sha256(remote_path) == want:
             return False
         n = self.line_bytes
-        lines = (base64.b64encode(data[i : i + n]) + b"\r\n" for i in range(0, len(data), n))
+        # An empty file is one empty line: stdin must still end, or the host waits for it.
+        lines = [base64.b64encode(data[i : i + n]) + b"\r\n" for i in range(0, len(data), n)] or [b"\r\n"]
         got = self.run_json(STREAM_UPLOAD, {"path": remote_path, "sha256": want}, stdin=lines)["sha256"]
         if got != want:
             raise TransportError(f"{self.name}: upload of {remote_path} came out as {got}")

@@ -88,3 +88,12 @@ def test_turned_off_without_the_ic_is_not_a_product_verdict() -> None:
 def test_servicing_only_is_preserved_with_nothing_at_stake() -> None:
     v = classify(ev({"FireMs": None, "FireReturn": None, "IcAtFire": None}))
     assert v.kind == "preserved" and "no message" in v.reason
+
+
+def test_the_ic_event_alone_can_prove_delivery_before_servicing() -> None:
+    """No COM1: the 18504 event's time (host clock) before the servicing request decides,
+    even when servicing then failed on a VM that was already going off."""
+    early = ev({"Running": False, "ServiceReturn": 32775}, [18504], ic_event_ms=2.0)
+    assert classify(early).kind == "delivered-before"
+    late = ev({"Running": False}, [18504], ic_event_ms=600.0)
+    assert classify(late).kind == "preserved" and "cannot be ruled out" in classify(late).reason

@@ -4,6 +4,8 @@ reference-lab QEMU guests, serviced and shut down for real. Each fault has its v
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import socket
 from pathlib import Path
@@ -65,7 +67,9 @@ def test_playbook_through_hyperv_gives_the_lab_verdicts(hv_lab: HvLab, ref_cfg, 
     assert (it / "race.json").exists() and (it / "events.json").exists()
     assert "hv_utils" in (Path(recs[2]["dir"]) / "com1.log").read_text()
     assert hv_lab.standin.encrypted_requests > 0  # the whole conversation was sealed
-    assert PASSWORD not in (tmp_path / "hv" / "run.json").read_text()
+    manifest = json.loads((tmp_path / "hv" / "run.json").read_text())
+    assert PASSWORD not in json.dumps(manifest)
+    assert manifest["igvm_sha256"] == hashlib.sha256((tmp_path / "openhcl.bin").read_bytes()).hexdigest()
 
 
 def test_ic_no_contact_at_start_is_an_infra_error(hv_lab: HvLab, tmp_path: Path) -> None:
@@ -143,7 +147,8 @@ def test_artifacts_pulled_by_url_are_hash_checked(hv_lab: HvLab) -> None:
     assert hv_lab.cfg.hyperv is not None
     good = Artifact(url=url, sha256=hashlib.sha256(data).hexdigest())
     with hv_lab.backend() as b:
-        path = b.artifact(good, Path("."))
+        path, digest = b.artifact(good, Path("."))
+        assert digest == good.sha256
         assert hv_lab.emulator.files[path] == data and good.sha256 in path  # type: ignore[operator]
         bad = Artifact(url=url, sha256="ab" * 32)
         with pytest.raises(InfraError, match="expected abab"):

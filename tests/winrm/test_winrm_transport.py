@@ -54,6 +54,8 @@ def test_uploads_stream_on_stdin_under_the_command_line_limit(standin: StandIn) 
     assert p.upload(big, r"C:\testbed\cache\big.bin") is True
     assert standin.host.files[r"C:\testbed\cache\big.bin"] == big
     assert standin.sends - sends == 7 and standin.host.stdin_uploads == 2
+    assert p.upload(b"", r"C:\testbed\cache\empty.bin") is True  # stdin still ends: no hang
+    assert standin.host.files[r"C:\testbed\cache\empty.bin"] == b""
 
 
 def test_invoke_passes_parameters_as_data(standin: StandIn) -> None:

@@ -18,6 +18,7 @@ import re
 import socket
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,8 @@ from testbed.transport.powershell import PowerShellDirect, PowerShellRunner
 log = logging.getLogger(__name__)
 
 MIN_GRACE_MS = 3000.0  # a real VTL0 needs a moment to log the request on COM1
-MIN_BUILD = 26100
-EVENT_SETTLE_MS = 3000  # Windows 11 24H2 / Server 2025: OpenHCL development support
+MIN_BUILD = 26100  # Windows 11 24H2 / Server 2025: OpenHCL development support
+EVENT_SETTLE_MS = 3000  # how long the event log may lag the VM going off
 
 
 def owner_tag() -> str:
@@ -51,12 +52,12 @@ class HyperVVm:
     vhd_path: str
     vm_dir: str
     com3: bool
+    igvm_sha256: str = ""
     vm_id: str | None = None
     running: bool = False
     com1_pipe: str = ""
     com3_pipe: str = ""
     accel: str = "hyperv"
-    boot: dict[str, Any] = field(default_factory=dict)
     last: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -72,12 +73,12 @@ class HyperVVm:
             "vm_config": self.cfg.name,
             "accel": self.accel,
             "paravisor": os.path.basename(self.igvm_path.replace("\\", "/")),
-            "igvm_sha256": self.spec.igvm.sha256,
+            "igvm_sha256": self.igvm_sha256,
             "vtl0_image": self.spec.vtl0_image,
             "strategy": self.strategy,
             "nested": self.spec.nested is not None,
             "com3": self.com3,
-            "image_hash": self.spec.igvm.sha256,
+            "image_hash": self.igvm_sha256,
             "accel_reason": "Hyper-V host",
         }
 
@@ -147,8 +148,8 @@ class HyperVBackend:
         return rep
 
     # ---- artifacts -----------------------------------------------------------------------
-    def artifact(self, a: Artifact, base: Path, where: HostModule | None = None) -> str:
-        """The artifact's path on the host, in a cache keyed by sha256 (uploaded or pulled)."""
+    def artifact(self, a: Artifact, base: Path, where: HostModule | None = None) -> tuple[str, str]:
+        """(path on the host, sha256): the host's cache is keyed by the hash (uploaded or pulled)."""
         host = where or self.module
         if a.path:
             local = (base / a.path) if not os.path.isabs(a.path) else Path(a.path)
@@ -161,9 +162,10 @@ class HyperVBackend:
                 raise InfraError(f"artifact {local} has sha256 {digest}, the vm_config says {a.sha256}")
             remote = rf"{host.host_dir}\cache\{digest}\{a.file_name}"
             host.upload(data, remote)
-            return remote
+            return remote, digest
         assert a.sha256 is not None
-        return host.pull_artifact(a.sha256, a.file_name, url=a.url or "", share=a.share or "").path
+        got = host.pull_artifact(a.sha256, a.file_name, url=a.url or "", share=a.share or "")
+        return got.path, a.sha256.lower()
 
     # ---- VM lifecycle --------------------------------------------------------------------
     def provision(self, cfg: VmConfig, strategy: str = "none", base: Path | None = None) -> HyperVVm:
@@ -189,12 +191,12 @@ class HyperVBackend:
                 "strategy %r does not apply on Hyper-V: the host's own preservation is what is tested",
                 strategy,
             )
-        igvm = self.artifact(spec.igvm, base)
-        vhd = self.artifact(spec.vtl0_vhd, base)
+        igvm, igvm_sha256 = self.artifact(spec.igvm, base)
+        vhd, _ = self.artifact(spec.vtl0_vhd, base)
         com3 = spec.com3 == "auto" and self.host_info is not None and self.host_info.com3_supported
         name = f"{cfg.name}-{socket.gethostname()}-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
         vm_dir = rf"{self.module.host_dir}\vms\{name}"
-        return HyperVVm(name, cfg, "hyperv-host", self.host, igvm, vhd, vm_dir, com3)
+        return HyperVVm(name, cfg, "hyperv-host", self.host, igvm, vhd, vm_dir, com3, igvm_sha256)
 
     def _nested_up(self, cfg: VmConfig, base: Path) -> None:
         assert cfg.hyperv is not None and cfg.hyperv.nested is not None
@@ -202,7 +204,7 @@ class HyperVBackend:
         password = os.environ.get(n.password_env)
         if password is None:
             raise InfraError(f"nested Hyper-V: the L1 password variable {n.password_env} is not set")
-        vhd = self.artifact(n.l1_vhd, base, self.l0)
+        vhd, _ = self.artifact(n.l1_vhd, base, self.l0)
         name = f"testbed-l1-{socket.gethostname()}-{os.getpid()}"
         vm_dir = rf"{self.l0.host_dir}\vms\{name}"
         l1 = self.l0.new_l1_vm(name, vhd, vm_dir, owner_tag(), memory_mb=n.memory_mb, processors=n.processors,
@@ -346,6 +348,15 @@ def evidence(
         if anchor is not None:
             svc["start_ns"] = anchor * ms
     zero = outcome.service_ms if outcome.service_ms is not None else outcome.start_ms
+    # The shutdown-IC event on the race's clock (the host's wall clock, from StartedUtc at
+    # StartMs): with no COM1 line, it still proves a delivery that came before servicing.
+    ic_event_ms = None
+    started = datetime.fromisoformat(outcome.started_utc)
+    for e in events:
+        if e.id == EV_SHUTDOWN_IC:
+            ic_event_ms = (
+                outcome.start_ms + (datetime.fromisoformat(e.time_utc) - started).total_seconds() * 1000
+            )
     timeline = [(x.ms - zero, f"COM1 {x.line}") for x in outcome.com1]
     timeline += [(x.ms - zero, f"COM3 {x.line}") for x in outcome.com3]
     for at, label in ((outcome.service_ms, "host ReloadManagementVtl"), (outcome.fire_ms, "host InitiateShutdown"),
@@ -366,6 +377,6 @@ def evidence(
         "shutdown_id": "shutdown-ic" if fired else None,
         "ic_at_fire": outcome.ic_at_fire,
         "ended": not outcome.running,
-        "shutdown_event": any(e.id == EV_SHUTDOWN_IC for e in events),
+        "ic_event_ms": ic_event_ms,
         "timeline": sorted(timeline),
     }

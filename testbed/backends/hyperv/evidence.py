@@ -104,7 +104,9 @@ def classify(ev: dict[str, Any]) -> Verdict:
     if delivered or (EV_SHUTDOWN_IC in ids and fired):
         anchor = ev.get("guest_anchor_ms")
         anchor = anchor if anchor is not None else race.get("ServiceMs")
-        t_del = delivered[0]["Ms"] if delivered else None
+        # VTL0's own line; else the host's 18504 event (later than the delivery, so it can
+        # prove "before servicing" but never rule it out).
+        t_del = delivered[0]["Ms"] if delivered else ev.get("ic_event_ms")
         shown = delivered_lines + [ln for ln in ev_lines if ln.startswith(f"event {EV_SHUTDOWN_IC} ")]
         if not servicing or (t_del is not None and anchor is not None and t_del < anchor):
             return Verdict("delivered-before", "VTL0 got the shutdown before servicing took hold",
