@@ -31,6 +31,11 @@ def start_time(pid: int) -> int | None:
 
 
 def alive(pid: int, started: int | None) -> bool:
+    """Is ``pid`` (started at ``started``, when known) still running? Without /proc (a
+    Windows controller on the Hyper-V host) only existence can be checked: a reused pid
+    then counts as alive, so gc errs on the side of keeping a VM."""
+    if not Path("/proc/self/stat").exists():
+        return _exists_without_proc(pid)
     st = start_time(pid)
     if st is None:
         return False
@@ -41,6 +46,29 @@ def alive(pid: int, started: int | None) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def _exists_without_proc(pid: int) -> bool:
+    if os.name == "nt":
+        import ctypes
+
+        kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return False
+        code = ctypes.c_ulong()
+        try:
+            ok = kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        finally:
+            kernel32.CloseHandle(handle)
+        return bool(ok) and code.value == 259  # STILL_ACTIVE
+    try:
+        os.kill(pid, 0)  # POSIX without /proc: signal 0 only checks
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass

@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from testbed.config import HostEntry, load_inventory
+from testbed.config import HostEntry, load_inventory, load_vm_config
 from testbed.engine.stats import summarize, wilson
 
 KIND_MARKERS = {
@@ -193,7 +193,8 @@ def testbed_vm(testbed_host: Any, request: pytest.FixtureRequest) -> Iterator[An
     rep = getattr(request.node, "rep_call", None)
     if rep is not None and rep.failed and request.config.getoption("--testbed-keep-failed"):
         _kept.append(cm)  # destroyed at session end, so it can be inspected until then
-        print(f"\ntestbed: kept VM {vm.qemu.name} (work dir {vm.qemu.workdir}) until the session ends")
+        rec = vm.record
+        print(f"\ntestbed: kept VM {rec['vm']} on {rec['host']} until the session ends")
     else:
         cm.__exit__(None, None, None)
 
@@ -235,7 +236,8 @@ class RaceRunner:
         run_dir = self.out / f"{self.node.name}-{Path(path).stem}".replace("/", "_").replace("[", "_").rstrip(
             "]"
         )
-        res = self.host.run_playbook(path, run_dir, **overrides)
+        # The session's --testbed-vm-config, not the playbook's own: the host decides the VM.
+        res = self.host.run_playbook(path, run_dir, vm_config=load_vm_config(self.vm_config), **overrides)
         self.records.extend(res.records)
         self._attach("testbed.run_dir", str(res.run_dir))
         self._attach(

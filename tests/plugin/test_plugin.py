@@ -96,3 +96,18 @@ def test_fixtures_provision_a_real_vm_and_failures_carry_evidence(pytester: pyte
     m = re.match(r"lost at ([0-9.]+) ms: ", props["testbed.race.1"])
     assert m and abs(float(m.group(1)) - 150.0) < 5.0, props["testbed.race.1"]  # actual offset, skew included
     assert "host sent vmbus: MSG" in props["testbed.evidence.1"]
+
+
+@pytest.mark.vm
+def test_keep_failed_keeps_the_vm_until_the_session_ends(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        def test_fails(testbed_vm):
+            assert testbed_vm.record["vm_config"] == "reference-linux"
+            assert False, "inspect me"
+        """
+    )
+    r = pytester.runpytest_subprocess("--testbed-host", "local", "--testbed-vm-config", CONFIG,
+                                      "--testbed-keep-failed", "-s")  # fmt: skip
+    r.assert_outcomes(failed=1)
+    assert re.search(r"testbed: kept VM reference-linux-\S+ on local until the session ends", r.stdout.str())
