@@ -495,7 +495,6 @@ def gc(
         actions = leases.gc(runtime_dir() / "leases")
     else:
         from testbed.backends.base import InfraError
-        from testbed.hosts import lookup_entry, open_backend
 
         try:
             entry = lookup_entry(host, inventory)
@@ -505,7 +504,7 @@ def gc(
         except TransportError as e:
             fail(3, str(e))
         try:
-            actions = backend.gc_host()  # type: ignore[attr-defined]
+            actions = backend.gc_host()
         except InfraError as e:
             fail(3, str(e))
         finally:
@@ -542,7 +541,6 @@ def host_check(
     from testbed.backends.base import InfraError
     from testbed.backends.qemu.backend import QemuBackend
     from testbed.backends.qemu.image import ImageBuildError, build_image
-    from testbed.hosts import lookup_entry, open_backend
 
     try:
         entry = lookup_entry(host, inventory)
