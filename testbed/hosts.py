@@ -1,4 +1,4 @@
-"""From what the user typed (a URI or an inventory name) to a transport."""
+"""From what the user typed (a URI or an inventory name) to a host entry and its backend."""
 
 from __future__ import annotations
 
@@ -36,14 +36,7 @@ def lookup_entry(host: str, inventory: Path | None = None) -> HostEntry:
 def transport_for(
     entry: HostEntry, *, insecure_accept_new: bool = False, identity: str | None = None
 ) -> Transport:
-    if entry.kind != "qemu":
-        raise ConfigError(
-            Path("--host"), None, f"host {entry.name!r} is of kind {entry.kind}, not a QEMU host"
-        )
-    return _ssh_or_local(entry, insecure_accept_new=insecure_accept_new, identity=identity)
-
-
-def _ssh_or_local(entry: HostEntry, *, insecure_accept_new: bool, identity: str | None) -> Transport:
+    """A QEMU host's transport: SSH with the entry's settings, or this machine."""
     if entry.uri.startswith("ssh://"):
         return SshTransport.from_uri(
             entry.uri,
@@ -53,18 +46,6 @@ def _ssh_or_local(entry: HostEntry, *, insecure_accept_new: bool, identity: str 
             insecure_accept_new=insecure_accept_new or entry.insecure_accept_new,
         )
     return open_transport(entry.uri)
-
-
-def resolve_host(
-    host: str,
-    inventory: Path | None = None,
-    *,
-    insecure_accept_new: bool = False,
-    identity: str | None = None,
-) -> tuple[Transport, HostEntry]:
-    """``local``, ``ssh://user@host[:port]``, or the name of an inventory entry."""
-    entry = lookup_entry(host, inventory)
-    return transport_for(entry, insecure_accept_new=insecure_accept_new, identity=identity), entry
 
 
 DEFAULT_WINRM_PASSWORD_ENV = "TESTBED_WINRM_PASSWORD"
@@ -87,7 +68,7 @@ def powershell_for(
             ca_bundle=entry.ca_bundle,
         )
     if entry.uri.startswith("ssh://"):
-        return SshPowerShell(_ssh_or_local(entry, insecure_accept_new=insecure_accept_new, identity=identity))
+        return SshPowerShell(transport_for(entry, insecure_accept_new=insecure_accept_new, identity=identity))
     return LocalPowerShell()
 
 
