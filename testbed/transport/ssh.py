@@ -186,10 +186,12 @@ class SshTransport:
     # ---- files ---------------------------------------------------------------------
     def put(self, local: Path, remote: str) -> bool:
         want = sha256_file(local)
-        have = self.run(["sh", "-c", 'sha256sum "$1" 2>/dev/null || true', "sh", remote]).stdout.split()
+        # One round trip: make the folder (the upload needs it) and hash what is there.
+        script = 'mkdir -p "$1" && { sha256sum "$2" 2>/dev/null || true; }'
+        r = self.run(["sh", "-c", script, "sh", posixpath.dirname(remote) or ".", remote]).check()
+        have = r.stdout.split()
         if have and have[0] == want:
             return False
-        self.run(["mkdir", "-p", posixpath.dirname(remote) or "."]).check()
         try:
             self.sftp.put(str(local), remote + ".part")
             self.sftp.posix_rename(remote + ".part", remote)
