@@ -133,10 +133,9 @@ class PowerShellRunner:
         raise NotImplementedError
 
     def _checked(self, argv: list[str], stdin: Iterable[bytes] = ()) -> str:
-        if len(" ".join(argv)) > CMD_LIMIT:
-            raise ValueError(
-                f"script too long for one command line ({len(' '.join(argv))} > {CMD_LIMIT}): upload it"
-            )
+        length = len(" ".join(argv))
+        if length > CMD_LIMIT:
+            raise ValueError(f"script too long for one command line ({length} > {CMD_LIMIT}): upload it")
         rc, stdout, stderr = self.execute(argv, stdin)
         try:
             records = error_messages(stderr)
@@ -168,19 +167,25 @@ class PowerShellRunner:
         return str(self.run_json(FILE_HASH, {"path": remote_path})["sha256"])
 
     def upload(self, data: bytes, remote_path: str) -> bool:
-        """Stream a file to the host as base64 lines on stdin; skipped when the host's copy
-        has the same sha256. The host checks the hash before the file takes its name."""
+        """Put a file on the host; skipped when the host's copy has the same sha256, and
+        the host checks the hash before the file takes its name."""
         want = hashlib.sha256(data).hexdigest()
         if self.file_sha256(remote_path) == want:
             return False
-        n = self.line_bytes
-        # An empty file is one empty line: stdin must still end, or the host waits for it.
-        lines = [base64.b64encode(data[i : i + n]) + b"\r\n" for i in range(0, len(data), n)] or [b"\r\n"]
-        got = self.run_json(STREAM_UPLOAD, {"path": remote_path, "sha256": want}, stdin=lines)["sha256"]
+        got = self._transfer(data, remote_path, want)
         if got != want:
             raise TransportError(f"{self.name}: upload of {remote_path} came out as {got}")
         log.info("%s: uploaded %s (%d bytes)", self.name, remote_path, len(data))
         return True
+
+    def _transfer(self, data: bytes, remote_path: str, sha256: str) -> str:
+        """Stream the file as base64 lines on stdin; returns the sha256 the host saw."""
+        n = self.line_bytes
+        # An empty file is one empty line: stdin must still end, or the host waits for it.
+        lines = [base64.b64encode(data[i : i + n]) + b"\r\n" for i in range(0, len(data), n)] or [b"\r\n"]
+        return str(
+            self.run_json(STREAM_UPLOAD, {"path": remote_path, "sha256": sha256}, stdin=lines)["sha256"]
+        )
 
     def close(self) -> None:
         pass
@@ -240,16 +245,12 @@ class PowerShellDirect(PowerShellRunner):
             raise ValueError("PowerShell Direct carries no stdin: stage the data on L0 (upload does)")
         return self.outer.run(IN_VM.format(b64=b64json(self._args(script=script))))
 
-    def upload(self, data: bytes, remote_path: str) -> bool:
-        want = hashlib.sha256(data).hexdigest()
-        if self.file_sha256(remote_path) == want:
-            return False
-        staged = rf"{self.staging_dir}\{want}"
+    def _transfer(self, data: bytes, remote_path: str, sha256: str) -> str:
+        """Stage the file on L0 (by hash), then copy it into the VM, where it is hashed again."""
+        staged = rf"{self.staging_dir}\{sha256}"
         self.outer.upload(data, staged)
-        got = self.outer.run_json(COPY_TO_VM, self._args(src=staged, dest=remote_path, sha256=want))["sha256"]
-        if got != want:
-            raise TransportError(f"{self.name}: copy of {remote_path} came out as {got}")
-        return True
+        args = self._args(src=staged, dest=remote_path, sha256=sha256)
+        return str(self.outer.run_json(COPY_TO_VM, args)["sha256"])
 
     def close(self) -> None:
         self.outer.close()

@@ -24,12 +24,7 @@ from winrm.exceptions import InvalidCredentialsError, WinRMError, WinRMTransport
 from winrm.protocol import Protocol
 
 from testbed.transport.base import TransportError
-from testbed.transport.powershell import (  # noqa: F401 (re-exported for callers and tests)
-    CMD_LIMIT,
-    PowerShellError,
-    PowerShellRunner,
-    encoded_command,
-)
+from testbed.transport.powershell import PowerShellRunner
 
 log = logging.getLogger(__name__)
 AUTHS = ("ntlm", "kerberos", "credssp", "basic", "certificate")

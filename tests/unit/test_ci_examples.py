@@ -21,7 +21,9 @@ def commands(path: Path) -> list[str]:
         return [ln.strip() for ln in path.read_text().splitlines() if ln.strip().startswith(".venv/bin/")]
     data = YAML(typ="safe").load(path.read_text())
     steps = data["jobs"]["lab-suite"]["steps"] if "jobs" in data else data["steps"]
-    return [s.get("run") or s.get("script") or s.get("pwsh") for s in steps if {"run", "script", "pwsh"} & set(s)]
+    return [
+        s.get("run") or s.get("script") or s.get("pwsh") for s in steps if {"run", "script", "pwsh"} & set(s)
+    ]
 
 
 @pytest.mark.parametrize("name", ["github-actions-hyperv.yml", "azure-pipelines.yml", "run-suite.sh"])
@@ -52,7 +54,9 @@ def test_windows_examples_use_the_windows_venv_and_the_hyperv_suite(name: str) -
     cmds = commands(ROOT / "ci" / name)
     assert not any(".venv/bin/" in c for c in cmds)  # a Windows venv has Scripts/, not bin/
     suite = next(c for c in cmds if "pytest suites/" in c)
-    assert "--testbed-vm-config vm_configs/hyperv-openhcl.yaml" in suite and "--testbed-require hyperv" in suite
+    assert (
+        "--testbed-vm-config vm_configs/hyperv-openhcl.yaml" in suite and "--testbed-require hyperv" in suite
+    )
 
 
 def test_github_workflow_targets_the_hyperv_runner_and_uploads() -> None:

@@ -12,14 +12,9 @@ from winrm_standin import EmulatedHost, StandIn, make_test_ca, ps51_json, runnin
 
 from testbed.backends.hyperv.clixml import error_messages
 from testbed.transport.base import TransportError
+from testbed.transport.powershell import CMD_LIMIT, PowerShellError, encoded_command
 from testbed.transport.powershell import FILE_HASH as FILE_HASH_PROBE
-from testbed.transport.winrm import (
-    CMD_LIMIT,
-    PowerShellError,
-    WinRmAuthError,
-    WinRmPowerShell,
-    encoded_command,
-)
+from testbed.transport.winrm import WinRmAuthError, WinRmPowerShell
 
 MODULE = r"C:\testbed\cache\Testbed-0123.psm1"
 
