@@ -143,9 +143,46 @@ function Get-TestbedArtifact {
     [pscustomobject]@{ Path = $path; Pulled = $true }
 }
 
+function New-TestbedOwnedVm {
+    # A Gen2 VM on a differencing disk over a cached image (the cache stays pristine), with
+    # static memory, owner-tagged in its Notes for `testbed gc --host`. Configure runs on
+    # the new VM. If anything fails, the half-made VM (or its folder) is removed before the
+    # error goes up: the caller never learnt its id.
+    param(
+        [Parameter(Mandatory = $true)][string]$Name,
+        [Parameter(Mandatory = $true)][string]$ParentVhd,
+        [Parameter(Mandatory = $true)][string]$VmDir,
+        [Parameter(Mandatory = $true)][string]$DiskName,
+        [Parameter(Mandatory = $true)][string]$Owner,
+        [Parameter(Mandatory = $true)][int]$MemoryMB,
+        [Parameter(Mandatory = $true)][int]$ProcessorCount,
+        [bool]$OpenHcl = $false,
+        [Parameter(Mandatory = $true)][scriptblock]$Configure
+    )
+    $vm = $null
+    try {
+        if (-not (Test-Path $VmDir)) { $null = New-Item -ItemType Directory -Path $VmDir }
+        $disk = Join-Path $VmDir $DiskName
+        $null = New-VHD -Path $disk -ParentPath $ParentVhd -Differencing
+        $bytes = [int64]$MemoryMB * 1048576
+        if ($OpenHcl) {
+            $vm = New-VM -Name $Name -Generation 2 -MemoryStartupBytes $bytes -VHDPath $disk -Path $VmDir -GuestStateIsolationType OpenHCL
+        } else {
+            $vm = New-VM -Name $Name -Generation 2 -MemoryStartupBytes $bytes -VHDPath $disk -Path $VmDir
+        }
+        Set-VM -VM $vm -ProcessorCount $ProcessorCount -Notes "testbed-owner=$Owner" -AutomaticCheckpointsEnabled $false -StaticMemory
+        $null = & $Configure $vm  # its output must not join the returned object
+    } catch {
+        if ($null -ne $vm) { $null = Remove-TestbedVm -VmId $vm.Id.ToString() -VmDir $VmDir }
+        elseif (Test-Path $VmDir) { Remove-Item -Recurse -Force $VmDir }
+        throw
+    }
+    [pscustomobject]@{ Name = $vm.Name; VmId = $vm.Id.ToString() }
+}
+
 function New-TestbedVm {
-    # A Gen2 VM with OpenHCL on a differencing disk over the cached VTL0 image (the
-    # cache stays pristine), owner-tagged in its Notes for `testbed gc --host`.
+    # The VM under test: Gen2 with OpenHCL (IGVM firmware from a file, vmbus redirection),
+    # serial pipes, and TurnOffOnGuestRestart so a guest reset cannot pass for a live VM.
     param(
         [Parameter(Mandatory = $true)][string]$Name,
         [Parameter(Mandatory = $true)][string]$IgvmPath,
@@ -158,12 +195,8 @@ function New-TestbedVm {
         [string]$Com1Pipe = '',
         [string]$Com3Pipe = ''
     )
-    if (-not (Test-Path $VmDir)) { $null = New-Item -ItemType Directory -Path $VmDir }
-    $disk = Join-Path $VmDir 'vtl0.vhdx'
-    $null = New-VHD -Path $disk -ParentPath $VhdPath -Differencing
-    $vm = New-VM -Name $Name -Generation 2 -MemoryStartupBytes ([int64]$MemoryMB * 1048576) -VHDPath $disk -Path $VmDir -GuestStateIsolationType OpenHCL
-    try {
-        Set-VM -VM $vm -ProcessorCount $ProcessorCount -Notes "testbed-owner=$Owner" -AutomaticCheckpointsEnabled $false -StaticMemory
+    New-TestbedOwnedVm -Name $Name -ParentVhd $VhdPath -VmDir $VmDir -DiskName 'vtl0.vhdx' -Owner $Owner -MemoryMB $MemoryMB -ProcessorCount $ProcessorCount -OpenHcl $true -Configure {
+        param($vm)
         Set-VMFirmware -VM $vm -EnableSecureBoot Off
         if ($Com1Pipe) { Set-VMComPort -VM $vm -Number 1 -Path "\\.\pipe\$Com1Pipe" }
         if ($Com3Pipe) { Set-VMComPort -VM $vm -Number 3 -Path "\\.\pipe\$Com3Pipe" }
@@ -180,12 +213,7 @@ function New-TestbedVm {
             $j = Wait-TestbedJob -JobPath $r.Job -TimeoutSeconds 60
             if ($j.JobState -ne $script:JobCompleted) { throw "ModifySystemSettings job ended in state $($j.JobState), error $($j.ErrorCode)" }
         } elseif ($r.ReturnValue -ne 0) { throw "ModifySystemSettings returned $($r.ReturnValue)" }
-    } catch {
-        # Half-made VMs are not left behind: the caller never learnt this one's id.
-        $null = Remove-TestbedVm -VmId $vm.Id.ToString() -VmDir $VmDir
-        throw
     }
-    [pscustomobject]@{ Name = $vm.Name; VmId = $vm.Id.ToString() }
 }
 
 function New-TestbedL1Vm {
@@ -200,22 +228,16 @@ function New-TestbedL1Vm {
         [int]$ProcessorCount = 4,
         [int]$HeartbeatTimeoutSecs = 600
     )
-    if (-not (Test-Path $VmDir)) { $null = New-Item -ItemType Directory -Path $VmDir }
-    $disk = Join-Path $VmDir 'l1.vhdx'
-    $null = New-VHD -Path $disk -ParentPath $VhdPath -Differencing
-    $vm = New-VM -Name $Name -Generation 2 -MemoryStartupBytes ([int64]$MemoryMB * 1048576) -VHDPath $disk -Path $VmDir
-    Set-VM -VM $vm -ProcessorCount $ProcessorCount -Notes "testbed-owner=$Owner" -AutomaticCheckpointsEnabled $false -StaticMemory
-    Set-VMProcessor -VM $vm -ExposeVirtualizationExtensions $true
-    Start-VM -VM $vm
-    $watch = [Diagnostics.Stopwatch]::StartNew()
-    while ((Get-VMIntegrationService -VM $vm -Name Heartbeat).PrimaryStatusDescription -ne 'OK') {
-        if ($watch.Elapsed.TotalSeconds -gt $HeartbeatTimeoutSecs) {
-            $null = Remove-TestbedVm -VmId $vm.Id.ToString() -VmDir $VmDir
-            throw "L1 VM ${Name}: no heartbeat after $HeartbeatTimeoutSecs s (removed it)"
+    New-TestbedOwnedVm -Name $Name -ParentVhd $VhdPath -VmDir $VmDir -DiskName 'l1.vhdx' -Owner $Owner -MemoryMB $MemoryMB -ProcessorCount $ProcessorCount -Configure {
+        param($vm)
+        Set-VMProcessor -VM $vm -ExposeVirtualizationExtensions $true
+        Start-VM -VM $vm
+        $watch = [Diagnostics.Stopwatch]::StartNew()
+        while ((Get-VMIntegrationService -VM $vm -Name Heartbeat).PrimaryStatusDescription -ne 'OK') {
+            if ($watch.Elapsed.TotalSeconds -gt $HeartbeatTimeoutSecs) { throw "L1 VM ${Name}: no heartbeat after $HeartbeatTimeoutSecs s (removed it)" }
+            Start-Sleep -Seconds 2
         }
-        Start-Sleep -Seconds 2
     }
-    [pscustomobject]@{ Name = $vm.Name; VmId = $vm.Id.ToString() }
 }
 
 function ConvertTo-CimEmbeddedString {
