@@ -13,6 +13,7 @@ pooled because the accelerator is part of every VM record and snapshot key.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -342,17 +343,8 @@ class QemuBackend:
         path = self.host_path("cache", "snapshots", f"{self.snapshot_key(vm)}.mig")
         if self.agent.call("exists", path=path)["exists"]:
             return path
-        maker = QemuVm(
-            vm.name + "-snap",
-            vm.cfg,
-            vm.image,
-            vm.accel,
-            vm.qemu_version,
-            vm.strategy,
-            vm.workdir + "-snap",
-            vm.host_kernel,
-            vm.host_initrd,
-            vm.host,
+        maker = dataclasses.replace(
+            vm, name=vm.name + "-snap", workdir=vm.workdir + "-snap", running=False, boot={}
         )
         try:
             self.start(maker, reset="cold")
