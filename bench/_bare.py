@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from testbed.agent.agent import qemu_argv
+from testbed.agent.qemu import qemu_argv
 
 
 class _Qmp:

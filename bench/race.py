@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _bare import bare_cycle  # noqa: E402
 
 from testbed.backends.qemu.backend import QemuBackend  # noqa: E402
-from testbed.config import Playbook, ScheduleSpec, load_vm_config  # noqa: E402
+from testbed.config import LabOverrides, Playbook, ScheduleSpec, load_vm_config  # noqa: E402
 from testbed.engine.runner import Runner, RunOptions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = load_vm_config(ROOT / "vm_configs/reference-linux.yaml")
     knobs = {k: v for k, v in (("save_ms", args.save_ms), ("restore_ms", args.restore_ms)) if v is not None}
-    cfg = cfg.model_copy(update={"lab": cfg.lab.model_copy(update=knobs)})
+    cfg = cfg.with_lab(LabOverrides(**knobs))
     with QemuBackend() as b:
         vm = b.provision(cfg)
         snap = b.ensure_snapshot(vm) if args.reset == "snapshot" else None

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from sshd import delay_proxy, run_sshd  # noqa: E402
 
+from testbed.backends.qemu.backend import QemuBackend  # noqa: E402
 from testbed.config import Playbook, ScheduleSpec, load_vm_config  # noqa: E402
 from testbed.engine.runner import Runner, RunOptions  # noqa: E402
 from testbed.transport.ssh import SshTransport  # noqa: E402
@@ -46,7 +47,9 @@ def main() -> None:
             kh = d / "kh"
             kh.write_text(f"[127.0.0.1]:{port} {s.host_pub}\n")
             t = SshTransport("127.0.0.1", port, "root", identity=str(s.key), known_hosts=str(kh))
-            rows["ssh"] = Runner(pb, cfg, RunOptions(out=d / "ssh", seed=3, transport=t)).run().summary
+            rows["ssh"] = (
+                Runner(pb, cfg, RunOptions(out=d / "ssh", seed=3, backend=QemuBackend(t))).run().summary
+            )
     for name, s in rows.items():
         sk = s["skew_ms"]
         print(

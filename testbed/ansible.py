@@ -23,9 +23,9 @@ from urllib.parse import urlparse
 from ruamel.yaml import YAML
 
 import testbed
+from testbed.backends import registry
 from testbed.config import HostEntry, Inventory
 
-PLAYBOOKS = {"qemu": "kvm-host.yml", "hyperv": "hyperv-host.yml"}
 RECAP = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)")
 
 
@@ -60,7 +60,7 @@ def host_vars(h: HostEntry) -> dict[str, Any]:
             v["ansible_ssh_common_args"] = (
                 f"-o UserKnownHostsFile={h.known_hosts} -o StrictHostKeyChecking=yes"
             )
-        if h.kind == "hyperv":
+        if registry.get(h.kind).host_os == "windows":
             v["ansible_shell_type"] = "powershell"
     else:  # winrm / winrms
         v["ansible_connection"] = "winrm"
@@ -128,14 +128,15 @@ def prepare(
     recap: dict[str, dict[str, int]] = {}
     with prepared_inputs(inv) as (inventory, wheel):
         for kind in sorted({t.kind for t in targets}):
-            if kind not in PLAYBOOKS:
+            playbook = registry.get(kind).host_playbook
+            if playbook is None:
                 for t in targets:
                     if t.kind == kind:
                         recap[t.name] = {"ok": 0, "changed": 0, "unreachable": 0, "failed": 1}
                 on_line(f"no preparation playbook for hosts of kind {kind}")
                 continue
             names = ",".join(t.name for t in targets if t.kind == kind)
-            argv = [exe, "-i", str(inventory), str(project_root() / "playbooks" / "hosts" / PLAYBOOKS[kind]),
+            argv = [exe, "-i", str(inventory), str(project_root() / "playbooks" / "hosts" / playbook),
                     "-e", f"testbed_targets={names}", "-e", f"testbed_wheel={wheel}"]  # fmt: skip
             env = {**os.environ, "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1", **(extra_env or {})}
             p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from testbed.backends.base import Backend, RacePlan
-from testbed.config import HostEntry, Playbook, VmConfig, load_playbook, load_vm_config
+from testbed.backends.registry import HostOptions
+from testbed.config import HostEntry, LabOverrides, Playbook, VmConfig, load_playbook, load_vm_config
+from testbed.engine.iterate import iterate
 from testbed.engine.runner import DEFAULT_GRACE_MS, Runner, RunOptions, RunResult
-from testbed.engine.verdict import classify, fire_offsets
 from testbed.hosts import lookup_entry, open_backend
 
 _ids = itertools.count(1)
@@ -64,18 +65,12 @@ class Vm:
         grace_ms: float = DEFAULT_GRACE_MS,
     ) -> RaceResult:
         """One iteration: servicing at t = 0, the shutdown IC request at ``offset_ms``."""
-        b = self.host.backend
-        n = next(_ids)
-        plan = RacePlan(n, None if after_ready else offset_ms, servicing, True,
+        plan = RacePlan(next(_ids), None if after_ready else offset_ms, servicing, True,
                         "after-ready" if after_ready else "offset", image)  # fmt: skip
-        try:
-            b.start(self.backend_vm, reset=self.reset)
-            res = b.race(self.backend_vm, plan, grace_ms)
-        finally:
-            b.destroy(self.backend_vm)
-        v = classify(res)
-        offset, guest_offset = fire_offsets(res, servicing)
-        return RaceResult(v.kind, v.reason, v.evidence, offset, guest_offset, res)
+        r = iterate(self.host.backend, self.backend_vm, plan, grace_ms, reset=self.reset)
+        ev = r.evidence
+        return RaceResult(r.verdict.kind, r.verdict.reason, r.verdict.evidence,
+                          ev.offset_ms if servicing else None, ev.guest_offset_ms, ev.as_dict())  # fmt: skip
 
 
 class Host:
@@ -105,11 +100,9 @@ class Host:
     ) -> Iterator[Vm]:
         cfg = vm_config if isinstance(vm_config, VmConfig) else load_vm_config(vm_config)
         if lab:
-            cfg = cfg.model_copy(update={"lab": cfg.lab.model_copy(update=lab)})
+            cfg = cfg.with_lab(LabOverrides(**lab))
         if paravisor:
-            cfg = cfg.model_copy(
-                update={"paravisor": cfg.paravisor.model_copy(update={"version": paravisor})}
-            )
+            cfg = cfg.with_paravisor(paravisor)
         qvm = self.backend.provision(cfg, strategy)
         try:
             yield Vm(self, qvm, reset)
@@ -125,7 +118,7 @@ class Host:
         else:
             pb, cfg = load_playbook(playbook)
             cfg = vm_config or cfg
-        opts = RunOptions(out=out, backend=self.backend, **overrides)
+        opts = RunOptions(out=out, backend=self.backend, host_spec=self.entry.name, **overrides)
         return Runner(pb, cfg, opts).run()
 
     def close(self) -> None:
@@ -133,10 +126,12 @@ class Host:
 
 
 @contextmanager
-def open_host(host: str = "local", inventory: str | Path | None = None, *, insecure_accept_new: bool = False,
-              identity: str | None = None) -> Iterator[Host]:  # fmt: skip
-    entry = lookup_entry(host, Path(inventory) if inventory else None)
-    h = Host(entry, open_backend(entry, insecure_accept_new=insecure_accept_new, identity=identity))
+def open_host(host: str = "local", inventory: str | Path | None = None, *, kind: str | None = None,
+              insecure_accept_new: bool = False, identity: str | None = None) -> Iterator[Host]:  # fmt: skip
+    """A host by URI or inventory name; ``kind`` picks the backend of a bare URI that
+    more than one kind accepts (``local``, ``ssh://``)."""
+    entry = lookup_entry(host, Path(inventory) if inventory else None, kind=kind)
+    h = Host(entry, open_backend(entry, opts=HostOptions(insecure_accept_new, identity)))
     try:
         yield h
     finally:

@@ -17,18 +17,23 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from testbed import leases
+from testbed.backends.base import InfraError
+from testbed.backends.registry import HostOptions
 from testbed.config import STRATEGIES, ConfigError, load_playbook, load_vm_config
 from testbed.hosts import lookup_entry, open_backend
 from testbed.paths import runtime_dir
+from testbed.redact import redact
 from testbed.transport import TransportError
 
 HELP = __doc__ or ""
@@ -71,8 +76,24 @@ DEFAULT_CONFIG = Path("vm_configs/reference-linux.yaml")
 
 
 def fail(code: int, message: str) -> NoReturn:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"[bold red]error:[/] {escape(redact(message))}", highlight=False)
     raise typer.Exit(code)
+
+
+# The one place where errors become exit codes: a user's mistake is 2, the host's is 3.
+USAGE_ERRORS: tuple[type[Exception], ...] = (ConfigError, ValueError)
+INFRA_ERRORS: tuple[type[Exception], ...] = (InfraError, TransportError)
+
+
+@contextlib.contextmanager
+def exit_codes() -> Iterator[None]:
+    """Every command body runs in this: known failures end as a message and their code."""
+    try:
+        yield
+    except USAGE_ERRORS as e:
+        fail(2, str(e))
+    except INFRA_ERRORS as e:  # ImageBuildError is an InfraError too
+        fail(3, str(e))
 
 
 def _sigterm_as_interrupt() -> None:
@@ -112,11 +133,15 @@ def run(
     identity: IdentityOpt = None,
     vm_config: Annotated[Path | None, typer.Option(help="override the playbook's vm_config")] = None,
     strategy: Annotated[str | None, typer.Option(help=f"override: {' | '.join(STRATEGIES)}")] = None,
-    iterations: Annotated[int | None, typer.Option(help="override the number of iterations")] = None,
+    iterations: Annotated[
+        int | None,
+        typer.Option(min=1, help="override the number of iterations (wins over the count of --offsets)"),
+    ] = None,
     offsets: Annotated[
         str | None,
         typer.Option(
-            help="override the schedule: 10,50,90 | linear:START:STOP:COUNT | random:LO:HI:COUNT | adaptive:LO:HI"
+            help="override the schedule: 10,50,90 | linear:START:STOP:COUNT | random:LO:HI:COUNT | adaptive:LO:HI;"
+            " its number of offsets sets the iterations unless --iterations is given (then cycled or cut)"
         ),
     ] = None,
     seed: Annotated[int | None, typer.Option(help="seed of random/adaptive schedules and jitter")] = None,
@@ -127,7 +152,11 @@ def run(
         bool, typer.Option("--stop-on-loss", help="stop at the first lost message")
     ] = False,
     keep_failed: Annotated[
-        bool, typer.Option("--keep-failed", help="keep all artifacts of failed iterations")
+        bool,
+        typer.Option(
+            "--keep-failed",
+            help="keep everything of a failed iteration in its folder, also the snapshot it was restored from",
+        ),
     ] = False,
     reset: Annotated[
         str | None, typer.Option(help="cold | snapshot: how each iteration gets a fresh VM")
@@ -144,27 +173,24 @@ def run(
     expectation of the playbook was violated, 3 an infrastructure failure.
     """
     from testbed.engine.runner import Runner, RunOptions
-    from testbed.engine.schedule import parse_offsets
+    from testbed.engine.schedule import parse_schedule
 
     if strategy is not None and strategy not in STRATEGIES:
         fail(2, f"--strategy {strategy!r}: allowed: {', '.join(STRATEGIES)}")
     if reset is not None and reset not in ("cold", "snapshot"):
         fail(2, f"--reset {reset!r}: allowed: cold, snapshot")
-    try:
+    with exit_codes():
         pb, cfg = load_playbook(playbook)
         if vm_config is not None:
             cfg = load_vm_config(vm_config)
-        sched = parse_offsets(offsets) if offsets else None
-        entry = lookup_entry(host or pb.host, inventory)
-        backend = open_backend(entry, cfg.backend, insecure_accept_new=insecure_accept_new, identity=identity)
-    except ConfigError as e:
-        fail(2, str(e))
-    except ValueError as e:
-        fail(2, str(e))
-    except TransportError as e:
-        fail(3, str(e))
+        sched = parse_schedule(offsets) if offsets else None
+        host_spec = host or pb.host
+        entry = lookup_entry(host_spec, inventory, kind=cfg.backend)
+        backend = open_backend(entry, cfg.backend, HostOptions(insecure_accept_new, identity))
     opts = RunOptions(
         backend=backend,
+        host_spec=host_spec,
+        inventory=inventory,
         strategy=strategy,
         iterations=iterations,
         offsets=sched,
@@ -176,6 +202,8 @@ def run(
         resume=resume,
         reset=reset,
     )
+    runner = Runner(pb, cfg, opts, playbook_path=playbook)
+    console.print(f"{pb.name} on {backend.host} ({backend.kind}): {runner.describe()}", highlight=False)
     counts: Counter[str] = Counter()
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -200,14 +228,12 @@ def run(
             counts[ev["record"]["verdict"]] += 1
             progress.update(task, advance=1, counts=" ".join(f"{k}={v}" for k, v in sorted(counts.items())))
 
-    from testbed.backends.base import InfraError
-
-    try:
-        with progress:
-            result = Runner(pb, cfg, opts, on_event, playbook_path=playbook).run()
-    except (InfraError, TransportError) as e:
-        fail(3, str(e))
+    runner.progress = on_event
+    with exit_codes(), progress:
+        result = runner.run()
     _print_summary(result.run_dir, result.summary)
+    if result.stopped:
+        console.print(f"[bold red]stopped early:[/] {result.stopped}", highlight=False)
     raise typer.Exit(result.exit_code)
 
 
@@ -221,11 +247,11 @@ def report(
     run_dir: Annotated[Path, typer.Argument(help="a run folder with results.jsonl")],
 ) -> None:
     """Rebuild summary.json, junit.xml, summary.md and report.html from results.jsonl alone."""
-    from testbed.engine.runner import rebuild
+    from testbed.engine.policy import finish_run
 
     if not (run_dir / "results.jsonl").exists():
         fail(2, f"{run_dir}: no results.jsonl here; pass a run folder")
-    summary, code = rebuild(run_dir)
+    summary, code = finish_run(run_dir)
     _print_summary(run_dir, summary)
     raise typer.Exit(code)
 
@@ -276,55 +302,70 @@ def repro(
         bool, typer.Option("--keep", help="keep the VM running for inspection until Ctrl-C")
     ] = False,
 ) -> None:
-    """Replay one iteration with the same offset, strategy and config."""
+    """Replay one iteration with the same offset, strategy and config, on the host the
+    run used (its URI or inventory name and kind are in run.json; SSH and WinRM hosts
+    are reopened the same way)."""
     from testbed.backends.base import RacePlan
-    from testbed.backends.qemu.backend import QemuBackend
-    from testbed.config import apply_lab_overrides
-    from testbed.engine.verdict import classify
+    from testbed.engine.iterate import iterate
     from testbed.report.jsonl import read_results
 
+    if not (run_dir / "run.json").exists():
+        fail(2, f"{run_dir}: no run.json here; pass a run folder")
     run = json.loads((run_dir / "run.json").read_text())
     rec = next((r for r in read_results(run_dir / "results.jsonl") if r["iteration"] == iteration), None)
     if rec is None:
         fail(2, f"{run_dir}: no iteration {iteration} in results.jsonl")
-    try:
-        pb, cfg = load_playbook(Path(run["playbook_path"]))
-    except (ConfigError, TypeError) as e:
-        fail(2, f"cannot reload the playbook of this run: {e}")
-    cfg = apply_lab_overrides(cfg, pb.lab)
-    with QemuBackend() as b:
-        vm = b.provision(cfg, rec["strategy"])
+    with exit_codes():
         try:
-            b.start(vm, reset=run.get("reset", "snapshot"))
-            res = b.race(
-                vm,
-                RacePlan(
-                    iteration,
-                    rec["planned_offset_ms"],
-                    True,
-                    rec["decision"] is not None,
-                    "offset" if rec["planned_offset_ms"] is not None else "after-ready",
-                    rec.get("image"),
-                ),
-                run["grace_ms"],
-            )
-            v = classify(res)
+            pb, cfg = load_playbook(Path(run["playbook_path"]))
+        except (ConfigError, TypeError) as e:
+            raise ConfigError(
+                run_dir / "run.json", None, f"cannot reload the playbook of this run: {e}"
+            ) from None
+        cfg = cfg.with_lab(pb.lab)
+        inv = Path(run["inventory"]) if run.get("inventory") else None
+        entry = lookup_entry(run.get("host_spec") or "local", inv, kind=run.get("host_kind") or cfg.backend)
+        backend = open_backend(entry, cfg.backend)
+    case = next((c for c in pb.resolved_cases() if c.name == rec.get("case")), None)
+    plan = RacePlan(iteration, rec["planned_offset_ms"], case.servicing if case else True,
+                    case.shutdown != "none" if case else rec["decision"] is not None,
+                    case.shutdown if case else "offset", rec.get("image"))  # fmt: skip
+    with exit_codes(), contextlib.closing(backend):
+        vm = backend.provision(cfg, rec["strategy"])
+        try:
+            r = iterate(backend, vm, plan, run["grace_ms"], reset=run.get("reset", "snapshot"), keep_vm=keep)
+            v = r.verdict
             out.print(
                 f"iteration {iteration}: was [bold]{rec['verdict']}[/], now [bold]{v.kind}[/]: {v.reason}"
             )
             for line in v.evidence:
                 out.print("  " + line, highlight=False)
-            if keep and not res.get("ended"):
-                out.print(f"VM kept: work dir {vm.workdir} (serial.log, qmp.sock). Ctrl-C to destroy it.")
+            out.print(f"replayed on {backend.host} ({backend.kind})", highlight=False)
+            if keep and not r.evidence.ended:
+                out.print(f"VM {vm.name} kept on {backend.host}: {vm.record()}. Ctrl-C to destroy it.")
                 while True:
                     time.sleep(1)
         except KeyboardInterrupt:
             pass
         finally:
-            b.destroy(vm)
+            backend.destroy(vm)
 
 
 # ---- image -------------------------------------------------------------------------
+
+
+def _reference_config(path: Path) -> Any:
+    """A vm_config of the reference lab (the image and vm commands build and boot it)."""
+    from testbed.backends.qemu.config import QemuVmConfig
+
+    cfg = load_vm_config(path)
+    if not isinstance(cfg, QemuVmConfig):
+        raise ConfigError(
+            path,
+            None,
+            f"backend {cfg.backend}: these commands build and boot the reference lab's guest; give a vm_config of the QEMU backend",
+        )
+    return cfg
 
 
 @image_app.command("build")
@@ -333,17 +374,13 @@ def image_build(
     force: Annotated[bool, typer.Option(help="rebuild even on a cache hit")] = False,
 ) -> None:
     """Build the reference kernel + initramfs (cached by a hash of every input)."""
-    from testbed.backends.qemu.image import ImageBuildError, build_image, cached_image, resolve_inputs
+    from testbed.backends.qemu.image import build_image, cached_image, resolve_inputs
 
-    try:
-        cfg = load_vm_config(config)
+    with exit_codes():
+        cfg = _reference_config(config)
         t = time.monotonic()
         hit = not force and cached_image(resolve_inputs(cfg).key()) is not None
         img = build_image(cfg, force=force)
-    except ConfigError as e:
-        fail(2, str(e))
-    except ImageBuildError as e:
-        fail(3, str(e))
     out.print(
         f"image {img.key} ({'cache hit' if hit else 'built'}) in {time.monotonic() - t:.1f} s: {img.directory}"
     )
@@ -359,14 +396,10 @@ def image_export(
     """Write the built image (kernel, initramfs, manifest) to an archive, for hosts with no package mirror."""
     import tarfile
 
-    from testbed.backends.qemu.image import ImageBuildError, build_image
+    from testbed.backends.qemu.image import build_image
 
-    try:
-        img = build_image(load_vm_config(config))
-    except ConfigError as e:
-        fail(2, str(e))
-    except ImageBuildError as e:
-        fail(3, str(e))
+    with exit_codes():
+        img = build_image(_reference_config(config))
     with tarfile.open(file, "w:gz") as tar:
         tar.add(img.directory, arcname=f"images/{img.key}")
     out.print(f"exported image {img.key} to {file}")
@@ -416,19 +449,14 @@ def vm_up(
     The VM lives as long as this command: the host agent kills QEMU when its
     owner goes away, so nothing is ever left running.
     """
-    from testbed.backends.base import InfraError
     from testbed.backends.qemu.backend import QemuBackend
 
-    try:
-        cfg = load_vm_config(config)
-    except ConfigError as e:
-        fail(2, str(e))
+    with exit_codes():
+        cfg = _reference_config(config)
     with QemuBackend() as b:
-        try:
+        with exit_codes():
             vm = b.provision(cfg)
             ready = b.start(vm, reset="cold")
-        except InfraError as e:
-            fail(3, str(e))
         try:
             info = b.uname(vm)
             out.print(
@@ -494,21 +522,12 @@ def gc(
     if host == "local":
         actions = leases.gc(runtime_dir() / "leases")
     else:
-        from testbed.backends.base import InfraError
-
-        try:
-            entry = lookup_entry(host, inventory)
-            backend = open_backend(entry, insecure_accept_new=insecure_accept_new, identity=identity)
-        except ConfigError as e:
-            fail(2, str(e))
-        except TransportError as e:
-            fail(3, str(e))
-        try:
-            actions = backend.gc_host()
-        except InfraError as e:
-            fail(3, str(e))
-        finally:
-            backend.close()
+        with exit_codes():
+            backend = open_backend(
+                lookup_entry(host, inventory), opts=HostOptions(insecure_accept_new, identity)
+            )
+            with contextlib.closing(backend):
+                actions = backend.gc_host()
     for a in actions:
         out.print(a)
     if not actions:
@@ -527,7 +546,9 @@ def host_check(
     insecure_accept_new: InsecureOpt = False,
     identity: IdentityOpt = None,
     config: Annotated[Path, typer.Option(help="vm_config to check the host against")] = DEFAULT_CONFIG,
-    probe: Annotated[bool, typer.Option(help="run the KVM probe now (boots a tiny guest)")] = False,
+    probe: Annotated[
+        bool, typer.Option(help="run the deep checks now (QEMU: the KVM probe, which boots a tiny guest)")
+    ] = False,
 ) -> None:
     """Preflight: each problem with the command that fixes it.
 
@@ -538,28 +559,14 @@ def host_check(
     credentials accepted, Hyper-V enabled, AllowFirmwareLoadFromFile, OS build, COM3,
     free memory.
     """
-    from testbed.backends.base import InfraError
-    from testbed.backends.qemu.backend import QemuBackend
-    from testbed.backends.qemu.image import ImageBuildError, build_image
-
-    try:
-        entry = lookup_entry(host, inventory)
-        cfg = load_vm_config(config) if config.exists() else None
+    with exit_codes():
+        cfg = load_vm_config(config) if config.exists() or config != DEFAULT_CONFIG else None
+        entry = lookup_entry(host, inventory, kind=cfg.backend if cfg else None)
         if cfg is not None and cfg.backend != entry.kind:
-            cfg = None  # the default vm_config is for the other kind of host
-        backend = open_backend(entry, insecure_accept_new=insecure_accept_new, identity=identity)
-    except ConfigError as e:
-        fail(2, str(e))
-    except TransportError as e:
-        fail(3, str(e))
-    with contextlib.closing(backend):
-        if probe and cfg is not None and isinstance(backend, QemuBackend):
-            try:
-                img = build_image(cfg)
-                backend.kvm_probe(img, refresh=True)
-            except (ImageBuildError, InfraError) as e:
-                console.print(f"cannot probe KVM: {e}")
-        rep = backend.preflight(cfg)
+            cfg = None  # the default vm_config is for another kind of host
+        backend = open_backend(entry, opts=HostOptions(insecure_accept_new, identity))
+        with contextlib.closing(backend):
+            rep = backend.preflight(cfg, deep=probe)
     t = Table("check", "ok", "detail", "fix")
     for c in rep.checks:
         t.add_row(c.name, "yes" if c.ok else "NO", c.detail, "" if c.ok else c.fix)
@@ -576,10 +583,8 @@ def host_inventory(
     from testbed.ansible import dump_yaml, render_inventory
     from testbed.config import load_inventory
 
-    try:
+    with exit_codes():
         inv = load_inventory(inventory)
-    except ConfigError as e:
-        fail(2, str(e))
     if fmt == "ansible":
         print(dump_yaml(render_inventory(inv)), end="")
     elif fmt == "yaml":
@@ -598,10 +603,8 @@ def host_prepare(
     from testbed.ansible import AnsibleMissing, prepare
     from testbed.config import load_inventory
 
-    try:
+    with exit_codes():
         inv = load_inventory(inventory)
-    except ConfigError as e:
-        fail(2, str(e))
     targets = inv.hosts if host == "all" else [h for h in inv.hosts if h.name == host]
     if not targets:
         fail(2, f"no host named {host!r} in {inventory}")

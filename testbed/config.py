@@ -11,16 +11,26 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.error import MarkedYAMLError
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+from testbed.redact import redact
 
 Strategy = Literal["none", "mask", "mask-async", "pause-resume"]
 STRATEGIES: tuple[str, ...] = ("none", "mask", "mask-async", "pause-resume")
-PARAVISOR_IMAGES: tuple[str, ...] = ("v1", "v2", "v2-replay", "v2-panic", "v2-hang", "v2-crash")
+DEFAULT_BACKEND = "qemu"  # a vm_config or inventory entry that names no backend
 
 
 class ConfigError(Exception):
@@ -35,40 +45,23 @@ class ConfigError(Exception):
 
 
 class Strict(BaseModel):
-    """Base: unknown keys are an error, never silently ignored."""
+    """Base: unknown keys are an error, never silently ignored; NaN and infinities
+    (``.nan``, ``.inf``, ``1e999``) are no number a timing or a count can be."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class KernelSpec(Strict):
-    package: str = Field(
-        "linux-image-cloud-amd64",
-        description="Debian kernel package or metapackage, resolved with apt at build time",
-    )
-    version: str | None = Field(
-        None, description="pin the package version; null = what the metapackage resolves to today"
-    )
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-class LabKnobs(Strict):
-    """Timing of the reference paravisor: they place the vulnerable window."""
+def _regex(v: str) -> str:
+    if not v:
+        raise ValueError("an empty pattern matches every line: give what the line says")
+    try:
+        re.compile(v)
+    except re.error as e:
+        raise ValueError(f"not a regular expression: {e}") from None
+    return v
 
-    save_ms: int = Field(300, ge=0, le=60_000)
-    restore_ms: int = Field(100, ge=0, le=60_000)
-    blackout_ms: int = Field(0, ge=0, le=10_000)
-    vtl0_shutdown_ms: int = Field(100, ge=0, le=10_000)
-    servicing_timeout_ms: int = Field(8000, ge=100, le=600_000)
 
-
-class ParavisorSpec(Strict):
-    version: str = "v2"
-
-    @field_validator("version")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        if v not in PARAVISOR_IMAGES:
-            raise ValueError(f"unknown paravisor image {v!r}; allowed: {', '.join(PARAVISOR_IMAGES)}")
-        return v
+Pattern = Annotated[str, AfterValidator(_regex)]  # a regex a vm_config keys evidence on
 
 
 class Artifact(Strict):
@@ -90,89 +83,43 @@ class Artifact(Strict):
             raise ValueError(f"{given[0]} needs sha256, so the host can verify what it pulled")
         return self
 
+    def anchored(self, base: Path) -> Artifact:
+        """A relative ``path`` made relative to ``base`` (the folder of the file naming it)."""
+        if self.path and not Path(self.path).is_absolute():
+            return self.model_copy(update={"path": str((base / self.path).resolve())})
+        return self
+
     @property
     def file_name(self) -> str:
         src = self.path or self.url or self.share or ""
         return re.split(r"[\\/]", src.rstrip("/\\"))[-1] or "artifact"
 
 
-class NestedSpec(Strict):
-    """Nested Hyper-V: an L1 Windows VM (virtualization extensions exposed) on the L0
-    host; the L2 OpenHCL VM is driven inside it through PowerShell Direct."""
-
-    l1_vhd: Artifact
-    user: str = "Administrator"
-    password_env: str = Field(description="env var on the controller holding the L1 password")
-    memory_mb: int = Field(8192, ge=2048)
-    processors: int = Field(4, ge=1, le=240)
-    heartbeat_timeout_s: int = Field(600, ge=10)
-    host_dir: str = Field(r"C:\testbed", description="testbed's folder on the L0 host (the L1 VM, its disk)")
-
-
-class HyperVSpec(Strict):
-    """A Gen2 VM with OpenHCL on a Hyper-V host (facts in CONTEXT.md)."""
-
-    igvm: Artifact
-    vtl0_vhd: Artifact
-    vtl0_image: str = Field(
-        "Linux VHDX, kernel console=ttyS0 with hv_utils (logs the shutdown request on COM1)",
-        description="what the VTL0 image must be for COM1 evidence to exist",
-    )
-    firmware_cmdline: str = ""
-    memory_mb: int = Field(2048, ge=256)
-    processors: int = Field(2, ge=1, le=240)
-    override_version_checks: bool = True
-    disable_nvme_keepalive: bool = False
-    timeout_hint_secs: int = Field(60, ge=1, le=3600)
-    ic_ready_timeout_s: int = Field(300, ge=1)
-    com1: bool = True
-    com3: Literal["auto", "off"] = "auto"
-    vtl0_shutdown_pattern: str = Field(
-        "Shutdown request received", description="regex of the VTL0 line on COM1 that shows delivery"
-    )
-    com3_servicing_start_pattern: str | None = Field(
-        None, description="regex of OpenHCL's COM3 line that marks the start of its save (guest anchor)"
-    )
-    host_dir: str = Field(
-        r"C:\testbed", description="testbed's folder on the Hyper-V host (inside L1 when nested)"
-    )
-    nested: NestedSpec | None = None
-
-    @field_validator("vtl0_shutdown_pattern", "com3_servicing_start_pattern")
-    @classmethod
-    def _regex(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                re.compile(v)
-            except re.error as e:
-                raise ValueError(f"not a regular expression: {e}") from None
-        return v
-
-
 class VmConfig(Strict):
-    name: str
-    backend: Literal["qemu", "hyperv"] = "qemu"
-    hyperv: HyperVSpec | None = None
-    kernel: KernelSpec = KernelSpec()
-    busybox_package: str = "busybox-static"
-    cmdline: str = "console=ttyS0 quiet loglevel=1 panic=-1"
-    memory_mib: int = Field(256, ge=64, le=65536)
-    cpus: int = Field(1, ge=1, le=64)
-    machine: Literal["q35", "pc"] = "q35"
-    accel: Literal["auto", "kvm", "tcg"] = "auto"
-    boot_timeout_s: float = Field(90.0, gt=0, le=3600)
-    paravisor: ParavisorSpec = ParavisorSpec()
-    lab: LabKnobs = LabKnobs()
+    """What every vm_config has. Each backend kind extends it with its own model
+    (``BackendKind.vm_config``, with ``backend: Literal[<kind>]``); the loader
+    picks the model by ``backend``, so an unknown key is a ``file:line`` error
+    for every backend alike."""
 
-    @model_validator(mode="after")
-    def _backend_section(self) -> VmConfig:
-        if self.backend == "hyperv" and self.hyperv is None:
-            raise ValueError("backend hyperv needs a 'hyperv:' section (igvm, vtl0_vhd, ...)")
+    name: str
+    backend: str = DEFAULT_BACKEND
+
+    @property
+    def shutdown_allowance_ms(self) -> float:
+        """How long the guest takes to power off once it handled the shutdown (grace)."""
+        return 0.0
+
+    def with_lab(self, over: LabOverrides) -> Self:
+        """A playbook's ``lab:`` knobs applied; they shape the reference lab only."""
         return self
 
-    def digest(self) -> str:
-        """Stable hash of everything in the config (for run manifests)."""
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+    def anchored(self, base: Path) -> Self:
+        """Relative file paths in the config made relative to the config file's folder."""
+        return self
+
+    def with_paravisor(self, version: str) -> Self:
+        """The reference lab's paravisor image ``version`` instead of the configured one."""
+        raise ValueError(f"backend {self.backend} has no lab paravisor images to choose from")
 
 
 # ---- loading -----------------------------------------------------------------
@@ -205,19 +152,43 @@ def _describe(err: dict[str, Any]) -> str:
         return f"unknown key {loc!r}; check its spelling against the documented keys"
     if kind == "missing":
         return f"missing required key {loc!r}"
-    return f"{loc}: {err['msg']} (got {err.get('input')!r})"
+    return redact(f"{loc}: {err['msg']} (got {err.get('input')!r})")
 
 
 def load_yaml(path: Path) -> Any:
-    """Parse YAML keeping line numbers; syntax errors become ConfigError."""
+    """Parse YAML keeping line numbers; every way a file can be unreadable (missing, a
+    folder, not UTF-8, a NUL byte, bad syntax) becomes a ConfigError with its line."""
     if not path.exists():
         raise ConfigError(path, None, "file not found")
+    if path.is_dir():
+        raise ConfigError(path, None, "is a folder, not a YAML file: name the file itself")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(path, None, f"cannot read it: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            path, line, f"not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start}): save it as UTF-8"
+        ) from None
+    if "\x00" in text:
+        raise ConfigError(
+            path, text[: text.index("\x00")].count("\n") + 1, "a NUL byte: this is not a text file"
+        )
     yaml = YAML(typ="rt")
     try:
-        return yaml.load(path.read_text())
+        return yaml.load(text)
     except MarkedYAMLError as e:
-        line = e.problem_mark.line + 1 if e.problem_mark else None
-        raise ConfigError(path, line, f"YAML syntax: {e.problem}") from None
+        at = e.problem_mark.line + 1 if e.problem_mark else None
+        raise ConfigError(path, at, f"YAML syntax: {e.problem}") from None
+    except YAMLError as e:  # the reader's own errors (control characters) carry a position, not a mark
+        pos = getattr(e, "position", None)
+        at = text[:pos].count("\n") + 1 if isinstance(pos, int) else None
+        raise ConfigError(
+            path, at, f"YAML cannot read it: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
 
 
 def _plain(data: Any) -> Any:
@@ -247,22 +218,19 @@ def load_model(path: Path | str, model: type[M]) -> M:
 
 
 def load_vm_config(path: Path | str) -> VmConfig:
-    """A vm_config; Hyper-V artifact paths are made relative to the file itself."""
-    cfg = load_model(path, VmConfig)
-    if cfg.hyperv is None:
-        return cfg
-    base = Path(path).resolve().parent
+    """A vm_config, validated by the model of its backend kind; relative file paths
+    in it are made relative to the file itself."""
+    from testbed.backends import registry
 
-    def anchored(a: Artifact) -> Artifact:
-        if a.path and not Path(a.path).is_absolute():
-            return a.model_copy(update={"path": str((base / a.path).resolve())})
-        return a
-
-    hv = cfg.hyperv
-    update: dict[str, Any] = {"igvm": anchored(hv.igvm), "vtl0_vhd": anchored(hv.vtl0_vhd)}
-    if hv.nested is not None:
-        update["nested"] = hv.nested.model_copy(update={"l1_vhd": anchored(hv.nested.l1_vhd)})
-    return cfg.model_copy(update={"hyperv": hv.model_copy(update=update)})
+    p = Path(path)
+    data = load_yaml(p)
+    if not isinstance(data, dict):
+        raise ConfigError(p, 1, "expected a mapping of keys for a vm_config")
+    kind = data.get("backend", DEFAULT_BACKEND)
+    if not isinstance(kind, str) or kind not in registry.names():
+        raise ConfigError(p, _node_line(data, ("backend",)),
+                          f"backend: unknown kind {kind!r}; allowed: {', '.join(registry.names())}")  # fmt: skip
+    return parse_model(p, data, registry.get(kind).vm_config).anchored(p.resolve().parent)
 
 
 def stable_hash(obj: Any) -> str:
@@ -288,7 +256,7 @@ def check_expectation(spec: ExpectValue, value: int) -> bool:
 
 class ScheduleSpec(Strict):
     kind: Literal["fixed", "linear", "random", "adaptive"]
-    offsets_ms: list[float] | None = None
+    offsets_ms: list[float] | None = Field(None, min_length=1, max_length=100_000)
     start_ms: float | None = None
     stop_ms: float | None = None
     count: int | None = Field(None, ge=1, le=100_000)
@@ -296,6 +264,17 @@ class ScheduleSpec(Strict):
     hi_ms: float | None = None
     resolution_ms: float = Field(2.0, gt=0)
     coarse: int = Field(8, ge=2, le=1000)
+
+    @property
+    def points(self) -> int | None:
+        """How many offsets the schedule names (None: the adaptive search decides)."""
+        return (
+            len(self.offsets_ms or [])
+            if self.kind == "fixed"
+            else self.count
+            if self.kind != "adaptive"
+            else None
+        )
 
     @model_validator(mode="after")
     def _fields_for_kind(self) -> ScheduleSpec:
@@ -337,11 +316,13 @@ class Case(Strict):
 
 
 def _validate_expect(v: dict[str, ExpectValue] | None) -> dict[str, ExpectValue] | None:
-    from testbed.engine.verdict import VERDICTS
+    from testbed.verdicts import VERDICTS
 
     for k, spec in (v or {}).items():
         if k not in VERDICTS:
             raise ValueError(f"expect: unknown verdict {k!r}; allowed: {', '.join(VERDICTS)}")
+        if isinstance(spec, bool) or (isinstance(spec, int) and spec < 0):
+            raise ValueError(f"expect.{k}: {spec!r} is not a count (0 or more)")
         if isinstance(spec, str) and not _EXPECT.match(spec):
             raise ValueError(f"expect.{k}: {spec!r} is not a count or a comparison like '>0' or '<=2'")
     return v
@@ -360,12 +341,15 @@ class Playbook(Strict):
     image: str | None = None
     cases: list[Case] | None = None
     reset: Literal["cold", "snapshot"] = "snapshot"
-    grace_ms: float | Literal["auto"] = "auto"
+    grace_ms: Annotated[float, Field(ge=0, le=600_000)] | Literal["auto"] = "auto"
     lab: LabOverrides = LabOverrides()
     expect: dict[str, ExpectValue] = Field(
         default_factory=lambda: dict[str, ExpectValue](lost=0, duplicated=0)
     )
     max_infra_errors: int = Field(0, ge=0)
+    max_infra_errors_in_a_row: int = Field(
+        5, ge=1, le=1_000_000, description="stop the run after this many, the host being broken"
+    )
     on_infra_error: Literal["continue", "stop"] = "continue"
     stop_on_loss: bool = False
     calibrate: bool = False
@@ -410,19 +394,12 @@ def load_playbook(path: Path | str) -> tuple[Playbook, VmConfig]:
     p = Path(path)
     pb = load_model(p, Playbook)
     cfg_path = (p.parent / pb.vm_config).resolve()
-    if not cfg_path.exists():
-        data = load_yaml(p)
-        raise ConfigError(
-            p,
-            _node_line(data, ("vm_config",)),
-            f"vm_config {pb.vm_config!r} not found at {cfg_path}",
-        )
+    problem = ("is empty: name a vm_config file" if not pb.vm_config.strip() else
+               f"{pb.vm_config!r} not found at {cfg_path}" if not cfg_path.exists() else
+               f"{pb.vm_config!r} is a folder ({cfg_path}): name the vm_config file" if cfg_path.is_dir() else None)  # fmt: skip
+    if problem is not None:
+        raise ConfigError(p, _node_line(load_yaml(p), ("vm_config",)), f"vm_config {problem}")
     return pb, load_vm_config(cfg_path)
-
-
-def apply_lab_overrides(cfg: VmConfig, over: LabOverrides) -> VmConfig:
-    changes = {k: v for k, v in over.model_dump().items() if v is not None}
-    return cfg.model_copy(update={"lab": cfg.lab.model_copy(update=changes)}) if changes else cfg
 
 
 # ---- host inventory ------------------------------------------------------------
@@ -434,7 +411,7 @@ class HostEntry(Strict):
 
     name: str
     uri: str
-    kind: Literal["qemu", "hyperv", "openvmm"] = "qemu"
+    kind: str = Field(DEFAULT_BACKEND, description="the backend kind (testbed.backends entry points)")
     labels: list[str] = []
     identity_file: str | None = None
     password_env: str | None = Field(None, description="name of an env var holding the password")
@@ -443,15 +420,40 @@ class HostEntry(Strict):
     winrm_auth: Literal["ntlm", "kerberos", "credssp", "basic"] = "ntlm"
     verify_tls: bool = Field(True, description="WinRM over HTTPS: validate the host's certificate")
     ca_bundle: str | None = Field(None, description="CA file that signed the host's WinRM certificate")
+    qemu_binary: str | None = Field(
+        None,
+        description="QEMU on this host (default: qemu-system-x86_64 on PATH, else /usr/libexec/qemu-kvm)",
+    )
 
     @field_validator("uri")
     @classmethod
     def _uri(cls, v: str) -> str:
-        if not (v == "local" or v.startswith(("ssh://", "winrm://", "winrms://"))):
-            raise ValueError("uri must be 'local', ssh://user@host[:port] or winrm(s)://user@host[:port]")
+        from testbed.backends import registry
+
         if re.match(r"^\w+://[^/@]*:[^/@]*@", v):
             raise ValueError("no passwords in URIs: use password_env (an environment variable name)")
+        if registry.scheme_of(v) not in registry.all_schemes() or (v != "local" and "://" not in v):
+            raise ValueError("uri must be 'local' or one of " + ", ".join(
+                f"{s}://user@host[:port]" for s in registry.all_schemes() if s != "local"))  # fmt: skip
         return v
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        from testbed.backends import registry
+
+        if v not in registry.names():
+            raise ValueError(f"unknown host kind {v!r}; allowed: {', '.join(registry.names())}")
+        return v
+
+    @model_validator(mode="after")
+    def _scheme_fits_kind(self) -> HostEntry:
+        from testbed.backends import registry
+
+        k, s = registry.get(self.kind), registry.scheme_of(self.uri)
+        if s not in k.schemes:
+            raise ValueError(f"a host of kind {self.kind} is reached by {', '.join(k.schemes)}, not {s}")
+        return self
 
 
 class Inventory(Strict):

@@ -1,12 +1,22 @@
-"""From what the user typed (a URI or an inventory name) to a host entry and its backend."""
+"""From what the user typed (a URI or an inventory name) to a host entry and its backend.
+
+Which kind a host is comes from the registry (``testbed.backends.registry``):
+an inventory entry says it; a bare URI gets the kind its scheme implies
+(``winrms://`` is Hyper-V), else the kind of the vm_config in use, else the
+default.  The routes to a host (SSH, WinRM, PowerShell) are chosen here, once,
+for every backend that needs one.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from testbed.config import ConfigError, HostEntry, load_inventory
+from testbed.backends import registry
+from testbed.backends.registry import HostOptions
+from testbed.config import DEFAULT_BACKEND, ConfigError, HostEntry, load_inventory
+from testbed.redact import redact
 from testbed.transport import Transport, open_transport
 from testbed.transport.ssh import SshTransport
 
@@ -15,16 +25,26 @@ if TYPE_CHECKING:
     from testbed.transport.powershell import PowerShellRunner
 
 DEFAULT_INVENTORY = "TESTBED_INVENTORY"
+DEFAULT_WINRM_PASSWORD_ENV = "TESTBED_WINRM_PASSWORD"
+DIRECT = HostOptions()  # no command-line additions
 
 
-def lookup_entry(host: str, inventory: Path | None = None) -> HostEntry:
-    """``local``, a URI, or the name of an inventory entry -> its entry."""
+def lookup_entry(host: str, inventory: Path | None = None, *, kind: str | None = None) -> HostEntry:
+    """``local``, a URI, or the name of an inventory entry -> its entry.
+
+    ``kind`` (the backend of the vm_config in use) decides a bare URI whose
+    scheme more than one kind accepts (``ssh://`` to a Linux QEMU host or to
+    Windows OpenSSH on a Hyper-V host)."""
     inv_path = inventory or (
         Path(os.environ[DEFAULT_INVENTORY]) if os.environ.get(DEFAULT_INVENTORY) else None
     )
     if "://" in host or host == "local":
-        kind = "hyperv" if host.startswith(("winrm://", "winrms://")) else "qemu"
-        return HostEntry(name=host, uri=host, kind=kind)
+        claimed = registry.claiming(host)
+        chosen = claimed.kind if claimed else (kind or DEFAULT_BACKEND)
+        try:
+            return HostEntry(name=host, uri=host, kind=chosen)
+        except ValueError as e:
+            raise ConfigError(Path("--host"), None, f"{redact(host)}: {_first_error(e)}") from None
     if inv_path is None:
         raise ConfigError(Path("--host"), None, f"{host!r} is not a URI and no --inventory was given")
     entry = load_inventory(inv_path).find(host)
@@ -33,29 +53,27 @@ def lookup_entry(host: str, inventory: Path | None = None) -> HostEntry:
     return entry
 
 
-def transport_for(
-    entry: HostEntry, *, insecure_accept_new: bool = False, identity: str | None = None
-) -> Transport:
-    """A QEMU host's transport: SSH with the entry's settings, or this machine."""
+def _first_error(e: ValueError) -> str:
+    errors = getattr(e, "errors", None)
+    return str(errors()[0]["msg"]) if callable(errors) else str(e)
+
+
+def transport_for(entry: HostEntry, opts: HostOptions = DIRECT) -> Transport:
+    """A Linux host's transport: SSH with the entry's settings, or this machine."""
     if entry.uri.startswith("ssh://"):
         return SshTransport.from_uri(
             entry.uri,
-            identity=identity or entry.identity_file,
+            identity=opts.identity or entry.identity_file,
             password_env=entry.password_env,
             known_hosts=entry.known_hosts,
-            insecure_accept_new=insecure_accept_new or entry.insecure_accept_new,
+            insecure_accept_new=opts.insecure_accept_new or entry.insecure_accept_new,
         )
     return open_transport(entry.uri)
 
 
-DEFAULT_WINRM_PASSWORD_ENV = "TESTBED_WINRM_PASSWORD"
-
-
-def powershell_for(
-    entry: HostEntry, *, insecure_accept_new: bool = False, identity: str | None = None
-) -> PowerShellRunner:
+def powershell_for(entry: HostEntry, opts: HostOptions = DIRECT) -> PowerShellRunner:
     """The route to a Windows host's PowerShell, chosen by the URI: ``winrm(s)://``,
-    ``ssh://`` (Windows OpenSSH), or ``local`` (testbed runs on the Hyper-V host)."""
+    ``ssh://`` (Windows OpenSSH), or ``local`` (testbed runs on the Windows host)."""
     from testbed.transport.powershell import LocalPowerShell, SshPowerShell
     from testbed.transport.winrm import WinRmPowerShell
 
@@ -68,30 +86,13 @@ def powershell_for(
             ca_bundle=entry.ca_bundle,
         )
     if entry.uri.startswith("ssh://"):
-        return SshPowerShell(transport_for(entry, insecure_accept_new=insecure_accept_new, identity=identity))
+        return SshPowerShell(transport_for(entry, opts))
     return LocalPowerShell()
 
 
-def open_backend(
-    entry: HostEntry,
-    cfg_backend: str | None = None,
-    *,
-    insecure_accept_new: bool = False,
-    identity: str | None = None,
-) -> Backend:
-    """The backend for a host: its inventory kind, or the vm_config's backend for a bare URI."""
-    from testbed.backends.hyperv.backend import HyperVBackend
-    from testbed.backends.qemu.backend import QemuBackend
-
-    kind = entry.kind
-    if cfg_backend == "hyperv" and entry.kind == "qemu" and not entry.uri.startswith("winrm"):
-        kind = "hyperv"  # ssh:// or local named directly, with a Hyper-V vm_config
-    if cfg_backend is not None and cfg_backend != kind:
+def open_backend(entry: HostEntry, cfg_backend: str | None = None, opts: HostOptions = DIRECT) -> Backend:
+    """The backend of the host's kind; refused when the vm_config is for another kind."""
+    if cfg_backend is not None and cfg_backend != entry.kind:
         raise ConfigError(Path("--host"), None,
-                          f"the vm_config is for backend {cfg_backend}, but host {entry.name!r} is {kind}")  # fmt: skip
-    kw: dict[str, Any] = {"insecure_accept_new": insecure_accept_new, "identity": identity}
-    if kind == "hyperv":
-        return HyperVBackend(powershell_for(entry, **kw))
-    if kind == "qemu":
-        return QemuBackend(transport_for(entry, **kw))
-    raise ConfigError(Path("--host"), None, f"host {entry.name!r}: kind {kind} is not supported yet")
+                          f"the vm_config is for backend {cfg_backend}, but host {entry.name!r} is {entry.kind}")  # fmt: skip
+    return registry.get(entry.kind).open(entry, opts)

@@ -18,6 +18,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from testbed.paths import shared_dir
+
 
 def start_time(pid: int) -> int | None:
     """Kernel start time of ``pid`` in clock ticks, or None if it does not exist."""
@@ -87,7 +89,7 @@ class Lease:
 
 
 def write(lease_dir: Path, lease: Lease) -> Path:
-    lease_dir.mkdir(parents=True, exist_ok=True)
+    shared_dir(lease_dir)
     p = lease_dir / lease.path_name
     tmp = p.with_suffix(".tmp")
     tmp.write_text(json.dumps(asdict(lease)))

@@ -15,13 +15,24 @@ def cache_dir() -> Path:
     return p
 
 
-def runtime_dir() -> Path:
-    """Leases and the machine-wide guest slots.
+RUNTIME_DIR = "/tmp/testbed"  # one for every user of the machine (see runtime_dir)
 
-    Machine-wide on purpose (not per user or per venv): the guest limit and the
-    garbage collector must see every testbed process on the host.
-    """
-    default = Path("/run/testbed") if os.geteuid() == 0 else Path(platformdirs.user_runtime_dir("testbed"))
-    p = Path(os.environ.get("TESTBED_RUNTIME_DIR") or default)
+
+def shared_dir(p: Path) -> Path:
+    """A folder every user of the machine can add to (mode 1777, like /tmp: each user
+    may remove only their own files); made so only by its owner."""
     p.mkdir(parents=True, exist_ok=True)
+    st = p.stat()
+    if st.st_uid == os.geteuid() and st.st_mode & 0o7777 != 0o1777:
+        os.chmod(p, 0o1777)
     return p
+
+
+def runtime_dir() -> Path:
+    """Leases, VM work dirs and the machine-wide guest slots.
+
+    Machine-wide on purpose (not per user or per venv, root or not): the guest
+    limit and the garbage collector must see every testbed process on the host,
+    or two users would run four guests on a machine that carries two.
+    """
+    return shared_dir(Path(os.environ.get("TESTBED_RUNTIME_DIR") or RUNTIME_DIR))

@@ -11,10 +11,12 @@ until the session ends with ``--testbed-keep-failed`` when the test failed),
 ``testbed_race`` (run one race or a playbook; verdicts and stats come back,
 and the evidence of what ran is attached to the test's JUnit entry).
 
-Markers: ``testbed_qemu``, ``testbed_hyperv``, ``testbed_nested``,
-``testbed_openvmm``: the test needs a host of that kind and is skipped, with
-the reason, on any other, unless ``--testbed-require KIND`` makes that a
-failure (so a misconfigured self-hosted runner cannot go green on skips).
+Markers: ``testbed_<kind>`` for every registered backend kind
+(``testbed_qemu``, ``testbed_hyperv``, ``testbed_openvmm``, ...) and for the
+sub-kinds a kind declares by inventory label (``testbed_nested``): the test
+needs a host of that kind and is skipped, with the reason, on any other, unless
+``--testbed-require KIND`` makes that a failure (so a misconfigured self-hosted
+runner cannot go green on skips).
 
 Fleet: with ``--testbed-host all`` and ``-n auto --dist loadgroup``
 (pytest-xdist), ``-n auto`` means one worker per inventory host and every
@@ -31,15 +33,20 @@ from typing import Any
 
 import pytest
 
+from testbed.backends import registry
 from testbed.config import HostEntry, load_inventory, load_vm_config
 from testbed.engine.stats import summarize, wilson
 
-KIND_MARKERS = {
-    "testbed_qemu": ("qemu", "a QEMU host (local or over SSH)"),
-    "testbed_hyperv": ("hyperv", "a Hyper-V host (WinRM)"),
-    "testbed_nested": ("nested", "a nested Hyper-V host"),
-    "testbed_openvmm": ("openvmm", "an OpenVMM host"),
-}
+
+def kind_markers() -> dict[str, tuple[str, str]]:
+    """marker name -> (kind, what it needs), from the registered backends."""
+    out: dict[str, tuple[str, str]] = {}
+    for k in registry.kinds().values():
+        out[k.marker] = (k.kind, k.description)
+        out.update({f"testbed_{label}": (label, what) for label, what in k.labels.items()})
+    return out
+
+
 DEFAULT_VM_CONFIG = "vm_configs/reference-linux.yaml"
 EVIDENCE_KEY = pytest.StashKey[list[tuple[str, str]]]()
 
@@ -63,7 +70,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
-    for name, (kind, what) in KIND_MARKERS.items():
+    for name, (kind, what) in kind_markers().items():
         config.addinivalue_line(
             "markers", f"{name}: needs {what}; skipped elsewhere unless --testbed-require {kind}"
         )
@@ -96,7 +103,14 @@ def _entries(config: pytest.Config) -> list[HostEntry]:
         return load_inventory(inv).hosts
     from testbed.hosts import lookup_entry
 
-    return [lookup_entry(host or "local", Path(inv) if inv else None)]
+    kind = _vm_config_kind(config)
+    return [lookup_entry(host or "local", Path(inv) if inv else None, kind=kind)]
+
+
+def _vm_config_kind(config: pytest.Config) -> str | None:
+    """The backend of --testbed-vm-config: it decides what a bare ``local`` or ssh:// is."""
+    path = Path(_vm_config_path(config))
+    return load_vm_config(path).backend if path.exists() else None
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
@@ -123,15 +137,14 @@ def testbed_host_entry(request: pytest.FixtureRequest) -> HostEntry:
 
 
 def _kind_of(entry: HostEntry) -> set[str]:
-    kinds: set[str] = {str(entry.kind)}
-    if "nested" in entry.labels:
-        kinds.add("nested")
-    return kinds
+    labels = registry.get(entry.kind).labels
+    return {entry.kind} | {label for label in entry.labels if label in labels}
 
 
 @pytest.fixture(autouse=True)
 def _testbed_kind_markers(request: pytest.FixtureRequest) -> None:
-    needed = [KIND_MARKERS[m.name] for m in request.node.iter_markers() if m.name in KIND_MARKERS]
+    markers = kind_markers()
+    needed = [markers[m.name] for m in request.node.iter_markers() if m.name in markers]
     if not needed:
         return
     config = request.config
@@ -155,10 +168,6 @@ def testbed_host(testbed_host_entry: HostEntry, request: pytest.FixtureRequest) 
     from testbed.api import Host
     from testbed.hosts import open_backend
 
-    if testbed_host_entry.kind not in ("qemu", "hyperv"):
-        pytest.skip(
-            f"host {testbed_host_entry.name} is of kind {testbed_host_entry.kind}: no backend in this version"
-        )
     host = Host(testbed_host_entry, open_backend(testbed_host_entry))
     try:
         yield host

@@ -14,7 +14,7 @@ import logging
 import os
 import time
 
-from testbed.paths import runtime_dir
+from testbed.paths import runtime_dir, shared_dir
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +30,9 @@ class GuestSlot:
 
     def try_acquire(self) -> bool:
         d = runtime_dir() / "slots"
-        d.mkdir(exist_ok=True)
+        shared_dir(d)
         for i in range(max_guests()):
-            fd = os.open(d / f"slot-{i}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            fd = _open_lock(d / f"slot-{i}.lock")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -56,3 +56,16 @@ class GuestSlot:
         if self.fd is not None:
             os.close(self.fd)  # closing the file drops the flock
             self.fd = None
+
+
+def _open_lock(path: os.PathLike[str]) -> int:
+    """A slot's lock file, opened read-only (flock needs no more), so another user's
+    file (0644 under the usual umask) opens too; created only when absent, because
+    fs.protected_regular refuses O_CREAT on someone else's file in a sticky folder."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        try:
+            return os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except FileExistsError:  # another process made it just now
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)

@@ -21,11 +21,35 @@ from typing import Any
 
 from testbed.backends.base import RacePlan
 from testbed.backends.qemu.backend import QemuBackend, QemuVm
+from testbed.backends.qemu.evidence import guest_time_us
 from testbed.config import VmConfig
-from testbed.engine.verdict import guest_time_us
 
 SERVICE_MS = 5.0  # where the emulated race's Stopwatch is when servicing is requested
 INVALID_STATE = 32775
+COM3_MIN_BUILD = 27653  # the additional-COM-ports code path (petri's check)
+
+
+@dataclass(frozen=True)
+class HostProfile:
+    """What differs between the Windows hosts testbed meets, for the rules the emulated
+    host enforces (execution policy, COM3)."""
+
+    name: str
+    build: int
+    edition: str  # client | server
+    execution_policy: str  # the machine default: Restricted on client SKUs
+    additional_com_ports: bool = False  # EnableAdditionalComPorts = 1 (where the build has it)
+
+
+PROFILES = {
+    p.name: p
+    for p in (
+        HostProfile("win11-24h2", 26100, "client", "Restricted"),
+        HostProfile("win11-25h2", 26200, "client", "Restricted"),
+        HostProfile("server-2025", 26100, "server", "RemoteSigned"),
+        HostProfile("win11-26h1", 28000, "client", "Restricted", additional_com_ports=True),
+    )
+}
 
 
 @dataclass
@@ -51,11 +75,12 @@ class HvVm:
 
 
 class EmulatedHyperV:
-    def __init__(self, lab_cfg: VmConfig, strategy: str = "none", *, build: int = 26100,
+    def __init__(self, lab_cfg: VmConfig, strategy: str = "none", *, profile: HostProfile = PROFILES["server-2025"],
                  files: dict[str, bytes] | None = None) -> None:  # fmt: skip
         self.lab_cfg = lab_cfg
         self.strategy = strategy
-        self.build = build
+        self.profile = profile
+        self.build = profile.build
         self.allow_firmware = True
         self.hyperv_enabled = True
         self.files: dict[str, bytes] = files if files is not None else {}
@@ -92,10 +117,12 @@ class EmulatedHyperV:
     # ---- the module's functions --------------------------------------------------------
     def preflight(self) -> dict[str, Any]:
         return {
-            "Build": self.build, "Edition": "server", "HyperV": self.hyperv_enabled,
+            "Build": self.build, "Edition": self.profile.edition, "HyperV": self.hyperv_enabled,
             "HyperVFix": "Install-WindowsFeature -Name Hyper-V -IncludeManagementTools -Restart",
             "AllowFirmwareLoadFromFile": self.allow_firmware, "FreeMemoryMB": 30000,
-            "OpenHclSupported": self.build >= 26100, "Com3Supported": self.build > 26100, "PowerShell": "5.1",
+            "OpenHclSupported": self.build >= 26100, "PowerShell": "5.1",
+            "Com3Build": self.build >= COM3_MIN_BUILD, "Com3Key": self.profile.additional_com_ports,
+            "Com3Supported": self.build >= COM3_MIN_BUILD and self.profile.additional_com_ports,
         }  # fmt: skip
 
     def artifact(self, Sha256: str, FileName: str, CacheDir: str, Url: str = "", SharePath: str = "") -> Any:  # noqa: N803
@@ -121,6 +148,12 @@ class EmulatedHyperV:
         for p in (IgvmPath, VhdPath):
             if p not in self.files:
                 raise RuntimeError(f"New-VM : Cannot find path '{p}' because it does not exist.")
+        if Com3Pipe and not (self.build >= COM3_MIN_BUILD and self.profile.additional_com_ports):
+            # Set-VMComPort's [ValidateRange(1, 2)], unless the build has the additional
+            # COM ports code path and EnableAdditionalComPorts = 1.
+            raise RuntimeError("Set-VMComPort : Cannot validate argument on parameter 'Number'. The 3 argument is "
+                               "greater than the maximum allowed range of 2. Supply an argument that is less than "
+                               "or equal to 2 and then try the command again.")  # fmt: skip
         vm_id = str(uuid.uuid4())
         lab = self.lab.provision(self.lab_cfg, self.strategy)
         with self._lock:
@@ -167,7 +200,7 @@ class EmulatedHyperV:
         lab_shutdown = Shutdown and ic == "OK"
         plan = RacePlan(len(self.races), OffsetMs, lab_service, lab_shutdown,
                         "after-ready" if AfterReady else "offset")  # fmt: skip
-        res = self.lab.race(v.lab, plan, GraceMs)
+        res = self.lab.race(v.lab, plan, GraceMs).raw
         t0 = res.get("t0_ns") or res.get("end_ns", 0)
 
         def ms(t_ns: float) -> float:

@@ -46,6 +46,55 @@ ACT = {
 }
 CMD_LIMIT = 8191
 B64 = re.compile(r"FromBase64String\('([A-Za-z0-9+/=]*)'\)")
+POLICY = re.compile(r"-executionpolicy\s+(\S+)", re.I)
+# .NET Framework 4.x: the assembly each namespace's types live in (what Add-Type must
+# reference). Windows PowerShell 5.1's Add-Type references only these by default.
+NAMESPACE_ASSEMBLY = {
+    "System": "System", "System.Collections": "mscorlib", "System.Collections.Generic": "mscorlib",
+    "System.Diagnostics": "System", "System.IO": "mscorlib", "System.IO.Pipes": "System.Core",
+    "System.Linq": "System.Core", "System.Text": "mscorlib", "System.Threading": "mscorlib",
+    "System.Threading.Tasks": "mscorlib", "System.Runtime.InteropServices": "mscorlib",
+    "System.Management": "System.Management", "System.Net.Http": "System.Net.Http",
+    "System.Xml.Linq": "System.Xml.Linq", "System.Management.Automation": "System.Management.Automation",
+}  # fmt: skip
+ADD_TYPE_DEFAULT = {"mscorlib", "System", "System.Management.Automation"}
+
+
+def parse_errors(script: str) -> list[str]:
+    """What PowerShell's parser would refuse (tree-sitter-powershell's grammar)."""
+    import tree_sitter as ts
+    import tree_sitter_powershell as tsp
+
+    tree = ts.Parser(ts.Language(tsp.language())).parse(script.encode())
+    out: list[str] = []
+
+    def walk(n: Any) -> None:
+        if n.type == "ERROR" or n.is_missing:
+            out.append(f"line {n.start_point[0] + 1}: {script.encode()[n.start_byte : n.end_byte][:60]!r}")
+        for c in n.children:
+            walk(c)
+
+    if tree.root_node.has_error:
+        walk(tree.root_node)
+    return out or (["the script does not parse"] if tree.root_node.has_error else [])
+
+
+def add_type_problems(source: str) -> list[str]:
+    """Add-Type calls whose C# ``using`` lines need an assembly they do not reference:
+    CS0234 on .NET Framework, as Windows PowerShell 5.1 would report it."""
+    problems = []
+    for m in re.finditer(r"Add-Type(?P<args>[^@]*)-TypeDefinition\s+@'\n(?P<cs>.*?)\n'@", source, re.S):
+        refs = set(ADD_TYPE_DEFAULT)
+        r = re.search(r"-ReferencedAssemblies\s+([\w., ]+?)(?:\s+-|$)", m.group("args"))
+        if r:
+            refs |= {x.strip() for x in r.group(1).split(",")}
+        for ns in re.findall(r"^using\s+([\w.]+)\s*;", m.group("cs"), re.M):
+            need = NAMESPACE_ASSEMBLY.get(ns)
+            if need and need not in refs:
+                outer, _, last = ns.rpartition(".")
+                problems.append(f"error CS0234: The type or namespace name '{last}' does not exist in the namespace "
+                                f"'{outer}' (are you missing an assembly reference?)")  # fmt: skip
+    return problems
 
 
 def clixml_error(message: str) -> str:
@@ -86,10 +135,16 @@ class EmulatedHost:
     )  # name -> user, password, host
     scripts_seen: list[str] = field(default_factory=list)
     stdin_uploads: int = 0
+    execution_policy: str = "RemoteSigned"  # the machine's (a client SKU: Restricted)
+    compiles_add_type: set[str] = field(default_factory=lambda: {"Invoke-TestbedRace"})  # who calls Add-Type
 
-    def powershell(self, script: str, stdin: bytes = b"") -> tuple[int, str, str]:
-        """(exit code, stdout, stderr) of one of testbed's fixed scripts, with its stdin."""
+    def powershell(self, script: str, stdin: bytes = b"", policy: str | None = None) -> tuple[int, str, str]:
+        """(exit code, stdout, stderr) of one of testbed's fixed scripts, with its stdin;
+        ``policy`` is the process's -ExecutionPolicy, when the command line gave one."""
         self.scripts_seen.append(script)
+        bad = parse_errors(script)
+        if bad:  # as powershell.exe: a ParserError before anything runs
+            return 1, "", clixml_error("ParserError: " + "; ".join(bad))
         m = B64.search(script)
         if not m:
             return 1, "", clixml_error(f"stand-in: unrecognised script: {script[:80]!r}")
@@ -100,8 +155,17 @@ class EmulatedHost:
                 return 1, "", clixml_error(f"Invoke-Command : The virtual machine {a['vm']} is not running.")
             if (a["user"], a["password"]) != target[:2]:
                 return 1, "", clixml_error("Invoke-Command : The credential is invalid.")
-            return target[2].powershell(a["script"])
+            return target[2].powershell(a["script"])  # a remote session: L1's own machine policy
         if "Import-Module -Force $a.module" in script:
+            if (
+                "Set-ExecutionPolicy -Scope Process -ExecutionPolicy Bypass"
+                in script.split("Import-Module")[0]
+            ):
+                policy = "Bypass"
+            if (policy or self.execution_policy).lower() in ("restricted", "allsigned"):
+                return 1, "", clixml_error(
+                    f"Import-Module : File {a['module']} cannot be loaded because running scripts is disabled on "
+                    "this system. For more information, see about_Execution_Policies.")  # fmt: skip
             if a["module"] not in self.files:
                 return (
                     1,
@@ -115,6 +179,12 @@ class EmulatedHost:
                     "",
                     clixml_error(f"The term '{a['function']}' is not recognized as a name of a cmdlet"),
                 )
+            if a["function"] in self.compiles_add_type and (
+                a["params"].get("Com1Pipe") or a["params"].get("Com3Pipe")
+            ):
+                problems = add_type_problems(self.files[a["module"]].decode(errors="replace"))
+                if problems:
+                    return 1, "", clixml_error("Add-Type : " + " ".join(problems))
             self.calls.append((a["function"], a["params"]))
             try:
                 return 0, ps51_json(fn(**a["params"])), ""
@@ -175,6 +245,7 @@ class StandIn:
         self.encrypted_requests = 0
         self.command_fn: dict[str, str] = {}
         self.pending: dict[str, tuple[str, bytearray]] = {}  # commands waiting for their stdin
+        self.policies: dict[str, str | None] = {}  # each command's -ExecutionPolicy
         self.sends = 0
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         if tls is not None:
@@ -326,10 +397,12 @@ class StandIn:
                     )
                 else:
                     script = base64.b64decode(m.group(1)).decode("utf-16-le")
+                    pm = POLICY.search(line)
+                    self.policies[cid] = pm.group(1) if pm else None
                     if "process {" in script:  # reads stdin: runs when the last Send arrives
                         self.pending[cid] = (script, bytearray())
                     else:
-                        self.commands[cid] = self.host.powershell(script)
+                        self.commands[cid] = self.host.powershell(script, policy=self.policies[cid])
                     m = B64.search(script)
                     if m:
                         self.command_fn[cid] = json.loads(base64.b64decode(m.group(1))).get("function", "")
@@ -361,7 +434,7 @@ class StandIn:
             self.pending[cid][1].extend(base64.b64decode(stream.text or ""))
             if stream.get("End") == "true":
                 script, data = self.pending.pop(cid)
-                self.commands[cid] = self.host.powershell(script, bytes(data))
+                self.commands[cid] = self.host.powershell(script, bytes(data), self.policies.get(cid))
             return 200, self.envelope(msg_id, "<rsp:SendResponse/>")
         if action == "signal":
             return 200, self.envelope(msg_id, "<rsp:SignalResponse/>")
@@ -395,10 +468,11 @@ low = [a.lower() for a in args]
 if "-encodedcommand" not in low:
     sys.stderr.write("fake powershell: only -EncodedCommand\\n"); sys.exit(1)
 script = base64.b64decode(args[low.index("-encodedcommand") + 1]).decode("utf-16-le")
+policy = args[low.index("-executionpolicy") + 1] if "-executionpolicy" in low else None
 s = socket.socket(socket.AF_UNIX)
 s.connect({sock!r})
 stdin = base64.b64encode(sys.stdin.buffer.read()).decode()
-s.sendall(json.dumps({{"script": script, "stdin": stdin}}).encode() + b"\\n")
+s.sendall(json.dumps({{"script": script, "stdin": stdin, "policy": policy}}).encode() + b"\\n")
 r = json.loads(s.makefile().readline())
 sys.stdout.write(r["stdout"]); sys.stderr.write(r["stderr"]); sys.exit(r["rc"])
 """
@@ -416,7 +490,9 @@ def serve_unix(host: EmulatedHost, directory: str) -> Iterator[str]:
     class H(socketserver.StreamRequestHandler):
         def handle(self) -> None:
             req = json.loads(self.rfile.readline())
-            rc, out, err = host.powershell(req["script"], base64.b64decode(req.get("stdin", "")))
+            rc, out, err = host.powershell(
+                req["script"], base64.b64decode(req.get("stdin", "")), req.get("policy")
+            )
             self.wfile.write(json.dumps({"rc": rc, "stdout": out, "stderr": err}).encode() + b"\n")
 
     server = socketserver.ThreadingUnixStreamServer(sock, H)

@@ -1,517 +1,31 @@
-"""The host agent: everything that must run next to QEMU, behind JSON lines on stdin/stdout.
+"""The QEMU host agent: everything that must run next to QEMU, behind JSON lines
+on stdin/stdout (``testbed.agent.rpc``).
 
-It launches QEMU (own process group, lease file, SIGKILL if the agent dies),
-owns QMP and the virtio-serial chardev sockets, runs the lab relay, fires the
-race with a monotonic clock, and returns host timestamps.  When its stdin
-closes (the testbed process died, or an SSH channel dropped) it destroys its
-QEMU: the dead-man switch.
+It launches QEMU and owns QMP and the chardev sockets (``testbed.agent.qemu``),
+runs the lab relay, fires the race with a monotonic clock and returns host
+timestamps (``Race`` below), and answers the host's preflight
+(``testbed.agent.preflight``).  When its stdin closes (the testbed process died,
+or an SSH channel dropped) it destroys its QEMU: the dead-man switch.
 
-Protocol: one request per line ``{"id": N, "op": "...", ...}``; one reply per
-request ``{"id": N, "ok": true, "result": {...}}`` or ``{"id": N, "ok": false,
-"error": "...", "kind": "..."}``.  Requests are handled one at a time.
-
-Dependencies: stdlib, qemu.qmp, and the stdlib-only testbed.lab.relay and
-testbed.leases, so the agent can ship as a zipapp to a host with only Python 3.
+Dependencies: stdlib, qemu.qmp, and stdlib-only testbed modules, so the agent
+ships as a zipapp (``testbed.agent.bundle``) to a host with only Python 3.9+.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
-import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
-import traceback
-from pathlib import Path
 from typing import Any
 
-from qemu.qmp import QMPClient
-
-from testbed import leases
-from testbed.lab.relay import Relay
-from testbed.paths import cache_dir, runtime_dir
-from testbed.slots import GuestSlot
-
-PR_SET_PDEATHSIG = 1
-SPIN_NS = 2_000_000  # sleep until 2 ms before a target, then spin
+from testbed.agent import rpc
+from testbed.agent.preflight import HostInfo
+from testbed.agent.qemu import QemuLifecycle
+from testbed.agent.timing import sleep_until_ns, wait_for
 
 
-class AgentError(Exception):
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: QEMU gets SIGKILL when the agent dies, however it dies."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def qemu_argv(spec: dict[str, Any], workdir: Path) -> list[str]:
-    """The QEMU command line for a lab VM. Every guest runs with -no-reboot and
-    panic=shutdown, so a triple fault or panic ends the VM instead of rebooting."""
-    accel = spec["accel"]
-    argv = [
-        spec.get("qemu") or os.environ.get("TESTBED_QEMU_BINARY", "qemu-system-x86_64"),
-        "-machine",
-        spec["machine"],
-        "-accel",
-        accel,
-        "-m",
-        str(spec["memory_mib"]),
-        "-smp",
-        str(spec["cpus"]),
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-no-reboot",
-        "-action",
-        "panic=shutdown",
-        "-kernel",
-        spec["kernel"],
-        "-initrd",
-        spec["initrd"],
-        "-append",
-        spec["cmdline"],
-        "-chardev",
-        f"file,id=ser0,path={workdir / 'serial.log'}",
-        "-serial",
-        "chardev:ser0",
-        "-qmp",
-        f"unix:{workdir / 'qmp.sock'},server=on,wait=off",
-        "-device",
-        "virtio-serial-pci,id=vser0",
-        "-device",
-        "pvpanic",
-    ]
-    if accel == "kvm":
-        argv += ["-cpu", "host"]
-    for port in ("vmbus", "get"):
-        argv += [
-            "-chardev",
-            f"socket,id={port},path={workdir / (port + '.sock')},server=on,wait=off",
-            "-device",
-            f"virtserialport,bus=vser0.0,chardev={port},name={port},id=port-{port}",
-        ]
-    if spec.get("incoming"):
-        argv += ["-incoming", f"exec:cat {spec['incoming']}"]
-    return argv
-
-
-class LineSocket:
-    """A connected chardev socket: raw non-blocking send, line-split receive."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, path: Path, on_line: Any) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(str(path))
-        self.sock.setblocking(False)
-        self.buf = b""
-        self.on_line = on_line
-        self.loop = loop
-        self.closed = False
-        loop.add_reader(self.sock.fileno(), self._readable)
-
-    def _readable(self) -> None:
-        try:
-            data = self.sock.recv(65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self.close()
-            return
-        self.buf += data
-        while b"\n" in self.buf:
-            line, self.buf = self.buf.split(b"\n", 1)
-            self.on_line(line.decode(errors="replace"))
-
-    def send(self, line: str) -> None:
-        """Send a line; a peer that went away (QEMU exited) closes the socket
-        instead of raising, and the caller sees the VM's end in its events."""
-        if self.closed:
-            return
-        try:
-            self.sock.sendall((line + "\n").encode())
-        except OSError:
-            self.close()
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            with contextlib.suppress(Exception):
-                self.loop.remove_reader(self.sock.fileno())
-            self.sock.close()
-
-
-class Vm:
-    """One QEMU and everything attached to it."""
-
-    def __init__(self, name: str, workdir: Path, lease_dir: Path) -> None:
-        self.name = name
-        self.workdir = workdir
-        self.lease_dir = lease_dir
-        self.proc: asyncio.subprocess.Process | None = None
-        self.qemu_start: int | None = None
-        self.qmp = QMPClient(name)
-        self.events: list[dict[str, Any]] = []
-        self.shutdown: asyncio.Future[dict[str, Any]] | None = None
-        self.relay: Relay | None = None
-        self.ports: dict[str, LineSocket] = {}
-        self.event_task: asyncio.Task[None] | None = None
-        self.exit_task: asyncio.Task[None] | None = None
-        self.lease_path: Path | None = None
-        self.uname: asyncio.Future[str] | None = None
-        self.slot: GuestSlot | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-
-class Agent:
-    def __init__(self) -> None:
-        self.vms: dict[str, Vm] = {}
-        self.loop = asyncio.get_event_loop()
-
-    # ---- plumbing --------------------------------------------------------
-    def reply(self, msg: dict[str, Any]) -> None:
-        sys.stdout.write(json.dumps(msg) + "\n")
-        sys.stdout.flush()
-
-    async def serve(self) -> None:
-        reader = asyncio.StreamReader(limit=1 << 24)
-        await self.loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        eof = asyncio.Event()
-
-        async def read_stdin() -> None:
-            while True:
-                line = await reader.readline()
-                if not line:
-                    eof.set()
-                    return
-                try:
-                    await queue.put(json.loads(line))
-                except ValueError:
-                    self.reply({"id": None, "ok": False, "kind": "protocol", "error": "bad json"})
-
-        stdin_task = asyncio.create_task(read_stdin())
-        eof_wait = asyncio.create_task(eof.wait())
-        try:
-            while True:
-                get = asyncio.create_task(queue.get())
-                done, _ = await asyncio.wait({get, eof_wait}, return_when=asyncio.FIRST_COMPLETED)
-                if get not in done:
-                    get.cancel()
-                    break  # dead-man switch: our owner is gone
-                current = asyncio.create_task(self.handle(get.result()))
-                # Watch stdin while the request runs, so EOF aborts a long wait.
-                done, _ = await asyncio.wait({current, eof_wait}, return_when=asyncio.FIRST_COMPLETED)
-                if current not in done:
-                    current.cancel()
-                    break
-        finally:
-            stdin_task.cancel()
-            for vm in list(self.vms.values()):
-                await self.destroy_vm(vm)
-
-    async def handle(self, req: dict[str, Any]) -> None:
-        rid = req.get("id")
-        op = req.get("op", "")
-        fn = getattr(self, f"op_{op}", None)
-        if fn is None:
-            self.reply({"id": rid, "ok": False, "kind": "protocol", "error": f"unknown op {op!r}"})
-            return
-        try:
-            result = await fn(**req.get("args", {}))
-            self.reply({"id": rid, "ok": True, "result": result})
-        except AgentError as e:
-            self.reply({"id": rid, "ok": False, "kind": e.kind, "error": str(e)})
-        except Exception as e:  # reported, never swallowed
-            self.reply(
-                {
-                    "id": rid,
-                    "ok": False,
-                    "kind": "internal",
-                    "error": f"{type(e).__name__}: {e}",
-                    "trace": traceback.format_exc(),
-                }
-            )
-
-    def vm(self, name: str) -> Vm:
-        if name not in self.vms:
-            raise AgentError("no-such-vm", f"no VM named {name!r} in this agent")
-        return self.vms[name]
-
-    # ---- ops ---------------------------------------------------------------
-    async def op_hello(self) -> dict[str, Any]:
-        """Who and where: the host's own cache and runtime dirs (paths on the host)."""
-        return {
-            "pid": os.getpid(),
-            "python": sys.version.split()[0],
-            "clock_ns": time.monotonic_ns(),
-            "cache_dir": str(cache_dir()),
-            "runtime_dir": str(runtime_dir()),
-            "hostname": os.uname().nodename,
-        }
-
-    async def op_exists(self, path: str) -> dict[str, Any]:
-        p = Path(path)
-        return {"exists": p.exists(), "size": p.stat().st_size if p.exists() else None}
-
-    async def op_gc(self) -> dict[str, Any]:
-        """Reap leases on this host whose owner is gone (``testbed gc --host``)."""
-        return {"actions": leases.gc(runtime_dir() / "leases")}
-
-    async def op_preflight(self, qemu: str = "qemu-system-x86_64") -> dict[str, Any]:
-        """Host-side facts for ``testbed host check``: each missing thing is named."""
-        checks = []
-        qv = await self.op_qemu_version(qemu) if shutil.which(qemu) else {"version": ""}
-        checks.append(
-            _check(
-                "qemu",
-                bool(qv["version"]),
-                qv["version"] or f"{qemu} not found",
-                "apt-get install qemu-system-x86",
-            )
-        )
-        kvm = Path("/dev/kvm")
-        usable = kvm.exists() and os.access(kvm, os.R_OK | os.W_OK)
-        state = "read/write" if usable else ("no access" if kvm.exists() else "absent")
-        checks.append(
-            _check(
-                "/dev/kvm",
-                True,
-                f"{state} (TCG works regardless; the KVM probe decides)",
-                "add the user to group kvm" if kvm.exists() and not usable else "",
-            )
-        )
-        free = shutil.disk_usage(cache_dir()).free
-        checks.append(
-            _check(
-                "disk",
-                free > 2 << 30,
-                f"{free / 2**30:.1f} GiB free in {cache_dir()}",
-                "free at least 2 GiB in the testbed cache dir",
-            )
-        )
-        rt = runtime_dir()
-        checks.append(_check("runtime dir", os.access(rt, os.W_OK), str(rt), f"make {rt} writable"))
-        checks.append(
-            _check("python", sys.version_info >= (3, 9), sys.version.split()[0], "install python3 >= 3.9")
-        )
-        return {"checks": checks}
-
-    async def op_clock(self) -> dict[str, Any]:
-        return {"clock_ns": time.monotonic_ns()}
-
-    async def op_qemu_version(self, qemu: str = "qemu-system-x86_64") -> dict[str, Any]:
-        try:
-            out = subprocess.run([qemu, "--version"], capture_output=True, text=True, timeout=20)
-        except FileNotFoundError:
-            raise AgentError("qemu-missing", f"{qemu} not found") from None
-        return {"version": out.stdout.splitlines()[0] if out.stdout else ""}
-
-    async def op_launch(
-        self, name: str, workdir: str, lease_dir: str, spec: dict[str, Any], owner_pid: int
-    ) -> dict[str, Any]:
-        if name in self.vms:
-            raise AgentError("exists", f"VM {name!r} already running in this agent")
-        wd = Path(workdir)
-        wd.mkdir(parents=True, exist_ok=True)
-        vm = Vm(name, wd, Path(lease_dir))
-        # The machine-wide guest limit is the host's: wait here for a slot.
-        slot = GuestSlot()
-        while not slot.try_acquire():
-            await asyncio.sleep(0.1)
-        vm.slot = slot
-        argv = qemu_argv(spec, wd)
-        (wd / "qemu.argv.json").write_text(json.dumps(argv))
-        stderr = (wd / "qemu.stderr").open("wb")
-        try:
-            vm.proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=subprocess.DEVNULL,
-                stdout=stderr,
-                stderr=stderr,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-            )
-        except FileNotFoundError:
-            raise AgentError(
-                "qemu-missing", f"{argv[0]} not found: apt-get install qemu-system-x86"
-            ) from None
-        finally:
-            stderr.close()
-        vm.qemu_start = leases.start_time(vm.pid)
-        owner = owner_pid or os.getpid()  # 0: a remote owner; the agent stands for it
-        vm.lease_path = leases.write(
-            vm.lease_dir,
-            leases.Lease(name, vm.pid, vm.qemu_start, owner, leases.start_time(owner), str(wd), time.time()),
-        )
-        self.vms[name] = vm
-        vm.shutdown = self.loop.create_future()
-        # QMP and the chardev sockets appear once QEMU has parsed its arguments.
-        deadline = time.monotonic() + 20
-        while True:
-            await asyncio.sleep(0)  # let the child watcher record an early exit
-            if vm.proc.returncode is not None:
-                err = (wd / "qemu.stderr").read_text(errors="replace")[-2000:]
-                await self.destroy_vm(vm)
-                raise AgentError("qemu-failed", f"QEMU exited at start: {err.strip()}")
-            if all((wd / f"{p}.sock").exists() for p in ("qmp", "vmbus", "get")):
-                try:
-                    await vm.qmp.connect(str(wd / "qmp.sock"))
-                    break
-                except Exception:
-                    pass
-            if time.monotonic() > deadline:
-                await self.destroy_vm(vm)
-                raise AgentError("qemu-failed", "QMP socket did not come up in 20 s")
-            await asyncio.sleep(0.01)
-        vm.event_task = asyncio.create_task(self._events(vm))
-        relay = Relay(
-            send_vmbus=lambda s: vm.ports["vmbus"].send(s),
-            send_get=lambda s: vm.ports["get"].send(s),
-            strategy=spec.get("strategy", "none"),
-        )
-        vm.relay = relay
-        vm.ports["vmbus"] = LineSocket(self.loop, wd / "vmbus.sock", relay.on_vmbus)
-        vm.ports["get"] = LineSocket(self.loop, wd / "get.sock", lambda line: self._on_get(vm, line))
-        vm.exit_task = asyncio.create_task(self._watch_exit(vm))  # keep a reference: tasks are weakly held
-        return {"pid": vm.pid, "argv": argv}
-
-    def _on_get(self, vm: Vm, line: str) -> None:
-        if line.startswith("UNAME") and vm.uname is not None and not vm.uname.done():
-            vm.uname.set_result(line)
-        assert vm.relay is not None
-        vm.relay.on_get(line)
-
-    async def _events(self, vm: Vm) -> None:
-        with contextlib.suppress(Exception):
-            async for ev in vm.qmp.events:
-                entry = {
-                    "t_ns": time.monotonic_ns(),
-                    "event": ev["event"],
-                    "data": ev.get("data", {}),
-                }
-                vm.events.append(entry)
-                raw = ev.get("data")
-                data: dict[str, Any] = dict(raw) if isinstance(raw, dict) else {}
-                if ev["event"] == "VSERPORT_CHANGE" and vm.relay is not None:
-                    port = str(data.get("id", "")).removeprefix("port-")
-                    vm.relay.on_port_change(port, bool(data.get("open")))
-                if ev["event"] == "SHUTDOWN" and vm.shutdown and not vm.shutdown.done():
-                    vm.shutdown.set_result(entry)
-
-    async def _watch_exit(self, vm: Vm) -> None:
-        assert vm.proc is not None
-        rc = await vm.proc.wait()
-        vm.events.append({"t_ns": time.monotonic_ns(), "event": "QEMU_EXIT", "data": {"rc": rc}})
-        if vm.shutdown and not vm.shutdown.done():
-            vm.shutdown.set_result(vm.events[-1])
-
-    def _serial_lines(self, vm: Vm) -> list[str]:
-        try:
-            text = (vm.workdir / "serial.log").read_text(errors="replace")
-        except OSError:
-            return []
-        return [ln.strip() for ln in text.splitlines() if ln.strip()]
-
-    async def op_wait_ready(self, name: str, timeout_s: float, incoming: bool = False) -> dict[str, Any]:
-        """Cold boot: wait for the READY marker on serial. Restore: wait for the
-        migration, then continue. Both: renegotiate with the paravisor (SYNC)
-        and wait until the shutdown IC is offered."""
-        vm = self.vm(name)
-        assert vm.relay is not None
-        t_start = time.monotonic()
-        timeout = timeout_s
-        end = t_start + timeout
-        if incoming:
-            while True:
-                st = await _migrate_status(vm)
-                if st.get("status") == "completed":
-                    break
-                if st.get("status") == "failed" or time.monotonic() > end:
-                    raise AgentError("restore-failed", f"incoming migration: {st}")
-                await asyncio.sleep(0.01)
-            await vm.qmp.execute("cont")
-        else:
-            # Tail the serial log (read only what is new) for the READY marker.
-            seen = b""
-            with (vm.workdir / "serial.log").open("rb") as ser:
-                while b"TB t=" not in seen or b" READY" not in seen:
-                    seen = seen[-64:] + ser.read()
-                    if vm.shutdown and vm.shutdown.done():
-                        raise AgentError("guest-died", f"VM ended before READY: {vm.shutdown.result()}")
-                    if time.monotonic() > end:
-                        raise AgentError("boot-timeout", f"no READY marker on serial after {timeout:.0f} s")
-                    await asyncio.sleep(0.003)
-        t_marker = time.monotonic()
-        vm.relay.sync()
-        while vm.relay.ic != "ready":
-            if time.monotonic() > end:
-                raise AgentError("boot-timeout", f"shutdown IC not offered (ic={vm.relay.ic})")
-            await asyncio.sleep(0.005)
-        return {
-            "seconds": time.monotonic() - t_start,
-            "marker_s": t_marker - t_start,
-            "guest_image": vm.relay.guest_image,
-            "features": sorted(vm.relay.features),
-        }
-
-    async def op_uname(self, name: str, timeout_s: float = 10) -> dict[str, Any]:
-        vm = self.vm(name)
-        vm.uname = self.loop.create_future()
-        vm.ports["get"].send("UNAME")
-        try:
-            line = await asyncio.wait_for(vm.uname, timeout_s)
-        except TimeoutError:
-            raise AgentError("guest-timeout", "no UNAME reply from the guest") from None
-        return {"line": line, **dict(t.split("=", 1) for t in line.split()[1:] if "=" in t)}
-
-    async def op_powerdown(self, name: str) -> dict[str, Any]:
-        """ACPI power button (the host-initiated poweroff, not the shutdown IC)."""
-        await self.vm(name).qmp.execute("system_powerdown")
-        return {}
-
-    async def op_wait_outcome(self, name: str, timeout_s: float) -> dict[str, Any]:
-        vm = self.vm(name)
-        assert vm.shutdown is not None
-        try:
-            ev = await asyncio.wait_for(asyncio.shield(vm.shutdown), timeout_s)
-        except TimeoutError:
-            return {"ended": False, "reason": None, "serial": self._serial_lines(vm)}
-        reason = ev["data"].get("reason") if ev["event"] == "SHUTDOWN" else "qemu-exit"
-        return {"ended": True, "reason": reason, "event": ev, "serial": self._serial_lines(vm)}
-
-    async def op_snapshot(self, name: str, path: str) -> dict[str, Any]:
-        """Save the running VM (at READY) to ``path``; the VM stays paused."""
-        vm = self.vm(name)
-        t = time.monotonic()
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        await vm.qmp.execute("stop")
-        tmp = path + ".part"
-        await vm.qmp.execute("migrate", {"uri": f"exec:cat > {tmp}"})
-        while True:
-            st = await _migrate_status(vm)
-            if st.get("status") == "completed":
-                break
-            if st.get("status") in ("failed", "cancelled"):
-                raise AgentError("snapshot-failed", f"migration: {st}")
-            await asyncio.sleep(0.02)
-        os.replace(tmp, path)
-        return {"seconds": time.monotonic() - t, "bytes": os.path.getsize(path)}
+class Race(QemuLifecycle):
+    """The race: servicing at t = 0 and the shutdown at the planned offset, both
+    fired here, then the VM's fate and the evidence."""
 
     async def op_race(
         self,
@@ -543,19 +57,11 @@ class Agent:
             out["decision"] = decision
             out["ic_at_fire"] = relay.ic if decision != "rejected" else relay.log[-1].get("ic")
 
-        async def at(target_ns: int) -> None:
-            """Sleep until ~2 ms before the target (so the TCG vCPU keeps its
-            core), then spin on the monotonic clock."""
-            while (left := target_ns - time.monotonic_ns()) > SPIN_NS:
-                await asyncio.sleep((left - SPIN_NS) / 1e9)
-            while time.monotonic_ns() < target_ns:
-                pass
-
         t_begin = time.monotonic_ns()
         if service is not None:
             if offset_ns is not None and offset_ns < 0:
                 fire()
-                await at(out["fire_ns"] - offset_ns)
+                await sleep_until_ns(out["fire_ns"] - offset_ns)
             if vm.shutdown.done():
                 # The shutdown fired first already ended the VM: nothing to service.
                 out["servicing_skipped"] = "the VM ended before the servicing request was due"
@@ -564,7 +70,7 @@ class Agent:
                 t0 = relay.start_servicing(int(service["id"]), service["image"], service["knobs"])
                 out["t0_ns"] = t0
                 if offset_ns is not None and offset_ns >= 0:
-                    await at(t0 + offset_ns)
+                    await sleep_until_ns(t0 + offset_ns)
                     fire()
         elif shutdown is not None and offset_ns is not None:
             out["t0_ns"] = t_begin
@@ -587,10 +93,7 @@ class Agent:
             out["t0_ns"] = out.get("t0_ns", t_begin)
             fire()
         # Grace: enough for a delivered message to power the guest off.
-        try:
-            await asyncio.wait_for(asyncio.shield(vm.shutdown), grace_ms / 1000)
-        except TimeoutError:
-            pass
+        await wait_for(vm.shutdown, grace_ms / 1000)
         out["end_ns"] = time.monotonic_ns()
         out["ended"] = vm.shutdown.done()
         out["shutdown"] = vm.shutdown.result() if vm.shutdown.done() else None
@@ -604,127 +107,15 @@ class Agent:
         out["features"] = sorted(relay.features)
         return out
 
-    async def op_destroy(self, name: str, remove_workdir: bool = False) -> dict[str, Any]:
-        vm = self.vms.get(name)
-        res = {"destroyed": False} if vm is None else await self.destroy_vm(vm)
-        if remove_workdir and vm is not None:
-            shutil.rmtree(vm.workdir, ignore_errors=True)
-        return res
 
-    async def destroy_vm(self, vm: Vm) -> dict[str, Any]:
-        """QMP quit, then SIGTERM, then SIGKILL; lease removed only when the process is gone."""
-        how = "already-exited"
-        self.vms.pop(vm.name, None)
-        for p in vm.ports.values():
-            p.close()
-        if vm.proc is not None and vm.proc.returncode is None:
-            how = "quit"
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(vm.qmp.execute("quit"), 1.0)
-            if not await _wait_proc(vm.proc, 2.0):
-                how = "sigterm"
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(vm.proc.pid, signal.SIGTERM)
-                if not await _wait_proc(vm.proc, 2.0):
-                    how = "sigkill"
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(vm.proc.pid, signal.SIGKILL)
-                    await _wait_proc(vm.proc, 5.0)
-        with contextlib.suppress(Exception):
-            await vm.qmp.disconnect()
-        if vm.event_task:
-            vm.event_task.cancel()
-        if vm.lease_path is not None and (vm.proc is None or vm.proc.returncode is not None):
-            vm.lease_path.unlink(missing_ok=True)
-        if vm.slot is not None:
-            vm.slot.release()
-            vm.slot = None
-        return {"destroyed": True, "how": how, "pid": vm.proc.pid if vm.proc else None}
-
-    async def op_probe_kvm(self, spec: dict[str, Any], workdir: str, timeout_s: float) -> dict[str, Any]:
-        """Boot the reference guest once under KVM with a short timeout.
-
-        /dev/kvm existing is not enough: KVM has aborted guests on MSR access
-        and hung at "Booting from ROM" on such machines.  Success means the
-        guest's init printed its first line within ``timeout``.
-        """
-        if not os.path.exists("/dev/kvm"):
-            return {"ok": False, "reason": "/dev/kvm does not exist"}
-        if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-            return {"ok": False, "reason": "/dev/kvm is not readable and writable by this user"}
-        wd = Path(workdir)
-        wd.mkdir(parents=True, exist_ok=True)
-        argv = qemu_argv({**spec, "accel": "kvm"}, wd)
-        t = time.monotonic()
-        timeout = timeout_s
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
-        try:
-            while time.monotonic() - t < timeout:
-                await asyncio.sleep(0)
-                if proc.returncode is not None:
-                    err = (await proc.stderr.read()).decode(errors="replace") if proc.stderr else ""
-                    return {
-                        "ok": False,
-                        "reason": f"QEMU exited ({proc.returncode}): {err.strip()[-300:]}",
-                    }
-                ser = wd / "serial.log"
-                if ser.exists() and "TB init" in ser.read_text(errors="replace"):
-                    return {
-                        "ok": True,
-                        "reason": f"guest reached init in {time.monotonic() - t:.1f} s",
-                    }
-                await asyncio.sleep(0.05)
-            return {
-                "ok": False,
-                "reason": f"guest did not reach init within {timeout:.0f} s (hung)",
-            }
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
-            shutil.rmtree(wd, ignore_errors=True)
-
-
-def _check(name: str, ok: bool, detail: str, fix: str) -> dict[str, Any]:
-    return {"name": name, "ok": ok, "detail": detail, "fix": fix}
-
-
-async def _migrate_status(vm: Vm) -> dict[str, Any]:
-    res = await vm.qmp.execute("query-migrate")
-    return dict(res) if isinstance(res, dict) else {}
-
-
-async def _wait_proc(proc: asyncio.subprocess.Process, timeout: float) -> bool:
-    try:
-        await asyncio.wait_for(proc.wait(), timeout)
-        return True
-    except TimeoutError:
-        return False
+class Agent(Race, HostInfo, rpc.RpcServer):
+    def __init__(self) -> None:
+        rpc.RpcServer.__init__(self)
+        QemuLifecycle.__init__(self)
 
 
 def main() -> None:
-    # A terminal Ctrl-C reaches the whole foreground group; the owner decides
-    # when we stop (by closing our stdin), so ignore SIGINT here.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # SIGTERM: clean up like EOF.
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    agent = Agent()
-    task = loop.create_task(agent.serve())
-    loop.add_signal_handler(signal.SIGTERM, task.cancel)
-    loop.add_signal_handler(signal.SIGHUP, task.cancel)
-    with contextlib.suppress(asyncio.CancelledError):
-        loop.run_until_complete(task)
-    # A cancelled serve() skipped its finally only if cancelled before it began.
-    for vm in list(agent.vms.values()):
-        loop.run_until_complete(agent.destroy_vm(vm))
+    rpc.run(Agent)
 
 
 if __name__ == "__main__":

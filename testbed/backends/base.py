@@ -1,20 +1,36 @@
-"""The Backend interface every host kind implements, and the values it passes around.
+"""The contract between the engine and a backend: the Backend protocol, the typed
+race evidence every backend returns, and the values passed around.
 
 One deliberate change from the first design: the servicing request and the
 shutdown request are fired by one call, ``race``, that runs on the host
-itself (the QEMU host agent, or ``Testbed.psm1`` on Hyper-V).  Timing never
-crosses a transport, and a backend cannot be used in a way that breaks that.
+itself (a host agent next to the hypervisor, or ``Testbed.psm1`` on Hyper-V).
+Timing never crosses a transport, and a backend cannot be used in a way that
+breaks that.
+
+The engine reads only what is typed here.  What a backend alone understands
+(QMP events, Hyper-V event IDs, OpenVMM console lines) goes into
+``RaceEvidence.raw``, is kept in the run folder, and is read back only by that
+backend's own ``classify``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+from testbed.verdicts import Verdict
+
+if TYPE_CHECKING:
+    from testbed.config import VmConfig
 
 
 class InfraError(Exception):
-    """The testbed or the host failed; never a product verdict."""
+    """The testbed or the host failed; never a product verdict.
+
+    Every backend turns the failures of its own machinery (agent, transport,
+    WinRM, console) into this, so the engine catches one type."""
 
 
 @dataclass
@@ -49,16 +65,114 @@ class RacePlan:
     image: str | None = None  # paravisor image to service into (None = same)
 
 
-class Backend(Protocol):
-    """What the engine needs from a host kind (the QEMU backend is the first)."""
+@dataclass
+class TimelineEntry:
+    """One thing that happened, on the host's monotonic clock (ns)."""
 
+    t_ns: int
+    source: str  # "host", "guest", "qmp", "COM1", "console", ...
+    line: str
+
+
+@dataclass
+class RaceEvidence:
+    """What one race left behind, in terms every backend can state.
+
+    All ``*_ns`` values are on one clock: the host's monotonic clock where the
+    race was fired (any epoch; only differences mean something).  ``None``
+    means "not known", never zero.
+    """
+
+    backend: str
+    zero_ns: int | None = None  # t = 0: the servicing request, or the race's start without one
+    service_requested_ns: int | None = None
+    service_started_ns: int | None = None  # as the paravisor reports it, when it does
+    service_done_ns: int | None = None
+    ic_reoffered_ns: int | None = None
+    fire_planned_ns: int | None = None
+    fire_ns: int | None = None
+    ended_ns: int | None = None  # the VM went off
+    ended: bool = False
+    end_reason: str | None = None
+    ic_at_fire: str | None = None
+    decision: str | None = None  # what the host did with the request (posted, held, rejected, ...)
+    message_id: str | None = None  # the shutdown request's id; None when none was fired
+    features: list[str] | None = None  # negotiated preservation features, where there are any
+    guest_anchor: str | None = None  # what marks service_started_ns ("paravisor", "COM3", ...)
+    timeline: list[TimelineEntry] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict)  # the backend's own evidence, for its classify
+    infra_error: str | None = None
+
+    @classmethod
+    def failed(cls, backend: str, message: str) -> RaceEvidence:
+        return cls(backend=backend, infra_error=message)
+
+    # ---- derived numbers: computed here and nowhere else --------------------------
+    @staticmethod
+    def _ms(a: int | None, b: int | None) -> float | None:
+        return (a - b) / 1e6 if a is not None and b is not None else None
+
+    @property
+    def offset_ms(self) -> float | None:
+        """When the shutdown was fired, from the servicing request (host anchor)."""
+        return self._ms(self.fire_ns, self.service_requested_ns)
+
+    @property
+    def guest_offset_ms(self) -> float | None:
+        """When the shutdown was fired, from the paravisor's own servicing start."""
+        return self._ms(self.fire_ns, self.service_started_ns)
+
+    def skew_ms(self, planned_ms: float | None) -> float | None:
+        off = self.offset_ms
+        return off - planned_ms if off is not None and planned_ms is not None else None
+
+    @property
+    def servicing_lag_ms(self) -> float | None:
+        return self._ms(self.service_started_ns, self.service_requested_ns)
+
+    @property
+    def servicing_ms(self) -> float | None:
+        return self._ms(self.service_done_ns, self.service_requested_ns)
+
+    @property
+    def delivery_ms(self) -> float | None:
+        """From the later of the fire and the end of servicing to the VM going off."""
+        if self.ended_ns is None or self.fire_ns is None:
+            return None
+        return (self.ended_ns - max(self.fire_ns, self.service_done_ns or 0)) / 1e6
+
+    def timeline_ms(self) -> list[tuple[float, str]]:
+        """The timeline in ms from t = 0, each line labelled with its source."""
+        if self.zero_ns is None:
+            return []
+        z = self.zero_ns
+        return sorted(((e.t_ns - z) / 1e6, f"{e.source} {e.line}") for e in self.timeline)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class VmHandle(Protocol):
+    """What the engine reads of a provisioned VM."""
+
+    name: str
+    accel: str
+
+    def record(self) -> dict[str, Any]: ...
+
+
+class Backend(Protocol):
+    """What the engine needs from a host kind. Every method may raise InfraError."""
+
+    kind: str
     host: str
 
-    def preflight(self, cfg: Any = None) -> HostReport: ...
+    def preflight(self, cfg: VmConfig | None = None, *, deep: bool = False) -> HostReport: ...
     def provision(self, cfg: Any, strategy: str = "none") -> Any: ...
     def start(self, vm: Any, reset: str = "cold") -> dict[str, Any]: ...
-    def race(self, vm: Any, plan: RacePlan, grace_ms: float) -> dict[str, Any]: ...
-    def collect(self, vm: Any, dest: Path) -> list[Path]: ...
+    def race(self, vm: Any, plan: RacePlan, grace_ms: float) -> RaceEvidence: ...
+    def classify(self, ev: RaceEvidence) -> Verdict: ...
+    def collect(self, vm: Any, dest: Path, *, everything: bool = False) -> list[Path]: ...
     def destroy(self, vm: Any) -> None: ...
     def gc_host(self) -> list[str]: ...
     def close(self) -> None: ...

@@ -8,6 +8,7 @@ starts, so Ctrl-C or a crash loses nothing that finished.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,15 +22,12 @@ from typing import Any
 
 from testbed import __version__
 from testbed.backends.base import Backend, InfraError, RacePlan
-from testbed.backends.qemu.backend import QemuBackend
-from testbed.backends.qemu.client import AgentFailure, AgentLost
-from testbed.config import Case, Playbook, ScheduleSpec, VmConfig, apply_lab_overrides, stable_hash
+from testbed.config import Case, Playbook, ScheduleSpec, VmConfig, stable_hash
 from testbed.engine import schedule as sched
-from testbed.engine.verdict import classify, fire_offsets, guest_time_us
+from testbed.engine.iterate import IterationResult, iterate
+from testbed.engine.policy import finish_run
 from testbed.paths import cache_dir
-from testbed.report import evaluate, exit_code, write_reports
 from testbed.report.jsonl import ResultsWriter, read_results
-from testbed.transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +38,7 @@ DEFAULT_GRACE_MS = 1500.0
 class RunOptions:
     strategy: str | None = None
     iterations: int | None = None
-    offsets: dict[str, Any] | None = None
+    offsets: ScheduleSpec | None = None  # --offsets: its count sets the iterations unless given too
     seed: int | None = None
     out: Path | None = None
     stop_on_loss: bool | None = None
@@ -48,8 +46,9 @@ class RunOptions:
     max_duration_s: float | None = None
     resume: Path | None = None
     reset: str | None = None
-    transport: Transport | None = None  # None: the local host
-    backend: Backend | None = None  # given: used instead of a QEMU backend on ``transport``
+    backend: Backend | None = None  # None: the vm_config's kind on this machine
+    host_spec: str | None = None  # what the user named the host by (URI or inventory name)
+    inventory: Path | None = None
 
 
 @dataclass
@@ -58,6 +57,7 @@ class RunResult:
     summary: dict[str, Any]
     exit_code: int
     records: list[dict[str, Any]] = field(default_factory=list)
+    stopped: str | None = None
 
 
 Progress = Callable[[dict[str, Any]], None]
@@ -78,34 +78,11 @@ def grace_for(pb: Playbook, cfg: VmConfig, accel: str) -> tuple[float, str]:
     p = calibration_path(accel)
     if p.exists():
         cal = json.loads(p.read_text())
-        return max(300.0, 3 * cal["max_delivery_ms"] + cfg.lab.vtl0_shutdown_ms), f"calibrated {p}"
+        return max(300.0, 3 * cal["max_delivery_ms"] + cfg.shutdown_allowance_ms), f"calibrated {p}"
     return (
-        DEFAULT_GRACE_MS + cfg.lab.vtl0_shutdown_ms,
+        DEFAULT_GRACE_MS + cfg.shutdown_allowance_ms,
         "default (run playbooks/baselines.yaml to calibrate)",
     )
-
-
-def _timeline(res: dict[str, Any]) -> list[tuple[float, str]]:
-    """Host log and guest serial on one axis: ms from the servicing request."""
-    if "timeline" in res:  # backends that tell their own (Hyper-V)
-        return [tuple(x) for x in res["timeline"]]
-    t0 = res.get("t0_ns")
-    if t0 is None:
-        return []
-    tl = [
-        ((e["t_ns"] - t0) / 1e6, f"host {e['kind']} {e['port']}: {e['line']}")
-        for e in res.get("host_log", [])
-    ]
-    svc = res.get("svc", {})
-    if "guest_start_us" in svc and "start_ns" in svc:
-        base = (svc["start_ns"] - t0) / 1e6
-        for ln in res.get("serial", []):
-            g = guest_time_us(ln)
-            if g is not None and g >= svc["guest_start_us"] - 2_000_000:
-                tl.append((base + (g - svc["guest_start_us"]) / 1000, "guest " + ln.split(" ", 2)[2]))
-    for e in res.get("qmp_events", []):
-        tl.append(((e["t_ns"] - t0) / 1e6, f"qmp {e['event']} {e.get('data')}"))
-    return sorted(tl)
 
 
 class Runner:
@@ -118,7 +95,7 @@ class Runner:
         playbook_path: Path | None = None,
     ) -> None:
         self.pb = pb
-        self.cfg = apply_lab_overrides(cfg, pb.lab)
+        self.cfg = cfg.with_lab(pb.lab)
         self.opts = opts
         self.progress = progress or (lambda _e: None)
         self.strategy = opts.strategy or pb.strategy
@@ -126,22 +103,41 @@ class Runner:
         self.reset = opts.reset or pb.reset
         self.stop_on_loss = opts.stop_on_loss if opts.stop_on_loss is not None else pb.stop_on_loss
         self.playbook_path = playbook_path
-        self.backend: Backend = opts.backend or QemuBackend(opts.transport)
+        self.backend: Backend = opts.backend or _local_backend(cfg.backend)
         self.records: list[dict[str, Any]] = []
         self.interrupted = False
+        self.stopped: str | None = None  # why the run ended early, when it did
 
     # ---- planning --------------------------------------------------------------
     def cases(self) -> list[Case]:
+        """The playbook's cases with the command line's overrides: ``--offsets`` replaces
+        each case's schedule and, unless ``--iterations`` is given too, its count becomes
+        the iterations (so ``random:-30:60:80`` runs 80, not the playbook's 16)."""
         cases = self.pb.resolved_cases()
-        if self.opts.iterations or self.opts.offsets:
-            spec = ScheduleSpec(**self.opts.offsets) if self.opts.offsets else None
+        spec = self.opts.offsets
+        n = self.opts.iterations or (spec.points if spec is not None else None)
+        if n or spec:
             cases = [
-                c.model_copy(
-                    update={k: v for k, v in (("iterations", self.opts.iterations), ("schedule", spec)) if v}
-                )
+                c.model_copy(update={k: v for k, v in (("iterations", n), ("schedule", spec)) if v})
                 for c in cases
             ]
         return cases
+
+    def describe(self) -> str:
+        """What the run will do, said before it starts."""
+        parts = []
+        for c in self.cases():
+            n = c.iterations or self.pb.iterations
+            s = c.schedule or self.pb.schedule
+            what = f"{c.name}: {n} iteration{'s' if n != 1 else ''}"
+            if c.shutdown == "offset":
+                what += f", schedule {s.kind}"
+                if s.points is not None and s.points != n:
+                    what += (
+                        f" of {s.points} offsets, {'cycled to' if s.points < n else 'cut to the first'} {n}"
+                    )
+            parts.append(what)
+        return "; ".join(parts)
 
     def plans(self, case: Case, start_index: int) -> Iterator[RacePlan]:
         n = case.iterations or self.pb.iterations
@@ -200,6 +196,9 @@ class Runner:
             "playbook": self.pb.name,
             "playbook_path": str(self.playbook_path.resolve()) if self.playbook_path else None,
             "host": self.backend.host,
+            "host_kind": self.backend.kind,
+            "host_spec": self.opts.host_spec or ("local" if self.opts.backend is None else None),
+            "inventory": str(self.opts.inventory.resolve()) if self.opts.inventory else None,
             "host_os": f"{platform.system()} {platform.release()} ({platform.version()})",
             **vm.record(),
             "seed": self.seed,
@@ -207,7 +206,7 @@ class Runner:
             "config_hash": stable_hash(
                 {"playbook": self.pb.model_dump(), "vm_config": self.cfg.model_dump()}
             ),
-            "lab": self.cfg.lab.model_dump(),
+            "vm_settings": self.cfg.model_dump(mode="json"),
             "grace_ms": grace[0],
             "grace_source": grace[1],
             "expect": self.pb.expect,
@@ -225,6 +224,7 @@ class Runner:
         writer = ResultsWriter(run_dir / "results.jsonl")
         started = time.monotonic()
         vm: Any = None
+        write_failed = False
         try:
             vm = self.backend.provision(self.cfg, self.strategy)
             grace = grace_for(self.pb, self.cfg, vm.accel)
@@ -246,6 +246,7 @@ class Runner:
             )
             index = 0
             stop = False
+            streak = 0  # infrastructure errors in a row
             for case in self.cases():
                 for plan in self.plans(case, index):
                     if plan.iteration in done_ids:
@@ -262,6 +263,12 @@ class Runner:
                         stop = True
                     if rec["verdict"] == "infra-error" and self.pb.on_infra_error == "stop":
                         stop = True
+                    streak = streak + 1 if rec["verdict"] == "infra-error" else 0
+                    if streak >= self.pb.max_infra_errors_in_a_row:
+                        self.stopped = (f"the host is broken: {streak} infrastructure errors in a row, "
+                                        f"the last: {rec['reason']}")  # fmt: skip
+                        log.error("stopping: %s", self.stopped)
+                        stop = True
                     if stop:
                         break
                 index += case.iterations or self.pb.iterations
@@ -272,80 +279,43 @@ class Runner:
         except KeyboardInterrupt:
             self.interrupted = True
             log.warning("interrupted: cleaning up; finished iterations are kept")
+        except OSError as e:  # the run folder cannot be written: full, gone, read-only
+            self.stopped = f"cannot write the run folder {run_dir}: {e.strerror or e}"
+            log.error("stopping: %s", self.stopped)
+            write_failed = True
         finally:
-            writer.close()
+            with contextlib.suppress(OSError):
+                writer.close()
             if vm is not None:
                 self.backend.destroy(vm)
             self.backend.close()
-            rj = run_dir / "run.json"
-            if rj.exists():
-                manifest = json.loads(rj.read_text())
-                manifest.update(
-                    {"interrupted": self.interrupted, "finished": time.time(), "run_dir": str(run_dir)}
-                )
-                rj.write_text(json.dumps(manifest, indent=2, default=str))
-        summary = write_reports(run_dir)
-        code = 130 if self.interrupted else exit_code(summary)
-        return RunResult(run_dir, summary, code, self.records)
+            with contextlib.suppress(OSError):  # a full disk must not hide the run's own error
+                rj = run_dir / "run.json"
+                if rj.exists():
+                    manifest = json.loads(rj.read_text())
+                    manifest.update({"interrupted": self.interrupted, "finished": time.time(),
+                                     "run_dir": str(run_dir), "stopped": self.stopped})  # fmt: skip
+                    rj.write_text(json.dumps(manifest, indent=2, default=str))
+        try:
+            summary, code = finish_run(run_dir)
+        except OSError as e:
+            write_failed = True
+            self.stopped = self.stopped or f"cannot write the reports in {run_dir}: {e.strerror or e}"
+        if write_failed:
+            raise InfraError(f"{self.stopped}; results.jsonl keeps every iteration that finished before")
+        return RunResult(run_dir, summary, 130 if self.interrupted else code, self.records, self.stopped)
 
     def iteration(
         self, vm: Any, case: Case, plan: RacePlan, grace_ms: float, run_dir: Path
     ) -> dict[str, Any]:
         it_dir = run_dir / "iterations" / f"{plan.iteration:04d}"
-        it_dir.mkdir(parents=True, exist_ok=True)
-        t_wall = time.time()
-        t = time.monotonic()
-        res: dict[str, Any] = {}
-        boot: dict[str, Any] = {}
-        try:
-            boot = self.backend.start(vm, reset=self.reset)
-            res = self.backend.race(vm, plan, grace_ms)
-        except (InfraError, AgentFailure, AgentLost) as e:
-            res = {"infra_error": f"{type(e).__name__}: {e}"}
-            if isinstance(e, AgentLost):
-                self.backend.close()  # a fresh agent next time
-        finally:
-            try:
-                self.backend.collect(vm, it_dir)  # the serial log is evidence: always kept
-            finally:
-                self.backend.destroy(vm)
-        verdict = classify(res)
-        fire = res.get("fire_ns")
-        svc = res.get("svc", {})
-        offset, guest_offset = fire_offsets(res, plan.service)
-        rec: dict[str, Any] = {
-            "iteration": plan.iteration,
-            "case": case.name,
-            "planned_offset_ms": plan.offset_ms,
-            "offset_ms": offset,
-            "guest_offset_ms": guest_offset,
-            "skew_ms": (offset - plan.offset_ms)
-            if offset is not None and plan.offset_ms is not None
-            else None,
-            "servicing_lag_ms": (svc["start_ns"] - svc["request_ns"]) / 1e6 if "start_ns" in svc else None,
-            "servicing_ms": (svc["done_ns"] - svc["request_ns"]) / 1e6 if "done_ns" in svc else None,
-            "delivery_ms": (
-                (res["shutdown"]["t_ns"] - max(fire or 0, svc.get("done_ns", 0))) / 1e6
-                if res.get("shutdown") and fire
-                else None
-            ),
-            **verdict.as_dict(),
-            "decision": res.get("decision"),
-            "ic_at_fire": res.get("ic_at_fire"),
-            "strategy": self.strategy,
-            "features": res.get("features"),
-            "image": plan.image or vm.record()["paravisor"],
-            "accel": vm.accel,
-            "reset": self.reset,
-            "boot_s": boot.get("wall_s"),
-            "started": t_wall,
-            "duration_s": time.monotonic() - t,
-            "dir": str(it_dir),
-        }
-        if "timeline" in self.pb.collect or verdict.kind != "preserved":
-            rec["timeline"] = _timeline(res)
+        r = iterate(self.backend, vm, plan, grace_ms, reset=self.reset, dest=it_dir,
+                    keep_failed=self.opts.keep_failed)  # fmt: skip
+        rec = record(r, case.name, self.strategy, vm, self.reset, it_dir)
+        if "timeline" in self.pb.collect or r.verdict.kind != "preserved":
+            rec["timeline"] = r.evidence.timeline_ms()
             (it_dir / "timeline.json").write_text(
-                json.dumps({"record": rec, "evidence": res}, indent=2, default=str)
+                json.dumps({"record": rec, "evidence": r.evidence.as_dict()}, indent=2, default=str)
             )
         return rec
 
@@ -368,8 +338,36 @@ class Runner:
             )
 
 
-def rebuild(run_dir: Path) -> tuple[dict[str, Any], int]:
-    """``testbed report DIR``: all reports again from results.jsonl alone."""
-    summary = write_reports(run_dir)
-    run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
-    return summary, exit_code(evaluate(run, read_results(run_dir / "results.jsonl")))
+def record(r: IterationResult, case: str, strategy: str, vm: Any, reset: str, it_dir: Path) -> dict[str, Any]:
+    """One line of results.jsonl: the plan, the numbers the evidence gives, the verdict."""
+    ev, plan = r.evidence, r.plan
+    return {
+        "iteration": plan.iteration,
+        "case": case,
+        "planned_offset_ms": plan.offset_ms,
+        "offset_ms": ev.offset_ms if plan.service else None,
+        "guest_offset_ms": ev.guest_offset_ms,
+        "skew_ms": ev.skew_ms(plan.offset_ms) if plan.service else None,
+        "servicing_lag_ms": ev.servicing_lag_ms,
+        "servicing_ms": ev.servicing_ms,
+        "delivery_ms": ev.delivery_ms,
+        **r.verdict.as_dict(),
+        "decision": ev.decision,
+        "ic_at_fire": ev.ic_at_fire,
+        "strategy": strategy,
+        "features": ev.features,
+        "image": plan.image or vm.record()["paravisor"],
+        "accel": vm.accel,
+        "reset": reset,
+        "boot_s": r.boot.get("wall_s"),
+        "slot_wait_s": r.boot.get("slot_wait_s"),  # waiting for another run's guest to end
+        "started": r.started,
+        "duration_s": r.duration_s,
+        "dir": str(it_dir),
+    }
+
+
+def _local_backend(kind: str) -> Backend:
+    from testbed.hosts import lookup_entry, open_backend
+
+    return open_backend(lookup_entry("local", kind=kind))

@@ -12,6 +12,10 @@ import random
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from pydantic import ValidationError
+
+from testbed.config import ScheduleSpec
+
 Outcome = Callable[[float], str | None]  # offset -> verdict of its latest iteration
 
 
@@ -59,6 +63,18 @@ def parse_offsets(spec: str) -> dict[str, Any]:
         raise ValueError(
             f"bad --offsets {spec!r}: use 10,50,90 | linear:START:STOP:COUNT | random:LO:HI:COUNT | adaptive:LO:HI"
         ) from None
+
+
+def parse_schedule(spec: str) -> ScheduleSpec:
+    """``--offsets`` validated as a playbook's schedule would be, before anything is
+    provisioned: NaN, infinities, counts of 0 or beyond 100000 are refused here."""
+    raw = parse_offsets(spec)
+    try:
+        return ScheduleSpec(**raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise ValueError(f"bad --offsets {spec!r}: {where + ': ' if where else ''}{err['msg']}") from None
 
 
 def adaptive(
@@ -109,16 +125,3 @@ def adaptive(
             return
         a, b = edges[rng.randrange(len(edges))]
         yield from emit(round(rng.uniform(a - resolution_ms, b + resolution_ms), 3))
-
-
-def bracket(points: list[tuple[float, str]]) -> dict[str, Any] | None:
-    """The adaptive search's bracket of the loss region: for each edge, the
-    (non-loss, loss) offsets closest to each other."""
-    pts = sorted(points)
-    lost = [o for o, v in pts if v == "lost"]
-    if not lost:
-        return None
-    first, last = min(lost), max(lost)
-    left = max((o for o, v in pts if v != "lost" and o < first), default=None)
-    right = min((o for o, v in pts if v != "lost" and o > last), default=None)
-    return {"left_edge_ms": [left, first], "right_edge_ms": [last, right]}

@@ -6,6 +6,7 @@ streams output, moves files (skipping an upload whose remote hash matches),
 opens the host agent's pipes, and reads the host's monotonic clock.
 """
 
+from testbed.redact import redact
 from testbed.transport.base import CommandResult, Transport, TransportError
 from testbed.transport.local import LocalTransport
 
@@ -20,4 +21,4 @@ def open_transport(uri: str, *, insecure_accept_new: bool = False, identity: str
         from testbed.transport.ssh import SshTransport
 
         return SshTransport.from_uri(uri, insecure_accept_new=insecure_accept_new, identity=identity)
-    raise TransportError(f"unsupported host URI {uri!r}: use 'local' or 'ssh://user@host[:port]'")
+    raise TransportError(f"unsupported host URI {redact(uri)!r}: use 'local' or 'ssh://user@host[:port]'")

@@ -25,8 +25,8 @@ import subprocess
 from collections.abc import Iterable
 from typing import Any
 
-from testbed.backends.hyperv.clixml import ClixmlError, error_messages
 from testbed.transport.base import TransportError
+from testbed.transport.clixml import ClixmlError, error_messages
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,14 @@ class PowerShellError(Exception):
 
 
 def encoded_argv(script: str) -> list[str]:
+    """-ExecutionPolicy Bypass for this process only: Windows 11 client editions default
+    to Restricted, which refuses Import-Module of testbed's .psm1 (Server: RemoteSigned)."""
     return [
         "powershell",
         "-NoProfile",
         "-NonInteractive",
+        "-ExecutionPolicy",
+        "Bypass",
         "-EncodedCommand",
         base64.b64encode(script.encode("utf-16-le")).decode(),
     ]
@@ -82,10 +86,13 @@ STREAM_UPLOAD = (
     "}}\n"
 )
 FILE_HASH = _ARGS + (
-    "if (Test-Path $a.path) {{ @{{ sha256 = (Get-FileHash -Algorithm SHA256 -Path $a.path).Hash.ToLower() }} }}"
-    " else {{ @{{ sha256 = '' }} }} | ConvertTo-Json -Compress\n"
+    "$h = ''; if (Test-Path $a.path) {{ $h = (Get-FileHash -Algorithm SHA256 -Path $a.path).Hash.ToLower() }}\n"
+    "@{{ sha256 = $h }} | ConvertTo-Json -Compress\n"
 )
+# The process's execution policy is set here too, not only on powershell.exe's command
+# line: inside PowerShell Direct (nested) the session is L1's, under L1's own policy.
 CALL = _ARGS + (
+    "Set-ExecutionPolicy -Scope Process -ExecutionPolicy Bypass -Force\n"
     "Import-Module -Force $a.module\n"
     "$p = @{{}}; $a.params.psobject.Properties | ForEach-Object {{ $p[$_.Name] = $_.Value }}\n"
     "$r = & $a.function @p\n"

@@ -28,6 +28,7 @@ from tenacity import (
     wait_exponential,
 )
 
+from testbed.redact import redact
 from testbed.transport.base import CommandResult, OutputCollector, TransportError
 from testbed.transport.local import sha256_file
 
@@ -74,7 +75,7 @@ class SshTransport:
     def from_uri(cls, uri: str, **kw: object) -> SshTransport:
         u = urlparse(uri)
         if u.scheme != "ssh" or not u.hostname:
-            raise TransportError(f"bad SSH URI {uri!r}: use ssh://user@host[:port]")
+            raise TransportError(f"bad SSH URI {redact(uri)!r}: use ssh://user@host[:port]")
         return cls(u.hostname, u.port or 22, u.username, **kw)  # type: ignore[arg-type]
 
     # ---- connection ------------------------------------------------------------
@@ -170,15 +171,23 @@ class SshTransport:
         command = shlex.join(argv)
         try:
             stdin, stdout, stderr = self.client.exec_command(command, timeout=timeout)
-            if input:
-                stdin.write(input)
-            stdin.channel.shutdown_write()
-            out = OutputCollector(on_output)
-            t = threading.Thread(target=out.pump, args=("stderr", stderr))
-            t.start()
-            out.pump("stdout", stdout)
-            t.join()
-            rc = stdout.channel.recv_exit_status()
+            try:
+                if input:
+                    stdin.write(input)
+                # Closed here, never left to the garbage collector: a ChannelStdinFile
+                # whose __del__ runs on paramiko's transport thread while it closes the
+                # channel (holding the channel's lock) deadlocks that thread, and every
+                # later exec on the connection waits for it forever.
+                stdin.close()
+                out = OutputCollector(on_output)
+                t = threading.Thread(target=out.pump, args=("stderr", stderr))
+                t.start()
+                out.pump("stdout", stdout)
+                t.join()
+                rc = stdout.channel.recv_exit_status()
+            finally:
+                for f in (stdin, stdout, stderr):
+                    f.close()
         except (paramiko.SSHException, OSError, EOFError) as e:
             raise TransportError(f"{self.name}: connection lost during {argv[0]}: {e}") from None
         return out.result(argv, rc)

@@ -23,6 +23,7 @@ from tenacity import before_sleep_log, retry, retry_if_exception_type, stop_afte
 from winrm.exceptions import InvalidCredentialsError, WinRMError, WinRMTransportError
 from winrm.protocol import Protocol
 
+from testbed.redact import redact
 from testbed.transport.base import TransportError
 from testbed.transport.powershell import PowerShellRunner
 
@@ -74,14 +75,14 @@ class WinRmPowerShell(PowerShellRunner):
         """``winrms://user@host[:port]`` (HTTPS, the default kind) or ``winrm://`` (HTTP)."""
         u = urlparse(uri)
         if u.scheme not in ("winrm", "winrms") or not u.hostname or not u.username:
-            raise TransportError(f"bad WinRM URI {uri!r}: use winrms://user@host[:port]")
+            raise TransportError(f"bad WinRM URI {redact(uri)!r}: use winrms://user@host[:port]")
         user = unquote(u.username)  # DOMAIN%5Cuser in a URI is DOMAIN\\user
         password = os.environ.get(password_env)
         if password is None:
             password = _from_keyring(u.hostname, user)
         if password is None:
             raise TransportError(
-                f"{uri}: the password variable {password_env} is not set "
+                f"{redact(uri)}: the password variable {password_env} is not set "
                 f"(or store it with: keyring set testbed {user}@{u.hostname})"
             )
         scheme, port = ("https", 5986) if u.scheme == "winrms" else ("http", 5985)

@@ -1,9 +1,10 @@
-"""A clean Debian 12 host for the Ansible tests: a freshly unpacked root with its own sshd.
+"""Clean Debian hosts for the tests: a freshly unpacked root with its own sshd on loopback.
 
-The root comes from the same cached debootstrap tarball as ../shared/tools/fresh-debian,
-or from one this module builds once with debootstrap. It gets only what any Debian server has (openssh-server)
-and this machine's CA bundle (so its package clients work through this network); the
-kvm-host playbook must bring everything else.
+Debian 12 for the Ansible tests: the root comes from the same cached debootstrap
+tarball as ../shared/tools/fresh-debian, or from one this module builds once. It gets
+only what any Debian server has (openssh-server) and this machine's CA bundle; the
+kvm-host playbook must bring everything else. Debian 11 (Python 3.9, QEMU 5.2) as an
+older lab host: its root, with the packages asked for, is built once and cached.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ TARBALL = Path("/var/cache/fresh-debian/bookworm.tar")
 MOUNTS = ("proc", "sys", "dev", "dev/pts")
 
 
-OWN_TARBALL = Path.home() / ".cache" / "testbed" / "fresh-debian" / "bookworm.tar"
+OWN_DIR = Path.home() / ".cache" / "testbed" / "fresh-debian"
+OWN_TARBALL = OWN_DIR / "bookworm.tar"
 
 
 def _mirror() -> str:
@@ -38,25 +40,42 @@ def _mirror() -> str:
     return "http://deb.debian.org/debian"
 
 
-def ensure_tarball() -> Path | None:
-    """The shared tool's cached root, else our own, built once with debootstrap (a few minutes)."""
-    for t in (TARBALL, OWN_TARBALL):
+def ensure_tarball(suite: str = "bookworm", packages: tuple[str, ...] = ()) -> Path | None:
+    """A root of ``suite`` with ``packages`` installed: the shared tool's cached bookworm
+    root, else our own, built once with debootstrap (a few minutes) and cached."""
+    own = OWN_DIR / (f"{suite}.tar" if not packages else f"{suite}+{','.join(sorted(packages))}.tar")
+    for t in (TARBALL, own) if suite == "bookworm" and not packages else (own,):
         if t.exists():
             return t
     if shutil.which("debootstrap") is None:
         subprocess.run(["apt-get", "install", "-y", "-qq", "debootstrap"], capture_output=True)
-    OWN_TARBALL.parent.mkdir(parents=True, exist_ok=True)
+    own.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(prefix="debootstrap-", dir="/var/tmp"))
+    mounted: list[Path] = []
     try:
         r = subprocess.run(["debootstrap", "--variant=minbase", "--include=python3,ca-certificates",
-                            "bookworm", str(build), _mirror()], capture_output=True, text=True, timeout=1500)  # fmt: skip
+                            suite, str(build), _mirror()], capture_output=True, text=True, timeout=1500)  # fmt: skip
         if r.returncode != 0:
             return None
-        with tarfile.open(OWN_TARBALL.with_suffix(".part"), "w") as tar:
+        if packages:
+            shutil.copyfile("/etc/resolv.conf", build / "etc/resolv.conf")
+            for m in MOUNTS:
+                subprocess.run(["mount", "--bind", f"/{m}", str(build / m)], check=True)
+                mounted.append(build / m)
+            r2 = chroot(build, "sh", "-c", f"apt-get update -qq && apt-get install -y -qq --no-install-recommends "
+                        f"{' '.join(packages)} >/dev/null", timeout=1500)  # fmt: skip
+            for m in reversed(mounted):
+                subprocess.run(["umount", "-l", str(m)], capture_output=True)
+            mounted.clear()
+            if r2.returncode != 0:
+                return None
+        with tarfile.open(own.with_suffix(".part"), "w") as tar:
             tar.add(build, arcname=".")
-        OWN_TARBALL.with_suffix(".part").replace(OWN_TARBALL)
-        return OWN_TARBALL
+        own.with_suffix(".part").replace(own)
+        return own
     finally:
+        for m in reversed(mounted):
+            subprocess.run(["umount", "-l", str(m)], capture_output=True)
         shutil.rmtree(build, ignore_errors=True)
 
 
@@ -67,12 +86,13 @@ def chroot(root: Path, *argv: str, timeout: float = 900) -> subprocess.Completed
 
 
 @contextlib.contextmanager
-def fresh_debian_host(workdir: Path) -> Iterator[Sshd]:
-    tar = ensure_tarball()
+def fresh_debian_host(
+    workdir: Path, suite: str = "bookworm", packages: tuple[str, ...] = ()
+) -> Iterator[Sshd]:
+    """``packages`` are baked into the cached root (openssh-server is installed anyway)."""
+    tar = ensure_tarball(suite, tuple(sorted({*packages, "openssh-server"})) if packages else ())
     if tar is None:
-        raise RuntimeError(
-            "no Debian 12 root: need /var/cache/fresh-debian/bookworm.tar or ../shared/tools/fresh-debian"
-        )
+        raise RuntimeError(f"no Debian {suite} root: debootstrap failed (see the mirror in /etc/apt)")
     root = Path(tempfile.mkdtemp(prefix="freshroot-", dir="/var/tmp"))
     mounted: list[Path] = []
     proc: subprocess.Popen[bytes] | None = None
@@ -86,9 +106,12 @@ def fresh_debian_host(workdir: Path) -> Iterator[Sshd]:
             (root / m).mkdir(parents=True, exist_ok=True)
             subprocess.run(["mount", "--bind", f"/{m}", str(root / m)], check=True)
             mounted.append(root / m)
-        r = chroot(root, "sh", "-c", "apt-get update -qq && apt-get install -y -qq openssh-server >/dev/null")
-        if r.returncode != 0:
-            raise RuntimeError(f"openssh-server did not install in the fresh root: {r.stderr[-800:]}")
+        if not (root / "usr/sbin/sshd").exists():
+            r = chroot(
+                root, "sh", "-c", "apt-get update -qq && apt-get install -y -qq openssh-server >/dev/null"
+            )
+            if r.returncode != 0:
+                raise RuntimeError(f"openssh-server did not install in the fresh root: {r.stderr[-800:]}")
         keys = workdir / "keys"
         keys.mkdir(parents=True, exist_ok=True)
         keygen(keys / "client_ed25519")

@@ -19,7 +19,6 @@ from testbed.backends.base import RacePlan
 from testbed.backends.qemu.backend import QemuBackend
 from testbed.config import Playbook, ScheduleSpec, VmConfig
 from testbed.engine.runner import Runner, RunOptions
-from testbed.engine.verdict import classify
 from testbed.paths import runtime_dir
 from testbed.report.jsonl import read_results
 
@@ -93,12 +92,11 @@ def test_qemu_killed_under_the_engine_is_infra_error(ref_cfg: VmConfig) -> None:
             )
             killer = threading.Timer(0.1, os.kill, (lease.qemu_pid, signal.SIGKILL))
             killer.start()
-            res = b.race(vm, RacePlan(3, 200.0), grace_ms=1000)
+            ev = b.race(vm, RacePlan(3, 200.0), grace_ms=1000)
             killer.join()
         finally:
             b.destroy(vm)
-    res["shutdown_id"] = "sd3"
-    v = classify(res)
+    v = b.classify(ev)
     assert v.kind == "infra-error", v
     assert "QEMU exited" in v.reason
 

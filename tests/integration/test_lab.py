@@ -14,8 +14,9 @@ import pytest
 
 from testbed.backends.base import RacePlan
 from testbed.backends.qemu.backend import QemuBackend
-from testbed.config import LabKnobs, ParavisorSpec, VmConfig
-from testbed.engine.verdict import Verdict, classify
+from testbed.backends.qemu.config import LabKnobs, ParavisorSpec
+from testbed.config import VmConfig
+from testbed.verdicts import Verdict
 
 pytestmark = pytest.mark.vm
 MIDDLE = 150.0
@@ -48,11 +49,11 @@ def race(
     vm = backend.provision(cfg, strategy)
     try:
         backend.start(vm, reset=reset)
-        res = backend.race(vm, RacePlan(7, offset, service, True, mode, image), GRACE_MS)
+        ev = backend.race(vm, RacePlan(7, offset, service, True, mode, image), GRACE_MS)
     finally:
         backend.destroy(vm)
-    res["shutdown_id"] = "sd7"
-    return classify(res), res
+    assert ev.message_id == "sd7"
+    return backend.classify(ev), ev.raw
 
 
 def deliveries(res: dict[str, Any]) -> list[str]:

@@ -70,7 +70,7 @@ def test_guest_panic_gives_guest_panic(backend: QemuBackend, ref_cfg: VmConfig) 
         backend.start(vm, reset="cold")
         res = backend.race(
             vm, RacePlan(0, None, service=True, shutdown=False, image="v2-panic"), grace_ms=3000
-        )
+        ).raw
         assert res["ended"] and res["shutdown"]["data"]["reason"] == "guest-panic"
         assert any(e["event"] == "GUEST_PANICKED" for e in res["qmp_events"])
     finally:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from testbed.backends.qemu.backend import QemuBackend
 from testbed.config import Playbook, ScheduleSpec, VmConfig
 from testbed.engine.runner import Runner, RunOptions
 from testbed.transport.ssh import SshTransport
@@ -32,7 +33,7 @@ def playbook(n: int, strategy: str = "none") -> Playbook:
 
 def test_same_verdicts_over_ssh_as_local(sshd, ref_cfg: VmConfig, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     t = ssh(sshd)
-    remote = Runner(playbook(3), ref_cfg, RunOptions(out=tmp_path / "ssh", transport=t)).run()
+    remote = Runner(playbook(3), ref_cfg, RunOptions(out=tmp_path / "ssh", backend=QemuBackend(t))).run()
     local = Runner(playbook(3), ref_cfg, RunOptions(out=tmp_path / "local")).run()
     assert [r["verdict"] for r in remote.records] == [r["verdict"] for r in local.records]
     assert [r["verdict"] for r in remote.records] == ["delivered-before", "lost", "rejected"]
@@ -47,7 +48,7 @@ def test_same_verdicts_over_ssh_as_local(sshd, ref_cfg: VmConfig, tmp_path: Path
 def test_connection_killed_mid_iteration_is_infra_error(sshd, ref_cfg: VmConfig, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     t = ssh(sshd)
     pb = playbook(2).model_copy(update={"schedule": ScheduleSpec(kind="fixed", offsets_ms=[150.0])})
-    runner = Runner(pb, ref_cfg, RunOptions(out=tmp_path / "cut", transport=t))
+    runner = Runner(pb, ref_cfg, RunOptions(out=tmp_path / "cut", backend=QemuBackend(t)))
     fired = threading.Event()
 
     def cut_when_racing(ev: dict[str, object]) -> None:
@@ -89,6 +90,6 @@ def test_remote_host_behind_a_slow_network_gives_the_same_verdicts(ref_cfg: VmCo
         t0 = time.monotonic()
         t.run(["true"]).check()
         assert time.monotonic() - t0 > 0.04, "the delay is really in the path"
-        res = Runner(playbook(3), ref_cfg, RunOptions(out=tmp_path / "netem", transport=t)).run()
+        res = Runner(playbook(3), ref_cfg, RunOptions(out=tmp_path / "netem", backend=QemuBackend(t))).run()
     assert [r["verdict"] for r in res.records] == ["delivered-before", "lost", "rejected"]
     assert max(abs(r["skew_ms"]) for r in res.records if r["skew_ms"] is not None) < 5.0

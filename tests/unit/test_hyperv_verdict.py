@@ -2,29 +2,45 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 
-from testbed.engine.verdict import classify
+from testbed.backends.base import RaceEvidence
+from testbed.backends.hyperv.backend import evidence
+from testbed.backends.hyperv.config import HyperVSpec
+from testbed.backends.hyperv.evidence import classify
+from testbed.backends.hyperv.module import RaceOutcome, WorkerEvent
+from testbed.config import Artifact
 
 SHUTDOWN_LINE = {"Ms": 900.0, "Line": "hv_utils: Shutdown request received - graceful shutdown initiated"}
+STARTED = datetime.fromisoformat("2026-11-26T04:00:00+00:00")
+SPEC = HyperVSpec(igvm=Artifact(path="openhcl.bin"), vtl0_vhd=Artifact(path="vtl0.vhdx"),
+                  com3_servicing_start_pattern="servicing: saving state")  # fmt: skip
 
 
-def ev(race: dict[str, Any] | None = None, events: list[int] | None = None, **kw: Any) -> dict[str, Any]:
+def ev(race: dict[str, Any] | None = None, events: list[int] | None = None, *, guest_anchor_ms: float | None = None,
+       ic_event_ms: float | None = None, infra_error: str | None = None) -> RaceEvidence:  # fmt: skip
+    """Evidence built the backend's own way: the host's answer as on the wire (PascalCase),
+    the worker's events with their times, through ``evidence()``; an event sits 1 s into
+    the race unless a test places the shutdown-IC event itself."""
+    if infra_error:
+        return RaceEvidence.failed("hyperv", infra_error)
     base = {
+        "VmId": "vm-1", "IcBefore": "OK", "OffsetMs": 100.0, "StartedUtc": STARTED.isoformat(), "StartMs": 0.0,
         "ServiceMs": 5.0, "ServiceReturn": 4096, "JobDone": True, "JobState": 7, "JobErrorCode": 0,
         "ServiceDoneMs": 450.0, "FireMs": 105.0, "FireReturn": 0, "IcAtFire": "OK", "Running": True,
         "IcAfter": "OK", "Com1": [], "Com3": [],
     }  # fmt: skip
-    return {
-        "backend": "hyperv",
-        "race": {**base, **(race or {})},
-        "events": [{"Id": i, "TimeUtc": "2026-11-26T04:00:00Z", "Message": ""} for i in events or []],
-        "vtl0_pattern": "Shutdown request received",
-        "grace_ms": 3000.0,
-        **kw,
-    }
+    race = {**base, **(race or {})}
+    if guest_anchor_ms is not None:
+        race["Com3"] = [{"Ms": guest_anchor_ms, "Line": "servicing: saving state"}]
+    worker = []
+    for i in events or []:
+        at = ic_event_ms if i == 18504 and ic_event_ms is not None else 1000.0
+        worker.append(WorkerEvent(id=i, time_utc=(STARTED + timedelta(milliseconds=at)).isoformat()))
+    return evidence(RaceOutcome.model_validate(race), worker, SPEC, 3000.0, race["FireMs"] is not None)
 
 
 def test_running_at_the_deadline_with_the_ic_ok_is_lost() -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from junitparser import JUnitXml
 
-from testbed.report import exit_code, write_reports
+from testbed.engine.policy import finish_run
 
 
 def make_run(tmp_path: Path, verdicts: list[str], expect: dict[str, object], max_infra: int = 0) -> Path:
@@ -44,9 +44,9 @@ def make_run(tmp_path: Path, verdicts: list[str], expect: dict[str, object], max
 
 def test_reports_rebuild_from_results_alone(tmp_path: Path) -> None:
     d = make_run(tmp_path, ["preserved", "lost", "lost", "infra-error", "rejected"], {"lost": 0})
-    s = write_reports(d)
+    s, code = finish_run(d)
     assert s["counts"]["lost"] == 2 and s["product_iterations"] == 4
-    assert exit_code(s) == 1 and "expected lost 0, got 2" in s["expectations"]["violations"][0]
+    assert code == 1 and "expected lost 0, got 2" in s["expectations"]["violations"][0]
     xml = JUnitXml.fromfile(str(d / "junit.xml"))
     cases = [c for suite in xml for c in suite]
     assert len(cases) == 5
@@ -65,10 +65,18 @@ def test_reports_rebuild_from_results_alone(tmp_path: Path) -> None:
 
 def test_exit_codes_expectation_wins_over_infra(tmp_path: Path) -> None:
     d = make_run(tmp_path, ["infra-error", "infra-error", "preserved"], {"lost": ">0"}, max_infra=1)
-    s = write_reports(d)
+    s, code = finish_run(d)
     assert s["infra_errors_exceeded"] and not s["expectations"]["ok"]
-    assert exit_code(s) == 1
+    assert code == 1
     d2 = make_run(tmp_path / "b", ["infra-error", "infra-error", "lost"], {"lost": ">0"}, max_infra=1)
-    assert exit_code(write_reports(d2)) == 3
+    assert finish_run(d2)[1] == 3
     d3 = make_run(tmp_path / "c", ["lost", "preserved"], {"lost": ">0"})
-    assert exit_code(write_reports(d3)) == 0
+    assert finish_run(d3)[1] == 0
+
+
+def test_a_run_that_measured_nothing_exits_3_not_1(tmp_path: Path) -> None:
+    """Every iteration infra-error: the positive control's "lost >0" is neither met nor
+    violated; the run failed as infrastructure (it used to exit 1)."""
+    d = make_run(tmp_path, ["infra-error"] * 3, {"lost": ">0"}, max_infra=5)
+    s, code = finish_run(d)
+    assert code == 3 and s["measured_nothing"] and not s["expectations"]["violations"]

@@ -36,3 +36,33 @@ def test_machine_wide_guest_limit_across_processes(tmp_path: Path, monkeypatch: 
     a, b = GuestSlot(timeout=1).acquire(), GuestSlot(timeout=1).acquire()
     a.release()
     b.release()
+
+
+def test_slots_are_shared_between_users(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Root holds both slots; another user (nobody), with no TESTBED_RUNTIME_DIR of its own
+    choosing, finds the same runtime dir and must wait: the limit is the machine's, not
+    each user's (non-root users used to get a per-user dir, so two users ran four guests)."""
+    import os
+    import shutil
+
+    from testbed import paths
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None or not Path("/usr/bin/python3").exists():
+        pytest.skip("needs root, setpriv and /usr/bin/python3 to act as another user")
+    monkeypatch.delenv("TESTBED_RUNTIME_DIR", raising=False)
+    monkeypatch.setenv("TESTBED_MAX_GUESTS", "2")
+    assert paths.runtime_dir() == Path(paths.RUNTIME_DIR)  # the same default for root and anyone
+    a, b = GuestSlot(timeout=1).acquire(), GuestSlot(timeout=1).acquire()
+    site = Path(__import__("platformdirs").__file__).parent.parent
+    code = ("from testbed.slots import GuestSlot\nfrom testbed import paths\nprint(paths.runtime_dir())\n"
+            "try:\n    GuestSlot(timeout=0.5).acquire(); print('acquired')\nexcept TimeoutError:\n    print('waited')\n")  # fmt: skip
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TESTBED_MAX_GUESTS": "2",
+           "PYTHONPATH": f"{Path(__file__).resolve().parents[2]}:{site}"}  # fmt: skip
+    try:
+        r = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                            "/usr/bin/python3", "-c", code], capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+    finally:
+        a.release()
+        b.release()
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [paths.RUNTIME_DIR, "waited"]

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from testbed.engine import schedule as sched
-from testbed.engine.stats import fisher_exact, percentile, summarize, wilson
+from testbed.engine.stats import fisher_exact, loss_window, percentile, summarize, wilson
 
 
 def test_wilson_known_values() -> None:
@@ -90,9 +90,9 @@ def test_adaptive_search_brackets_a_synthetic_window(window: tuple[float, float]
     gen = sched.adaptive(-100, 700, 40, outcome, coarse=9, resolution_ms=2.0, seed=1)
     for x in gen:
         seen[x] = "lost" if lo_w <= x <= hi_w else "preserved"
-    b = sched.bracket(list(seen.items()))
-    assert b is not None
-    (left_ok, left_lost), (right_lost, right_ok) = b["left_edge_ms"], b["right_edge_ms"]
+    w = loss_window([{"planned_offset_ms": x, "verdict": v} for x, v in seen.items()], "planned_offset_ms")
+    assert w is not None
+    (left_ok, right_ok), left_lost, right_lost = w["bracket_ms"], w["first_loss_ms"], w["last_loss_ms"]
     assert left_ok < lo_w <= left_lost and left_lost - left_ok <= 2.0 + 1e-9
     assert right_lost <= hi_w < right_ok and right_ok - right_lost <= 2.0 + 1e-9
     assert len(seen) <= 40 and not math.isnan(left_ok)

@@ -6,7 +6,16 @@ from typing import Any
 
 import pytest
 
-from testbed.engine.verdict import VERDICTS, classify
+from testbed.backends.base import RaceEvidence
+from testbed.backends.qemu import evidence
+from testbed.verdicts import VERDICTS, Verdict
+
+
+def classify(res: dict[str, Any]) -> Verdict:
+    """Through the backend's own evidence path: the agent's result -> RaceEvidence -> verdict."""
+    if "infra_error" in res:
+        return evidence.classify(RaceEvidence.failed("qemu", res["infra_error"]))
+    return evidence.classify(evidence.evidence(res))
 
 
 def ev(**kw: Any) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hyperv_emulator import EmulatedHyperV  # type: ignore[import-not-found]
+from hyperv_emulator import PROFILES, EmulatedHyperV  # type: ignore[import-not-found]
 from winrm_standin import EmulatedHost, StandIn, running  # type: ignore[import-not-found]
 
 from testbed.backends.hyperv.backend import HyperVBackend
@@ -43,15 +43,20 @@ def hyperv_cfg(tmp: Path, ref_cfg: VmConfig) -> VmConfig:
         "ic_ready_timeout_s": 30,
         "com3_servicing_start_pattern": r"^PV svc-start ",
     })  # fmt: skip
-    return cfg.model_copy(update={"hyperv": hv, "lab": ref_cfg.lab})
+    return cfg.model_copy(update={"hyperv": hv})
 
 
 @pytest.fixture
-def hv_lab(tmp_path: Path, ref_cfg: VmConfig, monkeypatch: pytest.MonkeyPatch) -> Iterator[HvLab]:
+def hv_lab(tmp_path: Path, ref_cfg: VmConfig, monkeypatch: pytest.MonkeyPatch,
+           request: pytest.FixtureRequest) -> Iterator[HvLab]:  # fmt: skip
+    """An emulated host of a profile (``indirect`` parameter; default Windows 11 26H1: a
+    client SKU, execution policy Restricted, COM3 available)."""
     (tmp_path / "ntlm-users").write_text(f"{USER.replace(chr(92), ':')}:{PASSWORD}\n")
     monkeypatch.setenv("NTLM_USER_FILE", str(tmp_path / "ntlm-users"))
-    emulator = EmulatedHyperV(ref_cfg, "none", build=26200)
-    host = EmulatedHost(files=emulator.files, functions=emulator.functions())
+    profile = PROFILES[getattr(request, "param", "win11-26h1")]
+    emulator = EmulatedHyperV(ref_cfg, "none", profile=profile)
+    host = EmulatedHost(files=emulator.files, functions=emulator.functions(),
+                        execution_policy=profile.execution_policy)  # fmt: skip
     try:
         with running(host, auth="ntlm", user=USER, password=PASSWORD) as s:
             yield HvLab(emulator, host, s, hyperv_cfg(tmp_path, ref_cfg))

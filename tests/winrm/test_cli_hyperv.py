@@ -23,7 +23,7 @@ def check(hv_lab: HvLab | None, password: str = PASSWORD, port: int | None = Non
 def test_a_ready_host_passes(hv_lab: HvLab) -> None:
     code, out = check(hv_lab)
     assert code == 0, out
-    assert "server edition, build 26200" in out and "COM3" in out
+    assert "client edition, build 28000" in out and "COM3" in out and "available" in out
 
 
 def test_missing_registry_value_says_how_to_set_it(hv_lab: HvLab) -> None:

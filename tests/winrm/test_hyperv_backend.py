@@ -183,7 +183,7 @@ def test_race_parameters_reach_the_host_as_data(hv_lab: HvLab) -> None:
 
     calls = [s for s in hv_lab.host.scripts_seen if "& $a.function @p" in s]
     assert calls and all(B64.sub("FromBase64String('')", s) == CALL.format(b64="") for s in calls)
-    assert ev["guest_anchor"] == "COM3" and ev["race"]["FireReturn"] == 0
+    assert ev.guest_anchor == "COM3" and ev.raw["race"]["FireReturn"] == 0
     _, ev_params = next(c for c in hv_lab.host.calls if c[0] == "Get-TestbedEvents")
     assert ev_params["SettleMs"] == 3000  # the VM went off: wait for the event that says how
 
@@ -211,13 +211,13 @@ def test_hyperv_route_over_real_ssh(hv_lab: HvLab, tmp_path: Path) -> None:
 def test_nested_hyperv_through_powershell_direct(hv_lab: HvLab, tmp_path: Path, ref_cfg,  # type: ignore[no-untyped-def]
                                                  monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """L0 creates the L1 VM; everything else runs inside it through Invoke-Command -VMName."""
-    from hyperv_emulator import EmulatedHyperV  # type: ignore[import-not-found]
+    from hyperv_emulator import PROFILES, EmulatedHyperV  # type: ignore[import-not-found]
     from winrm_standin import EmulatedHost  # type: ignore[import-not-found]
 
-    from testbed.config import NestedSpec
+    from testbed.backends.hyperv.config import NestedSpec
 
-    l1 = EmulatedHyperV(ref_cfg, "none", build=26200)
-    l1_host = EmulatedHost(files=l1.files, functions=l1.functions())
+    l1 = EmulatedHyperV(ref_cfg, "none", profile=PROFILES["server-2025"])  # L1: Server, no COM3
+    l1_host = EmulatedHost(files=l1.files, functions=l1.functions(), execution_policy="Restricted")
     hv_lab.emulator.on_l1 = lambda name: hv_lab.host.vms.__setitem__(
         name, ("Administrator", "l1 pass", l1_host)
     )

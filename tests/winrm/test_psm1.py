@@ -43,7 +43,7 @@ KNOWN_CMDLETS: dict[str, set[str]] = {
     "ForEach-Object": set(),
     "Start-Sleep": {"Milliseconds", "Seconds"},
     "Export-ModuleMember": {"Function"},
-    "Add-Type": {"TypeDefinition"},
+    "Add-Type": {"TypeDefinition", "ReferencedAssemblies"},
     "Join-Path": set(),
     "Test-Path": set(),
     "New-Item": {"ItemType", "Path"},

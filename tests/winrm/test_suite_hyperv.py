@@ -11,6 +11,7 @@ from conftest import PASSWORD, ROOT, HvLab  # type: ignore[import-not-found]
 
 
 @pytest.mark.vm
+@pytest.mark.parametrize("hv_lab", ["win11-24h2", "win11-25h2", "server-2025", "win11-26h1"], indirect=True)
 def test_hyperv_suite_passes_through_the_plugin(
     hv_lab: HvLab, pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from winrm_standin import EmulatedHost, StandIn, make_test_ca, ps51_json, running  # type: ignore[import-not-found]
 
-from testbed.backends.hyperv.clixml import error_messages
 from testbed.transport.base import TransportError
+from testbed.transport.clixml import error_messages
 from testbed.transport.powershell import CMD_LIMIT, PowerShellError, encoded_command
 from testbed.transport.powershell import FILE_HASH as FILE_HASH_PROBE
 from testbed.transport.winrm import WinRmAuthError, WinRmPowerShell

@@ -19,13 +19,16 @@ $script:JobStarted = 4096
 $script:JobCompleted = 7
 $script:StateOff = 3
 $script:WorkerLog = 'Microsoft-Windows-Hyper-V-Worker-Admin'
+$script:Com3MinBuild = 27653
 
 function Initialize-TestbedPipeTail {
     # Serial pipes are read on a background thread that stamps each line with the race's
     # Stopwatch when it arrives, so a line's time does not depend on when PowerShell
     # polls. Compiled only by the race (each call is a new powershell.exe).
+    # On Windows PowerShell 5.1 (.NET Framework) Add-Type references only System.dll and
+    # System.Management.Automation.dll; NamedPipeClientStream lives in System.Core.dll.
     if ('Testbed.PipeTail' -as [type]) { return }
-    Add-Type -TypeDefinition @'
+    Add-Type -ReferencedAssemblies System.Core -TypeDefinition @'
 using System;
 using System.Collections.Generic;
 using System.Diagnostics;
@@ -98,6 +101,11 @@ function Get-TestbedPreflight {
     }
     $key = 'HKLM:\SOFTWARE\Microsoft\Windows NT\CurrentVersion\Virtualization'
     $allow = Get-ItemProperty -Path $key -Name AllowFirmwareLoadFromFile -ErrorAction SilentlyContinue
+    # COM3 exists only on builds with the additional-COM-ports code path (petri asks for
+    # 27653+; the OpenVMM guide: Windows 11 26H1, build 28000+, not 24H2, 25H2 or Server
+    # 2025) and only once EnableAdditionalComPorts = 1 (then a VMMS restart).
+    $extraCom = Get-ItemProperty -Path $key -Name EnableAdditionalComPorts -ErrorAction SilentlyContinue
+    $com3Key = ($null -ne $extraCom -and $extraCom.EnableAdditionalComPorts -eq 1)
     [pscustomobject]@{
         Build                     = $build
         Edition                   = $(if ($isClient) { 'client' } else { 'server' })
@@ -106,7 +114,9 @@ function Get-TestbedPreflight {
         AllowFirmwareLoadFromFile = ($null -ne $allow -and $allow.AllowFirmwareLoadFromFile -eq 1)
         FreeMemoryMB              = [int]($os.FreePhysicalMemory / 1024)
         OpenHclSupported          = ($build -ge 26100)
-        Com3Supported             = ($build -gt 26100)
+        Com3Build                 = ($build -ge $script:Com3MinBuild)
+        Com3Key                   = $com3Key
+        Com3Supported             = ($build -ge $script:Com3MinBuild -and $com3Key)
         PowerShell                = $PSVersionTable.PSVersion.ToString()
     }
 }

@@ -1,4 +1,5 @@
-"""Hyper-V backend (in progress): the host side is Testbed.psm1, reached over WinRM."""
+"""The Hyper-V backend: OpenHCL VMs on a Windows host; the host side is Testbed.psm1,
+reached over WinRM, Windows OpenSSH or locally (and PowerShell Direct when nested)."""
 
 OVERRIDE_VERSION_CHECKS = 0x1
 DISABLE_NVME_KEEPALIVE = 0x10

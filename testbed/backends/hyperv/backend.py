@@ -23,17 +23,21 @@ from pathlib import Path
 from typing import Any
 
 from testbed import leases
-from testbed.backends.base import Check, HostReport, InfraError, RacePlan
+from testbed.backends.base import Check, HostReport, InfraError, RaceEvidence, RacePlan, TimelineEntry
+from testbed.backends.hyperv import evidence as hv_evidence
 from testbed.backends.hyperv import options
-from testbed.backends.hyperv.evidence import EV_SHUTDOWN_IC
+from testbed.backends.hyperv.config import HyperVSpec, HyperVVmConfig
+from testbed.backends.hyperv.evidence import ACCEPTED, EV_SHUTDOWN_IC, POWER_OFF_EVENTS
 from testbed.backends.hyperv.module import CreatedVm, HostModule, Preflight, RaceOutcome, WorkerEvent
-from testbed.config import Artifact, HyperVSpec, VmConfig
+from testbed.config import Artifact
 from testbed.transport.powershell import PowerShellDirect, PowerShellRunner
+from testbed.verdicts import Verdict
 
 log = logging.getLogger(__name__)
 
 MIN_GRACE_MS = 3000.0  # a real VTL0 needs a moment to log the request on COM1
 MIN_BUILD = 26100  # Windows 11 24H2 / Server 2025: OpenHCL development support
+COM3_MIN_BUILD = 27653  # the additional-COM-ports code path (petri's check; the guide says 26H1, 28000+)
 EVENT_SETTLE_MS = 3000  # how long the event log may lag the VM going off
 
 
@@ -45,7 +49,7 @@ def owner_tag() -> str:
 @dataclass
 class HyperVVm:
     name: str
-    cfg: VmConfig
+    cfg: HyperVVmConfig
     strategy: str
     host: str
     igvm_path: str
@@ -62,7 +66,6 @@ class HyperVVm:
 
     @property
     def spec(self) -> HyperVSpec:
-        assert self.cfg.hyperv is not None
         return self.cfg.hyperv
 
     def record(self) -> dict[str, Any]:
@@ -111,7 +114,7 @@ class HyperVBackend:
         self.close()
 
     # ---- preflight ---------------------------------------------------------------------
-    def preflight(self, cfg: VmConfig | None = None) -> HostReport:
+    def preflight(self, cfg: Any = None, *, deep: bool = False) -> HostReport:
         rep = HostReport(self.host)
         try:
             p = self.module.preflight()
@@ -119,9 +122,16 @@ class HyperVBackend:
             rep.checks.append(Check("reach the host", False, str(e), _reach_fix(str(e))))
             return rep
         self.host_info = p
-        com3 = "available" if p.com3_supported else (
-            "not on this build (needs newer than 24H2): the guest-side servicing anchor is unavailable")  # fmt: skip
-        need = (cfg.hyperv.memory_mb + 512) if cfg is not None and cfg.hyperv is not None else 1024
+        if p.com3_supported:
+            com3 = "available (build and EnableAdditionalComPorts = 1)"
+        elif p.com3_build:
+            com3 = (r"this build has COM3, but EnableAdditionalComPorts is not 1 under HKLM:\SOFTWARE\Microsoft"
+                    r"\Windows NT\CurrentVersion\Virtualization (set it, restart vmms): the guest-side servicing "
+                    "anchor is unavailable")  # fmt: skip
+        else:
+            com3 = (f"not on this build (needs {COM3_MIN_BUILD}+, e.g. Windows 11 26H1; not 24H2, 25H2 or Server "
+                    "2025): the guest-side servicing anchor is unavailable")  # fmt: skip
+        need = (cfg.hyperv.memory_mb + 512) if isinstance(cfg, HyperVVmConfig) else 1024
         rep.checks += [
             Check("Hyper-V", p.hyper_v, f"{p.edition} edition, build {p.build}", p.hyper_v_fix),
             Check(
@@ -168,13 +178,13 @@ class HyperVBackend:
         return got.path, a.sha256.lower()
 
     # ---- VM lifecycle --------------------------------------------------------------------
-    def provision(self, cfg: VmConfig, strategy: str = "none", base: Path | None = None) -> HyperVVm:
+    def provision(self, cfg: HyperVVmConfig, strategy: str = "none") -> HyperVVm:
         """Check the host, bring the artifacts into its cache and, for nested Hyper-V, the
         L1 VM up; each iteration's VM is created fresh by ``start``."""
-        if cfg.hyperv is None:
-            raise InfraError(f"vm_config {cfg.name} has no hyperv section (backend: {cfg.backend})")
+        if not isinstance(cfg, HyperVVmConfig):
+            raise InfraError(f"vm_config {cfg.name} is for backend {cfg.backend}, not hyperv")
         spec = cfg.hyperv
-        base = base or Path.cwd()
+        base = Path.cwd()  # artifact paths were anchored at the vm_config's folder when loaded
         if spec.nested is None:
             self.l0.host_dir = spec.host_dir
         elif self._l1 is None:
@@ -198,8 +208,8 @@ class HyperVBackend:
         vm_dir = rf"{self.module.host_dir}\vms\{name}"
         return HyperVVm(name, cfg, "hyperv-host", self.host, igvm, vhd, vm_dir, com3, igvm_sha256)
 
-    def _nested_up(self, cfg: VmConfig, base: Path) -> None:
-        assert cfg.hyperv is not None and cfg.hyperv.nested is not None
+    def _nested_up(self, cfg: HyperVVmConfig, base: Path) -> None:
+        assert cfg.hyperv.nested is not None
         n = cfg.hyperv.nested
         password = os.environ.get(n.password_env)
         if password is None:
@@ -240,7 +250,7 @@ class HyperVBackend:
         return {"wall_s": time.monotonic() - t, "reset": "cold", "requested_reset": reset,
                 "ic_ready_ms": started.ready_ms}  # fmt: skip
 
-    def race(self, vm: HyperVVm, plan: RacePlan, grace_ms: float) -> dict[str, Any]:
+    def race(self, vm: HyperVVm, plan: RacePlan, grace_ms: float) -> RaceEvidence:
         """One iteration, timed on the host; returns the evidence ``classify`` reads."""
         if plan.image is not None:
             raise InfraError("servicing into another IGVM image is not supported by the Hyper-V backend yet")
@@ -268,10 +278,13 @@ class HyperVBackend:
             vm.vm_id, race.started_utc, settle_ms=0 if race.running else EVENT_SETTLE_MS
         )
         ev = evidence(race, events, s, grace, plan.shutdown)
-        vm.last = ev
+        vm.last = ev.raw
         return ev
 
-    def collect(self, vm: HyperVVm, dest: Path) -> list[Path]:
+    def classify(self, ev: RaceEvidence) -> Verdict:
+        return hv_evidence.classify(ev)
+
+    def collect(self, vm: HyperVVm, dest: Path, *, everything: bool = False) -> list[Path]:
         """The race's own evidence: the serial lines, the events, the host's timings."""
         dest.mkdir(parents=True, exist_ok=True)
         if not vm.last:
@@ -332,51 +345,64 @@ def _reach_fix(msg: str) -> str:
 
 def evidence(
     outcome: RaceOutcome, events: list[WorkerEvent], spec: HyperVSpec, grace_ms: float, fired: bool
-) -> dict[str, Any]:
-    """The race in the engine's terms: t0 = the servicing request, all on the host's clock.
-    The host's own answer (PascalCase, as on the wire) is kept whole as ``race``."""
-    ms = 1e6
+) -> RaceEvidence:
+    """The race in the engine's terms, on the host's clock (the race's Stopwatch, in
+    ns). The host's own answer (PascalCase, as on the wire) is kept whole in ``raw``."""
     anchor = None
     if spec.com3_servicing_start_pattern:
         pat = re.compile(spec.com3_servicing_start_pattern)
         anchor = next((x.ms for x in outcome.com3 if pat.search(x.line)), None)
-    svc: dict[str, Any] = {}
-    if outcome.service_ms is not None:
-        svc["request_ns"] = outcome.service_ms * ms
-        if outcome.service_done_ms is not None:
-            svc["done_ns"] = outcome.service_done_ms * ms
-        if anchor is not None:
-            svc["start_ns"] = anchor * ms
     zero = outcome.service_ms if outcome.service_ms is not None else outcome.start_ms
     # The shutdown-IC event on the race's clock (the host's wall clock, from StartedUtc at
     # StartMs): with no COM1 line, it still proves a delivery that came before servicing.
     ic_event_ms = None
+    off_event_ms = None
     started = datetime.fromisoformat(outcome.started_utc)
     for e in events:
+        at: float = outcome.start_ms + (datetime.fromisoformat(e.time_utc) - started).total_seconds() * 1000
         if e.id == EV_SHUTDOWN_IC:
-            ic_event_ms = (
-                outcome.start_ms + (datetime.fromisoformat(e.time_utc) - started).total_seconds() * 1000
-            )
-    timeline = [(x.ms - zero, f"COM1 {x.line}") for x in outcome.com1]
-    timeline += [(x.ms - zero, f"COM3 {x.line}") for x in outcome.com3]
-    for at, label in ((outcome.service_ms, "host ReloadManagementVtl"), (outcome.fire_ms, "host InitiateShutdown"),
-                      (outcome.service_done_ms, "host servicing job done"), (outcome.off_ms, "host VM off")):  # fmt: skip
-        if at is not None:
-            timeline.append((at - zero, label))
-    return {
-        "backend": "hyperv",
+            ic_event_ms = at
+        off_event_ms = at if e.id in POWER_OFF_EVENTS else off_event_ms
+    timeline = [TimelineEntry(_ns_of(x.ms), "COM1", x.line) for x in outcome.com1]
+    timeline += [TimelineEntry(_ns_of(x.ms), "COM3", x.line) for x in outcome.com3]
+    for when, label in ((outcome.service_ms, "ReloadManagementVtl"), (outcome.fire_ms, "InitiateShutdown"),
+                        (outcome.service_done_ms, "servicing job done"), (outcome.off_ms, "VM off")):  # fmt: skip
+        if when is not None:
+            timeline.append(TimelineEntry(_ns_of(when), "host", label))
+    raw = {
         "race": outcome.model_dump(by_alias=True),
         "events": [e.model_dump(by_alias=True) for e in events],
         "vtl0_pattern": spec.vtl0_shutdown_pattern,
         "grace_ms": grace_ms,
-        "t0_ns": outcome.service_ms * ms if outcome.service_ms is not None else None,
-        "fire_ns": outcome.fire_ms * ms if outcome.fire_ms is not None else None,
-        "svc": svc,
         "guest_anchor_ms": anchor,
-        "guest_anchor": "COM3" if anchor is not None else "unavailable",
-        "shutdown_id": "shutdown-ic" if fired else None,
-        "ic_at_fire": outcome.ic_at_fire,
-        "ended": not outcome.running,
         "ic_event_ms": ic_event_ms,
-        "timeline": sorted(timeline),
     }
+    return RaceEvidence(
+        backend="hyperv",
+        zero_ns=_ns(zero),
+        service_requested_ns=_ns(outcome.service_ms),
+        service_started_ns=_ns(anchor) if outcome.service_ms is not None else None,
+        service_done_ns=_ns(outcome.service_done_ms) if outcome.service_ms is not None else None,
+        fire_ns=_ns(outcome.fire_ms),
+        fire_planned_ns=_ns(outcome.service_ms + outcome.offset_ms)
+        if outcome.service_ms is not None and outcome.fire_ms is not None
+        else None,
+        ended_ns=_ns(outcome.off_ms if outcome.off_ms is not None else off_event_ms),
+        ended=not outcome.running,
+        ic_at_fire=outcome.ic_at_fire,
+        decision=None
+        if outcome.fire_return is None
+        else ("accepted" if outcome.fire_return in ACCEPTED else "refused"),
+        message_id="shutdown-ic" if fired else None,
+        guest_anchor="COM3" if anchor is not None else None,
+        timeline=sorted(timeline, key=lambda e: e.t_ns),
+        raw=raw,
+    )
+
+
+def _ns_of(ms: float) -> int:
+    return int(round(ms * 1e6))
+
+
+def _ns(ms: float | None) -> int | None:
+    return _ns_of(ms) if ms is not None else None

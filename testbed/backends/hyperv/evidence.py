@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from testbed.engine.verdict import Verdict
+from testbed.backends.base import RaceEvidence
+from testbed.verdicts import Verdict
 
 JOB_STARTED = 4096
 JOB_COMPLETED = 7
@@ -21,6 +22,7 @@ EV_SHUTDOWN_BY_GUEST = 18508
 EV_OFF_ON_GUEST_RESET = 18515
 EV_MANAGEMENT_VTL_FAILED = 18620
 EV_WORKER_TERMINATED = 14070
+POWER_OFF_EVENTS = frozenset({EV_TURNED_OFF, EV_SHUTDOWN_IC, EV_SHUTDOWN_BY_GUEST})  # petri's set
 CRASH_EVENTS = {
     18528: "stopped after a critical error",
     18539: "triple fault",
@@ -68,10 +70,12 @@ def _lines(entries: list[dict[str, Any]], port: str) -> list[str]:
     return [f"{port} {e['Ms']:.1f} ms: {e['Line']}" for e in entries]
 
 
-def classify(ev: dict[str, Any]) -> Verdict:
-    """``ev`` is what HyperVBackend.race returned (plus ``infra_error`` when testbed failed)."""
-    if ev.get("infra_error"):
-        return Verdict("infra-error", str(ev["infra_error"]), [str(ev["infra_error"])])
+def classify(evidence: RaceEvidence) -> Verdict:
+    """The verdict from what HyperVBackend.race returned (its ``raw`` part: the host's
+    answer as on the wire, the worker's events, the COM1 pattern)."""
+    if evidence.infra_error:
+        return Verdict.infra(evidence.infra_error)
+    ev = evidence.raw
     race: dict[str, Any] = ev["race"]
     events: list[dict[str, Any]] = ev.get("events", [])
     ids = {int(e["Id"]) for e in events}

@@ -48,6 +48,8 @@ class Preflight(HostOutput):
     free_memory_mb: int = Field(alias="FreeMemoryMB")
     open_hcl_supported: bool
     com3_supported: bool
+    com3_build: bool = False  # the build has the additional-COM-ports code path
+    com3_key: bool = False  # EnableAdditionalComPorts = 1
     power_shell: str = ""
 
 

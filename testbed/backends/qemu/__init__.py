@@ -1,0 +1,1 @@
+"""The QEMU backend: reference-lab guests on this machine or a Linux host over SSH."""

@@ -13,6 +13,7 @@ pooled because the accelerator is part of every VM record and snapshot key.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -21,20 +22,22 @@ import logging
 import os
 import shutil
 import socket
-import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from testbed import leases
-from testbed.agent.bundle import build_agent_pyz
-from testbed.backends.base import Check, HostReport, InfraError, RacePlan
-from testbed.backends.qemu.client import AgentClient, AgentFailure, AgentLost
+from testbed.agent.client import AgentFailure, AgentLost, HostProgram
+from testbed.agent.qemu import SLOT_WAIT_S
+from testbed.backends.base import Check, HostReport, InfraError, RaceEvidence, RacePlan
+from testbed.backends.qemu import evidence
+from testbed.backends.qemu.config import QemuVmConfig
 from testbed.backends.qemu.image import Image, ImageBuildError, build_image, resolve_kernel
-from testbed.config import VmConfig
 from testbed.paths import cache_dir, runtime_dir
 from testbed.transport import LocalTransport, Transport, TransportError
+from testbed.verdicts import Verdict
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,7 @@ class QemuVm:
     """A VM record: everything that shapes the guest, recorded with every result."""
 
     name: str
-    cfg: VmConfig
+    cfg: QemuVmConfig
     image: Image
     accel: str
     qemu_version: str
@@ -59,6 +62,9 @@ class QemuVm:
     host: str = "local"
     running: bool = False
     boot: dict[str, Any] = field(default_factory=dict)
+    incoming: str | None = None  # the snapshot the running VM was restored from
+    qemu_binary: str | None = None  # None: the host agent finds it
+    qemu_action: bool = True  # QEMU has -action (6.0+)
 
     def spec(self, incoming: str | None = None) -> dict[str, Any]:
         return {
@@ -71,6 +77,8 @@ class QemuVm:
             "cmdline": guest_cmdline(self.cfg),
             "strategy": self.strategy,
             "incoming": str(incoming) if incoming else None,
+            "qemu": self.qemu_binary,
+            "action": self.qemu_action,
         }
 
     def record(self) -> dict[str, Any]:
@@ -90,8 +98,18 @@ class QemuVm:
         }
 
 
-def guest_cmdline(cfg: VmConfig) -> str:
+def guest_cmdline(cfg: QemuVmConfig) -> str:
     return f"{cfg.cmdline} tb.pv={cfg.paravisor.version} tb.shutdown_ms={cfg.lab.vtl0_shutdown_ms}"
+
+
+@contextlib.contextmanager
+def _as_infra() -> Iterator[None]:
+    try:
+        yield
+    except (AgentFailure, AgentLost) as e:
+        raise InfraError(f"{type(e).__name__}: {e}") from None
+    except TransportError as e:
+        raise InfraError(f"TransportError: {e}") from None
 
 
 def _short_qemu_version(line: str) -> str:
@@ -103,47 +121,30 @@ class QemuBackend:
 
     kind = "qemu"
 
-    def __init__(self, transport: Transport | None = None) -> None:
+    def __init__(self, transport: Transport | None = None, qemu_binary: str | None = None) -> None:
         self.transport: Transport = transport or LocalTransport()
+        self.qemu_binary = qemu_binary  # an inventory entry's qemu_binary; None: found on the host
+        self._qemu: dict[str, Any] | None = None
         self.host = self.transport.name
-        self._agent: AgentClient | None = None
-        self._close_agent: Any = None
-        self.host_info: dict[str, Any] = {}
+        self.program = HostProgram(self.transport, "testbed.agent.agent")
 
     # ---- agent -------------------------------------------------------------
+    def call(self, op: str, timeout: float = 120.0, **args: Any) -> dict[str, Any]:
+        """One agent request; the agent's and the route's failures become InfraError
+        (named by type, so a lost channel reads differently from a refused op)."""
+        with _as_infra():
+            return self.program.call(op, timeout=timeout, **args)
+
     @property
-    def agent(self) -> AgentClient:
-        if self._agent is None:
-            try:
-                if self.transport.is_local:
-                    argv = [sys.executable, "-m", "testbed.agent"]
-                else:
-                    pyz = build_agent_pyz()
-                    remote = f".cache/testbed/agent/{pyz.name}"
-                    uploaded = self.transport.put(pyz, remote)
-                    log.info(
-                        "%s: agent %s %s", self.host, pyz.name, "uploaded" if uploaded else "already there"
-                    )
-                    argv = ["python3", remote]
-                stdin, stdout, close = self.transport.open_agent(argv)
-            except TransportError as e:
-                raise InfraError(str(e)) from None
-            self._agent = AgentClient(stdin, stdout)
-            self._close_agent = close
-            try:
-                self.host_info = self._agent.call("hello", timeout=60)
-            except (AgentFailure, AgentLost) as e:
-                self.close()
-                raise InfraError(f"{self.host}: host agent did not start: {e}") from None
-        return self._agent
+    def host_info(self) -> dict[str, Any]:
+        """The agent's hello (started now if needed): where the host keeps things."""
+        with _as_infra():
+            self.program.client  # noqa: B018 (starting it is the point)
+        return self.program.hello
 
     def close(self) -> None:
         """Close the agent's stdin: it destroys its VMs and exits."""
-        if self._agent is not None:
-            self._agent.close_input()
-            if self._close_agent is not None:
-                self._close_agent()
-            self._agent = None
+        self.program.close()
 
     def __enter__(self) -> QemuBackend:
         return self
@@ -153,15 +154,20 @@ class QemuBackend:
 
     def host_path(self, kind: str, *parts: str) -> str:
         """A path on the host under its cache or runtime dir."""
-        self.agent  # noqa: B018 (the agent's hello tells where the host keeps things)
         base = str(self.host_info[f"{kind}_dir"])
         return "/".join([base, *parts])
 
+    def qemu_info(self) -> dict[str, Any]:
+        """The host's QEMU: binary, version, whether it has -action (asked once)."""
+        if self._qemu is None:
+            try:
+                self._qemu = self.call("qemu_version", timeout=30, qemu=self.qemu_binary)
+            except InfraError as e:
+                return {"version": "", "binary": self.qemu_binary, "action": True, "error": str(e)}
+        return self._qemu
+
     def qemu_version(self) -> str:
-        try:
-            return _short_qemu_version(self.agent.call("qemu_version", timeout=30)["version"])
-        except AgentFailure:
-            return ""
+        return _short_qemu_version(str(self.qemu_info()["version"]))
 
     def upload_image(self, image: Image) -> tuple[str, str]:
         """The kernel and initrd on the host (uploaded once; skipped when the hash matches)."""
@@ -178,13 +184,16 @@ class QemuBackend:
         return paths[0], paths[1]
 
     # ---- accelerator ---------------------------------------------------------
-    def resolve_accel(self, cfg: VmConfig, image: Image, refresh: bool = False) -> tuple[str, str]:
+    def resolve_accel(self, cfg: QemuVmConfig, image: Image, refresh: bool = False) -> tuple[str, str]:
         """(accel, reason). ``auto``: probe KVM once per host (cached, with expiry)."""
         if cfg.accel != "auto":
             return cfg.accel, "set in the vm_config"
         probe = self.kvm_probe(image, refresh=refresh)
         if probe["ok"]:
             return "kvm", probe["reason"]
+        if probe.get("kind") == "qemu-args":
+            log.error("the KVM probe could not run: %s", probe["reason"])
+            return "tcg", f"KVM not probed: {probe['reason']}"
         (log.info if probe.get("cached") else log.warning)(
             "KVM unusable, falling back to TCG: %s", probe["reason"]
         )
@@ -214,31 +223,38 @@ class QemuBackend:
             "kernel": kernel,
             "initrd": initrd,
             "cmdline": "console=ttyS0 quiet panic=-1 tb.pv=v2",
+            "qemu": self.qemu_info().get("binary"),
+            "action": self.qemu_info().get("action", True),
         }
         try:
-            res = self.agent.call(
+            res = self.call(
                 "probe_kvm",
                 timeout=PROBE_TIMEOUT_S + 30,
                 spec=spec,
                 workdir=str(wd),
                 timeout_s=PROBE_TIMEOUT_S,
             )
-        except AgentFailure as e:
+        except InfraError as e:
             res = {"ok": False, "reason": str(e)}
         result = {
             "ok": bool(res.get("ok")),
             "reason": res.get("reason", ""),
             "time": time.time(),
             "qemu": qv,
+            "kind": res.get("kind"),
         }
-        path.write_text(json.dumps(result))
+        if result["kind"] != "qemu-args":  # a command-line error says nothing about KVM: not cached
+            path.write_text(json.dumps(result))
         return result
 
     # ---- preflight -----------------------------------------------------------
-    def preflight(self, cfg: VmConfig | None = None) -> HostReport:
+    def preflight(self, cfg: Any = None, *, deep: bool = False) -> HostReport:
         """Controller checks (image build tools, kernel package) plus the host's own
-        (QEMU, /dev/kvm, disk, permissions), each failure with its fix."""
+        (QEMU, /dev/kvm, disk, permissions), each failure with its fix. ``deep``
+        runs the KVM probe now (it boots a tiny guest)."""
         rep = HostReport(self.host)
+        if not isinstance(cfg, QemuVmConfig):
+            cfg = None  # a vm_config of another kind says nothing about this host
         for tool, pkg in (("gcc", "gcc libc6-dev"), ("apt-cache", "apt"), ("dpkg-deb", "dpkg")):
             found = shutil.which(tool)
             rep.checks.append(
@@ -253,15 +269,22 @@ class QemuBackend:
                 "apt-get install libc6-dev",
             )
         )
-        cfg = cfg or VmConfig(name="preflight")
+        cfg = cfg or QemuVmConfig(name="preflight")
+        if deep:
+            try:
+                self.kvm_probe(build_image(cfg), refresh=True)
+            except (ImageBuildError, InfraError) as e:
+                rep.checks.append(
+                    Check("host: kvm probe", False, f"cannot probe KVM: {e}", "see the message")
+                )
         try:
             kpkg, kver = resolve_kernel(cfg.kernel.package, cfg.kernel.version)
             rep.checks.append(Check("controller: kernel package", True, f"{kpkg}={kver}"))
         except ImageBuildError as e:
             rep.checks.append(Check("controller: kernel package", False, str(e), "apt-get update"))
         try:
-            host = self.agent.call("preflight", timeout=60)
-        except (InfraError, AgentFailure, AgentLost) as e:
+            host = self.call("preflight", timeout=60, qemu=self.qemu_binary)
+        except InfraError as e:
             rep.checks.append(
                 Check("host agent", False, str(e), "check the host URI, SSH access and python3")
             )
@@ -279,7 +302,7 @@ class QemuBackend:
         return rep
 
     # ---- lifecycle -----------------------------------------------------------
-    def provision(self, cfg: VmConfig, strategy: str = "none") -> QemuVm:
+    def provision(self, cfg: QemuVmConfig, strategy: str = "none") -> QemuVm:
         try:
             image = build_image(cfg)
         except ImageBuildError as e:
@@ -299,6 +322,8 @@ class QemuBackend:
             kernel,
             initrd,
             self.host,
+            qemu_binary=self.qemu_info().get("binary"),
+            qemu_action=bool(self.qemu_info().get("action", True)),
         )
         vm.boot["accel_reason"] = reason
         return vm
@@ -310,28 +335,34 @@ class QemuBackend:
         cached on the host, keyed by everything that shapes it); ``"cold"`` boots.
         """
         incoming = self.ensure_snapshot(vm) if reset == "snapshot" else None
+        vm.incoming = incoming
         t = time.monotonic()
         try:
-            self.agent.call(
+            launched = self.call(
                 "launch",
+                timeout=SLOT_WAIT_S + 120,  # it may wait for a guest slot held by another run
                 name=vm.name,
                 workdir=vm.workdir,
                 lease_dir=self.host_path("runtime", "leases"),
                 spec=vm.spec(incoming),
                 owner_pid=os.getpid() if self.transport.is_local else 0,
             )
+            if launched.get("slot_wait_s", 0) > 1:
+                log.warning("%s waited %.1f s for a guest slot on %s (other runs hold them)", vm.name,
+                            launched["slot_wait_s"], self.host)  # fmt: skip
             vm.running = True
-            ready = self.agent.call(
+            ready = self.call(
                 "wait_ready",
                 timeout=vm.cfg.boot_timeout_s + 30,
                 name=vm.name,
                 timeout_s=vm.cfg.boot_timeout_s,
                 incoming=incoming is not None,
             )
-        except (AgentFailure, AgentLost) as e:
+        except InfraError as e:
             self.destroy(vm)
             raise InfraError(f"start of {vm.name} failed: {e}") from None
         ready["wall_s"] = time.monotonic() - t
+        ready["slot_wait_s"] = launched.get("slot_wait_s", 0.0)
         ready["reset"] = reset
         return ready
 
@@ -341,30 +372,30 @@ class QemuBackend:
 
     def ensure_snapshot(self, vm: QemuVm) -> str:
         path = self.host_path("cache", "snapshots", f"{self.snapshot_key(vm)}.mig")
-        if self.agent.call("exists", path=path)["exists"]:
+        if self.call("exists", path=path)["exists"]:
             return path
         maker = dataclasses.replace(
             vm, name=vm.name + "-snap", workdir=vm.workdir + "-snap", running=False, boot={}
         )
         try:
             self.start(maker, reset="cold")
-            self.agent.call("snapshot", name=maker.name, path=path, timeout=120)
-        except AgentFailure as e:
+            self.call("snapshot", name=maker.name, path=path, timeout=120)
+        except InfraError as e:
             raise InfraError(f"snapshot failed: {e}") from None
         finally:
             self.destroy(maker)
         return path
 
     def uname(self, vm: QemuVm) -> dict[str, Any]:
-        return self.agent.call("uname", name=vm.name, timeout_s=10)
+        return self.call("uname", name=vm.name, timeout_s=10)
 
     def powerdown(self, vm: QemuVm) -> None:
-        self.agent.call("powerdown", name=vm.name)
+        self.call("powerdown", name=vm.name)
 
     def wait_outcome(self, vm: QemuVm, timeout: float) -> dict[str, Any]:
-        return self.agent.call("wait_outcome", timeout=timeout + 30, name=vm.name, timeout_s=timeout)
+        return self.call("wait_outcome", timeout=timeout + 30, name=vm.name, timeout_s=timeout)
 
-    def race(self, vm: QemuVm, plan: RacePlan, grace_ms: float) -> dict[str, Any]:
+    def race(self, vm: QemuVm, plan: RacePlan, grace_ms: float) -> RaceEvidence:
         """Fire one iteration on the host (inside the agent) and return its evidence."""
         knobs = vm.cfg.lab
         service = None
@@ -387,7 +418,7 @@ class QemuBackend:
                 "offset_ms": plan.offset_ms if plan.offset_ms is not None else 0.0,
             }
         budget = (knobs.servicing_timeout_ms + grace_ms) / 1000 + 60
-        res = self.agent.call(
+        res = self.call(
             "race",
             timeout=budget,
             name=vm.name,
@@ -397,15 +428,23 @@ class QemuBackend:
             servicing_timeout_ms=knobs.servicing_timeout_ms,
         )
         res["shutdown_id"] = shutdown["id"] if shutdown else None  # what the verdict looks for
-        return res
+        return evidence.evidence(res)
 
-    def collect(self, vm: QemuVm, dest: Path) -> list[Path]:
-        """Copy the VM's serial log, QEMU stderr and argv from the host (before destroy)."""
+    def classify(self, ev: RaceEvidence) -> Verdict:
+        return evidence.classify(ev)
+
+    def collect(self, vm: QemuVm, dest: Path, *, everything: bool = False) -> list[Path]:
+        """Copy the VM's serial log, QEMU stderr and argv from the host (before destroy);
+        ``everything`` adds the snapshot it was restored from, so the failed iteration
+        can be restored and inspected as it began."""
         dest.mkdir(parents=True, exist_ok=True)
+        wanted = [(f"{vm.workdir}/{n}", n) for n in ("serial.log", "qemu.stderr", "qemu.argv.json")]
+        if everything and vm.incoming:
+            wanted.append((vm.incoming, "snapshot.mig"))
         out = []
-        for name in ("serial.log", "qemu.stderr", "qemu.argv.json"):
+        for src, name in wanted:
             try:
-                self.transport.get(f"{vm.workdir}/{name}", dest / name)
+                self.transport.get(src, dest / name)
                 out.append(dest / name)
             except (OSError, TransportError):
                 continue  # never created (QEMU did not start) or the host is gone
@@ -417,9 +456,9 @@ class QemuBackend:
         (stdin EOF, PR_SET_PDEATHSIG) has already taken QEMU down; locally the
         lease is reaped here as a last resort."""
         try:
-            if vm.running and self._agent is not None:
-                self._agent.call("destroy", name=vm.name, remove_workdir=True, timeout=30)
-        except (AgentFailure, AgentLost) as e:
+            if vm.running and self.program.running:
+                self.call("destroy", name=vm.name, remove_workdir=True, timeout=30)
+        except InfraError as e:
             log.warning("destroy of %s through the agent failed (%s)", vm.name, e)
             if self.transport.is_local:
                 for path, lease in leases.read_all(runtime_dir() / "leases"):
@@ -432,5 +471,5 @@ class QemuBackend:
 
     def gc_host(self) -> list[str]:
         """``testbed gc --host``: reap what dead owners left on the host."""
-        res: list[str] = self.agent.call("gc", timeout=120)["actions"]
+        res: list[str] = self.call("gc", timeout=120)["actions"]
         return res

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from testbed.backends.base import InfraError
+from testbed.backends.qemu.config import PARAVISOR_IMAGES, QemuVmConfig
 from testbed.backends.qemu.cpio import write_newc
-from testbed.config import PARAVISOR_IMAGES, VmConfig
 from testbed.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ WANTED_MODULES = (
 )
 
 
-class ImageBuildError(Exception):
+class ImageBuildError(InfraError):
     """The image could not be built; the message says which tool or package failed."""
 
 
@@ -165,7 +166,7 @@ class ImageInputs:
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def resolve_inputs(cfg: VmConfig) -> ImageInputs:
+def resolve_inputs(cfg: QemuVmConfig) -> ImageInputs:
     kpkg, kver = resolve_kernel(cfg.kernel.package, cfg.kernel.version)
     bb = apt_show(cfg.busybox_package)["Version"]
     src = hashlib.sha256()
@@ -183,7 +184,7 @@ def cached_image(key: str) -> Image | None:
     return Image(d, d / "vmlinuz", d / "initrd.cpio", manifest)
 
 
-def build_image(cfg: VmConfig, force: bool = False) -> Image:
+def build_image(cfg: QemuVmConfig, force: bool = False) -> Image:
     """Build (or fetch from cache) the reference image for ``cfg``."""
     inputs = resolve_inputs(cfg)
     key = inputs.key()

@@ -76,3 +76,67 @@ class AgentClient:
             self._in.close()
         except (OSError, EOFError):
             pass
+
+
+class HostProgram:
+    """A host-side RPC program (``testbed.agent.rpc``) reached through a transport:
+    started on first use, as a local subprocess or, on a remote host, as a zipapp
+    uploaded once (hash-checked, skipped when present); ended by closing its stdin.
+
+    Shared by every backend whose host side is Python (the QEMU agent, the
+    OpenVMM console driver), so each has one way to start, talk and stop."""
+
+    def __init__(self, transport: Any, entry: str, *, hello_timeout: float = 60.0) -> None:
+        self.transport = transport
+        self.entry = entry
+        self.hello_timeout = hello_timeout
+        self.hello: dict[str, Any] = {}
+        self._client: AgentClient | None = None
+        self._close: Any = None
+
+    @property
+    def client(self) -> AgentClient:
+        """The running program (started now if needed); AgentLost if it cannot start."""
+        if self._client is None:
+            if self.transport.is_local:
+                import sys
+
+                argv = [sys.executable, "-m", self.entry]
+            else:
+                from testbed.agent.bundle import build_pyz
+
+                pyz = build_pyz(self.entry)
+                remote = f".cache/testbed/agent/{pyz.name}"
+                uploaded = self.transport.put(pyz, remote)
+                log.info(
+                    "%s: %s %s", self.transport.name, pyz.name, "uploaded" if uploaded else "already there"
+                )
+                argv = ["python3", remote]
+            stdin, stdout, close = self.transport.open_agent(argv)
+            self._client, self._close = AgentClient(stdin, stdout), close
+            try:
+                self.hello = self._client.call("hello", timeout=self.hello_timeout)
+            except (AgentFailure, AgentLost) as e:
+                self.close()
+                raise AgentLost(f"{self.transport.name}: {self.entry} did not start: {e}") from None
+        return self._client
+
+    @property
+    def running(self) -> bool:
+        return self._client is not None
+
+    def call(self, op: str, timeout: float = 120.0, **args: Any) -> dict[str, Any]:
+        """One request; a lost program is forgotten, so the next call starts a fresh one."""
+        try:
+            return self.client.call(op, timeout=timeout, **args)
+        except AgentLost:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Close the program's stdin: it destroys what it owns and exits."""
+        if self._client is not None:
+            self._client.close_input()
+            if self._close is not None:
+                self._close()
+            self._client = None

@@ -1,40 +1,21 @@
-"""One verdict per iteration, read only from evidence.
+"""Verdicts from the reference lab's evidence, and that evidence in the engine's terms.
 
 Evidence is what the iteration left behind: the host relay's message log,
 the guest's serial lines (``TB t=<guest us> ...``), QMP events and the
-servicing report.  The classifier never looks at the planned offset and
-never guesses: each verdict carries the lines it was read from.
+servicing report, all from the QEMU host agent's ``race``.  The classifier
+never looks at the planned offset and never guesses: each verdict carries the
+lines it was read from.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
-VERDICTS = (
-    "preserved",
-    "delivered-before",
-    "lost",
-    "duplicated",
-    "rejected",
-    "servicing-failed",
-    "guest-crash",
-    "infra-error",
-)
-PRODUCT_FAILURES = ("lost", "duplicated")
+from testbed.backends.base import RaceEvidence, TimelineEntry
+from testbed.verdicts import Verdict
 
 _T = re.compile(r"^TB t=(\d+) ")
-
-
-@dataclass
-class Verdict:
-    kind: str
-    reason: str
-    evidence: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"verdict": self.kind, "reason": self.reason, "evidence": self.evidence}
 
 
 def guest_time_us(line: str) -> int | None:
@@ -42,33 +23,57 @@ def guest_time_us(line: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def fire_offsets(ev: dict[str, Any], servicing: bool) -> tuple[float | None, float | None]:
-    """When the shutdown was fired, in ms: from the servicing request (host anchor)
-    and from the paravisor's reported servicing start (guest anchor)."""
-    t0, fire, svc = ev.get("t0_ns"), ev.get("fire_ns"), ev.get("svc", {})
-    offset = (fire - t0) / 1e6 if t0 is not None and fire is not None and servicing else None
-    guest = (fire - svc["start_ns"]) / 1e6 if fire is not None and "start_ns" in svc else None
-    return offset, guest
+def evidence(res: dict[str, Any]) -> RaceEvidence:
+    """The agent's race result (kept whole as ``raw``) with its host-clock anchors."""
+    svc: dict[str, Any] = res.get("svc", {})
+    shutdown = res.get("shutdown") or {}
+    timeline = [TimelineEntry(e["t_ns"], "host", f"{e['kind']} {e['port']}: {e['line']}")
+                for e in res.get("host_log", [])]  # fmt: skip
+    if "guest_start_us" in svc and "start_ns" in svc:
+        # Guest lines onto the host clock, anchored where both saw the servicing start.
+        for ln in res.get("serial", []):
+            g = guest_time_us(ln)
+            if g is not None and g >= svc["guest_start_us"] - 2_000_000:
+                t = svc["start_ns"] + (g - svc["guest_start_us"]) * 1000
+                timeline.append(TimelineEntry(t, "guest", ln.split(" ", 2)[2]))
+    timeline += [TimelineEntry(e["t_ns"], "qmp", f"{e['event']} {e.get('data')}")
+                 for e in res.get("qmp_events", [])]  # fmt: skip
+    ic_offers = [e["t_ns"] for e in res.get("host_log", [])
+                 if e["kind"] == "recv" and e["line"].startswith("HELLO") and e["t_ns"] > svc.get("request_ns", 0)]  # fmt: skip
+    return RaceEvidence(
+        backend="qemu",
+        zero_ns=res.get("t0_ns"),
+        service_requested_ns=svc.get("request_ns"),
+        service_started_ns=svc.get("start_ns"),
+        service_done_ns=svc.get("done_ns"),
+        ic_reoffered_ns=ic_offers[0] if ic_offers and "request_ns" in svc else None,
+        fire_planned_ns=res.get("fire_planned_ns"),
+        fire_ns=res.get("fire_ns"),
+        ended_ns=shutdown.get("t_ns"),
+        ended=bool(res.get("ended")),
+        end_reason=(shutdown.get("data") or {}).get("reason")
+        if shutdown.get("event") == "SHUTDOWN"
+        else shutdown.get("event"),
+        ic_at_fire=res.get("ic_at_fire"),
+        decision=res.get("decision"),
+        message_id=res.get("shutdown_id"),
+        features=res.get("features"),
+        guest_anchor="paravisor" if "start_ns" in svc else None,
+        timeline=sorted(timeline, key=lambda e: e.t_ns),
+        raw=res,
+    )
 
 
 def _host_lines(log: list[dict[str, Any]], pred: Any) -> list[str]:
     return [f"host {e['kind']} {e['port']}: {e['line']}" for e in log if pred(e)]
 
 
-def classify(ev: dict[str, Any]) -> Verdict:
-    """``ev`` is a backend's race result, plus ``infra_error`` when the testbed failed."""
-    if ev.get("backend") == "hyperv":
-        from testbed.backends.hyperv.evidence import classify as classify_hyperv
-
-        return classify_hyperv(ev)
-    return classify_lab(ev)
-
-
-def classify_lab(ev: dict[str, Any]) -> Verdict:
-    """The reference lab's evidence: the QEMU host agent's race result."""
-    if ev.get("infra_error"):
-        return Verdict("infra-error", str(ev["infra_error"]), [str(ev["infra_error"])])
-
+def classify(race: RaceEvidence) -> Verdict:
+    """The reference lab's verdict, read from the QEMU host agent's race result
+    (``race.raw``): the guest's serial lines, the relay's log, QMP events."""
+    if race.infra_error:
+        return Verdict.infra(race.infra_error)
+    ev = race.raw
     serial: list[str] = ev.get("serial", [])
     host_log: list[dict[str, Any]] = ev.get("host_log", [])
     qmp: list[dict[str, Any]] = ev.get("qmp_events", [])

@@ -1,0 +1,498 @@
+"""QEMU lifecycle on the host: the command line, launch (own process group, lease,
+guest slot, SIGKILL with the agent), QMP and the virtio-serial sockets, readiness,
+snapshots, the KVM probe, and destroy (quit -> SIGTERM -> SIGKILL).
+
+Stdlib + qemu.qmp, valid on Python 3.9: this runs on lab hosts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient
+
+from testbed import leases
+from testbed.agent.rpc import AgentError
+from testbed.lab.relay import Relay
+from testbed.paths import shared_dir
+from testbed.slots import GuestSlot, max_guests
+
+PR_SET_PDEATHSIG = 1
+SLOT_WAIT_S = 3600.0  # how long a launch waits for another run's guest to end
+# How QEMU says its command line is wrong (an option, a property, a device it lacks).
+ARGUMENT_ERROR = re.compile(r"invalid option|unknown option|Parameter '.*' expects|property '.*' not found|"
+                            r"'.*' is not a valid device model name|Invalid parameter|unsupported machine type", re.I)  # fmt: skip
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: QEMU gets SIGKILL when the agent dies, however it dies."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def qemu_argv(spec: dict[str, Any], workdir: Path) -> list[str]:
+    """The QEMU command line for a lab VM. Every guest runs with -no-reboot and, where
+    QEMU has ``-action`` (6.0+; ``spec["action"]`` says), panic=shutdown, so a triple
+    fault or panic ends the VM instead of rebooting; an older QEMU pauses a panicked
+    guest, and its GUEST_PANICKED event ends the VM's wait instead (``_events``)."""
+    accel = spec["accel"]
+    argv = [
+        spec.get("qemu") or os.environ.get("TESTBED_QEMU_BINARY", "qemu-system-x86_64"),
+        "-machine",
+        spec["machine"],
+        "-accel",
+        accel,
+        "-m",
+        str(spec["memory_mib"]),
+        "-smp",
+        str(spec["cpus"]),
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        *(["-action", "panic=shutdown"] if spec.get("action", True) else []),
+        "-kernel",
+        spec["kernel"],
+        "-initrd",
+        spec["initrd"],
+        "-append",
+        spec["cmdline"],
+        "-chardev",
+        f"file,id=ser0,path={workdir / 'serial.log'}",
+        "-serial",
+        "chardev:ser0",
+        "-qmp",
+        f"unix:{workdir / 'qmp.sock'},server=on,wait=off",
+        "-device",
+        "virtio-serial-pci,id=vser0",
+        "-device",
+        "pvpanic",
+    ]
+    if accel == "kvm":
+        argv += ["-cpu", "host"]
+    for port in ("vmbus", "get"):
+        argv += [
+            "-chardev",
+            f"socket,id={port},path={workdir / (port + '.sock')},server=on,wait=off",
+            "-device",
+            f"virtserialport,bus=vser0.0,chardev={port},name={port},id=port-{port}",
+        ]
+    if spec.get("incoming"):
+        argv += ["-incoming", f"exec:cat {spec['incoming']}"]
+    return argv
+
+
+class LineSocket:
+    """A connected chardev socket: raw non-blocking send, line-split receive."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, path: Path, on_line: Any) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(path))
+        self.sock.setblocking(False)
+        self.buf = b""
+        self.on_line = on_line
+        self.loop = loop
+        self.closed = False
+        loop.add_reader(self.sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data = self.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+            return
+        self.buf += data
+        while b"\n" in self.buf:
+            line, self.buf = self.buf.split(b"\n", 1)
+            self.on_line(line.decode(errors="replace"))
+
+    def send(self, line: str) -> None:
+        """Send a line; a peer that went away (QEMU exited) closes the socket
+        instead of raising, and the caller sees the VM's end in its events."""
+        if self.closed:
+            return
+        try:
+            self.sock.sendall((line + "\n").encode())
+        except OSError:
+            self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+
+
+class Vm:
+    """One QEMU and everything attached to it."""
+
+    def __init__(self, name: str, workdir: Path, lease_dir: Path) -> None:
+        self.name = name
+        self.workdir = workdir
+        self.lease_dir = lease_dir
+        self.proc: asyncio.subprocess.Process | None = None
+        self.qemu_start: int | None = None
+        self.qmp = QMPClient(name)
+        self.events: list[dict[str, Any]] = []
+        self.shutdown: asyncio.Future[dict[str, Any]] | None = None
+        self.relay: Relay | None = None
+        self.ports: dict[str, LineSocket] = {}
+        self.event_task: asyncio.Task[None] | None = None
+        self.exit_task: asyncio.Task[None] | None = None
+        self.lease_path: Path | None = None
+        self.uname: asyncio.Future[str] | None = None
+        self.slot: GuestSlot | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+
+class QemuLifecycle:
+    """The ops that start, watch and end QEMU guests (a mixin of the agent)."""
+
+    loop: asyncio.AbstractEventLoop
+
+    def __init__(self) -> None:
+        self.vms: dict[str, Vm] = {}
+
+    def vm(self, name: str) -> Vm:
+        if name not in self.vms:
+            raise AgentError("no-such-vm", f"no VM named {name!r} in this agent")
+        return self.vms[name]
+
+    async def op_launch(
+        self, name: str, workdir: str, lease_dir: str, spec: dict[str, Any], owner_pid: int
+    ) -> dict[str, Any]:
+        if name in self.vms:
+            raise AgentError("exists", f"VM {name!r} already running in this agent")
+        wd = Path(workdir)
+        shared_dir(wd.parent)
+        wd.mkdir(exist_ok=True)
+        vm = Vm(name, wd, Path(lease_dir))
+        # The machine-wide guest limit is the host's: wait here for a slot.
+        slot = GuestSlot()
+        t_wait = time.monotonic()
+        if not slot.try_acquire():
+            # Said where the user sees it (the agent's stderr is the run's, locally) and
+            # returned, so a wait never passes for a slow boot.
+            sys.stderr.write(f"testbed: all {max_guests()} guest slots of this host are busy (other runs); "
+                             f"{name} waits for one\n")  # fmt: skip
+            sys.stderr.flush()
+            while not slot.try_acquire():
+                if time.monotonic() - t_wait > SLOT_WAIT_S:
+                    raise AgentError("no-slot", f"no free guest slot on this host in {SLOT_WAIT_S:.0f} s")
+                await asyncio.sleep(0.1)
+        waited_s = time.monotonic() - t_wait
+        vm.slot = slot
+        argv = qemu_argv(spec, wd)
+        (wd / "qemu.argv.json").write_text(json.dumps(argv))
+        stderr = (wd / "qemu.stderr").open("wb")
+        try:
+            vm.proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=subprocess.DEVNULL,
+                stdout=stderr,
+                stderr=stderr,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        except FileNotFoundError:
+            raise AgentError(
+                "qemu-missing", f"{argv[0]} not found: apt-get install qemu-system-x86"
+            ) from None
+        finally:
+            stderr.close()
+        vm.qemu_start = leases.start_time(vm.pid)
+        owner = owner_pid or os.getpid()  # 0: a remote owner; the agent stands for it
+        vm.lease_path = leases.write(
+            vm.lease_dir,
+            leases.Lease(name, vm.pid, vm.qemu_start, owner, leases.start_time(owner), str(wd), time.time()),
+        )
+        self.vms[name] = vm
+        vm.shutdown = self.loop.create_future()
+        # QMP and the chardev sockets appear once QEMU has parsed its arguments.
+        deadline = time.monotonic() + 20
+        while True:
+            await asyncio.sleep(0)  # let the child watcher record an early exit
+            if vm.proc.returncode is not None:
+                err = (wd / "qemu.stderr").read_text(errors="replace")[-2000:]
+                await self.destroy_vm(vm)
+                raise AgentError("qemu-failed", f"QEMU exited at start: {err.strip()}")
+            if all((wd / f"{p}.sock").exists() for p in ("qmp", "vmbus", "get")):
+                try:
+                    await vm.qmp.connect(str(wd / "qmp.sock"))
+                    break
+                except Exception:
+                    pass
+            if time.monotonic() > deadline:
+                await self.destroy_vm(vm)
+                raise AgentError("qemu-failed", "QMP socket did not come up in 20 s")
+            await asyncio.sleep(0.01)
+        vm.event_task = asyncio.create_task(self._events(vm))
+        relay = Relay(
+            send_vmbus=lambda s: vm.ports["vmbus"].send(s),
+            send_get=lambda s: vm.ports["get"].send(s),
+            strategy=spec.get("strategy", "none"),
+        )
+        vm.relay = relay
+        vm.ports["vmbus"] = LineSocket(self.loop, wd / "vmbus.sock", relay.on_vmbus)
+        vm.ports["get"] = LineSocket(self.loop, wd / "get.sock", lambda line: self._on_get(vm, line))
+        vm.exit_task = asyncio.create_task(self._watch_exit(vm))  # keep a reference: tasks are weakly held
+        return {"pid": vm.pid, "argv": argv, "slot_wait_s": waited_s}
+
+    def _on_get(self, vm: Vm, line: str) -> None:
+        if line.startswith("UNAME") and vm.uname is not None and not vm.uname.done():
+            vm.uname.set_result(line)
+        assert vm.relay is not None
+        vm.relay.on_get(line)
+
+    async def _events(self, vm: Vm) -> None:
+        with contextlib.suppress(Exception):
+            async for ev in vm.qmp.events:
+                entry = {
+                    "t_ns": time.monotonic_ns(),
+                    "event": ev["event"],
+                    "data": ev.get("data", {}),
+                }
+                vm.events.append(entry)
+                raw = ev.get("data")
+                data: dict[str, Any] = dict(raw) if isinstance(raw, dict) else {}
+                if ev["event"] == "VSERPORT_CHANGE" and vm.relay is not None:
+                    port = str(data.get("id", "")).removeprefix("port-")
+                    vm.relay.on_port_change(port, bool(data.get("open")))
+                if ev["event"] == "SHUTDOWN" and vm.shutdown and not vm.shutdown.done():
+                    vm.shutdown.set_result(entry)
+                if ev["event"] == "GUEST_PANICKED" and data.get("action") == "pause":
+                    # QEMU < 6.0 (no -action): the guest stays paused; it ended all the same.
+                    if vm.shutdown and not vm.shutdown.done():
+                        vm.shutdown.set_result(
+                            {**entry, "event": "SHUTDOWN", "data": {"guest": True, "reason": "guest-panic"}}
+                        )
+
+    async def _watch_exit(self, vm: Vm) -> None:
+        assert vm.proc is not None
+        rc = await vm.proc.wait()
+        vm.events.append({"t_ns": time.monotonic_ns(), "event": "QEMU_EXIT", "data": {"rc": rc}})
+        if vm.shutdown and not vm.shutdown.done():
+            vm.shutdown.set_result(vm.events[-1])
+
+    def _serial_lines(self, vm: Vm) -> list[str]:
+        try:
+            text = (vm.workdir / "serial.log").read_text(errors="replace")
+        except OSError:
+            return []
+        return [ln.strip() for ln in text.splitlines() if ln.strip()]
+
+    async def op_wait_ready(self, name: str, timeout_s: float, incoming: bool = False) -> dict[str, Any]:
+        """Cold boot: wait for the READY marker on serial. Restore: wait for the
+        migration, then continue. Both: renegotiate with the paravisor (SYNC)
+        and wait until the shutdown IC is offered."""
+        vm = self.vm(name)
+        assert vm.relay is not None
+        t_start = time.monotonic()
+        timeout = timeout_s
+        end = t_start + timeout
+        if incoming:
+            while True:
+                st = await _migrate_status(vm)
+                if st.get("status") == "completed":
+                    break
+                if st.get("status") == "failed" or time.monotonic() > end:
+                    raise AgentError("restore-failed", f"incoming migration: {st}")
+                await asyncio.sleep(0.01)
+            await vm.qmp.execute("cont")
+        else:
+            # Tail the serial log (read only what is new) for the READY marker.
+            seen = b""
+            with (vm.workdir / "serial.log").open("rb") as ser:
+                while b"TB t=" not in seen or b" READY" not in seen:
+                    seen = seen[-64:] + ser.read()
+                    if vm.shutdown and vm.shutdown.done():
+                        raise AgentError("guest-died", f"VM ended before READY: {vm.shutdown.result()}")
+                    if time.monotonic() > end:
+                        raise AgentError("boot-timeout", f"no READY marker on serial after {timeout:.0f} s")
+                    await asyncio.sleep(0.003)
+        t_marker = time.monotonic()
+        vm.relay.sync()
+        while vm.relay.ic != "ready":
+            if time.monotonic() > end:
+                raise AgentError("boot-timeout", f"shutdown IC not offered (ic={vm.relay.ic})")
+            await asyncio.sleep(0.005)
+        return {
+            "seconds": time.monotonic() - t_start,
+            "marker_s": t_marker - t_start,
+            "guest_image": vm.relay.guest_image,
+            "features": sorted(vm.relay.features),
+        }
+
+    async def op_uname(self, name: str, timeout_s: float = 10) -> dict[str, Any]:
+        vm = self.vm(name)
+        vm.uname = self.loop.create_future()
+        vm.ports["get"].send("UNAME")
+        try:
+            line = await asyncio.wait_for(vm.uname, timeout_s)
+        except asyncio.TimeoutError:
+            raise AgentError("guest-timeout", "no UNAME reply from the guest") from None
+        return {"line": line, **dict(t.split("=", 1) for t in line.split()[1:] if "=" in t)}
+
+    async def op_powerdown(self, name: str) -> dict[str, Any]:
+        """ACPI power button (the host-initiated poweroff, not the shutdown IC)."""
+        await self.vm(name).qmp.execute("system_powerdown")
+        return {}
+
+    async def op_wait_outcome(self, name: str, timeout_s: float) -> dict[str, Any]:
+        vm = self.vm(name)
+        assert vm.shutdown is not None
+        try:
+            ev = await asyncio.wait_for(asyncio.shield(vm.shutdown), timeout_s)
+        except asyncio.TimeoutError:
+            return {"ended": False, "reason": None, "serial": self._serial_lines(vm)}
+        reason = ev["data"].get("reason") if ev["event"] == "SHUTDOWN" else "qemu-exit"
+        return {"ended": True, "reason": reason, "event": ev, "serial": self._serial_lines(vm)}
+
+    async def op_snapshot(self, name: str, path: str) -> dict[str, Any]:
+        """Save the running VM (at READY) to ``path``; the VM stays paused."""
+        vm = self.vm(name)
+        t = time.monotonic()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        await vm.qmp.execute("stop")
+        tmp = path + ".part"
+        await vm.qmp.execute("migrate", {"uri": f"exec:cat > {tmp}"})
+        while True:
+            st = await _migrate_status(vm)
+            if st.get("status") == "completed":
+                break
+            if st.get("status") in ("failed", "cancelled"):
+                raise AgentError("snapshot-failed", f"migration: {st}")
+            await asyncio.sleep(0.02)
+        os.replace(tmp, path)
+        return {"seconds": time.monotonic() - t, "bytes": os.path.getsize(path)}
+
+    async def op_destroy(self, name: str, remove_workdir: bool = False) -> dict[str, Any]:
+        vm = self.vms.get(name)
+        res = {"destroyed": False} if vm is None else await self.destroy_vm(vm)
+        if remove_workdir and vm is not None:
+            shutil.rmtree(vm.workdir, ignore_errors=True)
+        return res
+
+    async def destroy_vm(self, vm: Vm) -> dict[str, Any]:
+        """QMP quit, then SIGTERM, then SIGKILL; lease removed only when the process is gone."""
+        how = "already-exited"
+        self.vms.pop(vm.name, None)
+        for p in vm.ports.values():
+            p.close()
+        if vm.proc is not None and vm.proc.returncode is None:
+            how = "quit"
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(vm.qmp.execute("quit"), 1.0)
+            if not await _wait_proc(vm.proc, 2.0):
+                how = "sigterm"
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(vm.proc.pid, signal.SIGTERM)
+                if not await _wait_proc(vm.proc, 2.0):
+                    how = "sigkill"
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(vm.proc.pid, signal.SIGKILL)
+                    await _wait_proc(vm.proc, 5.0)
+        with contextlib.suppress(Exception):
+            await vm.qmp.disconnect()
+        if vm.event_task:
+            vm.event_task.cancel()
+        if vm.lease_path is not None and (vm.proc is None or vm.proc.returncode is not None):
+            vm.lease_path.unlink(missing_ok=True)
+        if vm.slot is not None:
+            vm.slot.release()
+            vm.slot = None
+        return {"destroyed": True, "how": how, "pid": vm.proc.pid if vm.proc else None}
+
+    async def op_probe_kvm(self, spec: dict[str, Any], workdir: str, timeout_s: float) -> dict[str, Any]:
+        """Boot the reference guest once under KVM with a short timeout.
+
+        /dev/kvm existing is not enough: KVM has aborted guests on MSR access
+        and hung at "Booting from ROM" on such machines.  Success means the
+        guest's init printed its first line within ``timeout``.
+        """
+        if not os.path.exists("/dev/kvm"):
+            return {"ok": False, "reason": "/dev/kvm does not exist"}
+        if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+            return {"ok": False, "reason": "/dev/kvm is not readable and writable by this user"}
+        wd = Path(workdir)
+        shared_dir(wd.parent)
+        wd.mkdir(exist_ok=True)
+        argv = qemu_argv({**spec, "accel": "kvm"}, wd)
+        t = time.monotonic()
+        timeout = timeout_s
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        try:
+            while time.monotonic() - t < timeout:
+                await asyncio.sleep(0)
+                if proc.returncode is not None:
+                    err = (await proc.stderr.read()).decode(errors="replace") if proc.stderr else ""
+                    if ARGUMENT_ERROR.search(err):  # not KVM's fault: the same line fails under TCG
+                        return {"ok": False, "kind": "qemu-args",
+                                "reason": f"QEMU refused its arguments (not a KVM problem): {err.strip()[-300:]}"}  # fmt: skip
+                    return {
+                        "ok": False,
+                        "reason": f"QEMU exited ({proc.returncode}): {err.strip()[-300:]}",
+                    }
+                ser = wd / "serial.log"
+                if ser.exists() and "TB init" in ser.read_text(errors="replace"):
+                    return {
+                        "ok": True,
+                        "reason": f"guest reached init in {time.monotonic() - t:.1f} s",
+                    }
+                await asyncio.sleep(0.05)
+            return {
+                "ok": False,
+                "reason": f"guest did not reach init within {timeout:.0f} s (hung)",
+            }
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+            shutil.rmtree(wd, ignore_errors=True)
+
+    async def close_all(self) -> None:
+        for vm in list(self.vms.values()):
+            await self.destroy_vm(vm)
+
+
+async def _migrate_status(vm: Vm) -> dict[str, Any]:
+    res = await vm.qmp.execute("query-migrate")
+    return dict(res) if isinstance(res, dict) else {}
+
+
+async def _wait_proc(proc: asyncio.subprocess.Process, timeout: float) -> bool:
+    try:
+        await asyncio.wait_for(proc.wait(), timeout)
+        return True
+    except asyncio.TimeoutError:
+        return False

@@ -1,0 +1,66 @@
+"""The Hyper-V backend's vm_config: an OpenHCL VM (IGVM + VTL0 disk), optionally nested."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Self
+
+from pydantic import Field
+
+from testbed.config import Artifact, Pattern, Strict, VmConfig
+
+
+class NestedSpec(Strict):
+    """Nested Hyper-V: an L1 Windows VM (virtualization extensions exposed) on the L0
+    host; the L2 OpenHCL VM is driven inside it through PowerShell Direct."""
+
+    l1_vhd: Artifact
+    user: str = "Administrator"
+    password_env: str = Field(description="env var on the controller holding the L1 password")
+    memory_mb: int = Field(8192, ge=2048)
+    processors: int = Field(4, ge=1, le=240)
+    heartbeat_timeout_s: int = Field(600, ge=10)
+    host_dir: str = Field(r"C:\testbed", description="testbed's folder on the L0 host (the L1 VM, its disk)")
+
+
+class HyperVSpec(Strict):
+    """A Gen2 VM with OpenHCL on a Hyper-V host (facts in CONTEXT.md)."""
+
+    igvm: Artifact
+    vtl0_vhd: Artifact
+    vtl0_image: str = Field(
+        "Linux VHDX, kernel console=ttyS0 with hv_utils (logs the shutdown request on COM1)",
+        description="what the VTL0 image must be for COM1 evidence to exist",
+    )
+    firmware_cmdline: str = ""
+    memory_mb: int = Field(2048, ge=256)
+    processors: int = Field(2, ge=1, le=240)
+    override_version_checks: bool = True
+    disable_nvme_keepalive: bool = False
+    timeout_hint_secs: int = Field(60, ge=1, le=3600)
+    ic_ready_timeout_s: int = Field(300, ge=1)
+    com1: bool = True
+    com3: Literal["auto", "off"] = "auto"
+    vtl0_shutdown_pattern: Pattern = Field(
+        "Shutdown request received", description="regex of the VTL0 line on COM1 that shows delivery"
+    )
+    com3_servicing_start_pattern: Pattern | None = Field(
+        None, description="regex of OpenHCL's COM3 line that marks the start of its save (guest anchor)"
+    )
+    host_dir: str = Field(
+        r"C:\testbed", description="testbed's folder on the Hyper-V host (inside L1 when nested)"
+    )
+    nested: NestedSpec | None = None
+
+
+class HyperVVmConfig(VmConfig):
+    backend: Literal["hyperv"] = "hyperv"
+    hyperv: HyperVSpec
+
+    def anchored(self, base: Path) -> Self:
+        """Artifact paths relative to the vm_config file (as a user writes them)."""
+        hv = self.hyperv
+        update: dict[str, object] = {"igvm": hv.igvm.anchored(base), "vtl0_vhd": hv.vtl0_vhd.anchored(base)}
+        if hv.nested is not None:
+            update["nested"] = hv.nested.model_copy(update={"l1_vhd": hv.nested.l1_vhd.anchored(base)})
+        return self.model_copy(update={"hyperv": hv.model_copy(update=update)})

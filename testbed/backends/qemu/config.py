@@ -1,0 +1,69 @@
+"""The QEMU backend's vm_config: the reference lab guest and its paravisor's timing."""
+
+from __future__ import annotations
+
+from typing import Literal, Self
+
+from pydantic import Field, field_validator
+
+from testbed.config import LabOverrides, Strict, VmConfig
+
+PARAVISOR_IMAGES: tuple[str, ...] = ("v1", "v2", "v2-replay", "v2-panic", "v2-hang", "v2-crash")
+
+
+class KernelSpec(Strict):
+    package: str = Field(
+        "linux-image-cloud-amd64",
+        description="Debian kernel package or metapackage, resolved with apt at build time",
+    )
+    version: str | None = Field(
+        None, description="pin the package version; null = what the metapackage resolves to today"
+    )
+
+
+class LabKnobs(Strict):
+    """Timing of the reference paravisor: they place the vulnerable window."""
+
+    save_ms: int = Field(300, ge=0, le=60_000)
+    restore_ms: int = Field(100, ge=0, le=60_000)
+    blackout_ms: int = Field(0, ge=0, le=10_000)
+    vtl0_shutdown_ms: int = Field(100, ge=0, le=10_000)
+    servicing_timeout_ms: int = Field(8000, ge=100, le=600_000)
+
+
+class ParavisorSpec(Strict):
+    version: str = "v2"
+
+    @field_validator("version")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in PARAVISOR_IMAGES:
+            raise ValueError(f"unknown paravisor image {v!r}; allowed: {', '.join(PARAVISOR_IMAGES)}")
+        return v
+
+
+class QemuVmConfig(VmConfig):
+    """A reference-lab guest: a Debian kernel, a busybox initramfs, the lab paravisor."""
+
+    backend: Literal["qemu"] = "qemu"
+    kernel: KernelSpec = KernelSpec()
+    busybox_package: str = "busybox-static"
+    cmdline: str = "console=ttyS0 quiet loglevel=1 panic=-1"
+    memory_mib: int = Field(256, ge=64, le=65536)
+    cpus: int = Field(1, ge=1, le=64)
+    machine: Literal["q35", "pc"] = "q35"
+    accel: Literal["auto", "kvm", "tcg"] = "auto"
+    boot_timeout_s: float = Field(90.0, gt=0, le=3600)
+    paravisor: ParavisorSpec = ParavisorSpec()
+    lab: LabKnobs = LabKnobs()
+
+    @property
+    def shutdown_allowance_ms(self) -> float:
+        return float(self.lab.vtl0_shutdown_ms)
+
+    def with_lab(self, over: LabOverrides) -> Self:
+        changes = {k: v for k, v in over.model_dump().items() if v is not None}
+        return self.model_copy(update={"lab": self.lab.model_copy(update=changes)}) if changes else self
+
+    def with_paravisor(self, version: str) -> Self:
+        return self.model_copy(update={"paravisor": ParavisorSpec(version=version)})

@@ -1,0 +1,61 @@
+"""What a run's results mean for the user: the playbook's expectations and the exit code.
+
+Kept in the engine (not in report/, which only renders) because the CLI, the
+runner and ``testbed report`` must all decide the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from testbed.config import check_expectation
+from testbed.engine.stats import summarize
+from testbed.report import write_reports
+from testbed.report.jsonl import read_results
+
+
+def evaluate(run: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Statistics plus the playbook's expectations, per case and overall.
+
+    A run whose every iteration was ``infra-error`` measured nothing: it can
+    neither meet nor violate an expectation (``measured_nothing``)."""
+    summary = summarize(records)
+    infra = summary["counts"]["infra-error"]
+    measured_nothing = bool(records) and infra == len(records)
+    violations: list[str] = []
+    if not measured_nothing:
+        for case, expect in (run.get("expect_by_case") or {"": run.get("expect", {})}).items():
+            recs = [r for r in records if not case or r.get("case") == case]
+            counts = summarize(recs)["counts"] if recs else {}
+            for verdict, spec in expect.items():
+                n = counts.get(verdict, 0)
+                if recs and not check_expectation(spec, n):
+                    violations.append(f"{case or 'run'}: expected {verdict} {spec}, got {n}")
+    summary["expectations"] = {"violations": violations, "ok": not violations and not measured_nothing}
+    summary["measured_nothing"] = measured_nothing
+    summary["infra_errors_exceeded"] = measured_nothing or infra > int(run.get("max_infra_errors", 0))
+    summary["interrupted"] = bool(run.get("interrupted"))
+    return summary
+
+
+def exit_code(summary: dict[str, Any]) -> int:
+    """0 ok; 1 an expectation violated (wins over 3); 3 infrastructure failures over
+    the limit, or nothing measured at all."""
+    if summary["expectations"]["violations"]:
+        return 1
+    if summary["infra_errors_exceeded"]:
+        return 3
+    return 0
+
+
+def finish_run(run_dir: Path) -> tuple[dict[str, Any], int]:
+    """Every report of a run folder from results.jsonl and run.json alone (after a run,
+    and for ``testbed report DIR``): the summary and the exit code."""
+    run_path = run_dir / "run.json"
+    run: dict[str, Any] = json.loads(run_path.read_text()) if run_path.exists() else {}
+    records = read_results(run_dir / "results.jsonl")
+    summary = evaluate(run, records)
+    write_reports(run_dir, run, records, summary)
+    return summary, exit_code(summary)
