@@ -27,7 +27,7 @@ def need_ansible() -> None:
         pytest.fail("Ansible is not installed: pip install -e '.[hosts]' (.ci/run installs it)")
 
 
-@pytest.mark.parametrize("play", ["kvm-host.yml", "hyperv-host.yml"])
+@pytest.mark.parametrize("play", ["kvm-host.yml", "hyperv-host.yml", "openvmm-host.yml"])
 def test_playbook_syntax(play: str) -> None:
     need_ansible()
     import os
@@ -52,16 +52,17 @@ TASK_KEYWORDS = {"name", "when", "register", "loop", "changed_when", "failed_whe
                  "vars", "tags", "notify", "ignore_errors", "args"}  # fmt: skip
 
 
-def test_windows_playbook_uses_real_modules_with_valid_arguments() -> None:
+@pytest.mark.parametrize("play", ["hyperv-host.yml", "openvmm-host.yml"])
+def test_windows_playbook_uses_real_modules_with_valid_arguments(play: str) -> None:
     """It cannot run here: check every task's module exists (ansible-doc) and takes its arguments."""
     need_ansible()
-    plays = YAML(typ="safe").load((PLAYS / "hyperv-host.yml").read_text())
+    plays = YAML(typ="safe").load((PLAYS / play).read_text())
     modules = []
     for task in plays[0]["tasks"]:
         mods = [k for k in task if k not in TASK_KEYWORDS]
         assert len(mods) == 1, task
         mod = mods[0]
-        assert mod.startswith(("ansible.windows.", "community.windows.")), mod
+        assert mod.startswith(("ansible.windows.", "community.windows.", "chocolatey.chocolatey.")), mod
         args = task[mod]
         if isinstance(args, dict):
             unknown = set(args) - module_options(mod)
@@ -69,9 +70,9 @@ def test_windows_playbook_uses_real_modules_with_valid_arguments() -> None:
         else:
             module_options(mod)  # free-form (win_shell): the module must still exist
         modules.append(mod)
-    # Client editions use the optional feature, Server the role: both branches are there.
-    assert "ansible.windows.win_optional_feature" in modules and "ansible.windows.win_feature" in modules
-    assert "ansible.windows.win_reboot" in modules and "ansible.windows.win_regedit" in modules
+    assert "ansible.windows.win_optional_feature" in modules and "ansible.windows.win_reboot" in modules
+    if play == "hyperv-host.yml":  # client editions use the optional feature, Server the role
+        assert "ansible.windows.win_feature" in modules and "ansible.windows.win_regedit" in modules
 
 
 def test_inventory_renders_for_ansible_without_secrets(tmp_path: Path) -> None:
@@ -118,6 +119,7 @@ def test_prepare_a_clean_debian_host_twice_then_check_it(tmp_path: Path) -> None
         assert r.returncode == 0, r.stdout + r.stderr
         assert "host: qemu" in r.stdout
         # ...and a suite runs on the prepared host: a short race over SSH gives the lab's verdicts.
+        from testbed.backends.qemu.backend import QemuBackend
         from testbed.config import Playbook, ScheduleSpec, load_vm_config
         from testbed.engine.runner import Runner, RunOptions
         from testbed.transport.ssh import SshTransport
@@ -136,5 +138,5 @@ def test_prepare_a_clean_debian_host_twice_then_check_it(tmp_path: Path) -> None
             expect={},
         )
         res = Runner(pb, load_vm_config(ROOT / "vm_configs/reference-linux.yaml"),
-                     RunOptions(out=tmp_path / "run", transport=t)).run()  # fmt: skip
+                     RunOptions(out=tmp_path / "run", backend=QemuBackend(t))).run()  # fmt: skip
         assert [rec["verdict"] for rec in res.records] == ["delivered-before", "lost"]

@@ -26,7 +26,9 @@ def commands(path: Path) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("name", ["github-actions-hyperv.yml", "azure-pipelines.yml", "run-suite.sh"])
+@pytest.mark.parametrize(
+    "name", ["github-actions-hyperv.yml", "github-actions-openvmm.yml", "azure-pipelines.yml", "run-suite.sh"]
+)
 def test_ci_example_commands_exist(name: str) -> None:
     cmds = commands(ROOT / "ci" / name)
     assert any("pytest suites/" in c for c in cmds)
@@ -64,3 +66,16 @@ def test_github_workflow_targets_the_hyperv_runner_and_uploads() -> None:
     job = data["jobs"]["lab-suite"]
     assert job["runs-on"] == ["self-hosted", "hyperv"]
     assert any(s.get("uses", "").startswith("actions/upload-artifact") for s in job["steps"])
+
+
+def test_openvmm_workflow_targets_its_runner_and_requires_the_kind() -> None:
+    data = YAML(typ="safe").load((ROOT / "ci/github-actions-openvmm.yml").read_text())
+    job = data["jobs"]["lab-suite"]
+    assert job["runs-on"] == ["self-hosted", "openvmm"]
+    suite = next(c for c in commands(ROOT / "ci/github-actions-openvmm.yml") if "pytest suites/" in c)
+    assert (
+        "--testbed-vm-config vm_configs/openvmm-openhcl.yaml" in suite
+        and "--testbed-require openvmm" in suite
+    )
+    inv = YAML(typ="safe").load((ROOT / "ci/hosts-openvmm.yaml").read_text())
+    assert inv["hosts"][0]["kind"] == "openvmm"

@@ -1,0 +1,103 @@
+"""Reading OpenVMM's interactive console and log: what each printed line means.
+
+The console's output arrives through a terminal: ANSI colour and cursor codes,
+CRLF line ends, the ``openvmm> `` prompt and the echo of what was typed are
+mixed into the log lines (``<uptime>s  LEVEL target: message field=value``,
+u64 fields in hex).  :func:`parse` turns one raw line into a
+:class:`ConsoleLine` with the message and fields cleaned, and :func:`event`
+names what it says, from the exact texts OpenVMM prints (README, "Running
+against a real OpenVMM host", lists them with the verdict each leads to).
+
+Stdlib only, valid on Python 3.9: the host-side driver uses it too.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+PROMPT = "openvmm> "
+ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[()][A-Z0-9]|\x1b[=>78]|\x1b\][^\x07]*\x07")
+# tracing-subscriber's format with openvmm's uptime timer: ``   5.123456789s  INFO
+# openvmm_entry::repl:  vtl2 servicing complete duration=1234`` (spans, when shown,
+# come before the target; the message follows ``target:`` and two spaces).
+LOG = re.compile(
+    r"^\s*(?:(?P<ts>\d+\.\d+)s\s+)?(?P<level>TRACE|DEBUG|INFO|WARN|ERROR)\s+(?P<prefix>.*?):\s\s(?P<msg>\S.*)$"
+)
+LOG_ONE_SPACE = re.compile(
+    r"^\s*(?:(?P<ts>\d+\.\d+)s\s+)?(?P<level>TRACE|DEBUG|INFO|WARN|ERROR)\s+(?P<prefix>[\w:]+):\s(?P<msg>.*)$"
+)
+FIELD = re.compile(r"(?P<k>[A-Za-z_][\w.]*)=(?P<v>\"[^\"]*\"|\S+)")
+
+# What OpenVMM prints, by the event name testbed uses. Order matters: the first match wins.
+EVENTS = (
+    ("servicing-complete", "vtl2 servicing complete"),
+    ("servicing-failed", "vtl2 servicing failed"),
+    ("shutdown-initiated", "shutdown initiated"),
+    ("ic-not-ready", "shutdown ic not ready"),
+    ("already-in-progress", "shutdown already in progress"),
+    ("shutdown-failed", "shutdown failed with error code"),
+    ("shutdown-comm-failure", "communication failure during shutdown"),
+    ("no-shutdown-ic", "no shutdown ic configured"),
+    ("guest-halted", "guest halted"),
+    ("busy", "state change already in progress"),
+    ("vtl0-failed", "guest reported vtl0 failed to start"),
+    ("vtl0-started", "guest reported vtl0 started successfully"),
+    ("phase:save-wait", "waiting for guest to send saved state"),
+    ("phase:reload-igvm", "reloading IGVM file"),
+    ("phase:vtl0-wait", "waiting for VTL0 to start"),
+    ("phase:restore-done", "restore vtl2 complete"),
+    ("console-panic", "failed to enable raw console mode"),
+)
+
+
+@dataclass
+class ConsoleLine:
+    text: str  # the line as shown, escapes and prompt removed
+    message: str  # the log message without timestamp, level, target and fields
+    level: str | None = None
+    target: str | None = None
+    uptime_s: float | None = None
+    fields: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def event(self) -> str | None:
+        return event(self.message)
+
+
+def clean(raw: str) -> str:
+    """A terminal line without escapes, carriage returns, prompts and typed echo."""
+    text = ANSI.sub("", raw).replace("\r", "")
+    while text.startswith(PROMPT.rstrip()):
+        text = text[len(PROMPT.rstrip()) :].lstrip(" ")
+    return text.rstrip()
+
+
+def parse(raw: str) -> ConsoleLine:
+    text = clean(raw)
+    m = LOG.match(text) or LOG_ONE_SPACE.match(text)
+    if not m:
+        return ConsoleLine(text, text)
+    msg = m.group("msg")
+    fields = {f.group("k"): f.group("v").strip('"') for f in FIELD.finditer(msg)}
+    first = FIELD.search(msg)
+    message = msg[: first.start()].rstrip() if first else msg
+    ts = m.group("ts")
+    target = m.group("prefix").rsplit(" ", 1)[-1].rsplit("}:", 1)[-1].strip(": ")
+    return ConsoleLine(text, message or msg, m.group("level"), target, float(ts) if ts else None, fields)
+
+
+def event(message: str) -> str | None:
+    low = message.lower()
+    for name, needle in EVENTS:
+        if needle.lower() in low:
+            return name
+    return None
+
+
+def hex_or_int(value: str) -> int | None:
+    """``0x80004005`` or ``603`` (u64 fields print in hex) -> int."""
+    try:
+        return int(value, 16) if value.lower().startswith("0x") else int(value)
+    except ValueError:
+        return None

@@ -1,0 +1,30 @@
+"""The openvmm backend kind: how testbed finds and opens it (entry point ``testbed.backends``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from testbed.backends.openvmm.config import OpenVmmVmConfig
+from testbed.backends.registry import BackendKind, HostOptions
+
+if TYPE_CHECKING:
+    from testbed.backends.base import Backend
+    from testbed.config import HostEntry
+
+
+def open_backend(entry: HostEntry, opts: HostOptions) -> Backend:
+    from testbed.backends.openvmm.backend import OpenVmmBackend
+    from testbed.hosts import transport_for
+
+    return OpenVmmBackend(transport_for(entry, opts))
+
+
+KIND = BackendKind(
+    kind="openvmm",
+    description="an OpenVMM host",
+    vm_config=OpenVmmVmConfig,
+    open=open_backend,
+    schemes=("local", "ssh"),
+    host_playbook="openvmm-host.yml",
+    host_os="windows",
+)

@@ -1,0 +1,79 @@
+"""Verdicts from OpenVMM evidence: every kind, from the stamped lines the host driver
+returns, through the backend's own evidence path (evidence() then classify())."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from testbed.backends.openvmm.evidence import classify, evidence
+from testbed.verdicts import VERDICTS
+
+MS = 1_000_000
+T0 = 10_000 * MS
+
+
+def log(ms: float, level: str, msg: str) -> tuple[int, str]:
+    return (T0 + int(ms * MS), f"   5.000000000s {level:>5} openvmm_entry::repl:  {msg}")
+
+
+def raw(**streams: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "begin_ns": T0 - MS, "t0_ns": T0, "fire_ns": T0 + 150 * MS, "fire_planned_ns": T0 + 150 * MS,
+        "end_ns": T0 + 3000 * MS, "exited": None, "service_cmd": "service-vtl2", "shutdown_cmd": "shutdown",
+        "grace_ms": 1500.0, "servicing_timeout_s": 6, "vtl0_shutdown_pattern": "Shutdown request received",
+        "com3_servicing_start_pattern": "received servicing request from host",
+        "console": [(T0, "openvmm> service-vtl2"), (T0 + 150 * MS, "openvmm> shutdown")],
+        "log": [log(650, "INFO", "vtl2 servicing complete duration=650")],
+        "COM1": [], "COM3": [(T0 + 30 * MS, "[ 4.1] underhill_core::dispatch: received servicing request from host")],
+    }  # fmt: skip
+    base.update(streams)
+    return base
+
+
+VTL0 = "[ 5.2] hv_utils: Shutdown request received - graceful shutdown initiated"
+DONE = log(650, "INFO", "vtl2 servicing complete duration=650")
+CASES = {
+    "preserved": raw(COM1=[(T0 + 700 * MS, VTL0)],
+                     log=[DONE, log(699, "INFO", "shutdown initiated"), log(800, "INFO", 'guest halted reason="PowerOff"')]),
+    "delivered-before": raw(COM1=[(T0 + 10 * MS, VTL0)], fire_ns=T0 + 5 * MS),
+    "duplicated": raw(COM1=[(T0 + 700 * MS, VTL0), (T0 + 900 * MS, VTL0)]),
+    "lost": raw(),
+    "rejected": raw(log=[DONE, log(660, "ERROR", "shutdown ic not ready")]),
+    "servicing-failed": raw(log=[log(400, "ERROR", "vtl2 servicing failed error=save failed")]),
+    "guest-crash": raw(log=[log(500, "INFO", 'guest halted reason="TripleFault"')]),
+    "infra-error": raw(exited=-6, log=[]),
+}  # fmt: skip
+
+
+def test_cases_cover_every_verdict() -> None:
+    assert set(CASES) == set(VERDICTS)
+
+
+@pytest.mark.parametrize("expected", sorted(CASES))
+def test_classify(expected: str) -> None:
+    v = classify(evidence(CASES[expected]))
+    assert v.kind == expected, v
+    assert v.evidence or v.kind == "infra-error"
+
+
+def test_numbers_come_from_the_host_clock() -> None:
+    ev = evidence(CASES["preserved"])
+    assert ev.offset_ms == 150.0 and ev.guest_offset_ms == 120.0 and ev.servicing_ms == 650.0
+    assert ev.end_reason == "PowerOff" and ev.delivery_ms == 150.0  # halted at 800, servicing done at 650
+
+
+def test_rejected_states_the_wait_and_the_code() -> None:
+    v = classify(evidence(raw(log=[DONE, log(900, "ERROR", "shutdown failed with error code 0x80004005")])))
+    assert v.kind == "rejected" and "0x80004005" in v.reason and "750 ms" in v.reason
+
+
+def test_a_deadline_without_completion_is_servicing_failed() -> None:
+    v = classify(evidence(raw(log=[], servicing_timeout=True)))
+    assert v.kind == "servicing-failed" and "within 6 s" in v.reason
+
+
+def test_shutdown_initiated_alone_proves_delivery_with_the_caveat() -> None:
+    v = classify(evidence(raw(log=[DONE, log(700, "INFO", "shutdown initiated")])))
+    assert v.kind == "preserved" and "no VTL0 line on COM1" in v.reason
