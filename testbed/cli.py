@@ -86,11 +86,15 @@ INFRA_ERRORS: tuple[type[Exception], ...] = (InfraError, TransportError)
 
 
 @contextlib.contextmanager
-def exit_codes() -> Iterator[None]:
-    """Every command body runs in this: known failures end as a message and their code."""
+def exit_codes(*, usage: bool = True) -> Iterator[None]:
+    """Every command body runs in this: known failures end as a message and their code.
+    ``usage=False`` once the input was accepted: a ValueError from inside a run is a bug
+    to see in full, not the user's mistake."""
     try:
         yield
     except USAGE_ERRORS as e:
+        if not usage:
+            raise
         fail(2, str(e))
     except INFRA_ERRORS as e:  # ImageBuildError is an InfraError too
         fail(3, str(e))
@@ -229,7 +233,7 @@ def run(
             progress.update(task, advance=1, counts=" ".join(f"{k}={v}" for k, v in sorted(counts.items())))
 
     runner.progress = on_event
-    with exit_codes(), progress:
+    with exit_codes(usage=False), progress:
         result = runner.run()
     _print_summary(result.run_dir, result.summary)
     if result.stopped:

@@ -26,6 +26,7 @@ from testbed.config import VmConfig
 
 SERVICE_MS = 5.0  # where the emulated race's Stopwatch is when servicing is requested
 INVALID_STATE = 32775
+WORKER_LOG = "Microsoft-Windows-Hyper-V-Worker-Admin"
 COM3_MIN_BUILD = 27653  # the additional-COM-ports code path (petri's check)
 
 
@@ -59,6 +60,9 @@ class HvFaults:
     reload_return: int | None = None  # ReloadManagementVtl's return value (e.g. 32773)
     job_never_finishes: bool = False
     job_error: int | None = None  # the servicing job fails with this ErrorCode
+    shutdown_job_fails: bool = False  # InitiateShutdown returns 4096, then its job fails (0x80004005)
+    worker_terminated: bool = False  # the VM's worker process dies: 14070, in the VMMS log
+    com1_unreadable: bool = False  # the COM1 pipe never accepts the reader
 
 
 @dataclass
@@ -197,7 +201,7 @@ class EmulatedHyperV:
         ic = self.faults.ic_at_race or self.faults.ic_status or "OK"
         reload_fails = self.faults.reload_return is not None
         lab_service = Service and not reload_fails
-        lab_shutdown = Shutdown and ic == "OK"
+        lab_shutdown = Shutdown and ic == "OK" and not self.faults.shutdown_job_fails
         plan = RacePlan(len(self.races), OffsetMs, lab_service, lab_shutdown,
                         "after-ready" if AfterReady else "offset")  # fmt: skip
         res = self.lab.race(v.lab, plan, GraceMs).raw
@@ -229,6 +233,10 @@ class EmulatedHyperV:
         if Shutdown:
             if lab_shutdown and res.get("fire_ns") is not None:
                 out.update(FireMs=ms(res["fire_ns"]), FireReturn=0, IcAtFire="OK")
+            elif self.faults.shutdown_job_fails:  # accepted as a job, which then fails: nothing was sent
+                out.update(FireMs=SERVICE_MS + OffsetMs, FireReturn=4096, IcAtFire=ic, FireJobDone=True,
+                           FireJobState=10, FireJobErrorCode=32768,
+                           FireJobErrorDescription="The guest did not accept the shutdown request (0x80004005).")  # fmt: skip
             else:  # the IC was not OK: Hyper-V refuses the request, nothing reaches the guest
                 out.update(FireMs=SERVICE_MS + OffsetMs, FireReturn=INVALID_STATE, IcAtFire=ic)
         ended = bool(res.get("ended"))
@@ -240,6 +248,8 @@ class EmulatedHyperV:
         out["Com1"] = com1 if Com1Pipe else []
         out["Com3"] = com3 if Com3Pipe else []
         out["Com1Error"] = out["Com3Error"] = ""
+        if self.faults.com1_unreadable and Com1Pipe:
+            out["Com1"], out["Com1Error"] = [], "All pipe instances are busy."
         v.events = self._events(res, started, out)
         if ended:
             v.state = "Off"
@@ -280,15 +290,32 @@ class EmulatedHyperV:
             return (started + timedelta(milliseconds=ms or 0)).isoformat()
 
         events = []
+        if self.faults.worker_terminated:
+            events.append({"Id": 14070, "Log": "Microsoft-Windows-Hyper-V-VMMS-Admin", "TimeUtc": when(out["EndMs"]),
+                           "Message": f"The virtual machine '{out['VmId']}' worker process terminated unexpectedly"})  # fmt: skip
         panicked = any(e["event"] == "GUEST_PANICKED" for e in res.get("qmp_events", []))
         if panicked:
-            events.append({"Id": 18590, "TimeUtc": when(out["EndMs"]), "Message": "guest crash report"})
+            events.append(
+                {
+                    "Id": 18590,
+                    "Log": WORKER_LOG,
+                    "TimeUtc": when(out["EndMs"]),
+                    "Message": "guest crash report",
+                }
+            )
         elif out["OffMs"] is not None:
             by_ic = any(c["Line"].startswith("hv_utils: Shutdown request") for c in out["Com1"]) or any(
                 "VTL0 SHUTDOWN" in ln for ln in res.get("serial", [])
             )
             eid = 18504 if by_ic else 18502
-            events.append({"Id": eid, "TimeUtc": when(out["OffMs"]), "Message": f"'{out['VmId']}' shut down"})
+            events.append(
+                {
+                    "Id": eid,
+                    "Log": WORKER_LOG,
+                    "TimeUtc": when(out["OffMs"]),
+                    "Message": f"'{out['VmId']}' shut down",
+                }
+            )
         return events
 
     def events(self, VmId: str, SinceUtc: str, SettleMs: int = 0) -> Any:  # noqa: N803

@@ -190,6 +190,7 @@ class StandIn:
         """The lab's serial log -> COM1 (VTL0's lines, as a Linux guest prints them) and
         COM3 (the paravisor's, as OpenHCL's)."""
         pos = 0
+        partial = b""  # a line QEMU has not finished writing yet: kept for the next read
         self.emit(self.com1, "Ubuntu 24.04 LTS vtl0 ttyS0\n\nvtl0 login: \n")
         while True:
             try:
@@ -199,7 +200,8 @@ class StandIn:
             except OSError:
                 data = b""
             pos += len(data)
-            for raw in data.decode(errors="replace").splitlines():
+            *whole, partial = (partial + data).split(b"\n")
+            for raw in (ln.decode(errors="replace") for ln in whole):
                 m = re.match(r"^TB t=(\d+) (\S+) (.*)$", raw.strip())
                 if not m:
                     continue

@@ -7,6 +7,7 @@ Stdlib only, valid on Python 3.9: this runs on lab hosts.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -47,7 +48,12 @@ class HostInfo:
             detail = f"{qv['binary']}: {qv['version']}" + (
                 "" if qv["action"] else " (no -action: panics are caught from GUEST_PANICKED)"
             )
-            checks.append(_check("qemu", bool(qv["version"]), detail, ""))
+            m = re.search(r"version (\d+)\.(\d+)", qv["version"])
+            old_qemu = m is not None and (int(m.group(1)), int(m.group(2))) < MIN_QEMU
+            if old_qemu:
+                detail += f" (testbed needs QEMU {MIN_QEMU[0]}.{MIN_QEMU[1]} or newer: Debian 11's is the oldest tested)"
+            checks.append(_check("qemu", bool(qv["version"]) and not old_qemu, detail,
+                                 "install a newer qemu-system-x86 (or name one as qemu_binary in the inventory)"))  # fmt: skip
         except AgentError as e:
             checks.append(_check("qemu", False, str(e), "apt-get install qemu-system-x86 (RHEL: dnf install qemu-kvm), "
                                  "or name the binary as qemu_binary in the inventory"))  # fmt: skip
@@ -94,6 +100,7 @@ class HostInfo:
                 "action": "\n-action " in helptext}  # fmt: skip
 
 
+MIN_QEMU = (5, 2)  # the oldest tested: Debian 11
 QEMU_CANDIDATES = ("qemu-system-x86_64", "/usr/libexec/qemu-kvm")  # Debian/Ubuntu, RHEL family
 
 

@@ -66,7 +66,12 @@ def b64json(obj: Any) -> str:
 
 
 # The fixed scripts. {b64} is the only substitution, and it is base64 (A-Z a-z 0-9 + / =).
-_ARGS = "$a = [Text.Encoding]::UTF8.GetString([Convert]::FromBase64String('{b64}')) | ConvertFrom-Json\n"
+# $ProgressPreference: 5.1's progress bars make Invoke-WebRequest and Copy-Item -ToSession
+# very slow and flood stderr with CLIXML progress records.
+_ARGS = (
+    "$ProgressPreference = 'SilentlyContinue'\n"
+    "$a = [Text.Encoding]::UTF8.GetString([Convert]::FromBase64String('{b64}')) | ConvertFrom-Json\n"
+)
 # Upload: the file arrives on stdin as base64 lines, which powershell.exe feeds to the
 # script's process block (as Ansible's WinRM put_file does); the host checks the sha256
 # before the file takes its name.

@@ -136,8 +136,9 @@ class WinRmPowerShell(PowerShellRunner):
 )
 def _open_shell(p: Protocol) -> str:
     """Connection setup is retried (bounded, each retry logged): nothing has run yet. A
-    command, once sent, is never retried."""
-    return str(p.open_shell())
+    command, once sent, is never retried. Code page 65001 (UTF-8, as Ansible opens it):
+    output is read as UTF-8, and a localized host's messages would be mangled in 437."""
+    return str(p.open_shell(codepage=65001))
 
 
 def _from_keyring(host: str, user: str) -> str | None:

@@ -118,3 +118,15 @@ def test_over_ssh_with_the_standin_on_the_hosts_path(ov_config, standin_bin: Pat
         finally:
             backend.close()
     assert got == ["lost", "delivered-before"]
+
+
+def test_openvmm_suite_passes_through_the_plugin(ov_config, pytester: pytest.Pytester) -> None:  # type: ignore[no-untyped-def]
+    """suites/test_openvmm_servicing_shutdown_ic.py by pytest with the plugin: a bare
+    `local` host is an OpenVMM host because the vm_config says so."""
+    r = pytester.runpytest_subprocess(
+        str(ROOT / "suites" / "test_openvmm_servicing_shutdown_ic.py"),
+        "--testbed-host", "local", "--testbed-vm-config", str(ov_config()),
+        "--testbed-require", "openvmm", "-p", "no:cacheprovider", "-rA",
+    )  # fmt: skip
+    print(r.stdout.str()[-6000:])  # on a failure, the suite's own report says which test and why
+    r.assert_outcomes(passed=3)

@@ -143,8 +143,10 @@ def test_no_password_in_any_message(tmp_path: Path) -> None:
 
 # ---- fuzzing the loaders: any damage is a ConfigError, nothing else ----------------------
 
-SHIPPED = sorted((ROOT / "playbooks").glob("*.yaml")) + sorted((ROOT / "vm_configs").glob("*.yaml")) + sorted(
-    (ROOT / "ci").glob("hosts-*.yaml")
+SHIPPED = (
+    sorted((ROOT / "playbooks").glob("*.yaml"))
+    + sorted((ROOT / "vm_configs").glob("*.yaml"))
+    + sorted((ROOT / "ci").glob("hosts-*.yaml"))
 )
 WEIRD = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.text(max_size=8),
                   st.sampled_from([math.nan, math.inf, -math.inf, 1e308, -0.0]), st.lists(st.integers(), max_size=3),

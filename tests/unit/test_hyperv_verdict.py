@@ -21,7 +21,8 @@ SPEC = HyperVSpec(igvm=Artifact(path="openhcl.bin"), vtl0_vhd=Artifact(path="vtl
 
 
 def ev(race: dict[str, Any] | None = None, events: list[int] | None = None, *, guest_anchor_ms: float | None = None,
-       ic_event_ms: float | None = None, infra_error: str | None = None) -> RaceEvidence:  # fmt: skip
+       ic_event_ms: float | None = None, infra_error: str | None = None,
+       event_at: dict[int, float] | None = None) -> RaceEvidence:  # fmt: skip
     """Evidence built the backend's own way: the host's answer as on the wire (PascalCase),
     the worker's events with their times, through ``evidence()``; an event sits 1 s into
     the race unless a test places the shutdown-IC event itself."""
@@ -38,7 +39,7 @@ def ev(race: dict[str, Any] | None = None, events: list[int] | None = None, *, g
         race["Com3"] = [{"Ms": guest_anchor_ms, "Line": "servicing: saving state"}]
     worker = []
     for i in events or []:
-        at = ic_event_ms if i == 18504 and ic_event_ms is not None else 1000.0
+        at = ic_event_ms if i == 18504 and ic_event_ms is not None else (event_at or {}).get(i, 1000.0)
         worker.append(WorkerEvent(id=i, time_utc=(STARTED + timedelta(milliseconds=at)).isoformat()))
     return evidence(RaceOutcome.model_validate(race), worker, SPEC, 3000.0, race["FireMs"] is not None)
 
@@ -113,3 +114,39 @@ def test_the_ic_event_alone_can_prove_delivery_before_servicing() -> None:
     assert classify(early).kind == "delivered-before"
     late = ev({"Running": False}, [18504], ic_event_ms=600.0)
     assert classify(late).kind == "preserved" and "cannot be ruled out" in classify(late).reason
+
+
+def test_a_shutdown_job_that_fails_after_4096_is_rejected_not_lost() -> None:
+    v = ev({"FireReturn": 4096, "FireJobDone": True, "FireJobState": 10, "FireJobErrorCode": 32768,
+            "FireJobErrorDescription": "The guest rejected the shutdown request. (0x80004005)"})  # fmt: skip
+    got = classify(v)
+    assert got.kind == "rejected" and "ended Exception with HRESULT 0x80004005" in got.reason
+    ok = ev({"FireReturn": 4096, "FireJobDone": True, "FireJobState": 7, "FireJobErrorCode": 0})
+    assert classify(ok).kind == "lost"  # the job completed: accepted, and VTL0 never saw it
+
+
+def test_18620_at_boot_is_not_a_servicing_failure() -> None:
+    assert classify(ev({}, [18620], event_at={18620: -500.0})).kind == "lost"
+    assert classify(ev({}, [18620], event_at={18620: 200.0})).kind == "servicing-failed"
+
+
+def test_a_guest_initiated_shutdown_event_proves_delivery_only_with_an_accepted_ic_call() -> None:
+    assert classify(ev({"Running": False}, [18508])).kind == "preserved"
+    assert (
+        classify(ev({"Running": False, "IcAtFire": "No Contact", "FireReturn": 32775}, [18508])).kind
+        == "rejected"
+    )
+
+
+def test_missing_com1_evidence_is_inconclusive_not_lost() -> None:
+    v = classify(ev({"Com1Error": "The operation has timed out."}))
+    assert v.kind == "infra-error" and "inconclusive" in v.reason
+
+
+def test_job_state_by_name_and_the_hresult_from_the_description() -> None:
+    v = classify(ev({"JobState": 10, "JobErrorCode": 32768,
+                     "JobErrorDescription": "Failed to save: 0xC0370802"}))  # fmt: skip
+    assert (
+        v.kind == "servicing-failed"
+        and "with HRESULT 0xC0370802 (the management VTL failed to save" in v.reason
+    )

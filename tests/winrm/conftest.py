@@ -41,6 +41,7 @@ def hyperv_cfg(tmp: Path, ref_cfg: VmConfig) -> VmConfig:
         "vtl0_vhd": Artifact(path=str(tmp / "vtl0.vhdx")),
         "disable_nvme_keepalive": True,
         "ic_ready_timeout_s": 30,
+        "shutdown_grace_ms": 3000.0,  # the lab guest powers off in 0.1 s
         "com3_servicing_start_pattern": r"^PV svc-start ",
     })  # fmt: skip
     return cfg.model_copy(update={"hyperv": hv})

@@ -253,3 +253,28 @@ def test_winrm_password_never_in_logs(
         b.preflight()
     assert PASSWORD not in caplog.text and USER.split("\\")[1] in b.host
     assert os.environ.get("NTLM_USER_FILE")
+
+
+@pytest.mark.parametrize(
+    ("fault", "verdict", "said"),
+    [
+        (
+            "shutdown_job_fails",
+            "rejected",
+            "InitiateShutdown started a job that ended Exception with HRESULT 0x80004005",
+        ),
+        ("worker_terminated", "infra-error", "worker process terminated (event 14070)"),
+        (
+            "com1_unreadable",
+            "infra-error",
+            "inconclusive: COM1 could not be read (All pipe instances are busy.)",
+        ),
+    ],
+)
+def test_host_faults_that_used_to_pass_for_lost(hv_lab: HvLab, tmp_path: Path, fault: str, verdict: str,
+                                               said: str) -> None:  # fmt: skip
+    """Each of these scored `lost` before: a shutdown job failing after 4096, a worker that
+    died (14070 is a VMMS event, now read), a COM1 that was never readable."""
+    setattr(hv_lab.emulator.faults, fault, True)
+    (rec,) = run(hv_lab.backend(), hv_lab.cfg, tmp_path, [100.0])
+    assert rec["verdict"] == verdict and said in rec["reason"], rec["reason"]

@@ -45,6 +45,7 @@ KNOWN_CMDLETS: dict[str, set[str]] = {
     "Export-ModuleMember": {"Function"},
     "Add-Type": {"TypeDefinition", "ReferencedAssemblies"},
     "Join-Path": set(),
+    "Split-Path": {"Leaf", "Parent"},
     "Test-Path": set(),
     "New-Item": {"ItemType", "Path"},
     "Remove-Item": {"Force", "Recurse"},

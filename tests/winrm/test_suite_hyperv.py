@@ -22,7 +22,7 @@ def test_hyperv_suite_passes_through_the_plugin(
     cfg.write_text(
         "name: hv-suite\nbackend: hyperv\nhyperv:\n"
         f"  igvm: {{path: {hv.igvm.path}}}\n  vtl0_vhd: {{path: {hv.vtl0_vhd.path}}}\n"
-        "  ic_ready_timeout_s: 30\n  com3_servicing_start_pattern: '^PV svc-start '\n"
+        "  ic_ready_timeout_s: 30\n  shutdown_grace_ms: 3000\n  com3_servicing_start_pattern: '^PV svc-start '\n"
     )
     monkeypatch.setenv("TESTBED_WINRM_PASSWORD", PASSWORD)
     port = hv_lab.standin.server.server_address[1]

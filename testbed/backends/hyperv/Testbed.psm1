@@ -13,12 +13,18 @@
 
 Set-StrictMode -Version 3.0
 $ErrorActionPreference = 'Stop'
+$ProgressPreference = 'SilentlyContinue'  # 5.1's progress output slows downloads and copies badly
 
 $script:Namespace = 'root\virtualization\v2'
 $script:JobStarted = 4096
 $script:JobCompleted = 7
+# CIM_ConcreteJob.JobState: 7 Completed, 8 Terminated, 9 Killed, 10 Exception end a job;
+# 11 (Service) and vendor states do not.
+$script:JobFinished = @(7, 8, 9, 10)
 $script:StateOff = 3
 $script:WorkerLog = 'Microsoft-Windows-Hyper-V-Worker-Admin'
+# 14070 (worker process terminated) is a VMMS event: both logs are read, as petri does.
+$script:EventLogs = @('Microsoft-Windows-Hyper-V-Worker-Admin', 'Microsoft-Windows-Hyper-V-VMMS-Admin')
 $script:Com3MinBuild = 27653
 
 function Initialize-TestbedPipeTail {
@@ -36,28 +42,39 @@ using System.IO;
 using System.IO.Pipes;
 using System.Threading;
 namespace Testbed {
+    // Reads one serial pipe on its own thread, stamping each line with the race's clock.
+    // Connects again whenever the pipe is not there yet or went away (as petri's reader
+    // does), until Close: a reader that gave up early would make a delivered shutdown
+    // look lost. Error keeps the last failure while no connection stands.
     public class PipeTail {
         private readonly List<object[]> lines = new List<object[]>();
         private readonly Stopwatch clock;
+        private readonly string name;
+        private volatile bool closed;
         private NamedPipeClientStream pipe;
         public string Error = "";
         public PipeTail(string name, Stopwatch clock, int connectMs) {
             this.clock = clock;
-            pipe = new NamedPipeClientStream(".", name, PipeDirection.In);
-            try { pipe.Connect(connectMs); } catch (Exception e) { Error = e.Message; pipe = null; return; }
+            this.name = name;
             var t = new Thread(Read); t.IsBackground = true; t.Start();
         }
         private void Read() {
-            try {
-                var r = new StreamReader(pipe);
-                string line;
-                while ((line = r.ReadLine()) != null) {
-                    lock (lines) { lines.Add(new object[] { clock.Elapsed.TotalMilliseconds, line }); }
-                }
-            } catch (Exception e) { Error = e.Message; }
+            while (!closed) {
+                try {
+                    pipe = new NamedPipeClientStream(".", name, PipeDirection.In);
+                    pipe.Connect(250);
+                    Error = "";
+                    var r = new StreamReader(pipe);
+                    string line;
+                    while (!closed && (line = r.ReadLine()) != null) {
+                        lock (lines) { lines.Add(new object[] { clock.Elapsed.TotalMilliseconds, line }); }
+                    }
+                } catch (Exception e) { Error = e.Message; Thread.Sleep(50); }
+                finally { if (pipe != null) { pipe.Dispose(); } }
+            }
         }
         public object[] Lines() { lock (lines) { return lines.ToArray(); } }
-        public void Close() { if (pipe != null) { pipe.Dispose(); } }
+        public void Close() { closed = true; }
     }
 }
 '@
@@ -172,7 +189,8 @@ function New-TestbedOwnedVm {
     $vm = $null
     try {
         if (-not (Test-Path $VmDir)) { $null = New-Item -ItemType Directory -Path $VmDir }
-        $disk = Join-Path $VmDir $DiskName
+        # The child disk must have its parent's format: a .vhd parent takes a .vhd child.
+        $disk = Join-Path $VmDir ([IO.Path]::GetFileNameWithoutExtension($DiskName) + [IO.Path]::GetExtension($ParentVhd))
         $null = New-VHD -Path $disk -ParentPath $ParentVhd -Differencing
         $bytes = [int64]$MemoryMB * 1048576
         if ($OpenHcl) {
@@ -285,7 +303,8 @@ function Wait-TestbedJob {
     $watch = [Diagnostics.Stopwatch]::StartNew()
     while ($true) {
         $job = Get-CimInstance -InputObject $JobPath
-        if ($job.JobState -ge $script:JobCompleted) {
+        if ($script:JobFinished -contains [int]$job.JobState) {
+            # ErrorCode is a uint16; the HRESULT, when there is one, is in the description.
             return [pscustomobject]@{ Done = $true; JobState = [int]$job.JobState; ErrorCode = [int64]$job.ErrorCode; ErrorDescription = [string]$job.ErrorDescription; Ms = $watch.ElapsedMilliseconds }
         }
         if ($watch.Elapsed.TotalSeconds -gt $TimeoutSeconds) {
@@ -337,7 +356,10 @@ function Invoke-TestbedRace {
         $result.FireMs = $t
         $result.FireReturnedMs = $clock.Elapsed.TotalMilliseconds
         $result.FireReturn = [int]$r.ReturnValue
+        # 4096: a job was started; it may still fail, so it is polled after the race.
+        if ($r.ReturnValue -eq $script:JobStarted) { $script:FireJob = $r.Job }
     }
+    $script:FireJob = $null
     $byOffset = ($Shutdown -and -not $AfterReady)
     if ($byOffset -and $OffsetMs -lt 0) {
         & $fire
@@ -378,6 +400,13 @@ function Invoke-TestbedRace {
         }
         & $fire
     }
+    if ($null -ne $script:FireJob) {
+        $fj = Wait-TestbedJob -JobPath $script:FireJob -TimeoutSeconds 60
+        $result.FireJobDone = $fj.Done
+        $result.FireJobState = $fj.JobState
+        $result.FireJobErrorCode = $fj.ErrorCode
+        $result.FireJobErrorDescription = $fj.ErrorDescription
+    }
     $from = $clock.Elapsed.TotalMilliseconds
     $result.OffMs = $null
     while ($clock.Elapsed.TotalMilliseconds -lt $from + $GraceMs) {
@@ -414,14 +443,16 @@ function Get-TestbedEvents {
     $offIds = @(18502, 18504, 18508, 18515, 18528, 18539, 18540, 18550, 18560, 18590, 14070)
     $watch = [Diagnostics.Stopwatch]::StartNew()
     while ($true) {
-        $events = @(Get-WinEvent -FilterHashtable @{ LogName = $script:WorkerLog; StartTime = $since } -ErrorAction SilentlyContinue |
-                Where-Object { $_.Message -match $id -or $_.Properties.Value -contains $id })
+        # Properties is read element by element: under StrictMode, `.Properties.Value` on an
+        # event with no properties throws, and would fail the whole call.
+        $events = @(Get-WinEvent -FilterHashtable @{ LogName = $script:EventLogs; StartTime = $since } -ErrorAction SilentlyContinue |
+                Where-Object { ([string]$_.Message) -match $id -or (@($_.Properties | ForEach-Object { [string]$_.Value }) -contains $id) })
         $settled = @($events | Where-Object { $offIds -contains $_.Id }).Count -gt 0
         if ($settled -or $watch.ElapsedMilliseconds -ge $SettleMs) { break }
         Start-Sleep -Milliseconds 200
     }
     @($events | ForEach-Object {
-            [pscustomobject]@{ Id = $_.Id; TimeUtc = $_.TimeCreated.ToUniversalTime().ToString('o'); Message = $_.Message }
+            [pscustomobject]@{ Id = $_.Id; Log = $_.LogName; TimeUtc = $_.TimeCreated.ToUniversalTime().ToString('o'); Message = [string]$_.Message }
         })
 }
 
@@ -439,10 +470,19 @@ function Remove-TestbedVm {
     $removed = $false
     if ($null -ne $vm) {
         if ($vm.State -ne 'Off') { Stop-VM -VM $vm -TurnOff -Force }
+        # The worker may hold the disks a moment after Off: wait for Off, then retry the
+        # folder's removal (petri waits too) instead of leaking it past gc.
+        $watch = [Diagnostics.Stopwatch]::StartNew()
+        while ((Get-VM -Id $id).State -ne 'Off' -and $watch.Elapsed.TotalSeconds -lt 30) { Start-Sleep -Milliseconds 200 }
         Remove-VM -VM $vm -Force
         $removed = $true
     }
-    if ($VmDir -and (Test-Path $VmDir)) { Remove-Item -Recurse -Force $VmDir }
+    if ($VmDir) {
+        for ($try = 0; $try -lt 20 -and (Test-Path $VmDir); $try++) {
+            try { Remove-Item -Recurse -Force $VmDir } catch { Start-Sleep -Milliseconds 500 }
+        }
+        if (Test-Path $VmDir) { throw "could not remove $VmDir (still in use): testbed gc --host will retry" }
+    }
     [pscustomobject]@{ VmId = $id; Removed = $removed }
 }
 
@@ -451,7 +491,10 @@ function Get-TestbedOwnedVm {
     param()
     @(Get-VM | ForEach-Object {
             if ($_.Notes -match 'testbed-owner=(\S+)') {
-                [pscustomobject]@{ Name = $_.Name; VmId = $_.Id.ToString(); Owner = $Matches[1]; State = $_.State.ToString(); Path = $_.Path }
+                # New-VM -Path D makes D\<Name>; testbed's folder (with the disk) is D.
+                $dir = $_.Path
+                if ((Split-Path -Leaf $dir) -eq $_.Name) { $dir = Split-Path -Parent $dir }
+                [pscustomobject]@{ Name = $_.Name; VmId = $_.Id.ToString(); Owner = $Matches[1]; State = $_.State.ToString(); Path = $dir }
             }
         })
 }

@@ -27,7 +27,7 @@ from testbed.backends.base import Check, HostReport, InfraError, RaceEvidence, R
 from testbed.backends.hyperv import evidence as hv_evidence
 from testbed.backends.hyperv import options
 from testbed.backends.hyperv.config import HyperVSpec, HyperVVmConfig
-from testbed.backends.hyperv.evidence import ACCEPTED, EV_SHUTDOWN_IC, POWER_OFF_EVENTS
+from testbed.backends.hyperv.evidence import ACCEPTED, GUEST_SHUTDOWN_EVENTS, POWER_OFF_EVENTS
 from testbed.backends.hyperv.module import CreatedVm, HostModule, Preflight, RaceOutcome, WorkerEvent
 from testbed.config import Artifact
 from testbed.transport.powershell import PowerShellDirect, PowerShellRunner
@@ -35,7 +35,6 @@ from testbed.verdicts import Verdict
 
 log = logging.getLogger(__name__)
 
-MIN_GRACE_MS = 3000.0  # a real VTL0 needs a moment to log the request on COM1
 MIN_BUILD = 26100  # Windows 11 24H2 / Server 2025: OpenHCL development support
 COM3_MIN_BUILD = 27653  # the additional-COM-ports code path (petri's check; the guide says 26H1, 28000+)
 EVENT_SETTLE_MS = 3000  # how long the event log may lag the VM going off
@@ -256,7 +255,7 @@ class HyperVBackend:
             raise InfraError("servicing into another IGVM image is not supported by the Hyper-V backend yet")
         assert vm.vm_id is not None
         s = vm.spec
-        grace = max(grace_ms, MIN_GRACE_MS)
+        grace = max(grace_ms, s.shutdown_grace_ms)
         race = self.module.race(
             vm.vm_id,
             offset_ms=float(plan.offset_ms or 0.0),
@@ -357,10 +356,12 @@ def evidence(
     # StartMs): with no COM1 line, it still proves a delivery that came before servicing.
     ic_event_ms = None
     off_event_ms = None
+    event_ms: dict[int, float] = {}
     started = datetime.fromisoformat(outcome.started_utc)
     for e in events:
         at: float = outcome.start_ms + (datetime.fromisoformat(e.time_utc) - started).total_seconds() * 1000
-        if e.id == EV_SHUTDOWN_IC:
+        event_ms.setdefault(e.id, at)
+        if e.id in GUEST_SHUTDOWN_EVENTS and ic_event_ms is None:
             ic_event_ms = at
         off_event_ms = at if e.id in POWER_OFF_EVENTS else off_event_ms
     timeline = [TimelineEntry(_ns_of(x.ms), "COM1", x.line) for x in outcome.com1]
@@ -376,6 +377,7 @@ def evidence(
         "grace_ms": grace_ms,
         "guest_anchor_ms": anchor,
         "ic_event_ms": ic_event_ms,
+        "event_ms": sorted(event_ms.items()),
     }
     return RaceEvidence(
         backend="hyperv",

@@ -39,6 +39,13 @@ class HyperVSpec(Strict):
     disable_nvme_keepalive: bool = False
     timeout_hint_secs: int = Field(60, ge=1, le=3600)
     ic_ready_timeout_s: int = Field(300, ge=1)
+    shutdown_grace_ms: float = Field(
+        10_000.0,
+        ge=0,
+        le=600_000,
+        description="at least this long after servicing for the VM to go off before a `lost` (a systemd "
+        "poweroff takes seconds; the events that say how it went off follow)",
+    )
     com1: bool = True
     com3: Literal["auto", "off"] = "auto"
     vtl0_shutdown_pattern: Pattern = Field(

@@ -41,6 +41,24 @@ SERVICING_CODES = {
     0xC037080A: "no GET protocol with the management VTL (timeout)",
 }
 ACCEPTED = (0, JOB_STARTED)  # InitiateShutdown / ReloadManagementVtl: done, or job started
+# The VM went off because the guest shut down: through the IC (18504) or by itself (18508).
+# 18502 (turned off) is the host pulling the plug, never a delivery. Whether the guest
+# acted on *our* request is proven by the IC call's own result, not by the event.
+GUEST_SHUTDOWN_EVENTS = frozenset({EV_SHUTDOWN_IC, EV_SHUTDOWN_BY_GUEST})
+JOB_STATES = {7: "Completed", 8: "Terminated", 9: "Killed", 10: "Exception"}  # CIM_ConcreteJob
+_HRESULT = re.compile(r"0x[0-9A-Fa-f]{8}")
+
+
+def job_error(state: Any, code: Any, description: str) -> str:
+    """A finished job's failure in words: its state by name, and the HRESULT, which is in
+    ErrorDescription (ErrorCode is a uint16 and cannot hold one) or else ErrorCode."""
+    name = JOB_STATES.get(int(state), f"state {state}") if state is not None else "an unknown state"
+    m = _HRESULT.search(description or "")
+    if m:
+        return f"ended {name} with HRESULT {code_name(int(m.group(0), 16))} (from ErrorDescription)"
+    return f"ended {name} with ErrorCode {code_name(int(code or 0))}" + (
+        f": {description}" if description else ""
+    )
 
 
 def code_name(code: int) -> str:
@@ -48,21 +66,26 @@ def code_name(code: int) -> str:
     return f"0x{c:08X}" + (f" ({SERVICING_CODES[c]})" if c in SERVICING_CODES else "")
 
 
-def servicing_failure(race: dict[str, Any], event_ids: set[int]) -> str | None:
-    """Why servicing failed, from numbers only; None when it succeeded or did not run."""
+def servicing_failure(race: dict[str, Any], event_ms: dict[int, float]) -> str | None:
+    """Why servicing failed, from numbers only; None when it succeeded or did not run.
+    18620 counts only when it came after the servicing request (petri: it is a failure
+    before VTL0 started, so at boot it says nothing about servicing)."""
     if race.get("ServiceMs") is None:
         return None
     rv = race.get("ServiceReturn")
     if rv not in ACCEPTED:
         return f"ReloadManagementVtl returned {rv}"
-    if EV_MANAGEMENT_VTL_FAILED in event_ids:
+    at = event_ms.get(EV_MANAGEMENT_VTL_FAILED)
+    if at is not None and at >= race["ServiceMs"]:
         return f"event {EV_MANAGEMENT_VTL_FAILED}: failure in the management VTL"
     if rv == JOB_STARTED:
         if race.get("JobDone") is False:
             return f"the servicing job was still in state {race.get('JobState')} after TimeoutHintSecs + 30 s"
         code = race.get("JobErrorCode") or 0
         if race.get("JobState") != JOB_COMPLETED or code:
-            return f"the servicing job ended in state {race.get('JobState')} with ErrorCode {code_name(int(code))}"
+            return "the servicing job " + job_error(
+                race.get("JobState"), code, race.get("JobErrorDescription") or ""
+            )
     return None
 
 
@@ -93,6 +116,14 @@ def classify(evidence: RaceEvidence) -> Verdict:
         [f"host InitiateShutdown at {race['FireMs']:.1f} ms returned {race.get('FireReturn')}; "
          f"shutdown IC was {race.get('IcAtFire')!r}"] if fired else []
     )  # fmt: skip
+    event_ms = {int(i): float(ms) for i, ms in ev.get("event_ms", [])}
+    # The IC call's own result: returned 0, or 4096 and its job completed (a job that
+    # failed after 4096 took nothing to the guest).
+    fire_job_failed = race.get("FireReturn") == JOB_STARTED and race.get("FireJobState") not in (
+        None,
+        JOB_COMPLETED,
+    )
+    accepted = fired and race.get("FireReturn") in ACCEPTED and not fire_job_failed
 
     crash = sorted(ids & set(CRASH_EVENTS))
     if crash:
@@ -104,25 +135,31 @@ def classify(evidence: RaceEvidence) -> Verdict:
             "duplicated", f"VTL0 handled the shutdown {len(delivered)} times", delivered_lines + fire_line
         )
 
-    failure = servicing_failure(race, ids)
-    if delivered or (EV_SHUTDOWN_IC in ids and fired):
+    failure = servicing_failure(race, event_ms)
+    if delivered or (ids & GUEST_SHUTDOWN_EVENTS and accepted and race.get("IcAtFire") == "OK"):
         anchor = ev.get("guest_anchor_ms")
         anchor = anchor if anchor is not None else race.get("ServiceMs")
         # VTL0's own line; else the host's 18504 event (later than the delivery, so it can
         # prove "before servicing" but never rule it out).
         t_del = delivered[0]["Ms"] if delivered else ev.get("ic_event_ms")
-        shown = delivered_lines + [ln for ln in ev_lines if ln.startswith(f"event {EV_SHUTDOWN_IC} ")]
+        shown = delivered_lines + [ln for ln in ev_lines if int(ln.split()[1]) in GUEST_SHUTDOWN_EVENTS]
         if not servicing or (t_del is not None and anchor is not None and t_del < anchor):
             return Verdict("delivered-before", "VTL0 got the shutdown before servicing took hold",
                            shown + fire_line + svc_lines)  # fmt: skip
         if failure is None:
             why = "delivered exactly once, after servicing"
             if not delivered:
-                why += " (event 18504; no VTL0 line on COM1, so delivered-before cannot be ruled out)"
+                off = sorted(ids & GUEST_SHUTDOWN_EVENTS)[0]
+                why += f" (event {off}; no VTL0 line on COM1, so delivered-before cannot be ruled out)"
             return Verdict("preserved", why, shown + fire_line + svc_lines)
     if failure is not None:
         fate = "VM still running" if race.get("Running") else "VM off"
         return Verdict("servicing-failed", f"{failure}; {fate}", svc_lines + ev_lines)
+    if fired and fire_job_failed:
+        job = job_error(
+            race.get("FireJobState"), race.get("FireJobErrorCode"), race.get("FireJobErrorDescription") or ""
+        )
+        return Verdict("rejected", f"InitiateShutdown started a job that {job}", fire_line)
     if fired and (race.get("IcAtFire") != "OK" or race.get("FireReturn") not in ACCEPTED):
         return Verdict(
             "rejected",
@@ -135,6 +172,10 @@ def classify(evidence: RaceEvidence) -> Verdict:
         return Verdict(
             "infra-error", "the VM turned off, but not through the shutdown IC", ev_lines + fire_line
         )
+    if race.get("Com1Error"):
+        # No VTL0 evidence: a VM still running may have been told and be slow, or not told.
+        return Verdict("infra-error", f"inconclusive: COM1 could not be read ({race['Com1Error']}), so a lost "
+                       "shutdown cannot be told from a slow one", fire_line + svc_lines)  # fmt: skip
     return Verdict(
         "lost",
         "the host's shutdown request was accepted with the IC OK, VTL0 never saw it; "

@@ -93,9 +93,14 @@ class RaceOutcome(HostOutput):
     job_done: bool | None = None
     job_state: int | None = None
     job_error_code: int | None = None
+    job_error_description: str = ""
     service_done_ms: float | None = None
     fire_ms: float | None = None
     fire_return: int | None = None
+    fire_job_done: bool | None = None  # InitiateShutdown returned 4096: its job, polled
+    fire_job_state: int | None = None
+    fire_job_error_code: int | None = None
+    fire_job_error_description: str = ""
     ic_at_fire: str | None = None
     off_ms: float | None = None
     end_ms: float | None = None
@@ -116,6 +121,7 @@ class WorkerEvent(HostOutput):
     id: int
     time_utc: str
     message: str = ""
+    log: str = ""  # Worker-Admin or VMMS-Admin
 
 
 class OwnedVm(HostOutput):
