@@ -52,17 +52,42 @@ def test_slots_are_shared_between_users(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.delenv("TESTBED_RUNTIME_DIR", raising=False)
     monkeypatch.setenv("TESTBED_MAX_GUESTS", "2")
     assert paths.runtime_dir() == Path(paths.RUNTIME_DIR)  # the same default for root and anyone
+    # The slots themselves in a runtime dir of this test's own (made the way runtime_dir
+    # makes /tmp/testbed), so real runs on this machine neither disturb it nor are disturbed.
+    import tempfile
+
+    shared = Path(tempfile.mkdtemp(prefix="testbed-runtime-")) / "rt"
+    shared.parent.chmod(0o755)
+    monkeypatch.setenv("TESTBED_RUNTIME_DIR", str(shared))
+    paths.runtime_dir()
     a, b = GuestSlot(timeout=1).acquire(), GuestSlot(timeout=1).acquire()
-    site = Path(__import__("platformdirs").__file__).parent.parent
+    # What the other user imports, copied where it may read it (the clone may sit in a
+    # folder only root can enter, and pytest's tmp_path is private too).
+    import tempfile
+
+    import platformdirs
+
+    import testbed
+
+    site = Path(tempfile.mkdtemp(prefix="testbed-other-user-"))
+    site.chmod(0o755)
+    (site / "testbed").mkdir()
+    for name in ("__init__.py", "paths.py", "slots.py"):
+        shutil.copyfile(Path(testbed.__file__).parent / name, site / "testbed" / name)
+    shutil.copytree(Path(platformdirs.__file__).parent, site / "platformdirs")
+    for p in [site, *site.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
     code = ("from testbed.slots import GuestSlot\nfrom testbed import paths\nprint(paths.runtime_dir())\n"
             "try:\n    GuestSlot(timeout=0.5).acquire(); print('acquired')\nexcept TimeoutError:\n    print('waited')\n")  # fmt: skip
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TESTBED_MAX_GUESTS": "2",
-           "PYTHONPATH": f"{Path(__file__).resolve().parents[2]}:{site}"}  # fmt: skip
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TESTBED_MAX_GUESTS": "2", "TESTBED_RUNTIME_DIR": str(shared),
+           "PYTHONPATH": str(site)}  # fmt: skip
     try:
         r = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
                             "/usr/bin/python3", "-c", code], capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
     finally:
         a.release()
         b.release()
+        shutil.rmtree(site, ignore_errors=True)
+        shutil.rmtree(shared.parent, ignore_errors=True)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == [paths.RUNTIME_DIR, "waited"]
+    assert r.stdout.split() == [str(shared), "waited"]
