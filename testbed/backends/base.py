@@ -15,7 +15,9 @@ backend's own ``classify``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -31,6 +33,21 @@ class InfraError(Exception):
 
     Every backend turns the failures of its own machinery (agent, transport,
     WinRM, console) into this, so the engine catches one type."""
+
+
+@contextlib.contextmanager
+def host_program_errors() -> Iterator[None]:
+    """A host program's and its route's failures as InfraError, named by type, so a lost
+    channel reads differently from a refused op (backends on ``HostProgram`` use it)."""
+    from testbed.agent.client import AgentFailure, AgentLost
+    from testbed.transport.base import TransportError
+
+    try:
+        yield
+    except (AgentFailure, AgentLost) as e:
+        raise InfraError(f"{type(e).__name__}: {e}") from None
+    except TransportError as e:
+        raise InfraError(f"TransportError: {e}") from None
 
 
 @dataclass

@@ -45,7 +45,7 @@ class PowerShellError(Exception):
 
 def encoded_argv(script: str) -> list[str]:
     """-ExecutionPolicy Bypass for this process only: Windows 11 client editions default
-    to Restricted, which refuses Import-Module of testbed's .psm1 (Server: RemoteSigned)."""
+    to Restricted, which refuses to load testbed's .psm1 module (Server: RemoteSigned)."""
     return [
         "powershell",
         "-NoProfile",

@@ -11,22 +11,20 @@ builds), and turns the driver's answers into evidence.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import socket
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from testbed.agent.client import AgentFailure, AgentLost, HostProgram
-from testbed.backends.base import Check, HostReport, InfraError, RaceEvidence, RacePlan
+from testbed.agent.client import HostProgram
+from testbed.backends.base import Check, HostReport, InfraError, RaceEvidence, RacePlan, host_program_errors
 from testbed.backends.openvmm import evidence
 from testbed.backends.openvmm.config import OpenVmmSpec, OpenVmmVmConfig
-from testbed.transport import LocalTransport, Transport, TransportError
+from testbed.transport import LocalTransport, Transport
 from testbed.verdicts import Verdict
 
 log = logging.getLogger(__name__)
@@ -34,16 +32,6 @@ log = logging.getLogger(__name__)
 DRIVER = "testbed.backends.openvmm.hostside"
 # Flags every launch uses; a build without one of them is refused before anything starts.
 REQUIRED_FLAGS = ("--hv", "--vtl2", "--igvm", "--vmbus-redirect", "--vmbus-com1-serial")
-
-
-@contextlib.contextmanager
-def _as_infra() -> Iterator[None]:
-    try:
-        yield
-    except (AgentFailure, AgentLost) as e:
-        raise InfraError(f"{type(e).__name__}: {e}") from None
-    except TransportError as e:
-        raise InfraError(f"TransportError: {e}") from None
 
 
 @dataclass
@@ -119,7 +107,7 @@ class OpenVmmBackend:
         self.driver = HostProgram(self.transport, DRIVER)
 
     def call(self, op: str, timeout: float = 120.0, **args: Any) -> dict[str, Any]:
-        with _as_infra():
+        with host_program_errors():
             return self.driver.call(op, timeout=timeout, **args)
 
     def close(self) -> None:
@@ -132,7 +120,7 @@ class OpenVmmBackend:
         self.close()
 
     def host_path(self, *parts: str) -> str:
-        with _as_infra():
+        with host_program_errors():
             self.driver.client  # noqa: B018 (starts the driver; its hello says where things go)
         return "/".join([str(self.driver.hello["runtime_dir"]), *parts])
 

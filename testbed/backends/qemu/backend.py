@@ -13,7 +13,6 @@ pooled because the accelerator is part of every VM record and snapshot key.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -23,15 +22,14 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from testbed import leases
-from testbed.agent.client import AgentFailure, AgentLost, HostProgram
+from testbed.agent.client import HostProgram
 from testbed.agent.qemu import SLOT_WAIT_S
-from testbed.backends.base import Check, HostReport, InfraError, RaceEvidence, RacePlan
+from testbed.backends.base import Check, HostReport, InfraError, RaceEvidence, RacePlan, host_program_errors
 from testbed.backends.qemu import evidence
 from testbed.backends.qemu.config import QemuVmConfig
 from testbed.backends.qemu.image import Image, ImageBuildError, build_image, resolve_kernel
@@ -102,16 +100,6 @@ def guest_cmdline(cfg: QemuVmConfig) -> str:
     return f"{cfg.cmdline} tb.pv={cfg.paravisor.version} tb.shutdown_ms={cfg.lab.vtl0_shutdown_ms}"
 
 
-@contextlib.contextmanager
-def _as_infra() -> Iterator[None]:
-    try:
-        yield
-    except (AgentFailure, AgentLost) as e:
-        raise InfraError(f"{type(e).__name__}: {e}") from None
-    except TransportError as e:
-        raise InfraError(f"TransportError: {e}") from None
-
-
 def _short_qemu_version(line: str) -> str:
     return line.removeprefix("QEMU emulator version ").strip()
 
@@ -132,13 +120,13 @@ class QemuBackend:
     def call(self, op: str, timeout: float = 120.0, **args: Any) -> dict[str, Any]:
         """One agent request; the agent's and the route's failures become InfraError
         (named by type, so a lost channel reads differently from a refused op)."""
-        with _as_infra():
+        with host_program_errors():
             return self.program.call(op, timeout=timeout, **args)
 
     @property
     def host_info(self) -> dict[str, Any]:
         """The agent's hello (started now if needed): where the host keeps things."""
-        with _as_infra():
+        with host_program_errors():
             self.program.client  # noqa: B018 (starting it is the point)
         return self.program.hello
 
