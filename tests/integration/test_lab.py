@@ -139,8 +139,13 @@ def test_paravisor_replaying_its_queue_is_duplicated(backend: QemuBackend, cfg: 
 
 
 def test_request_while_ic_not_ready_is_rejected(backend: QemuBackend, cfg: VmConfig) -> None:
-    # 300 ms save + ~100 ms restore: at 360 ms the channel is closed, not yet re-offered.
-    v, res = race(backend, cfg, "none", 360.0)
+    # Closed after the 300 ms save, re-offered after exec + a 1000 ms restore: 800 ms
+    # sits inside that however late the paravisor starts servicing (CI's TCG host
+    # started later than 60 ms, and a 100 ms restore with 360 ms was lost there).
+    slow_restore = cfg.model_copy(
+        update={"lab": LabKnobs(save_ms=300, restore_ms=1000, servicing_timeout_ms=4000)}
+    )
+    v, res = race(backend, slow_restore, "none", 800.0)
     assert v.kind == "rejected", v
     assert res["ic_at_fire"] == "not-ready" and not any(
         "id=sd7" in e["line"] and e["kind"] == "sent" for e in res["host_log"]

@@ -11,12 +11,22 @@ from pathlib import Path
 import pytest
 
 from testbed.backends.qemu.backend import QemuBackend
+from testbed.backends.qemu.config import LabKnobs
 from testbed.config import Playbook, ScheduleSpec, VmConfig
 from testbed.engine.runner import Runner, RunOptions
 from testbed.transport.ssh import SshTransport
 
 pytestmark = pytest.mark.vm
-OFFSETS = [-300.0, 150.0, 360.0]  # delivered-before, lost, rejected (with `none`)
+# delivered-before, lost, rejected (with `none`). The not-ready window runs from
+# the close (servicing lag + 300 ms save) to the re-offer (+ exec + restore_ms):
+# a 1000 ms restore puts 800 ms inside it however slow the host's servicing start.
+OFFSETS = [-300.0, 150.0, 800.0]
+LAB = LabKnobs(save_ms=300, restore_ms=1000, servicing_timeout_ms=8000)
+
+
+@pytest.fixture
+def lab_cfg(ref_cfg: VmConfig) -> VmConfig:
+    return ref_cfg.model_copy(update={"lab": LAB})
 
 
 def ssh(sshd) -> SshTransport:  # type: ignore[no-untyped-def]
@@ -31,10 +41,10 @@ def playbook(n: int, strategy: str = "none") -> Playbook:
                     grace_ms=1200, expect={}, max_infra_errors=5)  # fmt: skip
 
 
-def test_same_verdicts_over_ssh_as_local(sshd, ref_cfg: VmConfig, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_same_verdicts_over_ssh_as_local(sshd, lab_cfg: VmConfig, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     t = ssh(sshd)
-    remote = Runner(playbook(3), ref_cfg, RunOptions(out=tmp_path / "ssh", backend=QemuBackend(t))).run()
-    local = Runner(playbook(3), ref_cfg, RunOptions(out=tmp_path / "local")).run()
+    remote = Runner(playbook(3), lab_cfg, RunOptions(out=tmp_path / "ssh", backend=QemuBackend(t))).run()
+    local = Runner(playbook(3), lab_cfg, RunOptions(out=tmp_path / "local")).run()
     assert [r["verdict"] for r in remote.records] == [r["verdict"] for r in local.records]
     assert [r["verdict"] for r in remote.records] == ["delivered-before", "lost", "rejected"]
     assert remote.records[1]["skew_ms"] < 5.0  # fired on the host, not across the network
@@ -66,7 +76,7 @@ def test_connection_killed_mid_iteration_is_infra_error(sshd, ref_cfg: VmConfig,
     # conftest's no_leaked_qemu fixture asserts no QEMU is left, by pid.
 
 
-def test_remote_host_behind_a_slow_network_gives_the_same_verdicts(ref_cfg: VmConfig, tmp_path: Path) -> None:
+def test_remote_host_behind_a_slow_network_gives_the_same_verdicts(lab_cfg: VmConfig, tmp_path: Path) -> None:
     """The host sits in a network namespace behind 20 ms +- 5 ms of delay (tc netem
     on the veth; where the kernel has no netem qdisc, a delaying TCP relay in front
     of the namespace's sshd). The race is fired on the host, so verdicts and skew
@@ -90,6 +100,6 @@ def test_remote_host_behind_a_slow_network_gives_the_same_verdicts(ref_cfg: VmCo
         t0 = time.monotonic()
         t.run(["true"]).check()
         assert time.monotonic() - t0 > 0.04, "the delay is really in the path"
-        res = Runner(playbook(3), ref_cfg, RunOptions(out=tmp_path / "netem", backend=QemuBackend(t))).run()
+        res = Runner(playbook(3), lab_cfg, RunOptions(out=tmp_path / "netem", backend=QemuBackend(t))).run()
     assert [r["verdict"] for r in res.records] == ["delivered-before", "lost", "rejected"]
     assert max(abs(r["skew_ms"]) for r in res.records if r["skew_ms"] is not None) < 5.0
