@@ -63,6 +63,7 @@ class HvFaults:
     shutdown_job_fails: bool = False  # InitiateShutdown returns 4096, then its job fails (0x80004005)
     worker_terminated: bool = False  # the VM's worker process dies: 14070, in the VMMS log
     com1_unreadable: bool = False  # the COM1 pipe never accepts the reader
+    checkpoint_refused: bool = False  # Checkpoint-VM fails (a host or VM type without checkpoints)
 
 
 @dataclass
@@ -76,12 +77,16 @@ class HvVm:
     com3_pipe: str
     state: str = "Off"
     events: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint: bool = False
 
 
 class EmulatedHyperV:
     def __init__(self, lab_cfg: VmConfig, strategy: str = "none", *, profile: HostProfile = PROFILES["server-2025"],
-                 files: dict[str, bytes] | None = None) -> None:  # fmt: skip
+                 files: dict[str, bytes] | None = None, network: bool = True) -> None:  # fmt: skip
         self.lab_cfg = lab_cfg
+        # False for a nested L1 VM: its adapter is on no switch, and a share opened in a
+        # remote session there is a second hop (no credentials to pass on).
+        self.network = network
         self.strategy = strategy
         self.profile = profile
         self.build = profile.build
@@ -110,6 +115,8 @@ class EmulatedHyperV:
             "Get-TestbedVmState": self.vm_state,
             "Remove-TestbedVm": self.remove_vm,
             "Get-TestbedOwnedVm": self.owned,
+            "Save-TestbedCheckpoint": self.save_checkpoint,
+            "Restore-TestbedVm": self.restore_vm,
         }
 
     def close(self) -> None:
@@ -135,6 +142,12 @@ class EmulatedHyperV:
         if have is not None and hashlib.sha256(have).hexdigest() == Sha256.lower():
             return {"Path": path, "Pulled": False}
         src = Url or SharePath
+        if not self.network and Url:
+            raise RuntimeError(
+                f"Invoke-WebRequest : The remote name could not be resolved: '{Url.split('/')[2]}'"
+            )
+        if not self.network and SharePath:
+            raise RuntimeError(f"Copy-Item : Access is denied. {SharePath}")
         if src not in self.remote_store:
             raise RuntimeError(
                 f"Invoke-WebRequest : The remote server returned an error: (404) Not Found. {src}"
@@ -186,6 +199,23 @@ class EmulatedHyperV:
         v.state = "Running"
         ic = self.faults.ic_status or "OK"
         return {"VmId": VmId, "State": "Running", "Ic": ic, "ReadyMs": int(ready["wall_s"] * 1000)}
+
+    def save_checkpoint(self, VmId: str) -> Any:  # noqa: N803
+        v = self._vm(VmId)
+        if self.faults.checkpoint_refused:
+            raise RuntimeError(f"Checkpoint-VM : Checkpoint operation failed for '{v.name}'. The operation is "
+                               "not supported for this virtual machine.")  # fmt: skip
+        v.checkpoint = True  # the lab VM's snapshot is what a restore comes back to
+        return {"VmId": VmId, "Checkpoint": "testbed-ic-ok"}
+
+    def restore_vm(self, VmId: str, IcReadyTimeoutSecs: int = 300) -> Any:  # noqa: N803
+        v = self._vm(VmId)
+        if not v.checkpoint:
+            raise RuntimeError(f"Get-VMSnapshot : Hyper-V was unable to find a checkpoint named 'testbed-ic-ok' "
+                               f"for '{v.name}'.")  # fmt: skip
+        self.lab.destroy(v.lab)  # Stop-VM -TurnOff, if it was still running
+        v.state = "Off"
+        return self.start_vm(VmId, IcReadyTimeoutSecs)
 
     def ic_status(self, VmId: str) -> Any:  # noqa: N803
         self._vm(VmId)

@@ -137,6 +137,26 @@ class EmulatedHost:
     stdin_uploads: int = 0
     execution_policy: str = "RemoteSigned"  # the machine's (a client SKU: Restricted)
     compiles_add_type: set[str] = field(default_factory=lambda: {"Invoke-TestbedRace"})  # who calls Add-Type
+    direct_not_ready: dict[str, int] = field(default_factory=dict)  # VM -> PowerShell Direct refusals left
+
+    def _direct_refusal(self, a: dict[str, Any], stdin: bytes) -> str:
+        """What PowerShell Direct answers before a session exists ('' when it opens one).
+        The password is read from stdin, as the script does with $input; a VM still
+        finishing its first boot refuses ``direct_not_ready[vm]`` more sessions."""
+        target = self.vms.get(a["vm"])
+        if target is None:
+            return f"Invoke-Command : The virtual machine {a['vm']} is not running."
+        password = stdin.split(b"\r\n", 1)[0].decode() if stdin else ""
+        if not password:  # ConvertTo-SecureString of $null
+            return ("ConvertTo-SecureString : Cannot bind argument to parameter 'String' because it is an "
+                    "empty string.")  # fmt: skip
+        if self.direct_not_ready.get(a["vm"], 0) > 0:
+            self.direct_not_ready[a["vm"]] -= 1
+            return (f"New-PSSession : [{a['vm']}] An error has occurred which Windows PowerShell cannot handle. "
+                    "A remote session might have ended.")  # fmt: skip
+        if (a["user"], password) != target[:2]:
+            return "Invoke-Command : The credential is invalid."
+        return ""
 
     def powershell(self, script: str, stdin: bytes = b"", policy: str | None = None) -> tuple[int, str, str]:
         """(exit code, stdout, stderr) of one of testbed's fixed scripts, with its stdin;
@@ -145,17 +165,18 @@ class EmulatedHost:
         bad = parse_errors(script)
         if bad:  # as powershell.exe: a ParserError before anything runs
             return 1, "", clixml_error("ParserError: " + "; ".join(bad))
+        if script.strip() == "'testbed-ready'":  # PowerShell Direct's readiness probe
+            return 0, "testbed-ready\r\n", ""
         m = B64.search(script)
         if not m:
             return 1, "", clixml_error(f"stand-in: unrecognised script: {script[:80]!r}")
         a = json.loads(base64.b64decode(m.group(1)))
+        if "Invoke-Command -VMName $a.vm" in script or "Copy-Item -ToSession $s" in script:
+            refused = self._direct_refusal(a, stdin)
+            if refused:
+                return 1, "", clixml_error(refused)
         if "Invoke-Command -VMName $a.vm" in script:
-            target = self.vms.get(a["vm"])
-            if target is None:
-                return 1, "", clixml_error(f"Invoke-Command : The virtual machine {a['vm']} is not running.")
-            if (a["user"], a["password"]) != target[:2]:
-                return 1, "", clixml_error("Invoke-Command : The credential is invalid.")
-            return target[2].powershell(a["script"])  # a remote session: L1's own machine policy
+            return self.vms[a["vm"]][2].powershell(a["script"])  # a remote session: L1's own machine policy
         if "Import-Module -Force $a.module" in script:
             if (
                 "Set-ExecutionPolicy -Scope Process -ExecutionPolicy Bypass"
@@ -199,9 +220,7 @@ class EmulatedHost:
             self.files[a["path"]] = data
             return 0, json.dumps({"sha256": h}), ""
         if "Copy-Item -ToSession $s" in script:  # into a VM over PowerShell Direct
-            target = self.vms.get(a["vm"])
-            if target is None or (a["user"], a["password"]) != target[:2]:
-                return 1, "", clixml_error(f"New-PSSession : cannot open a session to {a['vm']}")
+            target = self.vms[a["vm"]]
             if a["src"] not in self.files:
                 return 1, "", clixml_error(f"Copy-Item : Cannot find path '{a['src']}'")
             target[2].files[a["dest"]] = self.files[a["src"]]
@@ -399,7 +418,7 @@ class StandIn:
                     script = base64.b64decode(m.group(1)).decode("utf-16-le")
                     pm = POLICY.search(line)
                     self.policies[cid] = pm.group(1) if pm else None
-                    if "process {" in script:  # reads stdin: runs when the last Send arrives
+                    if "$input" in script:  # reads stdin: runs when the last Send arrives
                         self.pending[cid] = (script, bytearray())
                     else:
                         self.commands[cid] = self.host.powershell(script, policy=self.policies[cid])

@@ -358,7 +358,8 @@ def record(r: IterationResult, case: str, strategy: str, vm: Any, reset: str, it
         "features": ev.features,
         "image": plan.image or vm.record()["paravisor"],
         "accel": vm.accel,
-        "reset": reset,
+        "reset": r.boot.get("reset", reset),  # what the backend used, which may differ from the ask
+        "reset_fallback": r.boot.get("reset_fallback"),  # why, when it differs
         "boot_s": r.boot.get("wall_s"),
         "slot_wait_s": r.boot.get("slot_wait_s"),  # waiting for another run's guest to end
         "started": r.started,

@@ -25,11 +25,14 @@ import subprocess
 from collections.abc import Iterable
 from typing import Any
 
+from tenacity import Retrying, before_sleep_log, retry_if_exception_type, stop_after_delay, wait_fixed
+
 from testbed.transport.base import TransportError
 from testbed.transport.clixml import ClixmlError, error_messages
 
 log = logging.getLogger(__name__)
 
+PS_DIRECT_POLL_S = 5.0  # between PowerShell Direct readiness probes
 CMD_LIMIT = 8191  # cmd.exe's command-line limit, which -EncodedCommand lives within
 FUNCTION = re.compile(r"^[A-Z][A-Za-z]+-Testbed[A-Za-z0-9]+$")
 
@@ -103,9 +106,16 @@ CALL = _ARGS + (
     "$r = & $a.function @p\n"
     "ConvertTo-Json -InputObject $r -Depth 8 -Compress\n"
 )
+# Answers with its own text: PowerShell Direct's readiness probe (runs inside L1).
+READY_PROBE = "'testbed-ready'\n"
 # PowerShell Direct (nested Hyper-V): the inner script is an argument of the script
-# block, so it reaches the L1 VM as data; the L1 password is data too, and never logged.
-_CRED = "$c = New-Object Management.Automation.PSCredential($a.user, (ConvertTo-SecureString $a.password -AsPlainText -Force))\n"
+# block, so it reaches the L1 VM as data. The L1 password comes on stdin (the first
+# line of $input), never in the command: a command line is visible to process auditing
+# (event 4688) and its decoded script to script-block logging (event 4104) on L0.
+_CRED = (
+    "$pw = [string](@($input)[0])\n"
+    "$c = New-Object Management.Automation.PSCredential($a.user, (ConvertTo-SecureString $pw -AsPlainText -Force))\n"
+)
 IN_VM = (
     _ARGS
     + _CRED
@@ -250,19 +260,56 @@ class PowerShellDirect(PowerShellRunner):
         self.name = f"{outer.name} -> VM {vm}"
 
     def _args(self, **kw: Any) -> dict[str, Any]:
-        return {"vm": self.vm, "user": self.user, "password": self._password, **kw}
+        return {"vm": self.vm, "user": self.user, **kw}
+
+    def _password_line(self) -> list[bytes]:
+        return [self._password.encode("utf-8") + b"\r\n"]
 
     def run(self, script: str, stdin: Iterable[bytes] = ()) -> str:
         if stdin != ():
             raise ValueError("PowerShell Direct carries no stdin: stage the data on L0 (upload does)")
-        return self.outer.run(IN_VM.format(b64=b64json(self._args(script=script))))
+        return self.outer.run(IN_VM.format(b64=b64json(self._args(script=script))), self._password_line())
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Wait until PowerShell Direct accepts a session. L1's heartbeat is OK before its
+        sign-in stack is (first-boot specialisation, services still starting), so the first
+        calls may be refused for a while. Only this no-op probe is retried (each retry
+        logged); a real call is never sent twice."""
+        retrying = Retrying(
+            retry=retry_if_exception_type(PowerShellError),
+            stop=stop_after_delay(timeout_s),
+            wait=wait_fixed(PS_DIRECT_POLL_S),
+            before_sleep=before_sleep_log(log, logging.WARNING),
+            reraise=True,
+        )
+        try:
+            out = retrying(self.run, READY_PROBE).strip()
+        except PowerShellError as e:
+            raise PowerShellError(
+                f"{self.name}: PowerShell Direct refused for {timeout_s:.0f} s: {e} (check nested.user and the "
+                "password variable, and that the L1 image finishes its first boot)",
+                e.exit_code,
+                e.records,
+            ) from None
+        if out != "testbed-ready":
+            raise PowerShellError(f"{self.name}: the readiness probe answered {out[:80]!r}", 0, [])
+
+    def copy_in(self, src_on_outer: str, remote_path: str, sha256: str) -> str:
+        """Copy a file that is on L0 into the VM (skipped when the VM's copy has the hash),
+        hashed again inside; returns the sha256 the VM saw."""
+        if self.file_sha256(remote_path) == sha256:
+            return sha256
+        return self._copy(src_on_outer, remote_path, sha256)
+
+    def _copy(self, src_on_outer: str, remote_path: str, sha256: str) -> str:
+        args = self._args(src=src_on_outer, dest=remote_path, sha256=sha256)
+        return str(self.outer.run_json(COPY_TO_VM, args, self._password_line())["sha256"])
 
     def _transfer(self, data: bytes, remote_path: str, sha256: str) -> str:
         """Stage the file on L0 (by hash), then copy it into the VM, where it is hashed again."""
         staged = rf"{self.staging_dir}\{sha256}"
         self.outer.upload(data, staged)
-        args = self._args(src=staged, dest=remote_path, sha256=sha256)
-        return str(self.outer.run_json(COPY_TO_VM, args)["sha256"])
+        return self._copy(staged, remote_path, sha256)
 
     def close(self) -> None:
         self.outer.close()

@@ -4,6 +4,7 @@ reference-lab QEMU guests, serviced and shut down for real. Each fault has its v
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import PASSWORD, USER, HvLab  # type: ignore[import-not-found]
+from winrm_standin import B64  # type: ignore[import-not-found]
 
 from testbed.backends.base import InfraError, RacePlan
 from testbed.backends.hyperv.backend import HyperVBackend
@@ -216,33 +218,64 @@ def test_nested_hyperv_through_powershell_direct(hv_lab: HvLab, tmp_path: Path, 
 
     from testbed.backends.hyperv.config import NestedSpec
 
-    l1 = EmulatedHyperV(ref_cfg, "none", profile=PROFILES["server-2025"])  # L1: Server, no COM3
+    # L1: Server, no COM3, no network (its adapter is on no switch), and PowerShell Direct
+    # refuses the first two sessions while it finishes its first boot.
+    l1 = EmulatedHyperV(ref_cfg, "none", profile=PROFILES["server-2025"], network=False)
     l1_host = EmulatedHost(files=l1.files, functions=l1.functions(), execution_policy="Restricted")
-    hv_lab.emulator.on_l1 = lambda name: hv_lab.host.vms.__setitem__(
-        name, ("Administrator", "l1 pass", l1_host)
-    )
+
+    def l1_up(name: str) -> None:
+        hv_lab.host.vms[name] = ("Administrator", "l1 pass", l1_host)
+        hv_lab.host.direct_not_ready[name] = 2
+
+    hv_lab.emulator.on_l1 = l1_up
     (tmp_path / "l1.vhdx").write_bytes(b"L1 Windows image\n" * 20)
+    vhd_url = "https://artifacts.example/vtl0.vhdx"
+    hv_lab.emulator.remote_store[vhd_url] = vhd = b"VTL0 disk from a URL\n" * 30
     monkeypatch.setenv("TB_L1_PASS", "l1 pass")
     assert hv_lab.cfg.hyperv is not None
     nested = NestedSpec(l1_vhd=Artifact(path=str(tmp_path / "l1.vhdx")), password_env="TB_L1_PASS",
-                        host_dir=r"E:\l0")  # fmt: skip
-    hv = hv_lab.cfg.hyperv.model_copy(update={"nested": nested, "host_dir": r"D:\l1"})
+                        host_dir=r"E:\l0", ps_direct_timeout_s=10)  # fmt: skip
+    vtl0 = Artifact(url=vhd_url, sha256=hashlib.sha256(vhd).hexdigest())
+    hv = hv_lab.cfg.hyperv.model_copy(update={"nested": nested, "host_dir": r"D:\l1", "vtl0_vhd": vtl0})
     cfg = hv_lab.cfg.model_copy(update={"hyperv": hv})
+    monkeypatch.setattr("testbed.transport.powershell.PS_DIRECT_POLL_S", 0.05)
     try:
         recs = run(hv_lab.backend(), cfg, tmp_path / "run", [1500.0])
     finally:
         l1.close()
     assert [r["verdict"] for r in recs] == ["preserved"], [r["reason"] for r in recs]
-    assert [c[0] for c in hv_lab.host.calls] == ["New-TestbedL1Vm", "Remove-TestbedVm"]  # L0 only made L1
+    # L0 only made L1 and pulled the URL artifact (L1 cannot reach it); the rest ran in L1.
+    assert [c[0] for c in hv_lab.host.calls] == ["New-TestbedL1Vm", "Get-TestbedArtifact", "Remove-TestbedVm"]
     assert "Invoke-TestbedRace" in [c[0] for c in l1_host.calls] and l1.races
+    assert "Get-TestbedArtifact" not in [c[0] for c in l1_host.calls]
+    assert rf"D:\l1\cache\{vtl0.sha256}\vtl0.vhdx" in l1_host.files  # copied in over PowerShell Direct
+    assert hv_lab.host.direct_not_ready == {next(iter(hv_lab.host.vms)): 0}  # both refusals were waited out
     assert any("Invoke-Command -VMName $a.vm" in s for s in hv_lab.host.scripts_seen)
     assert any(
         "Copy-Item -ToSession $s" in s for s in hv_lab.host.scripts_seen
     )  # files: staged on L0, copied in
-    assert not any("l1 pass" in s for s in hv_lab.host.scripts_seen)  # the password is data, in base64
+    # The password is on stdin only: not in any script nor in its base64 parameters.
+    decoded = [base64.b64decode(m) for s in hv_lab.host.scripts_seen for m in B64.findall(s)]
+    assert decoded and not any(b"l1 pass" in d for d in decoded)
+    assert not any("l1 pass" in s for s in hv_lab.host.scripts_seen)
     assert hv_lab.emulator.l1 == {}  # the L1 VM was removed at the end
     assert hv_lab.host.files and all(f.startswith("E:\\l0\\") for f in hv_lab.host.files)  # L1 disk, module
     assert l1_host.files and all(f.startswith("D:\\l1\\") for f in l1_host.files)
+
+
+def test_l1_cannot_pull_artifacts_itself(ref_cfg) -> None:  # type: ignore[no-untyped-def]
+    """The host rule the staging above exists for: inside L1 a URL does not resolve and a
+    share is a second hop."""
+    from hyperv_emulator import EmulatedHyperV  # type: ignore[import-not-found]
+
+    l1 = EmulatedHyperV(ref_cfg, "none", network=False)
+    try:
+        with pytest.raises(RuntimeError, match="could not be resolved"):
+            l1.artifact("ab" * 32, "x.vhdx", r"D:\c", Url="https://artifacts.example/x.vhdx")
+        with pytest.raises(RuntimeError, match="Access is denied"):
+            l1.artifact("ab" * 32, "x.vhdx", r"D:\c", SharePath=r"\\srv\share\x.vhdx")
+    finally:
+        l1.close()
 
 
 def test_winrm_password_never_in_logs(
@@ -278,3 +311,39 @@ def test_host_faults_that_used_to_pass_for_lost(hv_lab: HvLab, tmp_path: Path, f
     setattr(hv_lab.emulator.faults, fault, True)
     (rec,) = run(hv_lab.backend(), hv_lab.cfg, tmp_path, [100.0])
     assert rec["verdict"] == verdict and said in rec["reason"], rec["reason"]
+
+
+def module_calls(hv_lab: HvLab) -> list[str]:
+    return [c[0] for c in hv_lab.host.calls if c[0] not in ("Get-TestbedPreflight",)]
+
+
+def test_snapshot_reset_restores_a_checkpoint_and_gives_the_cold_verdicts(
+    hv_lab: HvLab, tmp_path: Path
+) -> None:
+    """The faster reset: one VM, checkpointed at IC OK, restored for every iteration (the
+    first too); 3 module calls per iteration instead of 5, and the same verdicts."""
+    cold = run(hv_lab.backend(), hv_lab.cfg, tmp_path / "cold", OFFSETS, reset="cold")
+    cold_calls = module_calls(hv_lab)
+    hv_lab.host.calls.clear()
+    snap = run(hv_lab.backend(), hv_lab.cfg, tmp_path / "snap", OFFSETS, reset="snapshot")
+    snap_calls = module_calls(hv_lab)
+    assert [r["verdict"] for r in snap] == [r["verdict"] for r in cold] == EXPECTED
+    assert {r["reset"] for r in cold} == {"cold"} and {r["reset"] for r in snap} == {"snapshot"}
+    per_iteration = ["Invoke-TestbedRace", "Get-TestbedEvents"]
+    assert cold_calls == ["New-TestbedVm", "Start-TestbedVm", *per_iteration, "Remove-TestbedVm"] * 3
+    assert snap_calls == ["New-TestbedVm", "Start-TestbedVm", "Save-TestbedCheckpoint",
+                          *(["Restore-TestbedVm", *per_iteration] * 3), "Remove-TestbedVm"]  # fmt: skip
+    assert hv_lab.emulator.vms == {}  # the kept VM went at the end of the run
+
+
+def test_a_host_that_refuses_checkpoints_falls_back_to_cold_and_says_so(
+    hv_lab: HvLab, tmp_path: Path
+) -> None:
+    hv_lab.emulator.faults.checkpoint_refused = True
+    recs = run(hv_lab.backend(), hv_lab.cfg, tmp_path, OFFSETS, reset="snapshot")
+    assert [r["verdict"] for r in recs] == EXPECTED
+    assert {r["reset"] for r in recs} == {"cold"}
+    assert all("refused a checkpoint" in r["reset_fallback"] and "not supported" in r["reset_fallback"]
+               for r in recs)  # fmt: skip
+    assert module_calls(hv_lab).count("Save-TestbedCheckpoint") == 1  # asked once, not per iteration
+    assert hv_lab.emulator.vms == {}

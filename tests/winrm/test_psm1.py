@@ -19,7 +19,17 @@ SOURCE = (resources.files("testbed.backends.hyperv") / "Testbed.psm1").read_byte
 KNOWN_CMDLETS: dict[str, set[str]] = {
     # Hyper-V module
     "New-VM": {"Name", "Generation", "MemoryStartupBytes", "VHDPath", "Path", "GuestStateIsolationType"},
-    "Set-VM": {"VM", "ProcessorCount", "Notes", "AutomaticCheckpointsEnabled", "StaticMemory"},
+    "Set-VM": {
+        "VM",
+        "ProcessorCount",
+        "Notes",
+        "AutomaticCheckpointsEnabled",
+        "StaticMemory",
+        "CheckpointType",
+    },
+    "Checkpoint-VM": {"VM", "SnapshotName"},
+    "Get-VMSnapshot": {"VM", "Name"},
+    "Restore-VMSnapshot": {"VMSnapshot", "Confirm"},
     "Get-VM": {"Id", "ErrorAction"},
     "Start-VM": {"VM"},
     "Stop-VM": {"VM", "TurnOff", "Force"},
@@ -27,7 +37,6 @@ KNOWN_CMDLETS: dict[str, set[str]] = {
     "Set-VMFirmware": {"VM", "EnableSecureBoot"},
     "Set-VMComPort": {"VM", "Number", "Path"},
     "Set-VMProcessor": {"VM", "ExposeVirtualizationExtensions"},
-    "Get-VMIntegrationService": {"VM", "Name"},
     "New-VHD": {"Path", "ParentPath", "Differencing"},
     # CIM, events, features
     "Get-CimInstance": {"Namespace", "ClassName", "Filter", "InputObject"},
@@ -141,8 +150,30 @@ def test_exports_every_public_function_with_a_callable_name() -> None:
     assert all(FUNCTION.match(f) for f in exported)  # the transport will call them
 
 
+def code_lines() -> str:
+    return "\n".join(ln.split("#", 1)[0] for ln in SOURCE.decode().splitlines())
+
+
+def localised_reads(code: str) -> list[str]:
+    """What would break on a non-English host: the IC cmdlet (its -Name is localised),
+    its status texts, or a match on the display name of an integration service."""
+    found = [
+        w for w in ("Get-VMIntegrationService", "PrimaryStatusDescription", "StatusDescriptions") if w in code
+    ]
+    found += re.findall(r"-Name\s+'?(?:Shutdown|Heartbeat)'?\b", code)
+    return found
+
+
+def test_reads_integration_components_by_code_not_by_localised_text() -> None:
+    assert localised_reads(code_lines()) == []
+    assert "Msvm_ShutdownComponent" in code_lines() and "Msvm_HeartbeatComponent" in code_lines()
+    # The check can fail: the old way of reading the shutdown IC is caught.
+    old = "[string](Get-VMIntegrationService -VM $hvVm -Name Shutdown).PrimaryStatusDescription"
+    assert localised_reads(old) == ["Get-VMIntegrationService", "PrimaryStatusDescription", "-Name Shutdown"]
+
+
 def test_windows_powershell_5_1_compatible() -> None:
-    code = "\n".join(ln.split("#", 1)[0] for ln in SOURCE.decode().splitlines())
+    code = code_lines()
     assert "??" not in code, "null-coalescing is PowerShell 7"
     assert not re.search(r"\)\s*&&|\)\s*\|\|", code), "pipeline chain operators are PowerShell 7"
     assert not re.search(r"\$\w+\s*\?\s*[^:]+:", code), "the ternary operator is PowerShell 7"
@@ -155,3 +186,37 @@ def test_options_bits_are_the_documented_values() -> None:
     assert options(override_version_checks=True) == 0x1
     assert options(disable_nvme_keepalive=True) == 0x10
     assert options(override_version_checks=True, disable_nvme_keepalive=True) == 17  # petri ORs 1 and 16
+
+
+def pipe_reader_problems(source: str) -> list[str]:
+    """The COM1/COM3 reader must connect again while the pipe is not there yet or went
+    away (the VM's worker creates the pipe at start and drops it at power off; petri's
+    reader reconnects until the VM is gone): Connect sits inside the read loop, and a
+    failure is caught and waited out, not the end of the reader."""
+    body = source[source.index("public class PipeTail") :]
+    read = body[body.index("private void Read()") :]
+    loop = read[: read.index("public object[] Lines()")]
+    problems = []
+    if not re.search(r"while \(!closed\) \{\s*try \{[^}]*\.Connect\(", loop):
+        problems.append("PipeTail connects once, outside its read loop")
+    if "catch (Exception" not in loop or "Thread.Sleep" not in loop:
+        problems.append("PipeTail gives up on a failed connect")
+    return problems
+
+
+def test_serial_reader_reconnects_until_closed() -> None:
+    src = SOURCE.decode()
+    assert pipe_reader_problems(src) == []
+    once = src.replace(
+        "            while (!closed) {\n                try {\n", "            {\n                try {\n", 1
+    )
+    assert once != src and pipe_reader_problems(once) == ["PipeTail connects once, outside its read loop"]
+
+
+def test_event_properties_are_read_element_by_element() -> None:
+    """Under Set-StrictMode -Version 3, ``$_.Properties.Value`` (member enumeration) on an
+    event whose Properties list is empty throws and fails the whole events call."""
+    code = code_lines()
+    assert "Set-StrictMode -Version 3.0" in code
+    assert not re.search(r"\.Properties\.Value\b", code)
+    assert "$_.Properties | ForEach-Object { [string]$_.Value }" in code

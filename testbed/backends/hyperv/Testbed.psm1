@@ -22,10 +22,17 @@ $script:JobCompleted = 7
 # 11 (Service) and vendor states do not.
 $script:JobFinished = @(7, 8, 9, 10)
 $script:StateOff = 3
+$script:CheckpointName = 'testbed-ic-ok'
 $script:WorkerLog = 'Microsoft-Windows-Hyper-V-Worker-Admin'
 # 14070 (worker process terminated) is a VMMS event: both logs are read, as petri does.
 $script:EventLogs = @('Microsoft-Windows-Hyper-V-Worker-Admin', 'Microsoft-Windows-Hyper-V-VMMS-Admin')
 $script:Com3MinBuild = 27653
+# An integration component's state, read from its WMI component by code (CIM's
+# OperationalStatus ValueMap), never from Get-VMIntegrationService: that cmdlet's -Name and
+# its PrimaryStatusDescription are localised ('Herunterfahren' on a German host), so a
+# name or text match fails on every non-English host. The names below are the English
+# texts petri matches (vm_shutdown_ic_status), kept as testbed's stable vocabulary.
+$script:IcStatus = @{ 2 = 'OK'; 3 = 'Degraded'; 7 = 'Non-Recoverable Error'; 12 = 'No Contact'; 13 = 'Lost Communication' }
 
 function Initialize-TestbedPipeTail {
     # Serial pipes are read on a background thread that stamps each line with the race's
@@ -100,6 +107,22 @@ function Get-TestbedVmSettings {
     $vm = Get-TestbedComputerSystem -VmId $VmId
     Get-CimAssociatedInstance -InputObject $vm -ResultClassName Msvm_VirtualSystemSettingData |
         Where-Object { $_.VirtualSystemType -eq 'Microsoft:Hyper-V:System:Realized' }
+}
+
+function Get-TestbedIcState {
+    # 'OK', 'No Contact', ... for the VM's shutdown (or heartbeat) component; '' when the
+    # VM has none (it is off), 'Status N' for a code outside the table.
+    param(
+        [Parameter(Mandatory = $true)]$ComputerSystem,
+        [string]$ClassName = 'Msvm_ShutdownComponent'
+    )
+    $ic = Get-CimAssociatedInstance -InputObject $ComputerSystem -ResultClassName $ClassName
+    if ($null -eq $ic) { return '' }
+    $codes = @($ic.OperationalStatus)  # StrictMode 3 refuses an index past the end
+    if ($codes.Count -eq 0) { return '' }
+    $code = [int]$codes[0]
+    if ($script:IcStatus.ContainsKey($code)) { return $script:IcStatus[$code] }
+    "Status $code"
 }
 
 function Get-TestbedPreflight {
@@ -261,7 +284,8 @@ function New-TestbedL1Vm {
         Set-VMProcessor -VM $vm -ExposeVirtualizationExtensions $true
         Start-VM -VM $vm
         $watch = [Diagnostics.Stopwatch]::StartNew()
-        while ((Get-VMIntegrationService -VM $vm -Name Heartbeat).PrimaryStatusDescription -ne 'OK') {
+        $cs = Get-TestbedComputerSystem -VmId $vm.Id.ToString()
+        while ((Get-TestbedIcState -ComputerSystem $cs -ClassName Msvm_HeartbeatComponent) -ne 'OK') {
             if ($watch.Elapsed.TotalSeconds -gt $HeartbeatTimeoutSecs) { throw "L1 VM ${Name}: no heartbeat after $HeartbeatTimeoutSecs s (removed it)" }
             Start-Sleep -Seconds 2
         }
@@ -275,27 +299,59 @@ function ConvertTo-CimEmbeddedString {
     [Text.Encoding]::Unicode.GetString($bytes)
 }
 
-function Start-TestbedVm {
-    # Start, then wait until the shutdown IC reports OK (the seed test's "IC ready").
-    param([Parameter(Mandatory = $true)][string]$VmId, [int]$IcReadyTimeoutSecs = 300)
-    $id = Test-TestbedVmId -VmId $VmId
-    $vm = Get-VM -Id $id
+function Wait-TestbedIcReady {
+    # Start-VM, then wait until the shutdown IC reports OK (the seed test's "IC ready").
+    param([Parameter(Mandatory = $true)]$Vm, [Parameter(Mandatory = $true)][int]$TimeoutSecs)
+    $id = $Vm.Id.ToString()
+    $cs = Get-TestbedComputerSystem -VmId $id
     $watch = [Diagnostics.Stopwatch]::StartNew()
-    Start-VM -VM $vm
+    Start-VM -VM $Vm
     $status = ''
-    while ($watch.Elapsed.TotalSeconds -lt $IcReadyTimeoutSecs) {
-        $status = [string](Get-VMIntegrationService -VM $vm -Name Shutdown).PrimaryStatusDescription
+    while ($watch.Elapsed.TotalSeconds -lt $TimeoutSecs) {
+        $status = Get-TestbedIcState -ComputerSystem $cs
         if ($status -eq 'OK') { break }
         Start-Sleep -Milliseconds 250
     }
     [pscustomobject]@{ VmId = $id; State = (Get-VM -Id $id).State.ToString(); Ic = $status; ReadyMs = $watch.ElapsedMilliseconds }
 }
 
-function Get-TestbedIcStatus {
+function Start-TestbedVm {
+    param([Parameter(Mandatory = $true)][string]$VmId, [int]$IcReadyTimeoutSecs = 300)
+    $id = Test-TestbedVmId -VmId $VmId
+    Wait-TestbedIcReady -Vm (Get-VM -Id $id) -TimeoutSecs $IcReadyTimeoutSecs
+}
+
+function Save-TestbedCheckpoint {
+    # The snapshot reset's starting point: a standard checkpoint (memory included) of the
+    # VM running at IC OK. A host or VM type that refuses checkpoints throws here, and the
+    # caller falls back to a new VM per iteration, saying why.
     param([Parameter(Mandatory = $true)][string]$VmId)
     $id = Test-TestbedVmId -VmId $VmId
-    $ic = Get-VMIntegrationService -VM (Get-VM -Id $id) -Name Shutdown
-    [pscustomobject]@{ VmId = $id; Status = [string]$ic.PrimaryStatusDescription; Enabled = $ic.Enabled }
+    $vm = Get-VM -Id $id
+    Set-VM -VM $vm -CheckpointType Standard
+    Checkpoint-VM -VM $vm -SnapshotName $script:CheckpointName
+    [pscustomobject]@{ VmId = $id; Checkpoint = $script:CheckpointName }
+}
+
+function Restore-TestbedVm {
+    # The snapshot reset: turned off if still running, back to the checkpoint taken at IC
+    # OK, resumed, and the shutdown IC waited for again (the pipes are new: readers reconnect).
+    param([Parameter(Mandatory = $true)][string]$VmId, [int]$IcReadyTimeoutSecs = 300)
+    $id = Test-TestbedVmId -VmId $VmId
+    $vm = Get-VM -Id $id
+    if ($vm.State -ne 'Off') { Stop-VM -VM $vm -TurnOff -Force }
+    $checkpoint = Get-VMSnapshot -VM $vm -Name $script:CheckpointName
+    Restore-VMSnapshot -VMSnapshot $checkpoint -Confirm:$false
+    Wait-TestbedIcReady -Vm $vm -TimeoutSecs $IcReadyTimeoutSecs
+}
+
+function Get-TestbedIcStatus {
+    param([Parameter(Mandatory = $true)][string]$VmId)
+    $cs = Get-TestbedComputerSystem -VmId $VmId
+    $ic = Get-CimAssociatedInstance -InputObject $cs -ResultClassName Msvm_ShutdownComponent
+    # EnabledState 2 = enabled (CIM_EnabledLogicalElement), as the cmdlet's Enabled says.
+    $enabled = ($null -ne $ic -and [int]$ic.EnabledState -eq 2)
+    [pscustomobject]@{ VmId = $cs.Name; Status = (Get-TestbedIcState -ComputerSystem $cs); Enabled = $enabled }
 }
 
 function Wait-TestbedJob {
@@ -338,14 +394,13 @@ function Invoke-TestbedRace {
     $vm = Get-TestbedComputerSystem -VmId $id
     $guestSvc = Get-CimInstance -Namespace $script:Namespace -ClassName Msvm_VirtualSystemGuestManagementService
     $shutdownIc = Get-CimAssociatedInstance -InputObject $vm -ResultClassName Msvm_ShutdownComponent
-    $hvVm = Get-VM -Id $id
     $clock = [Diagnostics.Stopwatch]::StartNew()
     $tails = @{}
     if ($Com1Pipe -or $Com3Pipe) { Initialize-TestbedPipeTail }
     foreach ($port in @(@('Com1', $Com1Pipe), @('Com3', $Com3Pipe))) {
         if ($port[1]) { $tails[$port[0]] = New-Object Testbed.PipeTail($port[1], $clock, 2000) }
     }
-    $icBefore = [string](Get-VMIntegrationService -VM $hvVm -Name Shutdown).PrimaryStatusDescription
+    $icBefore = Get-TestbedIcState -ComputerSystem $vm
     $result = [ordered]@{ VmId = $id; IcBefore = $icBefore; OffsetMs = $OffsetMs; StartedUtc = [DateTime]::UtcNow.ToString('o'); StartMs = $clock.Elapsed.TotalMilliseconds }
     $result.FireMs = $null; $result.FireReturn = $null; $result.ServiceMs = $null; $result.ServiceReturn = $null
     $result.JobDone = $null; $result.JobState = $null; $result.JobErrorCode = $null; $result.ServiceDoneMs = $null
@@ -394,7 +449,7 @@ function Invoke-TestbedRace {
         # The seed test's order: the IC must come back to OK after servicing, then fire.
         $deadline = $clock.Elapsed.TotalMilliseconds + 1000 * $IcReadyTimeoutSecs
         while ($clock.Elapsed.TotalMilliseconds -lt $deadline) {
-            $icBefore = [string](Get-VMIntegrationService -VM $hvVm -Name Shutdown).PrimaryStatusDescription
+            $icBefore = Get-TestbedIcState -ComputerSystem $vm
             if ($icBefore -eq 'OK') { break }
             Start-Sleep -Milliseconds 50
         }
@@ -417,7 +472,7 @@ function Invoke-TestbedRace {
     $result.EndMs = $clock.Elapsed.TotalMilliseconds
     $result.Running = ($null -eq $result.OffMs)
     $result.IcAfter = ''
-    if ($result.Running) { $result.IcAfter = [string](Get-VMIntegrationService -VM $hvVm -Name Shutdown).PrimaryStatusDescription }
+    if ($result.Running) { $result.IcAfter = Get-TestbedIcState -ComputerSystem $vm }
     foreach ($name in @('Com1', 'Com3')) {
         $result[$name] = @()
         $result[$name + 'Error'] = ''
@@ -502,6 +557,6 @@ function Get-TestbedOwnedVm {
 $public = @(
     'Get-TestbedPreflight', 'Get-TestbedArtifact', 'New-TestbedVm', 'New-TestbedL1Vm', 'Start-TestbedVm',
     'Get-TestbedIcStatus', 'Invoke-TestbedRace', 'Get-TestbedEvents', 'Get-TestbedVmState', 'Remove-TestbedVm',
-    'Get-TestbedOwnedVm', 'Wait-TestbedJob'
+    'Get-TestbedOwnedVm', 'Wait-TestbedJob', 'Save-TestbedCheckpoint', 'Restore-TestbedVm'
 )
 Export-ModuleMember -Function $public

@@ -28,9 +28,16 @@ from testbed.backends.hyperv import evidence as hv_evidence
 from testbed.backends.hyperv import options
 from testbed.backends.hyperv.config import HyperVSpec, HyperVVmConfig
 from testbed.backends.hyperv.evidence import ACCEPTED, GUEST_SHUTDOWN_EVENTS, POWER_OFF_EVENTS
-from testbed.backends.hyperv.module import CreatedVm, HostModule, Preflight, RaceOutcome, WorkerEvent
+from testbed.backends.hyperv.module import (
+    CreatedVm,
+    HostModule,
+    Preflight,
+    RaceOutcome,
+    StartedVm,
+    WorkerEvent,
+)
 from testbed.config import Artifact
-from testbed.transport.powershell import PowerShellDirect, PowerShellRunner
+from testbed.transport.powershell import PowerShellDirect, PowerShellError, PowerShellRunner
 from testbed.verdicts import Verdict
 
 log = logging.getLogger(__name__)
@@ -62,6 +69,8 @@ class HyperVVm:
     com3_pipe: str = ""
     accel: str = "hyperv"
     last: dict[str, Any] = field(default_factory=dict)
+    checkpointed: bool = False  # the VM is kept between iterations and restored to IC OK
+    reset_fallback: str = ""  # why the snapshot reset is not used (the host refused a checkpoint)
 
     @property
     def spec(self) -> HyperVSpec:
@@ -93,9 +102,12 @@ class HyperVBackend:
         self.module = self.l0  # where the OpenHCL VMs live: L0, or L1 when nested
         self.host = ps.name
         self._l1: tuple[CreatedVm, str] | None = None  # the L1 VM and its folder on L0
+        self._kept: dict[str, HyperVVm] = {}  # checkpointed VMs, removed by close
         self.host_info: Preflight | None = None
 
     def close(self) -> None:
+        for kept in list(self._kept.values()):
+            self._remove(kept)
         if self._l1 is not None:
             l1, vm_dir = self._l1
             try:
@@ -173,8 +185,17 @@ class HyperVBackend:
             host.upload(data, remote)
             return remote, digest
         assert a.sha256 is not None
-        got = host.pull_artifact(a.sha256, a.file_name, url=a.url or "", share=a.share or "")
-        return got.path, a.sha256.lower()
+        sha = a.sha256.lower()
+        if isinstance(host.runner, PowerShellDirect):
+            # L1 has no network adapter on a switch, and a share opened inside a WinRM
+            # session is a second hop (denied without CredSSP): L0 pulls it into its own
+            # cache, and it is copied in over PowerShell Direct as uploads are.
+            staged = self.l0.pull_artifact(sha, a.file_name, url=a.url or "", share=a.share or "")
+            remote = rf"{host.host_dir}\cache\{sha}\{a.file_name}"
+            host.copy_in(staged.path, remote, sha)
+            return remote, sha
+        pulled = host.pull_artifact(sha, a.file_name, url=a.url or "", share=a.share or "")
+        return pulled.path, sha
 
     # ---- VM lifecycle --------------------------------------------------------------------
     def provision(self, cfg: HyperVVmConfig, strategy: str = "none") -> HyperVVm:
@@ -219,19 +240,54 @@ class HyperVBackend:
         l1 = self.l0.new_l1_vm(name, vhd, vm_dir, owner_tag(), memory_mb=n.memory_mb, processors=n.processors,
                                heartbeat_timeout_s=n.heartbeat_timeout_s)  # fmt: skip
         self._l1 = (l1, vm_dir)
-        self.module = HostModule(
-            PowerShellDirect(self.l0.runner, name, n.user, password, rf"{self.l0.host_dir}\staging"),
-            cfg.hyperv.host_dir,
-        )
+        direct = PowerShellDirect(self.l0.runner, name, n.user, password, rf"{self.l0.host_dir}\staging")
+        try:
+            direct.wait_ready(n.ps_direct_timeout_s)
+        except PowerShellError as e:
+            raise InfraError(str(e)) from None
+        self.module = HostModule(direct, cfg.hyperv.host_dir)
         log.info("nested Hyper-V: L1 VM %s is up; the module now runs inside it", name)
 
     def start(self, vm: HyperVVm, reset: str = "cold") -> dict[str, Any]:
-        """Create the VM from the cached artifacts, start it, wait for the shutdown IC.
+        """Bring the VM to shutdown-IC OK for one iteration.
 
-        Every iteration gets a new VM (Hyper-V has no snapshot fast reset here), so
-        ``reset`` is always cold; the record says so."""
-        s = vm.spec
+        ``cold``: a new VM from the cached artifacts, booted (tens of seconds on a real
+        host). ``snapshot``: the first iteration creates and boots the VM and takes a
+        checkpoint at IC OK; every iteration, the first included, then runs from a
+        restore of it, so one statistic never mixes the two. A host that refuses the
+        checkpoint falls back to ``cold``, and every record says why."""
         t = time.monotonic()
+        s = vm.spec
+        if reset == "snapshot" and vm.checkpointed and vm.vm_id is not None:
+            started = self._restore(vm)
+        else:
+            started = self._create_and_boot(vm)
+            if reset == "snapshot" and not vm.reset_fallback:
+                assert vm.vm_id is not None
+                try:
+                    self.module.save_checkpoint(vm.vm_id)
+                except InfraError as e:
+                    vm.reset_fallback = f"the host refused a checkpoint of {vm.name}: {e}"
+                    log.warning(
+                        "snapshot reset unavailable, every iteration boots a new VM: %s", vm.reset_fallback
+                    )
+                else:
+                    vm.checkpointed = True
+                    started = self._restore(vm)
+        used = "snapshot" if vm.checkpointed else "cold"
+        boot = {"wall_s": time.monotonic() - t, "reset": used, "requested_reset": reset,
+                "ic_ready_ms": started.ready_ms}  # fmt: skip
+        if vm.reset_fallback and reset == "snapshot":
+            boot["reset_fallback"] = vm.reset_fallback
+        if started.ic != "OK":
+            raise InfraError(
+                f"the shutdown IC of {vm.name} reported {started.ic!r}, not OK, {s.ic_ready_timeout_s} s after "
+                f"start: is the VTL0 image ({s.vtl0_image}) running its integration services (hv_utils)?"
+            )
+        return boot
+
+    def _create_and_boot(self, vm: HyperVVm) -> StartedVm:
+        s = vm.spec
         vm.com1_pipe = f"{vm.name}-com1" if s.com1 else ""
         vm.com3_pipe = f"{vm.name}-com3" if vm.com3 else ""
         created = self.module.new_vm(vm.name, vm.igvm_path, vm.vhd_path, vm.vm_dir, owner_tag(),
@@ -240,14 +296,19 @@ class HyperVBackend:
                                      com3_pipe=vm.com3_pipe)  # fmt: skip
         vm.vm_id = created.vm_id
         vm.running = True
-        started = self.module.start_vm(vm.vm_id, s.ic_ready_timeout_s)
-        if started.ic != "OK":
-            raise InfraError(
-                f"the shutdown IC of {vm.name} reported {started.ic!r}, not OK, {s.ic_ready_timeout_s} s after "
-                f"start: is the VTL0 image ({s.vtl0_image}) running its integration services (hv_utils)?"
-            )
-        return {"wall_s": time.monotonic() - t, "reset": "cold", "requested_reset": reset,
-                "ic_ready_ms": started.ready_ms}  # fmt: skip
+        return self.module.start_vm(vm.vm_id, s.ic_ready_timeout_s)
+
+    def _restore(self, vm: HyperVVm) -> StartedVm:
+        """Restore the checkpoint; a VM that cannot be restored is removed (the next
+        iteration starts over with a new one) and this iteration is an infra-error."""
+        assert vm.vm_id is not None
+        try:
+            started = self.module.restore_vm(vm.vm_id, vm.spec.ic_ready_timeout_s)
+        except InfraError:
+            self._remove(vm)
+            raise
+        vm.running = True
+        return started
 
     def race(self, vm: HyperVVm, plan: RacePlan, grace_ms: float) -> RaceEvidence:
         """One iteration, timed on the host; returns the evidence ``classify`` reads."""
@@ -303,8 +364,19 @@ class HyperVBackend:
         return out
 
     def destroy(self, vm: HyperVVm) -> None:
+        """End of an iteration. A checkpointed VM is kept for the next restore (which
+        turns it off first) and removed by ``close``; any other VM is removed now."""
         if vm.vm_id is None:
             return
+        if vm.checkpointed:
+            self._kept[vm.vm_id] = vm
+            return
+        self._remove(vm)
+
+    def _remove(self, vm: HyperVVm) -> None:
+        if vm.vm_id is None:
+            return
+        self._kept.pop(vm.vm_id, None)
         try:
             self.module.remove_vm(vm.vm_id, vm.vm_dir)
         except InfraError as e:
@@ -312,6 +384,7 @@ class HyperVBackend:
         finally:
             vm.vm_id = None
             vm.running = False
+            vm.checkpointed = False
 
     def gc_host(self) -> list[str]:
         """Remove VMs tagged by a testbed process of this controller that is gone."""

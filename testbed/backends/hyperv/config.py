@@ -20,6 +20,9 @@ class NestedSpec(Strict):
     memory_mb: int = Field(8192, ge=2048)
     processors: int = Field(4, ge=1, le=240)
     heartbeat_timeout_s: int = Field(600, ge=10)
+    ps_direct_timeout_s: int = Field(
+        300, ge=10, description="how long PowerShell Direct may refuse sessions after L1's heartbeat is OK"
+    )
     host_dir: str = Field(r"C:\testbed", description="testbed's folder on the L0 host (the L1 VM, its disk)")
 
 

@@ -17,7 +17,7 @@ from pydantic.alias_generators import to_pascal
 
 from testbed.backends.base import InfraError
 from testbed.transport.base import TransportError
-from testbed.transport.powershell import PowerShellError, PowerShellRunner
+from testbed.transport.powershell import PowerShellDirect, PowerShellError, PowerShellRunner
 
 
 def module_source() -> bytes:
@@ -68,6 +68,11 @@ class StartedVm(HostOutput):
     state: str
     ic: str
     ready_ms: int
+
+
+class Checkpoint(HostOutput):
+    vm_id: str
+    checkpoint: str
 
 
 class SerialLine(HostOutput):
@@ -164,6 +169,17 @@ class HostModule:
         except (PowerShellError, TransportError) as e:
             raise HostModuleError("upload", self.name, f"{remote}: {e}") from None
 
+    def copy_in(self, src_on_l0: str, remote: str, sha256: str) -> None:
+        """Nested: copy a file that is in L0's cache into this (L1) host, hash-checked there."""
+        if not isinstance(self.runner, PowerShellDirect):
+            raise TypeError("copy_in is for a module reached through PowerShell Direct")
+        try:
+            got = self.runner.copy_in(src_on_l0, remote, sha256)
+        except (PowerShellError, TransportError) as e:
+            raise HostModuleError("copy into L1", self.name, f"{remote}: {e}") from None
+        if got != sha256:
+            raise HostModuleError("copy into L1", self.name, f"{remote} came out with sha256 {got}")
+
     def _raw(self, function: str, params: dict[str, Any]) -> Any:
         try:
             if self._uploaded != self.path:
@@ -212,6 +228,12 @@ class HostModule:
 
     def start_vm(self, vm_id: str, ic_ready_timeout_s: int) -> StartedVm:
         return self._one("Start-TestbedVm", StartedVm, VmId=vm_id, IcReadyTimeoutSecs=ic_ready_timeout_s)
+
+    def save_checkpoint(self, vm_id: str) -> None:
+        self._one("Save-TestbedCheckpoint", Checkpoint, VmId=vm_id)
+
+    def restore_vm(self, vm_id: str, ic_ready_timeout_s: int) -> StartedVm:
+        return self._one("Restore-TestbedVm", StartedVm, VmId=vm_id, IcReadyTimeoutSecs=ic_ready_timeout_s)
 
     def race(self, vm_id: str, *, offset_ms: float, options: int, timeout_hint_secs: int, service: bool,
              shutdown: bool, after_ready: bool, grace_ms: float, ic_ready_timeout_s: int, com1_pipe: str,
