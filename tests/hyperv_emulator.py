@@ -161,7 +161,7 @@ class EmulatedHyperV:
 
     def new_vm(self, Name: str, IgvmPath: str, VhdPath: str, VmDir: str, Owner: str, MemoryMB: int = 2048,  # noqa: N803
                ProcessorCount: int = 2, FirmwareCommandLine: str = "", Com1Pipe: str = "",  # noqa: N803
-               Com3Pipe: str = "") -> Any:  # noqa: N803  # fmt: skip
+               Com3Pipe: str = "", IncreaseVtl2Memory: bool = False) -> Any:  # noqa: N803  # fmt: skip
         for p in (IgvmPath, VhdPath):
             if p not in self.files:
                 raise RuntimeError(f"New-VM : Cannot find path '{p}' because it does not exist.")

@@ -63,6 +63,7 @@ KNOWN_CMDLETS: dict[str, set[str]] = {
     "Copy-Item": {"Path", "Destination", "Force"},
     "Move-Item": {"Force"},
     "New-Object": set(),
+    "icacls.exe": set(),  # native: its switches (/grant) are arguments, not PowerShell parameters
 }
 
 

@@ -244,11 +244,17 @@ function New-TestbedVm {
         [int]$ProcessorCount = 2,
         [string]$FirmwareCommandLine = '',
         [string]$Com1Pipe = '',
-        [string]$Com3Pipe = ''
+        [string]$Com3Pipe = '',
+        [bool]$IncreaseVtl2Memory = $false
     )
     New-TestbedOwnedVm -Name $Name -ParentVhd $VhdPath -VmDir $VmDir -DiskName 'vtl0.vhdx' -Owner $Owner -MemoryMB $MemoryMB -ProcessorCount $ProcessorCount -OpenHcl $true -Configure {
         param($vm)
         Set-VMFirmware -VM $vm -EnableSecureBoot Off
+        # The worker runs as the VM's own account, which must read the IGVM file (petri
+        # grants it with icacls); the path and the account are arguments, never spliced.
+        $account = 'NT VIRTUAL MACHINE\' + $vm.Id.ToString().ToUpper() + ':R'
+        $null = & icacls.exe $IgvmPath /grant $account
+        if ($LASTEXITCODE -ne 0) { throw "icacls could not grant $account on $IgvmPath (exit $LASTEXITCODE)" }
         if ($Com1Pipe) { Set-VMComPort -VM $vm -Number 1 -Path "\\.\pipe\$Com1Pipe" }
         if ($Com3Pipe) { Set-VMComPort -VM $vm -Number 3 -Path "\\.\pipe\$Com3Pipe" }
         $vssd = Get-TestbedVmSettings -VmId $vm.Id.ToString()
@@ -257,6 +263,13 @@ function New-TestbedVm {
         $vssd.FirmwareParameters = [Text.Encoding]::UTF8.GetBytes($FirmwareCommandLine)
         $vssd.VMBusMessageRedirection = 1
         $vssd.TurnOffOnGuestRestart = $true
+        if ($IncreaseVtl2Memory) {
+            # As petri does for debug IGVMs: auto placement, 1 GiB of VTL2 address space,
+            # 512 MiB of it MMIO (so 512 MiB of VTL2 RAM).
+            $vssd.Vtl2AddressSpaceConfigurationMode = 1
+            $vssd.Vtl2AddressRangeSize = 1024
+            $vssd.Vtl2MmioAddressRangeSize = 512
+        }
         $svc = Get-CimInstance -Namespace $script:Namespace -ClassName Msvm_VirtualSystemManagementService
         $text = $vssd | ConvertTo-CimEmbeddedString
         $r = Invoke-CimMethod -InputObject $svc -MethodName ModifySystemSettings -Arguments @{ SystemSettings = $text }

@@ -293,7 +293,7 @@ class HyperVBackend:
         created = self.module.new_vm(vm.name, vm.igvm_path, vm.vhd_path, vm.vm_dir, owner_tag(),
                                      memory_mb=s.memory_mb, processors=s.processors,
                                      firmware_cmdline=s.firmware_cmdline, com1_pipe=vm.com1_pipe,
-                                     com3_pipe=vm.com3_pipe)  # fmt: skip
+                                     com3_pipe=vm.com3_pipe, increase_vtl2_memory=s.increase_vtl2_memory)  # fmt: skip
         vm.vm_id = created.vm_id
         vm.running = True
         return self.module.start_vm(vm.vm_id, s.ic_ready_timeout_s)

@@ -36,6 +36,11 @@ class HyperVSpec(Strict):
         description="what the VTL0 image must be for COM1 evidence to exist",
     )
     firmware_cmdline: str = ""
+    increase_vtl2_memory: bool = Field(
+        False,
+        description="1 GiB of VTL2 address space with 512 MiB of it MMIO (petri's IncreaseVtl2Memory): debug "
+        "IGVM builds need more VTL2 RAM than the host's default placement gives",
+    )
     memory_mb: int = Field(2048, ge=256)
     processors: int = Field(2, ge=1, le=240)
     override_version_checks: bool = True

@@ -215,10 +215,12 @@ class HostModule:
                          CacheDir=rf"{self.host_dir}\cache", Url=url, SharePath=share)  # fmt: skip
 
     def new_vm(self, name: str, igvm_path: str, vhd_path: str, vm_dir: str, owner: str, *, memory_mb: int,
-               processors: int, firmware_cmdline: str, com1_pipe: str, com3_pipe: str) -> CreatedVm:  # fmt: skip
+               processors: int, firmware_cmdline: str, com1_pipe: str, com3_pipe: str,
+               increase_vtl2_memory: bool = False) -> CreatedVm:  # fmt: skip
         return self._one("New-TestbedVm", CreatedVm, Name=name, IgvmPath=igvm_path, VhdPath=vhd_path,
                          VmDir=vm_dir, Owner=owner, MemoryMB=memory_mb, ProcessorCount=processors,
-                         FirmwareCommandLine=firmware_cmdline, Com1Pipe=com1_pipe, Com3Pipe=com3_pipe)  # fmt: skip
+                         FirmwareCommandLine=firmware_cmdline, Com1Pipe=com1_pipe, Com3Pipe=com3_pipe,
+                         IncreaseVtl2Memory=increase_vtl2_memory)  # fmt: skip
 
     def new_l1_vm(self, name: str, vhd_path: str, vm_dir: str, owner: str, *, memory_mb: int, processors: int,
                   heartbeat_timeout_s: int) -> CreatedVm:  # fmt: skip
