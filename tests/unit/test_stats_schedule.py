@@ -3,8 +3,9 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy import stats as scipy_stats  # type: ignore[import-untyped]
 
 from testbed.engine import schedule as sched
 from testbed.engine.stats import fisher_exact, loss_window, percentile, summarize, wilson
@@ -96,3 +97,32 @@ def test_adaptive_search_brackets_a_synthetic_window(window: tuple[float, float]
     assert left_ok < lo_w <= left_lost and left_lost - left_ok <= 2.0 + 1e-9
     assert right_lost <= hi_w < right_ok and right_ok - right_lost <= 2.0 + 1e-9
     assert len(seen) <= 40 and not math.isnan(left_ok)
+
+
+def _fisher_by_exact_products(a: int, b: int, c: int, d: int) -> float:
+    """The former implementation (exact math.comb products), as the reference."""
+    n1, n2, m = a + b, c + d, a + c
+    lo, hi = max(0, m - n2), min(m, n1)
+
+    def p_of(x: int) -> float:
+        return math.comb(n1, x) * math.comb(n2, m - x) / math.comb(n1 + n2, m)
+
+    p_obs = p_of(a)
+    return min(1.0, sum(p for x in range(lo, hi + 1) if (p := p_of(x)) <= p_obs * (1 + 1e-7)))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(0, 60), st.integers(0, 60), st.integers(0, 60), st.integers(0, 60))
+def test_fisher_exact_in_log_space_matches_exact_products_and_scipy(a: int, b: int, c: int, d: int) -> None:
+    got = fisher_exact(a, b, c, d)
+    assert got == pytest.approx(_fisher_by_exact_products(a, b, c, d), rel=1e-9, abs=1e-15)
+    assert got == pytest.approx(float(scipy_stats.fisher_exact([[a, b], [c, d]])[1]), rel=1e-6, abs=1e-12)
+
+
+def test_fisher_exact_at_a_million_iterations() -> None:
+    """10^6 iterations per side: finite, in (0, 1], and equal to the exact products."""
+    p = fisher_exact(5000, 495000, 5400, 494600)
+    assert 0 < p < 1e-3
+    assert fisher_exact(50, 4950, 54, 4946) == pytest.approx(
+        _fisher_by_exact_products(50, 4950, 54, 4946), rel=1e-9
+    )
