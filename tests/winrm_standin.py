@@ -379,7 +379,8 @@ class StandIn:
     def fault(self, relates_to: str, code: int, text: str) -> tuple[int, str]:
         return 500, self.envelope(relates_to, (
             f'<s:Fault><s:Code><s:Value>s:Receiver</s:Value></s:Code><s:Reason><s:Text xml:lang="en-US">{text}'
-            f'</s:Text></s:Reason><s:Detail><w:WSManFault Code="{code}"/></s:Detail></s:Fault>'))  # fmt: skip
+            f'</s:Text></s:Reason><s:Detail><f:WSManFault xmlns:f="http://schemas.microsoft.com/wbem/wsman/1/wsmanfault" '
+            f'Code="{code}" Machine="standin"><f:Message>{text}</f:Message></f:WSManFault></s:Detail></s:Fault>'))  # fmt: skip
 
     def handle(self, text: str) -> tuple[int, str | None]:
         root = ET.fromstring(text)
@@ -395,9 +396,10 @@ class StandIn:
                 f'<w:SelectorSet><w:Selector Name="ShellId">{sid}</w:Selector></w:SelectorSet>'
                 f'</a:ReferenceParameters></x:ResourceCreated>'))  # fmt: skip
         if shell not in self.shells:
-            return self.fault(
-                msg_id, 2150858843, "The request for the Windows Remote Shell with ShellId is invalid"
-            )
+            return self.fault(msg_id, 2150858843, (
+                f"The request for the Windows Remote Shell with ShellId {shell} failed because the shell was not "
+                "found on the server. Possible causes are: the specified ShellId is incorrect or the shell no "
+                "longer exists on the server."))  # fmt: skip
         if action == "command":
             cmd = root.findtext(".//rsp:CommandLine/rsp:Command", "", NS).strip('"')
             args = " ".join(a.text or "" for a in root.findall(".//rsp:CommandLine/rsp:Arguments", NS))

@@ -20,7 +20,7 @@ from urllib.parse import unquote, urlparse
 import requests
 import winrm
 from tenacity import before_sleep_log, retry, retry_if_exception_type, stop_after_attempt, wait_exponential
-from winrm.exceptions import InvalidCredentialsError, WinRMError, WinRMTransportError
+from winrm.exceptions import InvalidCredentialsError, WinRMError, WinRMTransportError, WSManFaultError
 from winrm.protocol import Protocol
 
 from testbed.redact import redact
@@ -29,6 +29,8 @@ from testbed.transport.powershell import PowerShellRunner
 
 log = logging.getLogger(__name__)
 AUTHS = ("ntlm", "kerberos", "credssp", "basic", "certificate")
+# ERROR_WSMAN_INVALID_SELECTORS: what a command sent to a shell the host no longer has gets.
+SHELL_NOT_FOUND = 2150858843
 
 
 class WinRmAuthError(TransportError):
@@ -65,6 +67,7 @@ class WinRmPowerShell(PowerShellRunner):
         self._auth = (user, password)
         self._kw = kw
         self._session: winrm.Session | None = None
+        self._shell: str | None = None  # one shell per connection, one powershell.exe per command
 
     def _connect(self) -> winrm.Session:
         return winrm.Session(self.endpoint, auth=self._auth, **self._kw)
@@ -95,21 +98,37 @@ class WinRmPowerShell(PowerShellRunner):
         try:
             out, err, rc = self._command(self._session.protocol, argv, stdin)
         except InvalidCredentialsError as e:
-            self._session = None
+            self._drop()
             raise WinRmAuthError(f"{self.name}: credentials refused (401): check the user and {e}") from None
         except (WinRMTransportError, WinRMError, requests.RequestException, OSError) as e:
             # A broken connection takes its authenticated (and sealed) context with it:
             # the next command starts a new session. The failed command is not retried.
-            self._session = None
+            self._drop()
             raise TransportError(f"{self.name}: {type(e).__name__}: {e}") from None
         return rc, out.decode("utf-8", errors="replace"), err.decode("utf-8", errors="replace")
 
-    @staticmethod
-    def _command(p: Protocol, argv: list[str], stdin: Iterable[bytes]) -> tuple[bytes, bytes, int]:
-        """One command in its own shell; stdin goes as WS-Man Send messages, the last with End."""
-        shell = _open_shell(p)
+    def _drop(self) -> None:
+        self._session = None
+        self._shell = None
+
+    def _command(self, p: Protocol, argv: list[str], stdin: Iterable[bytes]) -> tuple[bytes, bytes, int]:
+        """One command (its own powershell.exe) in the run's warm shell; stdin goes as
+        WS-Man Send messages, the last with End. Keeping the shell open saves its Create
+        and Delete exchanges on every call (5-6 exchanges become 3-4). A shell the host
+        has dropped (idle timeout, WinRM restart) refuses the command before it starts:
+        then, and only then, a new shell is opened and the command sent to it (logged)."""
+        if self._shell is None:
+            self._shell = _open_shell(p)
         try:
-            cmd = p.run_command(shell, argv[0], argv[1:])
+            cmd = p.run_command(self._shell, argv[0], argv[1:])
+        except WSManFaultError as e:
+            if e.wsman_fault_code != SHELL_NOT_FOUND:
+                raise
+            log.warning("%s: the host dropped the WinRM shell (%s); opening a new one", self.name, e.reason)
+            self._shell = _open_shell(p)
+            cmd = p.run_command(self._shell, argv[0], argv[1:])
+        shell = self._shell
+        try:
             pending: bytes | None = None
             for line in stdin:
                 if pending is not None:
@@ -120,11 +139,20 @@ class WinRmPowerShell(PowerShellRunner):
             out, err, rc = p.get_command_output(shell, cmd)
             p.cleanup_command(shell, cmd)
         except BaseException:
-            with contextlib.suppress(Exception):  # keep the first failure, not the cleanup's
+            # The shell may still hold the command: delete it (keeping the first failure,
+            # not the cleanup's); the next command gets a new one.
+            self._shell = None
+            with contextlib.suppress(Exception):
                 p.close_shell(shell)
             raise
-        p.close_shell(shell)
         return out, err, rc
+
+    def close(self) -> None:
+        """Delete the warm shell (the host would keep it until its idle timeout)."""
+        if self._session is not None and self._shell is not None:
+            with contextlib.suppress(Exception):
+                self._session.protocol.close_shell(self._shell)
+        self._drop()
 
 
 @retry(

@@ -122,7 +122,7 @@ def test_ntlm_with_message_encryption(tmp_path: Path, monkeypatch: pytest.Monkey
         p = WinRmPowerShell(s.endpoint, r"LAB\tester", "s3cret pass", auth="ntlm")
         p.upload(b"module", MODULE)
         assert p.invoke(MODULE, "Get-TestbedPreflight", {}) == {"HyperV": True}
-        assert s.encrypted_requests >= 8  # create, command, receive, delete for each call: all sealed
+        assert s.encrypted_requests >= 7  # create once; command, receive, signal for each call: all sealed
         with pytest.raises(WinRmAuthError):
             WinRmPowerShell(s.endpoint, r"LAB\tester", "wrong", auth="ntlm").run("'x'")
 
@@ -181,3 +181,33 @@ def test_connection_setup_is_retried_and_logged_but_a_command_is_not(
     with pytest.raises(TransportError):
         p.invoke(MODULE, "Get-TestbedPreflight", {})
     assert standin.requests.count("command") == commands + 1  # sent once, not again
+
+
+def test_one_warm_shell_per_connection(standin: StandIn) -> None:
+    """The shell is created once and deleted at close: a call without stdin costs three
+    exchanges (command, receive, signal), not five."""
+    p = ps(standin)
+    p.upload(b"m", MODULE)
+    before = len(standin.requests)
+    for _ in range(4):
+        p.invoke(MODULE, "Get-TestbedPreflight", {})
+    assert standin.requests[before:] == ["command", "receive", "signal"] * 4
+    assert standin.requests.count("create") == 1
+    p.close()
+    assert standin.requests[-1] == "delete" and standin.shells == set()
+
+
+def test_a_shell_the_host_dropped_is_reopened_before_the_command_runs(
+    standin: StandIn, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An idle timeout or a WinRM restart on the host: the command is refused before it
+    starts (invalid selectors), so a new shell is opened and the command runs once."""
+    p = ps(standin)
+    p.upload(b"m", MODULE)
+    standin.shells.clear()  # the host forgot the shell
+    caplog.set_level("WARNING")
+    calls = len(standin.host.calls)
+    assert p.invoke(MODULE, "Get-TestbedPreflight", {})["HyperV"] is True
+    assert len(standin.host.calls) == calls + 1  # ran exactly once
+    assert [r.getMessage() for r in caplog.records if "dropped the WinRM shell" in r.getMessage()]
+    assert standin.requests.count("create") == 2
