@@ -290,11 +290,19 @@ class ScheduleSpec(Strict):
         return self
 
 
+# When the shutdown is fired: at a schedule offset from the servicing request
+# ("offset"), once the IC is back after servicing (the seed test's "after-ready"), at a
+# schedule delay after the IC's re-offer ("ic-ready": how long must the host wait after
+# "ready"?), or not at all.
+ShutdownMode = Literal["offset", "after-ready", "ic-ready", "none"]
+
+
 class LabOverrides(Strict):
     save_ms: int | None = Field(None, ge=0, le=60_000)
     restore_ms: int | None = Field(None, ge=0, le=60_000)
     blackout_ms: int | None = Field(None, ge=0, le=10_000)
     vtl0_shutdown_ms: int | None = Field(None, ge=0, le=10_000)
+    vtl0_attach_ms: int | None = Field(None, ge=0, le=60_000)
     servicing_timeout_ms: int | None = Field(None, ge=100, le=600_000)
 
 
@@ -304,7 +312,7 @@ class Case(Strict):
     name: str = "race"
     iterations: int | None = Field(None, ge=1, le=1_000_000)
     servicing: bool = True
-    shutdown: Literal["offset", "after-ready", "none"] = "offset"
+    shutdown: ShutdownMode = "offset"
     image: str | None = None  # any name: servicing into a missing image must fail cleanly
     schedule: ScheduleSpec | None = None
     expect: dict[str, ExpectValue] | None = None
@@ -337,7 +345,7 @@ class Playbook(Strict):
     iterations: int = Field(16, ge=1, le=1_000_000)
     schedule: ScheduleSpec = ScheduleSpec(kind="fixed", offsets_ms=[100.0])
     servicing: bool = True
-    shutdown: Literal["offset", "after-ready", "none"] = "offset"
+    shutdown: ShutdownMode = "offset"
     image: str | None = None
     cases: list[Case] | None = None
     reset: Literal["cold", "snapshot"] = "snapshot"
@@ -361,6 +369,25 @@ class Playbook(Strict):
     def _expect(cls, v: dict[str, ExpectValue]) -> dict[str, ExpectValue]:
         _validate_expect(v)
         return v
+
+    @model_validator(mode="after")
+    def _ic_ready_delays(self) -> Self:
+        for c in self.resolved_cases():
+            if c.shutdown != "ic-ready":
+                continue
+            if not c.servicing:
+                raise ValueError(f"case {c.name}: shutdown ic-ready waits for the IC's re-offer after servicing: "
+                                 "it needs servicing: true")  # fmt: skip
+            if c.schedule is None:
+                continue
+            s = c.schedule
+            low = [v for v in (*(s.offsets_ms or []), s.start_ms, s.stop_ms, s.lo_ms) if v is not None]
+            if low and min(low) < 0:
+                raise ValueError(
+                    f"case {c.name}: shutdown ic-ready fires a delay after the IC's re-offer, so the schedule's "
+                    f"offsets must be >= 0 (got {min(low):g} ms)"
+                )
+        return self
 
     def resolved_cases(self) -> list[Case]:
         """The playbook's cases with top-level defaults filled in."""

@@ -17,10 +17,13 @@ VERDICTS = (
     "duplicated",
     "rejected",
     "servicing-failed",
+    "servicing-skipped",
     "guest-crash",
     "infra-error",
 )
-PRODUCT_FAILURES = ("lost", "duplicated")
+# servicing-skipped: the host was told servicing succeeded and it did not happen (openvmm
+# #2698), so whatever the message did proves nothing; a product failure, never a pass.
+PRODUCT_FAILURES = ("lost", "duplicated", "servicing-skipped")
 
 
 @dataclass

@@ -234,7 +234,8 @@ class EmulatedHyperV:
         lab_shutdown = Shutdown and ic == "OK" and not self.faults.shutdown_job_fails
         plan = RacePlan(len(self.races), OffsetMs, lab_service, lab_shutdown,
                         "after-ready" if AfterReady else "offset")  # fmt: skip
-        res = self.lab.race(v.lab, plan, GraceMs).raw
+        refused = Shutdown and not lab_shutdown  # the module waits no grace after a refused request
+        res = self.lab.race(v.lab, plan, 0.0 if refused else GraceMs).raw
         t0 = res.get("t0_ns") or res.get("end_ns", 0)
 
         def ms(t_ns: float) -> float:

@@ -128,10 +128,12 @@ class Stdout:
 def log(level: str, target: str, message: str, **fields: Any) -> None:
     """A tracing line as openvmm prints it (no ANSI: stderr is a pipe here)."""
     up = time.monotonic() - T_START
-    # &str fields print quoted ({:?}), errors and integers plain
+    # &str fields print quoted ({:?}), errors and integers plain, bools as true/false
     shown = " ".join(
-        f'{k}="{v}"' if isinstance(v, str) and k != "error" else f"{k}={v}" for k, v in fields.items()
-    )
+        f'{k}="{v}"' if isinstance(v, str) and k != "error"
+        else f"{k}={str(v).lower()}" if isinstance(v, bool) else f"{k}={v}"
+        for k, v in fields.items()
+    )  # fmt: skip
     line = f"{int(up):4}.{int((up % 1) * 1e9):09}s {level:>5} {target}:  {message}{' ' + shown if shown else ''}\n"
     os.write(2, line.encode())
 
@@ -255,6 +257,10 @@ class StandIn:
         ms = int((time.monotonic() - start) * 1000)
         if self.relay.svc.get("ok"):
             self.image = image
+            if self.relay.svc.get("boot_after") not in (None, self.relay.svc.get("boot_before")):
+                # The new OpenHCL reported its restore over GET: only a real restart (a
+                # new boot id from the lab paravisor) makes the device say so.
+                log("INFO", "guest_emulation_device", "restore vtl2 complete", success=True)
             log("INFO", "openvmm_entry::repl", "vtl2 servicing complete", duration=ms)
         else:
             log(

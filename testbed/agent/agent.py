@@ -78,6 +78,20 @@ class Race(QemuLifecycle):
 
         # Wait for the end of servicing (guest report) or its timeout.
         svc_deadline = time.monotonic_ns() + int(servicing_timeout_ms * 1e6)
+        if shutdown is not None and shutdown.get("mode") == "ic-ready" and service is not None:
+            # A delay after the IC's re-offer (the first HELLO after the request), on this
+            # clock: the re-offer comes before the paravisor reports servicing done.
+            while "reoffer_ns" not in relay.svc and "done_ns" not in relay.svc and not vm.shutdown.done():
+                if time.monotonic_ns() > svc_deadline:
+                    break
+                await asyncio.sleep(0.001)
+            reoffer = relay.svc.get("reoffer_ns")
+            if reoffer is not None:
+                out["fire_planned_ns"] = reoffer + int(float(shutdown["offset_ms"]) * 1e6)
+                await sleep_until_ns(out["fire_planned_ns"])
+            else:
+                out["no_reoffer"] = "the IC was never re-offered after the request: fired at once"
+            fire()
         if service is not None:
             while "done_ns" not in relay.svc and not vm.shutdown.done():
                 if time.monotonic_ns() > svc_deadline:
@@ -92,8 +106,14 @@ class Race(QemuLifecycle):
                 await asyncio.sleep(0.002)
             out["t0_ns"] = out.get("t0_ns", t_begin)
             fire()
-        # Grace: enough for a delivered message to power the guest off.
-        await wait_for(vm.shutdown, grace_ms / 1000)
+        # Grace: enough for a delivered message to power the guest off. A refused request
+        # posted nothing, so nothing can arrive: once servicing is over (its outcome is
+        # recorded either way) the iteration is decided, and waiting would only cost time.
+        refused = out.get("decision") == "rejected"
+        if refused and (service is None or "done_ns" in relay.svc or out.get("servicing_timeout")):
+            out["grace_skipped"] = "the request was refused: nothing was posted"
+        else:
+            await wait_for(vm.shutdown, grace_ms / 1000)
         out["end_ns"] = time.monotonic_ns()
         out["ended"] = vm.shutdown.done()
         out["shutdown"] = vm.shutdown.result() if vm.shutdown.done() else None

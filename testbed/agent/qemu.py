@@ -334,8 +334,11 @@ class QemuLifecycle:
                         raise AgentError("boot-timeout", f"no READY marker on serial after {timeout:.0f} s")
                     await asyncio.sleep(0.003)
         t_marker = time.monotonic()
+        offers = vm.relay.hellos
         vm.relay.sync()
-        while vm.relay.ic != "ready":
+        # The offer that answers this SYNC, not one the paravisor made at boot: a late
+        # answer would otherwise arrive during the race.
+        while vm.relay.ic != "ready" or vm.relay.hellos == offers:
             if time.monotonic() > end:
                 raise AgentError("boot-timeout", f"shutdown IC not offered (ic={vm.relay.ic})")
             await asyncio.sleep(0.005)

@@ -116,6 +116,10 @@ class RaceEvidence:
     message_id: str | None = None  # the shutdown request's id; None when none was fired
     features: list[str] | None = None  # negotiated preservation features, where there are any
     guest_anchor: str | None = None  # what marks service_started_ns ("paravisor", "COM3", ...)
+    # Did the paravisor really restart? "restarted" (the backend saw it), "skipped" (it
+    # reported success and provably did not), "unproven" (this backend cannot tell);
+    # None when no servicing was requested or it failed.
+    servicing_proof: str | None = None
     timeline: list[TimelineEntry] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)  # the backend's own evidence, for its classify
     infra_error: str | None = None
@@ -139,7 +143,18 @@ class RaceEvidence:
         """When the shutdown was fired, from the paravisor's own servicing start."""
         return self._ms(self.fire_ns, self.service_started_ns)
 
+    @property
+    def ic_ready_offset_ms(self) -> float | None:
+        """When the shutdown was fired, from the IC's re-offer after servicing (negative:
+        before it came back)."""
+        return self._ms(self.fire_ns, self.ic_reoffered_ns)
+
     def skew_ms(self, planned_ms: float | None) -> float | None:
+        """Fire time minus plan: against the backend's own planned fire time where it set
+        one (a delay after the re-offer is planned only once the re-offer is seen), else
+        against the planned offset from the servicing request."""
+        if self.fire_planned_ns is not None and self.fire_ns is not None:
+            return (self.fire_ns - self.fire_planned_ns) / 1e6
         off = self.offset_ms
         return off - planned_ms if off is not None and planned_ms is not None else None
 

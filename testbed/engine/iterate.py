@@ -29,6 +29,9 @@ class IterationResult:
     started: float = 0.0  # wall clock
     duration_s: float = 0.0
     files: list[Path] = field(default_factory=list)
+    # Where the seconds went (host clock): start (boot or restore to ready), race (with
+    # servicing and the wait after it split out when known), collect, teardown.
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def failed(self) -> bool:
@@ -56,17 +59,36 @@ def iterate(
     t_wall, t = time.time(), time.monotonic()
     boot: dict[str, Any] = {}
     files: list[Path] = []
+    phases: dict[str, float] = {}
+    mark = t
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        now = time.monotonic()
+        phases[name] = now - mark
+        mark = now
+
     try:
         try:
             boot = backend.start(vm, reset=reset)
+            lap("start_s")
             ev = backend.race(vm, plan, grace_ms)
+            lap("race_s")
         except InfraError as e:
+            lap("start_s" if "start_s" not in phases else "race_s")
             ev = RaceEvidence.failed(backend.kind, str(e))
         verdict = Verdict.infra(ev.infra_error) if ev.infra_error else backend.classify(ev)
         if dest is not None:
             dest.mkdir(parents=True, exist_ok=True)
             files = backend.collect(vm, dest, everything=keep_failed and verdict.kind not in GOOD)
+        lap("collect_s")
     finally:
         if not keep_vm:
             backend.destroy(vm)
-    return IterationResult(plan, verdict, ev, boot, t_wall, time.monotonic() - t, files)
+        lap("teardown_s")
+    if ev.servicing_ms is not None and "race_s" in phases:
+        # Inside the race: servicing (request to done), then the wait for the VM's fate
+        # (a delivery, or the grace running out), on the host's clock.
+        phases["servicing_s"] = ev.servicing_ms / 1000
+        phases["after_servicing_s"] = max(0.0, phases["race_s"] - phases["servicing_s"])
+    return IterationResult(plan, verdict, ev, boot, t_wall, time.monotonic() - t, files, phases)

@@ -20,7 +20,8 @@ def evaluate(run: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, An
     """Statistics plus the playbook's expectations, per case and overall.
 
     A run whose every iteration was ``infra-error`` measured nothing: it can
-    neither meet nor violate an expectation (``measured_nothing``)."""
+    neither meet nor violate an expectation (``measured_nothing``). Every case
+    expects ``servicing-skipped: 0`` unless it says otherwise."""
     summary = summarize(records)
     infra = summary["counts"]["infra-error"]
     measured_nothing = bool(records) and infra == len(records)
@@ -29,7 +30,9 @@ def evaluate(run: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, An
         for case, expect in (run.get("expect_by_case") or {"": run.get("expect", {})}).items():
             recs = [r for r in records if not case or r.get("case") == case]
             counts = summarize(recs)["counts"] if recs else {}
-            for verdict, spec in expect.items():
+            # Servicing that did not happen measured nothing about the message: unless a
+            # playbook asks for it (a negative control), any is an expectation violated.
+            for verdict, spec in {"servicing-skipped": 0, **expect}.items():
                 n = counts.get(verdict, 0)
                 if recs and not check_expectation(spec, n):
                     violations.append(f"{case or 'run'}: expected {verdict} {spec}, got {n}")

@@ -22,7 +22,7 @@ from typing import Any
 
 from testbed import __version__
 from testbed.backends.base import Backend, InfraError, RacePlan
-from testbed.config import Case, Playbook, ScheduleSpec, VmConfig, stable_hash
+from testbed.config import Case, ConfigError, Playbook, ScheduleSpec, VmConfig, stable_hash
 from testbed.engine import schedule as sched
 from testbed.engine.iterate import IterationResult, iterate
 from testbed.engine.policy import finish_run
@@ -107,6 +107,15 @@ class Runner:
         self.records: list[dict[str, Any]] = []
         self.interrupted = False
         self.stopped: str | None = None  # why the run ended early, when it did
+        modes = getattr(self.backend, "shutdown_modes", ("offset", "after-ready", "none"))
+        for c in self.cases():
+            if c.shutdown not in modes:
+                raise ConfigError(
+                    playbook_path or Path(pb.name),
+                    None,
+                    f"case {c.name}: shutdown {c.shutdown!r} is not supported by the {self.backend.kind} backend "
+                    f"(it supports {', '.join(modes)})",
+                )
 
     # ---- planning --------------------------------------------------------------
     def cases(self) -> list[Case]:
@@ -130,8 +139,10 @@ class Runner:
             n = c.iterations or self.pb.iterations
             s = c.schedule or self.pb.schedule
             what = f"{c.name}: {n} iteration{'s' if n != 1 else ''}"
-            if c.shutdown == "offset":
-                what += f", schedule {s.kind}"
+            if c.shutdown in ("offset", "ic-ready"):
+                what += f", schedule {s.kind}" + (
+                    " of delays after the IC's re-offer" if c.shutdown == "ic-ready" else ""
+                )
                 if s.points is not None and s.points != n:
                     what += (
                         f" of {s.points} offsets, {'cycled to' if s.points < n else 'cut to the first'} {n}"
@@ -142,7 +153,8 @@ class Runner:
     def plans(self, case: Case, start_index: int) -> Iterator[RacePlan]:
         n = case.iterations or self.pb.iterations
         image = case.image
-        if case.shutdown != "offset":
+        mode = case.shutdown  # "offset", or "ic-ready": the schedule gives delays after the re-offer
+        if mode not in ("offset", "ic-ready"):
             for i in range(n):
                 yield RacePlan(
                     start_index + i,
@@ -168,7 +180,7 @@ class Runner:
                 s.lo_ms, s.hi_ms, n, outcome, coarse=s.coarse, resolution_ms=s.resolution_ms, seed=self.seed
             )
             for i, x in enumerate(gen):
-                yield RacePlan(start_index + i, x, case.servicing, True, "offset", image)
+                yield RacePlan(start_index + i, x, case.servicing, True, mode, image)
             return
         if s.kind == "fixed":
             pts = list(s.offsets_ms or [])
@@ -179,7 +191,7 @@ class Runner:
             assert s.lo_ms is not None and s.hi_ms is not None
             pts = sched.seeded_random(s.lo_ms, s.hi_ms, s.count or n, self.seed)
         for i, x in enumerate(sched.cycle_to(pts, n)):
-            yield RacePlan(start_index + i, x, case.servicing, True, "offset", image)
+            yield RacePlan(start_index + i, x, case.servicing, True, mode, image)
 
     # ---- running ---------------------------------------------------------------
     def run_dir(self) -> Path:
@@ -344,13 +356,16 @@ def record(r: IterationResult, case: str, strategy: str, vm: Any, reset: str, it
     return {
         "iteration": plan.iteration,
         "case": case,
-        "planned_offset_ms": plan.offset_ms,
+        "planned_offset_ms": plan.offset_ms,  # with shutdown_mode ic-ready: the delay after the re-offer
+        "shutdown_mode": plan.shutdown_mode,
         "offset_ms": ev.offset_ms if plan.service else None,
         "guest_offset_ms": ev.guest_offset_ms,
-        "skew_ms": ev.skew_ms(plan.offset_ms) if plan.service else None,
+        "ic_ready_offset_ms": ev.ic_ready_offset_ms,
+        "skew_ms": ev.skew_ms(plan.offset_ms) if plan.service and plan.shutdown else None,
         "servicing_lag_ms": ev.servicing_lag_ms,
         "servicing_ms": ev.servicing_ms,
         "delivery_ms": ev.delivery_ms,
+        "servicing_proof": ev.servicing_proof,
         **r.verdict.as_dict(),
         "decision": ev.decision,
         "ic_at_fire": ev.ic_at_fire,
@@ -364,6 +379,7 @@ def record(r: IterationResult, case: str, strategy: str, vm: Any, reset: str, it
         "slot_wait_s": r.boot.get("slot_wait_s"),  # waiting for another run's guest to end
         "started": r.started,
         "duration_s": r.duration_s,
+        "phases_s": {k.removesuffix("_s"): round(v, 4) for k, v in r.phases.items()},
         "dir": str(it_dir),
     }
 

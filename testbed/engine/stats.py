@@ -174,4 +174,71 @@ def summarize(records: list[dict[str, Any]], bucket_ms: float = 50.0) -> dict[st
     }
     if n and lost == 0:
         out["zero_loss_bound"] = f"0 losses in {n} iterations: loss rate < {3 / n:.3g} at 95% (rule of three)"
+    out["phases_s"] = phase_means(records)
+    curve = ic_ready_delay(records)
+    if curve is not None:
+        out["ic_ready_delay"] = curve
     return out
+
+
+def phase_means(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Mean seconds per phase, over all iterations and per verdict: a slow run says why
+    (a long grace after servicing, a slow restore, teardown waits)."""
+    groups: dict[str, list[dict[str, float]]] = {"all": []}
+    for r in records:
+        ph = r.get("phases_s")
+        if ph:
+            groups["all"].append(ph)
+            groups.setdefault(r["verdict"], []).append(ph)
+    out = {}
+    for g, rows in groups.items():
+        if rows:
+            names = sorted({k for row in rows for k in row})
+            out[g] = {k: sum(row.get(k, 0.0) for row in rows) / len(rows) for k in names}
+    return out
+
+
+def ic_ready_delay(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """ "How long after the IC is ready must the host wait?": loss vs the planned delay
+    after the IC's re-offer (``shutdown: ic-ready``), and the smallest delay from which
+    every delay tried had no loss, with the rule-of-three bound of its tries (at least
+    3/N: a loss rate below it cannot be told from zero with N tries)."""
+    rs = [r for r in records if r.get("shutdown_mode") == "ic-ready" and r["verdict"] != "infra-error"]
+    if not rs:
+        return None
+    by: dict[float, list[str]] = {}
+    for r in rs:
+        by.setdefault(float(r["planned_offset_ms"]), []).append(r["verdict"])
+    curve: list[dict[str, Any]] = []
+    for d in sorted(by):
+        vs = by[d]
+        k = sum(v == "lost" for v in vs)
+        lo, hi = wilson(k, len(vs))
+        curve.append({"delay_ms": d, "n": len(vs), "lost": k, "rate": k / len(vs), "ci95": [lo, hi]})
+    safe: dict[str, Any] | None = None
+    for point in reversed(curve):  # the longest run of loss-free delays ending at the largest
+        if point["lost"]:
+            break
+        safe = point
+    if safe is None:
+        answer = f"losses up to the longest delay tried ({curve[-1]['delay_ms']:g} ms): wait longer than that"
+    else:
+        bound = 3 / safe["n"]
+        tail = [p for p in curve if p["delay_ms"] >= safe["delay_ms"]]
+        tries = sum(p["n"] for p in tail)
+        answer = (
+            (
+                "no wait needed: "
+                if safe is curve[0]
+                else f"wait at least {safe['delay_ms']:g} ms after ready: "
+            )
+            + f"0 losses in {safe['n']} tries at {safe['delay_ms']:g} ms (loss rate < {bound:.3g} at 95%, rule of "
+            f"three), and in {tries} tries at every delay from there"
+        )
+    return {
+        "curve": curve,
+        "safe_delay_ms": safe["delay_ms"] if safe else None,
+        "tries_at_safe": safe["n"] if safe else None,
+        "bound": 3 / safe["n"] if safe else None,
+        "answer": answer,
+    }

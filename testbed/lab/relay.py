@@ -56,6 +56,8 @@ class Relay:
     clock: Callable[[], int] = time.monotonic_ns
     ic: str = "no-contact"
     guest_image: str = ""
+    boot: str = ""  # the running paravisor's boot id (from its last HELLO)
+    hellos: int = 0  # offers seen (a SYNC is answered by one)
     features: set[str] = field(default_factory=set)
     next_seq: int = 0
     paused: bool = False
@@ -93,6 +95,16 @@ class Relay:
         v, f = verb(line), fields(line)
         if v == "HELLO":
             self.guest_image = f.get("version", "")
+            self.boot = f.get("boot", "")
+            self.hellos += 1
+            restarted = self.boot != self.svc.get("boot_before") or not self.boot
+            if "request_ns" in self.svc and "reoffer_ns" not in self.svc and restarted:
+                # The re-offer: the first offer after the servicing request from a paravisor
+                # that started again (a new boot id). An offer with the old id is the same
+                # paravisor answering a SYNC late, not a restart.
+                self.svc["reoffer_ns"] = self.log[-1]["t_ns"]
+                self.svc["boot_after"] = self.boot
+                self.svc["image_after"] = self.guest_image
             self.next_seq = int(f.get("rx", self.next_seq))
             guest = set(f.get("features", "-").split(",")) - {"-"}
             offered = set(self.offered_features().split(",")) - {"-"}
@@ -146,7 +158,7 @@ class Relay:
         """Send the servicing request; returns the host time it left (t = 0)."""
         params = " ".join(f"{k}={v}" for k, v in knobs.items())
         line = f"SERVICE id={svc_id} image={image} strategy={self.strategy} {params}".strip()
-        self.svc = {"id": svc_id, "image": image}
+        self.svc = {"id": svc_id, "image": image, "boot_before": self.boot}
         self.send_get(line)
         t0 = self.clock()
         self.note("sent", "get", line)

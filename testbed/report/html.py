@@ -19,6 +19,7 @@ COLORS = {
     "duplicated": "#6a1b9a",
     "rejected": "#9e9e9e",
     "servicing-failed": "#ef6c00",
+    "servicing-skipped": "#ad1457",
     "guest-crash": "#000000",
     "infra-error": "#1565c0",
 }
@@ -54,6 +55,52 @@ def loss_plot(records: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(alpha=0.3)
     return _svg(fig)
+
+
+def delay_plot(curve: dict[str, Any]) -> str:
+    """Loss rate vs the delay after the IC's re-offer, with Wilson 95% bands."""
+    pts = curve["curve"]
+    xs = [p["delay_ms"] for p in pts]
+    fig, ax = plt.subplots(figsize=(9, 3.0))
+    ax.fill_between(xs, [p["ci95"][0] for p in pts], [p["ci95"][1] for p in pts], color="#c62828", alpha=0.15,
+                    label="Wilson 95%")  # fmt: skip
+    ax.plot(xs, [p["rate"] for p in pts], "o-", color="#c62828", label="loss rate")
+    if curve.get("safe_delay_ms") is not None:
+        ax.axvline(curve["safe_delay_ms"], color="#2e7d32", ls="--", label="no loss from here")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("shutdown delay after the IC's re-offer (ms)")
+    ax.set_ylabel("loss rate")
+    ax.legend(fontsize=7, loc="upper right")
+    ax.grid(alpha=0.3)
+    return _svg(fig)
+
+
+def delay_section(summary: dict[str, Any]) -> str:
+    d = summary.get("ic_ready_delay")
+    if not d:
+        return ""
+    rows = "".join(
+        f"<tr><td>{p['delay_ms']:g}</td><td>{p['n']}</td><td>{p['lost']}</td><td>{_pct(p['rate'])}</td>"
+        f"<td>{_pct(p['ci95'][0])} to {_pct(p['ci95'][1])}</td></tr>"
+        for p in d["curve"]
+    )
+    return (f"<h2>How long after ready?</h2><p>{html.escape(d['answer'])}</p>{delay_plot(d)}<table><tr><th>delay ms</th>"
+            f"<th>tries</th><th>lost</th><th>loss rate</th><th>Wilson 95%</th></tr>{rows}</table>")  # fmt: skip
+
+
+def phases_section(summary: dict[str, Any]) -> str:
+    groups = summary.get("phases_s") or {}
+    if not groups:
+        return ""
+    names = sorted({k for ph in groups.values() for k in ph})
+    head = "".join(f"<th>{html.escape(n)} s</th>" for n in names)
+    rows = "".join(
+        f"<tr><td>{html.escape(g)}</td>"
+        + "".join(f"<td>{ph[n]:.3f}</td>" if n in ph else "<td></td>" for n in names)
+        + "</tr>"
+        for g, ph in groups.items()
+    )
+    return f"<h2>Where the seconds go (mean per iteration)</h2><table><tr><th>verdict</th>{head}</tr>{rows}</table>"
 
 
 def timeline_plot(record: dict[str, Any]) -> str:
@@ -94,6 +141,8 @@ Window: {e(json.dumps(summary.get("window")))}<br>
 Fire skew p50 {_fmt(summary["skew_ms"]["p50"])} ms, p99 {_fmt(summary["skew_ms"]["p99"])} ms;
 {_fmt(summary.get("iterations_per_min"))} iterations/min.</p>
 <h2>Loss vs offset</h2>{loss_plot(records, summary)}
+{delay_section(summary)}
+{phases_section(summary)}
 {("<h2>Timeline of lost iteration " + str(lost["iteration"]) + "</h2>" + timeline_plot(lost)) if lost else ""}
 <h2>Manifest</h2><pre>{e(json.dumps(run, indent=2, default=str))}</pre>
 <h2>Iterations</h2><table><tr><th>#</th><th>case</th><th>planned ms</th><th>actual ms</th><th>vs paravisor ms</th>

@@ -25,9 +25,21 @@ def render_markdown(run: dict[str, Any], s: dict[str, Any]) -> str:
             f"- vulnerable window ({w['anchor']}): losses from {w['first_loss_ms']:.1f} to {w['last_loss_ms']:.1f} ms;"
             f" bracket {w['bracket_ms']}"
         )
+    d = s.get("ic_ready_delay")
+    if d:
+        lines.append(f"- after the IC is ready: {d['answer']}")
+        lines += [
+            f"  - {p['delay_ms']:g} ms: {p['lost']}/{p['n']} lost ({_pct(p['rate'])}, 95% [{_pct(p['ci95'][0])}, "
+            f"{_pct(p['ci95'][1])}])"
+            for p in d["curve"]
+        ]
     sk = s["skew_ms"]
     if sk["p50"] is not None:
         lines.append(f"- fire skew: p50 {sk['p50']:.3f} ms, p99 {sk['p99']:.3f} ms")
+    for group, ph in (s.get("phases_s") or {}).items():
+        lines.append(
+            f"- mean seconds per iteration ({group}): " + ", ".join(f"{k} {v:.3f}" for k, v in ph.items())
+        )
     if s.get("iterations_per_min"):
         lines.append(f"- rate: {s['iterations_per_min']:.1f} iterations/min")
     lines.append(

@@ -158,3 +158,39 @@ def test_repro_replays_an_iteration_and_compare_tests_two_runs(tmp_path: Path) -
     r = subprocess.run([sys.executable, "-m", "testbed.cli", "compare", str(out), str(out)], capture_output=True,
                        text=True)  # fmt: skip
     assert r.returncode == 0 and "p = 1: no significant difference" in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("attach_ms", "delays", "verdicts", "safe", "answer"),
+    [
+        # VTL0 attaches 300 ms after the re-offer: posted in the gap, accepted, never acted on.
+        (300, [0.0, 100.0, 700.0], ["lost", "lost", "preserved"], 700.0, "wait at least 700 ms after ready"),
+        (0, [0.0, 100.0], ["preserved", "preserved"], 0.0, "no wait needed"),
+    ],
+)
+def test_ic_ready_delay_finds_how_long_to_wait_after_ready(
+    ref_cfg: VmConfig, tmp_path: Path, attach_ms: int, delays: list[float], verdicts: list[str], safe: float,
+    answer: str,
+) -> None:  # fmt: skip
+    from testbed.config import LabOverrides, load_playbook
+
+    shipped, _ = load_playbook(ROOT / "playbooks" / "ic-ready-delay.yaml")
+    assert shipped.shutdown == "ic-ready" and shipped.lab.vtl0_attach_ms == 250
+    pb = shipped.model_copy(update={
+        "iterations": len(delays), "schedule": ScheduleSpec(kind="fixed", offsets_ms=delays),
+        "lab": LabOverrides(vtl0_attach_ms=attach_ms)})  # fmt: skip
+    res = Runner(pb, ref_cfg, RunOptions(out=tmp_path / "run")).run()
+    assert [r["verdict"] for r in res.records] == verdicts, [r["reason"] for r in res.records]
+    for r, d in zip(res.records, delays, strict=True):
+        assert r["shutdown_mode"] == "ic-ready" and abs(r["ic_ready_offset_ms"] - d) < 5.0, r
+        assert abs(r["skew_ms"]) < 5.0
+    # Where the seconds went, per iteration and in the summary.
+    assert all(
+        {"start", "race", "servicing", "after_servicing", "teardown"} <= set(r["phases_s"])
+        for r in res.records
+    )
+    assert res.summary["phases_s"]["all"]["race"] > res.summary["phases_s"]["all"]["servicing"] > 0
+    curve = res.summary["ic_ready_delay"]
+    assert curve["safe_delay_ms"] == safe and curve["answer"].startswith(answer), curve
+    assert "How long after ready?" in (tmp_path / "run" / "report.html").read_text()
+    assert "after the IC is ready" in (tmp_path / "run" / "summary.md").read_text()

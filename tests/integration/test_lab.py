@@ -170,3 +170,26 @@ def test_snapshot_restore_behaves_like_cold_boot(
         if "id=sd7" in e["line"] and e["line"].startswith("MSG")
     }
     assert seqs == {"seq=0"}
+
+
+def test_servicing_that_did_not_happen_is_servicing_skipped(backend: QemuBackend, cfg: VmConfig) -> None:
+    """The faulty target v2-skip: the paravisor acknowledges servicing (ok=1) and does
+    nothing. The shutdown in the middle of the would-be window is delivered, but the
+    verdict is servicing-skipped (openvmm #2698), proven by the unchanged boot id."""
+    from testbed.backends.qemu.evidence import servicing_proof
+
+    v, res = race(backend, cfg, "none", MIDDLE, image="v2-skip")
+    assert v.kind == "servicing-skipped", v
+    assert res["svc"]["ok"] is True and res["svc"]["boot_before"] and "boot_after" not in res["svc"]
+    assert "never re-offered the IC" in v.reason and servicing_proof(res["svc"]) == "skipped"
+    assert len(deliveries(res)) == 1  # the message went through: a pass without the proof
+
+
+def test_real_servicing_is_proven_by_a_new_boot_id(backend: QemuBackend, cfg: VmConfig) -> None:
+    from testbed.backends.qemu.evidence import servicing_proof
+
+    v, res = race(backend, cfg, "pause-resume", MIDDLE)
+    assert v.kind == "preserved", v
+    svc = res["svc"]
+    assert svc["boot_before"] and svc["boot_after"] and svc["boot_before"] != svc["boot_after"]
+    assert servicing_proof(svc) == "restarted" and svc["image_after"] == "v2"

@@ -111,3 +111,32 @@ def test_cli_help_everywhere() -> None:
         assert "Usage" in r.stdout
     r = subprocess.run([sys.executable, "-m", "testbed.cli", "--help"], capture_output=True, text=True)
     assert "130" in r.stdout and "infrastructure" in r.stdout  # exit codes are documented
+
+
+def test_ic_ready_needs_delays_and_servicing(tmp_path: Path) -> None:
+    p = write(
+        tmp_path,
+        "name: p\nvm_config: x.yaml\nshutdown: ic-ready\nschedule: {kind: fixed, offsets_ms: [0, -50]}\n",
+    )
+    with pytest.raises(ConfigError) as e:
+        load_model(p, Playbook)
+    assert "offsets must be >= 0 (got -50 ms)" in e.value.message and str(p) in str(e.value)
+    p = write(tmp_path, "name: p\nvm_config: x.yaml\nshutdown: ic-ready\nservicing: false\n")
+    with pytest.raises(ConfigError, match="it needs servicing: true"):
+        load_model(p, Playbook)
+
+
+def test_a_backend_without_the_shutdown_mode_refuses_the_run_before_it_starts(tmp_path: Path) -> None:
+    from testbed.backends.hyperv.backend import HyperVBackend
+    from testbed.engine.runner import Runner, RunOptions
+    from testbed.transport.powershell import PowerShellRunner
+
+    pb, cfg = load_playbook(ROOT / "playbooks" / "ic-ready-delay.yaml")
+    backend = HyperVBackend(PowerShellRunner())  # never called: the refusal comes first
+    with pytest.raises(ConfigError, match="shutdown 'ic-ready' is not supported by the hyperv backend"):
+        Runner(
+            pb,
+            cfg,
+            RunOptions(out=tmp_path / "r", backend=backend),
+            playbook_path=ROOT / "playbooks" / "x.yaml",
+        )

@@ -48,7 +48,18 @@ CASES = {
 
 
 def test_cases_cover_every_verdict() -> None:
-    assert set(CASES) == set(VERDICTS)
+    # servicing-skipped needs proof that servicing did not happen; OpenVMM only shows
+    # when it did (the restore line), so it says "unproven" instead (below).
+    assert set(CASES) == set(VERDICTS) - {"servicing-skipped"}
+
+
+def test_servicing_proof_is_the_restore_line_or_unproven() -> None:
+    restored = "   5.100000000s  INFO guest_emulation_device:  restore vtl2 complete success=true"
+    assert evidence(raw(log=[(T0 + 600 * MS, restored), DONE])).servicing_proof == "restarted"
+    assert evidence(raw()).servicing_proof == "unproven"  # "vtl2 servicing complete" alone
+    failed = "   5.100000000s  INFO guest_emulation_device:  restore vtl2 complete success=false"
+    assert evidence(raw(log=[(T0 + 600 * MS, failed), DONE])).servicing_proof == "unproven"
+    assert evidence(raw(service_cmd=None, log=[])).servicing_proof is None
 
 
 @pytest.mark.parametrize("expected", sorted(CASES))

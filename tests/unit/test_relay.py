@@ -73,3 +73,16 @@ def test_servicing_report_times() -> None:
     r.on_get("SVC_DONE id=1 ok=1 image=v2 t=999")
     assert r.svc["request_ns"] == t0 < r.svc["start_ns"] < r.svc["done_ns"]
     assert r.svc["guest_start_us"] == 555 and r.svc["ok"] is True
+
+
+def test_the_re_offer_is_the_first_offer_from_a_new_boot() -> None:
+    """A late answer to SYNC (same boot id) after the servicing request is not a
+    re-offer; the offer from the restarted paravisor is (found in CI: a cold boot's own
+    HELLO and the SYNC's answer both arrived, the second after the race began)."""
+    r = Relay(lambda s: None, lambda s: None, strategy="none")
+    r.on_vmbus("HELLO version=v2 features=- rx=0 boot=aaaa")
+    r.start_servicing(1, "v2", {})
+    r.on_vmbus("HELLO version=v2 features=- rx=0 boot=aaaa")  # the same paravisor, answering SYNC
+    assert "reoffer_ns" not in r.svc and r.svc["boot_before"] == "aaaa"
+    r.on_vmbus("HELLO version=v2 features=- rx=0 boot=bbbb")
+    assert r.svc["boot_after"] == "bbbb" and r.svc["reoffer_ns"] > r.svc["request_ns"] and r.hellos == 3

@@ -80,3 +80,14 @@ def test_a_run_that_measured_nothing_exits_3_not_1(tmp_path: Path) -> None:
     d = make_run(tmp_path, ["infra-error"] * 3, {"lost": ">0"}, max_infra=5)
     s, code = finish_run(d)
     assert code == 3 and s["measured_nothing"] and not s["expectations"]["violations"]
+
+
+def test_servicing_skipped_never_passes_silently(tmp_path: Path) -> None:
+    """A playbook that expects only `lost: 0` still fails on servicing that did not
+    happen; a negative control that asks for it can have it."""
+    d = make_run(tmp_path, ["preserved", "servicing-skipped"], {"lost": 0})
+    s, code = finish_run(d)
+    assert code == 1 and s["failures"] == 1
+    assert "expected servicing-skipped 0, got 1" in s["expectations"]["violations"][0]
+    d2 = make_run(tmp_path / "b", ["servicing-skipped"], {"servicing-skipped": ">0"})
+    assert finish_run(d2)[1] == 0

@@ -126,3 +126,38 @@ def test_fisher_exact_at_a_million_iterations() -> None:
     assert fisher_exact(50, 4950, 54, 4946) == pytest.approx(
         _fisher_by_exact_products(50, 4950, 54, 4946), rel=1e-9
     )
+
+
+def _delay_records(points: dict[float, list[str]]) -> list[dict[str, object]]:
+    return [{"shutdown_mode": "ic-ready", "planned_offset_ms": d, "verdict": v}
+            for d, vs in points.items() for v in vs]  # fmt: skip
+
+
+def test_ic_ready_delay_curve_and_safe_delay() -> None:
+    from testbed.engine.stats import ic_ready_delay
+
+    got = ic_ready_delay(_delay_records({0: ["lost"] * 3, 100: ["lost", "preserved", "lost"],
+                                         300: ["preserved"] * 3, 600: ["preserved"] * 3}))  # fmt: skip
+    assert got is not None
+    assert [p["lost"] for p in got["curve"]] == [3, 2, 0, 0]
+    assert got["safe_delay_ms"] == 300 and got["tries_at_safe"] == 3 and got["bound"] == 1.0
+    assert got["answer"].startswith("wait at least 300 ms after ready: 0 losses in 3 tries")
+    assert "in 6 tries at every delay from there" in got["answer"]
+    flat = ic_ready_delay(_delay_records({0: ["preserved"] * 10, 50: ["preserved"] * 10}))
+    assert flat is not None and flat["answer"].startswith("no wait needed") and flat["bound"] == 0.3
+    late = ic_ready_delay(_delay_records({0: ["preserved"], 100: ["lost"]}))  # a loss at the longest delay
+    assert late is not None and late["safe_delay_ms"] is None and "wait longer than that" in late["answer"]
+    assert ic_ready_delay([{"shutdown_mode": "offset", "planned_offset_ms": 1.0, "verdict": "lost"}]) is None
+
+
+def test_phase_means_overall_and_per_verdict() -> None:
+    from testbed.engine.stats import phase_means
+
+    recs = [
+        {"verdict": "lost", "phases_s": {"start": 0.2, "race": 2.0, "teardown": 0.1}},
+        {"verdict": "preserved", "phases_s": {"start": 0.4, "race": 1.0, "teardown": 0.1}},
+        {"verdict": "infra-error"},  # an iteration without phases counts nowhere
+    ]
+    got = phase_means(recs)
+    assert got["all"] == pytest.approx({"race": 1.5, "start": 0.3, "teardown": 0.1})
+    assert got["lost"]["race"] == 2.0 and got["preserved"]["race"] == 1.0 and "infra-error" not in got

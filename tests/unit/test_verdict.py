@@ -60,6 +60,13 @@ CASES = {
         host_log=[{"t_ns": 1, "kind": "rejected", "port": "vmbus", "line": "shutdown id=sd1"}],
     ),
     "servicing-failed": ev(servicing_timeout=True, svc={"request_ns": 1, "start_ns": 2}),
+    # ok=1, and the paravisor never offered the IC again: its boot id never changed.
+    "servicing-skipped": ev(
+        serial=delivered(2500),
+        ended=True,
+        shutdown=GUEST_SHUTDOWN,
+        svc={"request_ns": 1, "start_ns": 2, "done_ns": 3, "ok": True, "boot_before": "ab12"},
+    ),
     "guest-crash": ev(
         qmp_events=[{"t_ns": 5, "event": "GUEST_PANICKED", "data": {"action": "pause"}}],
         ended=True,
@@ -114,3 +121,20 @@ def test_baseline_without_servicing_is_delivered_before() -> None:
         )
     )
     assert v.kind == "delivered-before"
+
+
+@pytest.mark.parametrize(
+    ("svc", "proof", "kind"),
+    [
+        ({"boot_before": "a1", "boot_after": "b2"}, "restarted", "preserved"),
+        ({"boot_before": "a1", "boot_after": "a1"}, "skipped", "servicing-skipped"),
+        ({"boot_before": "a1"}, "skipped", "servicing-skipped"),
+        ({}, "unproven", "preserved"),  # a paravisor that announces no boot id: said, not guessed
+    ],
+)
+def test_servicing_proof_from_the_boot_id(svc: dict[str, Any], proof: str, kind: str) -> None:
+    res = ev(serial=delivered(2500), ended=True, shutdown=GUEST_SHUTDOWN,
+             svc={"request_ns": 1, "start_ns": 2, "done_ns": 3, "ok": True, **svc})  # fmt: skip
+    race = evidence.evidence(res)
+    assert race.servicing_proof == proof
+    assert evidence.classify(race).kind == kind

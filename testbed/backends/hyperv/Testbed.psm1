@@ -416,6 +416,7 @@ function Invoke-TestbedRace {
     $icBefore = Get-TestbedIcState -ComputerSystem $vm
     $result = [ordered]@{ VmId = $id; IcBefore = $icBefore; OffsetMs = $OffsetMs; StartedUtc = [DateTime]::UtcNow.ToString('o'); StartMs = $clock.Elapsed.TotalMilliseconds }
     $result.FireMs = $null; $result.FireReturn = $null; $result.ServiceMs = $null; $result.ServiceReturn = $null
+    $result.FireJobState = $null
     $result.JobDone = $null; $result.JobState = $null; $result.JobErrorCode = $null; $result.ServiceDoneMs = $null
     $fire = {
         $result.IcAtFire = $icBefore
@@ -477,7 +478,13 @@ function Invoke-TestbedRace {
     }
     $from = $clock.Elapsed.TotalMilliseconds
     $result.OffMs = $null
-    while ($clock.Elapsed.TotalMilliseconds -lt $from + $GraceMs) {
+    # A refused request (neither 0 nor a completed 4096 job) posted nothing: once the
+    # servicing job is over there is nothing to wait for.
+    $accepted = ($result.FireReturn -eq 0 -or ($result.FireReturn -eq $script:JobStarted -and $result.FireJobState -eq $script:JobCompleted))
+    $wait = $GraceMs
+    if ($Shutdown -and $null -ne $result.FireReturn -and -not $accepted) { $wait = 0 }
+    $result.GraceSkipped = ($wait -eq 0)
+    while ($clock.Elapsed.TotalMilliseconds -lt $from + $wait) {
         $state = (Get-CimInstance -InputObject $vm).EnabledState
         if ($state -eq $script:StateOff) { $result.OffMs = $clock.Elapsed.TotalMilliseconds; break }
         Start-Sleep -Milliseconds 50

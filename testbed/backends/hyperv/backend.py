@@ -96,6 +96,8 @@ class HyperVVm:
 
 class HyperVBackend:
     kind = "hyperv"
+    # When a shutdown can be fired (the playbook's ``shutdown``); the runner refuses others.
+    shutdown_modes = ("offset", "after-ready", "none")
 
     def __init__(self, ps: PowerShellRunner) -> None:
         self.l0 = HostModule(ps)  # the physical host
@@ -470,9 +472,26 @@ def evidence(
         else ("accepted" if outcome.fire_return in ACCEPTED else "refused"),
         message_id="shutdown-ic" if fired else None,
         guest_anchor="COM3" if anchor is not None else None,
+        # Hyper-V reports a completed job, not a restart: where COM3 is read and the
+        # vm_config names OpenHCL's start line, that line after the request proves it.
+        servicing_proof=_servicing_proof(outcome, spec),
         timeline=sorted(timeline, key=lambda e: e.t_ns),
         raw=raw,
     )
+
+
+def _servicing_proof(outcome: RaceOutcome, spec: HyperVSpec) -> str | None:
+    done = outcome.service_ms is not None and (
+        outcome.service_return == 0 or outcome.job_state == hv_evidence.JOB_COMPLETED
+    )
+    if not done:
+        return None
+    if spec.com3_restart_pattern and outcome.com3:
+        rx = re.compile(spec.com3_restart_pattern)
+        assert outcome.service_ms is not None
+        if any(rx.search(x.line) and x.ms >= outcome.service_ms for x in outcome.com3):
+            return "restarted"
+    return "unproven"
 
 
 def _ns_of(ms: float) -> int:

@@ -59,6 +59,11 @@ class HyperVSpec(Strict):
     vtl0_shutdown_pattern: Pattern = Field(
         "Shutdown request received", description="regex of the VTL0 line on COM1 that shows delivery"
     )
+    com3_restart_pattern: Pattern | None = Field(
+        None,
+        description="a COM3 line the new OpenHCL prints when it starts after servicing; seen after the request, "
+        "it proves the restart (servicing_proof: restarted), else the record says unproven",
+    )
     com3_servicing_start_pattern: Pattern | None = Field(
         None, description="regex of OpenHCL's COM3 line that marks the start of its save (guest anchor)"
     )

@@ -41,6 +41,14 @@ SERVICING_CODES = {
     0xC037080A: "no GET protocol with the management VTL (timeout)",
 }
 ACCEPTED = (0, JOB_STARTED)  # InitiateShutdown / ReloadManagementVtl: done, or job started
+# The ValueMap the Msvm_* methods share for their return value (as documented for
+# InitiateShutdown, RequestStateChange, ...), so a reason says what a code means.
+RETURN_CODES = {
+    0: "Completed with No Error", 4096: "Method Parameters Checked - Job Started", 32768: "Failed",
+    32769: "Access Denied", 32770: "Not Supported", 32771: "Status is unknown", 32772: "Timeout",
+    32773: "Invalid parameter", 32774: "System is in use", 32775: "Invalid state for this operation",
+    32776: "Incorrect data type", 32777: "System is not available", 32778: "Out of memory",
+}  # fmt: skip
 # The VM went off because the guest shut down: through the IC (18504) or by itself (18508).
 # 18502 (turned off) is the host pulling the plug, never a delivery. Whether the guest
 # acted on *our* request is proven by the IC call's own result, not by the event.
@@ -61,6 +69,12 @@ def job_error(state: Any, code: Any, description: str) -> str:
     )
 
 
+def returned(rv: Any) -> str:
+    """A method's return value with its ValueMap text: ``32775 (Invalid state for this operation)``."""
+    text = RETURN_CODES.get(rv) if isinstance(rv, int) else None
+    return f"{rv} ({text})" if text else str(rv)
+
+
 def code_name(code: int) -> str:
     c = code & 0xFFFFFFFF
     return f"0x{c:08X}" + (f" ({SERVICING_CODES[c]})" if c in SERVICING_CODES else "")
@@ -74,7 +88,7 @@ def servicing_failure(race: dict[str, Any], event_ms: dict[int, float]) -> str |
         return None
     rv = race.get("ServiceReturn")
     if rv not in ACCEPTED:
-        return f"ReloadManagementVtl returned {rv}"
+        return f"ReloadManagementVtl returned {returned(rv)}"
     at = event_ms.get(EV_MANAGEMENT_VTL_FAILED)
     if at is not None and at >= race["ServiceMs"]:
         return f"event {EV_MANAGEMENT_VTL_FAILED}: failure in the management VTL"
@@ -163,7 +177,8 @@ def classify(evidence: RaceEvidence) -> Verdict:
     if fired and (race.get("IcAtFire") != "OK" or race.get("FireReturn") not in ACCEPTED):
         return Verdict(
             "rejected",
-            f"the shutdown IC was {race.get('IcAtFire')!r} and InitiateShutdown returned {race.get('FireReturn')}",
+            f"the shutdown IC was {race.get('IcAtFire')!r} and InitiateShutdown returned "
+            f"{returned(race.get('FireReturn'))}",
             fire_line,
         )
     if not fired:

@@ -100,6 +100,8 @@ def service_command(vm: OpenVmmVm, image: str | None) -> str:
 
 class OpenVmmBackend:
     kind = "openvmm"
+    # When a shutdown can be fired (the playbook's ``shutdown``); the runner refuses others.
+    shutdown_modes = ("offset", "after-ready", "none")
 
     def __init__(self, transport: Transport | None = None) -> None:
         self.transport: Transport = transport or LocalTransport()

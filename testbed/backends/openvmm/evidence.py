@@ -53,6 +53,14 @@ def evidence(raw: dict[str, Any]) -> RaceEvidence:
     console = _seen(raw, "console") + _seen(raw, "log")
     done = next((s.t_ns for s in console if s.line.event in ("servicing-complete", "servicing-failed")), None)
     halted = next((s for s in console if s.line.event == "guest-halted"), None)
+    completed = any(s.line.event == "servicing-complete" for s in console)
+    restored = any(
+        s.line.event == "phase:restore-done" and s.line.fields.get("success") == "true" for s in console
+    )
+    # OpenVMM's guest emulation device logs "restore vtl2 complete success=true" when the
+    # new OpenHCL reports its restore over GET: the restart, seen. Without that line,
+    # "vtl2 servicing complete" alone proves nothing.
+    proof = ("restarted" if restored else "unproven") if raw.get("service_cmd") and completed else None
     timeline = [TimelineEntry(s.t_ns, s.stream, s.line.text) for s in console + _seen(raw, "COM1") + com3]
     return RaceEvidence(
         backend="openvmm",
@@ -67,6 +75,7 @@ def evidence(raw: dict[str, Any]) -> RaceEvidence:
         end_reason=halted.line.fields.get("reason") if halted else None,
         message_id="shutdown-ic" if raw.get("shutdown_cmd") else None,
         guest_anchor="COM3" if anchor is not None else None,
+        servicing_proof=proof,
         timeline=sorted(timeline, key=lambda e: e.t_ns),
         raw=raw,
     )

@@ -108,6 +108,8 @@ class QemuBackend:
     """A QEMU host (local or over SSH). One agent serves all VMs of this backend."""
 
     kind = "qemu"
+    # When a shutdown can be fired (the playbook's ``shutdown``); the runner refuses others.
+    shutdown_modes = ("offset", "after-ready", "ic-ready", "none")
 
     def __init__(self, transport: Transport | None = None, qemu_binary: str | None = None) -> None:
         self.transport: Transport = transport or LocalTransport()
@@ -395,6 +397,7 @@ class QemuBackend:
                     "save_ms": knobs.save_ms,
                     "restore_ms": knobs.restore_ms,
                     "blackout_ms": knobs.blackout_ms,
+                    "attach_ms": knobs.vtl0_attach_ms,
                 },
             }
         shutdown = None

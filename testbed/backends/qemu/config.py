@@ -8,7 +8,7 @@ from pydantic import Field, field_validator
 
 from testbed.config import LabOverrides, Strict, VmConfig
 
-PARAVISOR_IMAGES: tuple[str, ...] = ("v1", "v2", "v2-replay", "v2-panic", "v2-hang", "v2-crash")
+PARAVISOR_IMAGES: tuple[str, ...] = ("v1", "v2", "v2-replay", "v2-panic", "v2-hang", "v2-crash", "v2-skip")
 
 
 class KernelSpec(Strict):
@@ -28,6 +28,13 @@ class LabKnobs(Strict):
     restore_ms: int = Field(100, ge=0, le=60_000)
     blackout_ms: int = Field(0, ge=0, le=10_000)
     vtl0_shutdown_ms: int = Field(100, ge=0, le=10_000)
+    vtl0_attach_ms: int = Field(
+        0,
+        ge=0,
+        le=60_000,
+        description="VTL0's driver attaches this long after the IC's re-offer: a request posted in the gap "
+        "is accepted and never acted on (openvmm #1174); 0 = at once",
+    )
     servicing_timeout_ms: int = Field(8000, ge=100, le=600_000)
 
 

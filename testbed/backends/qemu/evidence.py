@@ -38,15 +38,13 @@ def evidence(res: dict[str, Any]) -> RaceEvidence:
                 timeline.append(TimelineEntry(t, "guest", ln.split(" ", 2)[2]))
     timeline += [TimelineEntry(e["t_ns"], "qmp", f"{e['event']} {e.get('data')}")
                  for e in res.get("qmp_events", [])]  # fmt: skip
-    ic_offers = [e["t_ns"] for e in res.get("host_log", [])
-                 if e["kind"] == "recv" and e["line"].startswith("HELLO") and e["t_ns"] > svc.get("request_ns", 0)]  # fmt: skip
     return RaceEvidence(
         backend="qemu",
         zero_ns=res.get("t0_ns"),
         service_requested_ns=svc.get("request_ns"),
         service_started_ns=svc.get("start_ns"),
         service_done_ns=svc.get("done_ns"),
-        ic_reoffered_ns=ic_offers[0] if ic_offers and "request_ns" in svc else None,
+        ic_reoffered_ns=svc.get("reoffer_ns"),  # the first offer after the request with a new boot id
         fire_planned_ns=res.get("fire_planned_ns"),
         fire_ns=res.get("fire_ns"),
         ended_ns=shutdown.get("t_ns"),
@@ -59,9 +57,29 @@ def evidence(res: dict[str, Any]) -> RaceEvidence:
         message_id=res.get("shutdown_id"),
         features=res.get("features"),
         guest_anchor="paravisor" if "start_ns" in svc else None,
+        servicing_proof=servicing_proof(svc),
         timeline=sorted(timeline, key=lambda e: e.t_ns),
         raw=res,
     )
+
+
+def servicing_proof(svc: dict[str, Any]) -> str | None:
+    """The lab proves a restart by the boot id: every start of a paravisor image draws a
+    new one and announces it in HELLO, so a servicing that reported success is
+    "restarted" only if the next offer came with an id other than the one before."""
+    if "request_ns" not in svc or svc.get("ok") is not True:
+        return None
+    before, after = svc.get("boot_before"), svc.get("boot_after")
+    if not before:
+        return "unproven"  # a paravisor build that announces no boot id
+    return "restarted" if after and after != before else "skipped"
+
+
+def _skipped(svc: dict[str, Any]) -> str | None:
+    if servicing_proof(svc) != "skipped":
+        return None
+    return (f"the paravisor reported servicing into {svc.get('image') or 'its image'} done, but never re-offered "
+            f"the IC from a new start (boot id {svc['boot_before']} throughout)")  # fmt: skip
 
 
 def _host_lines(log: list[dict[str, Any]], pred: Any) -> list[str]:
@@ -100,6 +118,7 @@ def classify(race: RaceEvidence) -> Verdict:
     svc_lines = [ln for ln in serial if " PV svc-" in ln or " PV restore" in ln or " PV vmbus-" in ln]
     host_msg = _host_lines(host_log, lambda e: msg_id and f"id={msg_id}" in e["line"])
     servicing = "request_ns" in svc
+    skipped = _skipped(svc)
 
     if len(delivered) >= 2:
         return Verdict(
@@ -120,6 +139,8 @@ def classify(race: RaceEvidence) -> Verdict:
             )
         if svc.get("ok") is False or ev.get("servicing_timeout"):
             pass  # delivered after a failed servicing: report the servicing failure below
+        elif skipped:
+            return Verdict("servicing-skipped", skipped, svc_lines + delivered)
         else:
             return Verdict(
                 "preserved",
@@ -142,6 +163,11 @@ def classify(race: RaceEvidence) -> Verdict:
             "servicing-failed",
             f"{why}; {vm_fate}",
             svc_lines + _host_lines(host_log, lambda e: e["port"] == "get"),
+        )
+
+    if skipped:  # whatever the message did, it was never at stake in a servicing
+        return Verdict(
+            "servicing-skipped", skipped, svc_lines + _host_lines(host_log, lambda e: e["port"] == "get")
         )
 
     if ev.get("decision") == "rejected":

@@ -12,6 +12,13 @@
  *   v2-panic   faulty: panics the guest kernel during restore
  *   v2-hang    faulty: never finishes restore
  *   v2-crash   faulty: crashes as soon as it starts restoring
+ *   v2-skip    faulty target: the running paravisor reports servicing into it
+ *              as done (ok=1) without saving, closing or exec'ing anything: the
+ *              "servicing that silently did not happen" of openvmm #2698
+ *
+ * Every start of a paravisor image (first boot, or after exec) draws a new boot
+ * id and announces it in HELLO: servicing that really happened re-offers the IC
+ * with a boot id the host has not seen, one that did not cannot.
  *
  * Ports (virtio-serial, found by name in /sys/class/virtio-ports):
  *   vmbus  the vmbus message channel; closing it is the "synic reset": the
@@ -203,17 +210,39 @@ struct state {
     long svc_id;
     int svc_strategy;
     int restore_ms;
+    int attach_ms; /* VTL0's driver attaches this long after the re-offer (the #1174 gap) */
 };
 
 static struct state st;
 static int64_t replay_until; /* v2-replay: re-delivers what it relays for a while after restore */
+static int64_t attach_at;    /* before this, VTL0 is not listening: what is handed over is dropped */
+
+/* Hand a message to VTL0, unless VTL0's driver has not attached yet after a re-offer:
+ * then it is gone, though the host's post was accepted (the shape of openvmm #1174). */
+static void to_vtl0(const char *line) {
+    if (now_us() < attach_at) {
+        evidence("PV dropped seq=%s id=%s reason=vtl0-not-attached", field("seq", line), field("id", line));
+        return;
+    }
+    sendline(st.vtl0, "%s", line);
+}
 static struct reader rv, rg, r0;
 
 static int supports_pause_resume(void) { return strncmp(image, "v2", 2) == 0; }
 
+static char boot_id[17]; /* drawn at every start of an image, never carried across exec */
+
+static void draw_boot_id(void) {
+    uint64_t v = 0;
+    int fd = open("/dev/urandom", O_RDONLY);
+    if (fd < 0 || read(fd, &v, sizeof v) != (ssize_t)sizeof v) v = (uint64_t)now_us() * 2654435761u;
+    if (fd >= 0) close(fd);
+    snprintf(boot_id, sizeof boot_id, "%016llx", (unsigned long long)v);
+}
+
 static void hello(void) {
-    sendline(st.vmbus, "HELLO version=%s features=%s rx=%ld", image,
-             supports_pause_resume() ? "pause_resume" : "-", st.rx);
+    sendline(st.vmbus, "HELLO version=%s features=%s rx=%ld boot=%s", image,
+             supports_pause_resume() ? "pause_resume" : "-", st.rx, boot_id);
 }
 
 /* A message from the host over vmbus while not servicing. */
@@ -232,10 +261,10 @@ static void host_message(const char *line, int frozen) {
         } else {
             /* Evidence of the hand-over: VTL0 may log it later, after servicing began. */
             evidence("PV relay seq=%s id=%s", field("seq", line), field("id", line));
-            sendline(st.vtl0, "%s", line);
+            to_vtl0(line);
             if (now_us() < replay_until) { /* the fault: a replayed, already-delivered message */
                 evidence("PV replaying seq=%s", field("seq", line));
-                sendline(st.vtl0, "%s", line);
+                to_vtl0(line);
             }
         }
     }
@@ -243,15 +272,15 @@ static void host_message(const char *line, int frozen) {
 
 static void deliver_queue(int times) {
     for (int t = 0; t < times; t++)
-        for (int i = 0; i < st.nq; i++) sendline(st.vtl0, "%s", st.queue[i]);
+        for (int i = 0; i < st.nq; i++) to_vtl0(st.queue[i]);
     st.nq = 0;
 }
 
 static void save_state(void) {
     FILE *f = fopen(STATE_PATH, "w");
     if (!f) return;
-    fprintf(f, "%d %d %d %ld %ld %d %d %d\n", st.get, st.vtl0, st.feature_pause_resume, st.rx,
-            st.svc_id, st.svc_strategy, st.restore_ms, st.nq);
+    fprintf(f, "%d %d %d %ld %ld %d %d %d %d\n", st.get, st.vtl0, st.feature_pause_resume, st.rx,
+            st.svc_id, st.svc_strategy, st.restore_ms, st.attach_ms, st.nq);
     for (int i = 0; i < st.nq; i++) fprintf(f, "%s\n", st.queue[i]);
     fclose(f);
 }
@@ -259,8 +288,8 @@ static void save_state(void) {
 static int load_state(void) {
     FILE *f = fopen(STATE_PATH, "r");
     if (!f) return -1;
-    int ok = fscanf(f, "%d %d %d %ld %ld %d %d %d\n", &st.get, &st.vtl0, &st.feature_pause_resume,
-                    &st.rx, &st.svc_id, &st.svc_strategy, &st.restore_ms, &st.nq) == 8;
+    int ok = fscanf(f, "%d %d %d %ld %ld %d %d %d %d\n", &st.get, &st.vtl0, &st.feature_pause_resume,
+                    &st.rx, &st.svc_id, &st.svc_strategy, &st.restore_ms, &st.attach_ms, &st.nq) == 9;
     if (st.nq > MAXQ) st.nq = MAXQ;
     for (int i = 0; ok && i < st.nq; i++) {
         if (!fgets(st.queue[i], LINE, f)) break;
@@ -285,6 +314,7 @@ static void reopen_and_offer(void) {
     rv.fd = st.vmbus;
     rv.len = 0;
     evidence("PV vmbus-open image=%s", image);
+    if (st.attach_ms > 0) attach_at = now_us() + (int64_t)st.attach_ms * 1000;
     hello(); /* the re-offer: the host sees the IC come back */
     char line[LINE];
     /* Negotiation: wait for WELCOME, handling anything else that arrives. */
@@ -331,9 +361,16 @@ static void servicing(const char *req) {
     int save_ms = atoi(field("save_ms", req));
     int blackout_ms = atoi(field("blackout_ms", req));
     st.restore_ms = atoi(field("restore_ms", req));
+    st.attach_ms = atoi(field("attach_ms", req));
 
     sendline(st.get, "SVC_START id=%ld t=%lld", st.svc_id, (long long)now_us());
     evidence("PV svc-start id=%ld from=%s to=%s strategy=%s", st.svc_id, image, target, s);
+
+    if (strcmp(target, "v2-skip") == 0) { /* faulty: acknowledge, do nothing */
+        evidence("PV svc-done id=%ld image=%s (skipped on purpose)", st.svc_id, target);
+        sendline(st.get, "SVC_DONE id=%ld ok=1 image=%s t=%lld", st.svc_id, target, (long long)now_us());
+        return;
+    }
 
     /* Negotiated fallback: pause-resume needs the feature on this channel. */
     if (strat == S_PAUSE_RESUME && !st.feature_pause_resume) {
@@ -477,6 +514,7 @@ static void vtl0_main(int fd, int shutdown_ms) {
 int main(int argc, char **argv) {
     const char *base = strrchr(argv[0], '/');
     snprintf(image, sizeof image, "%s", base ? base + 1 : argv[0]);
+    draw_boot_id();
     serial_fd = open("/dev/ttyS0", O_WRONLY | O_NOCTTY);
     srand((unsigned)now_us());
     signal(SIGPIPE, SIG_IGN);
