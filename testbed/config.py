@@ -255,7 +255,7 @@ def check_expectation(spec: ExpectValue, value: int) -> bool:
 
 
 class ScheduleSpec(Strict):
-    kind: Literal["fixed", "linear", "random", "adaptive"]
+    kind: Literal["fixed", "linear", "random", "adaptive", "phases"]
     offsets_ms: list[float] | None = Field(None, min_length=1, max_length=100_000)
     start_ms: float | None = None
     stop_ms: float | None = None
@@ -264,10 +264,19 @@ class ScheduleSpec(Strict):
     hi_ms: float | None = None
     resolution_ms: float = Field(2.0, gt=0)
     coarse: int = Field(8, ge=2, le=1000)
+    # kind: phases. Fire on servicing phases (the backend names what it can observe):
+    # every phase (or these) at each delay, plus the midpoint to the next phase when
+    # `midpoint`, `repeat` times each cell, in a seeded order.
+    phases: list[str] | None = Field(None, min_length=1)
+    delays_ms: list[Annotated[float, Field(ge=0, le=60_000)]] = Field([0.0, 2.0], min_length=1)
+    midpoint: bool = True
+    repeat: int = Field(3, ge=1, le=10_000)
 
     @property
     def points(self) -> int | None:
         """How many offsets the schedule names (None: the adaptive search decides)."""
+        if self.kind == "phases":
+            return None  # the backend's phases decide
         return (
             len(self.offsets_ms or [])
             if self.kind == "fixed"
@@ -283,6 +292,7 @@ class ScheduleSpec(Strict):
             "linear": ("start_ms", "stop_ms", "count"),
             "random": ("lo_ms", "hi_ms"),
             "adaptive": ("lo_ms", "hi_ms"),
+            "phases": (),
         }[self.kind]
         missing = [k for k in need if getattr(self, k) is None]
         if missing:

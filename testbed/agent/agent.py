@@ -58,6 +58,30 @@ class Race(QemuLifecycle):
             out["ic_at_fire"] = relay.ic if decision != "rejected" else relay.log[-1].get("ic")
 
         t_begin = time.monotonic_ns()
+        triggered = asyncio.Event()
+        pending: list[asyncio.Future[None]] = []
+        relay.on_phase = None
+        if shutdown is not None and shutdown.get("mode") == "phase":
+            # Fire on a servicing phase: the moment its line arrives (delay 0: inside the
+            # line's handling, before the next line is read) or a delay after it.
+            want, delay_ns = str(shutdown["phase"]), int(float(shutdown["offset_ms"]) * 1e6)
+
+            async def fire_at(t_ns: int) -> None:
+                await sleep_until_ns(t_ns)
+                fire()
+
+            def on_phase(name: str, t_ns: int) -> None:
+                if name != want or "phase_ns" in out:
+                    return
+                out["phase_ns"] = t_ns
+                out["fire_planned_ns"] = t_ns + delay_ns
+                if delay_ns == 0:
+                    fire()
+                else:  # its own task: it starts at once, and spins the last 2 ms
+                    pending.append(asyncio.ensure_future(fire_at(t_ns + delay_ns)))
+                triggered.set()
+
+            relay.on_phase = on_phase
         if service is not None:
             if offset_ns is not None and offset_ns < 0:
                 fire()
@@ -78,6 +102,17 @@ class Race(QemuLifecycle):
 
         # Wait for the end of servicing (guest report) or its timeout.
         svc_deadline = time.monotonic_ns() + int(servicing_timeout_ms * 1e6)
+        if relay.on_phase is not None:
+            assert shutdown is not None
+            while not triggered.is_set() and "done_ns" not in relay.svc and not vm.shutdown.done():
+                if time.monotonic_ns() > svc_deadline:
+                    break
+                await asyncio.sleep(0.001)
+            relay.on_phase = None
+            if not triggered.is_set():
+                out["phase_missing"] = f"phase {shutdown['phase']} never came in this servicing"
+            for task in pending:
+                await task
         if shutdown is not None and shutdown.get("mode") == "ic-ready" and service is not None:
             # A delay after the IC's re-offer (the first HELLO after the request), on this
             # clock: the re-offer comes before the paravisor reports servicing done.
@@ -125,6 +160,7 @@ class Race(QemuLifecycle):
         out["serial"] = self._serial_lines(vm)
         out["strategy"] = relay.strategy
         out["features"] = sorted(relay.features)
+        out["phases"] = dict(relay.phases)
         return out
 
 

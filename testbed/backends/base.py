@@ -80,6 +80,7 @@ class RacePlan:
     shutdown: bool = True
     shutdown_mode: str = "offset"  # or "after-ready": the seed test's order
     image: str | None = None  # paravisor image to service into (None = same)
+    phase: str | None = None  # shutdown_mode "phase": fire offset_ms after this servicing phase
 
 
 @dataclass
@@ -120,6 +121,11 @@ class RaceEvidence:
     # reported success and provably did not), "unproven" (this backend cannot tell);
     # None when no servicing was requested or it failed.
     servicing_proof: str | None = None
+    # Servicing phases as the host saw them arrive (name -> ns, first arrival), and, when
+    # the shutdown was fired on one, which one and when its line arrived.
+    phases: dict[str, int] = field(default_factory=dict)
+    phase: str | None = None
+    phase_ns: int | None = None
     timeline: list[TimelineEntry] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)  # the backend's own evidence, for its classify
     infra_error: str | None = None
@@ -148,6 +154,16 @@ class RaceEvidence:
         """When the shutdown was fired, from the IC's re-offer after servicing (negative:
         before it came back)."""
         return self._ms(self.fire_ns, self.ic_reoffered_ns)
+
+    @property
+    def phase_to_fire_ms(self) -> float | None:
+        """From the trigger phase's line arriving to the fire (the delay plus the latency)."""
+        return self._ms(self.fire_ns, self.phase_ns)
+
+    def phase_times_ms(self) -> dict[str, float]:
+        """Each phase's arrival, in ms from the servicing request."""
+        z = self.service_requested_ns
+        return {} if z is None else {k: (v - z) / 1e6 for k, v in self.phases.items()}
 
     def skew_ms(self, planned_ms: float | None) -> float | None:
         """Fire time minus plan: against the backend's own planned fire time where it set

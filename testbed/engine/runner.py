@@ -109,6 +109,8 @@ class Runner:
         self.stopped: str | None = None  # why the run ended early, when it did
         modes = getattr(self.backend, "shutdown_modes", ("offset", "after-ready", "none"))
         for c in self.cases():
+            if (c.schedule or pb.schedule).kind == "phases":
+                self.phases_of(c, modes, playbook_path)  # refuses what the backend cannot observe
             if c.shutdown not in modes:
                 raise ConfigError(
                     playbook_path or Path(pb.name),
@@ -150,6 +152,34 @@ class Runner:
             parts.append(what)
         return "; ".join(parts)
 
+    def phases_of(self, case: Case, modes: tuple[str, ...], path: Path | None = None) -> list[str]:
+        """The phases a ``kind: phases`` schedule fires on: the backend's, or the named
+        ones, which must be among them."""
+        where = path or self.playbook_path or Path(self.pb.name)
+        observe = getattr(self.backend, "servicing_phases", None)
+        if observe is None or "phase" not in modes:
+            why = getattr(self.backend, "phases_unavailable", "it names no servicing phases it can observe")
+            raise ConfigError(where, None, f"case {case.name}: schedule kind phases: the {self.backend.kind} backend "
+                                           f"cannot fire on servicing phases: {why}")  # fmt: skip
+        if case.shutdown != "offset":
+            raise ConfigError(where, None, f"case {case.name}: schedule kind phases fires on phases; "
+                                           f"leave shutdown at offset (it is {case.shutdown!r})")  # fmt: skip
+        known: list[str] = list(observe(self.strategy))
+        s = case.schedule or self.pb.schedule
+        unknown = [p for p in (s.phases or []) if p not in known]
+        if unknown:
+            raise ConfigError(where, None, f"case {case.name}: phases {', '.join(unknown)} are not observable with "
+                                           f"strategy {self.strategy} on {self.backend.kind}; it shows: "
+                                           f"{', '.join(known)}")  # fmt: skip
+        return [p for p in known if p in s.phases] if s.phases else known
+
+    def iterations_of(self, case: Case) -> int:
+        s = case.schedule or self.pb.schedule
+        if s.kind == "phases":
+            n = len(self.phases_of(case, getattr(self.backend, "shutdown_modes", ())))
+            return sched.phase_sweep_size(n, len(s.delays_ms), s.midpoint, s.repeat)
+        return case.iterations or self.pb.iterations
+
     def plans(self, case: Case, start_index: int) -> Iterator[RacePlan]:
         n = case.iterations or self.pb.iterations
         image = case.image
@@ -166,6 +196,26 @@ class Runner:
                 )
             return
         s = case.schedule or self.pb.schedule
+        if s.kind == "phases":
+            phases = self.phases_of(case, getattr(self.backend, "shutdown_modes", ()))
+            cells = sched.phase_cells(phases, list(s.delays_ms), s.repeat, self.seed)
+            i = 0
+            for ph, d in cells:
+                yield RacePlan(start_index + i, d, case.servicing, True, "phase", image, phase=ph)
+                i += 1
+            if s.midpoint:  # aimed at the middle of each gap, as measured by the cells above
+                seen = [
+                    r["phase_times_ms"]
+                    for r in self.records
+                    if r.get("case") == case.name and r.get("phase_times_ms")
+                ]
+                mids = sched.phase_midpoints(phases, seen)
+                for ph, _ in sched.phase_cells(
+                    [p for p in phases if p in mids], [0.0], s.repeat, self.seed + 1
+                ):
+                    yield RacePlan(start_index + i, mids[ph], case.servicing, True, "phase", image, phase=ph)
+                    i += 1
+            return
         if s.kind == "adaptive":
             outcomes: dict[float, str] = {}
 
@@ -245,7 +295,7 @@ class Runner:
             if self.opts.resume and run_json.exists():
                 manifest = {**json.loads(run_json.read_text()), "resumed": time.time()}
             run_json.write_text(json.dumps(manifest, indent=2, default=str))
-            total = sum((c.iterations or self.pb.iterations) for c in self.cases())
+            total = sum(self.iterations_of(c) for c in self.cases())
             self.progress(
                 {
                     "event": "start",
@@ -361,6 +411,9 @@ def record(r: IterationResult, case: str, strategy: str, vm: Any, reset: str, it
         "offset_ms": ev.offset_ms if plan.service else None,
         "guest_offset_ms": ev.guest_offset_ms,
         "ic_ready_offset_ms": ev.ic_ready_offset_ms,
+        "phase": plan.phase,
+        "phase_to_fire_ms": ev.phase_to_fire_ms,
+        "phase_times_ms": ev.phase_times_ms() or None,
         "skew_ms": ev.skew_ms(plan.offset_ms) if plan.service and plan.shutdown else None,
         "servicing_lag_ms": ev.servicing_lag_ms,
         "servicing_ms": ev.servicing_ms,

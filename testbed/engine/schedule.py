@@ -125,3 +125,25 @@ def adaptive(
             return
         a, b = edges[rng.randrange(len(edges))]
         yield from emit(round(rng.uniform(a - resolution_ms, b + resolution_ms), 3))
+
+
+def phase_cells(phases: list[str], delays_ms: list[float], repeat: int, seed: int) -> list[tuple[str, float]]:
+    """Every (phase, delay) cell ``repeat`` times, in a seeded order."""
+    cells = [(p, d) for p in phases for d in delays_ms] * repeat
+    random.Random(seed).shuffle(cells)
+    return cells
+
+
+def phase_midpoints(phases: list[str], times_ms: list[dict[str, float]]) -> dict[str, float]:
+    """Per phase (but the last), half the mean time to the next phase, from the phase
+    times the run has seen so far: the middle of the gap a phase trigger can aim at."""
+    out: dict[str, float] = {}
+    for a, b in zip(phases, phases[1:], strict=False):
+        gaps = [t[b] - t[a] for t in times_ms if a in t and b in t]
+        if gaps:
+            out[a] = round(max(0.0, sum(gaps) / len(gaps) / 2), 3)
+    return out
+
+
+def phase_sweep_size(n_phases: int, n_delays: int, midpoint: bool, repeat: int) -> int:
+    return (n_phases * n_delays + (max(0, n_phases - 1) if midpoint else 0)) * repeat

@@ -175,10 +175,47 @@ def summarize(records: list[dict[str, Any]], bucket_ms: float = 50.0) -> dict[st
     if n and lost == 0:
         out["zero_loss_bound"] = f"0 losses in {n} iterations: loss rate < {3 / n:.3g} at 95% (rule of three)"
     out["phases_s"] = phase_means(records)
+    table = phase_table(records)
+    if table is not None:
+        out["phase_sweep"] = table
     curve = ic_ready_delay(records)
     if curve is not None:
         out["ic_ready_delay"] = curve
     return out
+
+
+def phase_table(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The phase sweep: (phase, delay) -> verdict counts, loss rate and Wilson interval,
+    in the order the phases happen; and the phase timeline (mean and spread of each
+    phase's arrival from the servicing request) over every iteration that has one."""
+    rs = [r for r in records if r.get("shutdown_mode") == "phase" and r["verdict"] != "infra-error"]
+    if not rs:
+        return None
+    times: dict[str, list[float]] = {}
+    for r in records:
+        for k, v in (r.get("phase_times_ms") or {}).items():
+            times.setdefault(k, []).append(v)
+    order = sorted(times, key=lambda k: sum(times[k]) / len(times[k]))
+    timeline = []
+    for k in order:
+        v = times[k]
+        mean = sum(v) / len(v)
+        sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+        timeline.append({"phase": k, "mean_ms": mean, "sd_ms": sd, "n": len(v)})
+    cells: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for r in rs:
+        cells.setdefault((r["phase"], float(r["planned_offset_ms"])), []).append(r)
+    rank = {k: i for i, k in enumerate(order)}
+    rows = []
+    for (ph, d), group in sorted(cells.items(), key=lambda c: (rank.get(c[0][0], 1e9), c[0][1])):
+        counts = Counter(r["verdict"] for r in group)
+        k = counts.get("lost", 0)
+        lo, hi = wilson(k, len(group))
+        latency = [r["skew_ms"] for r in group if r.get("skew_ms") is not None]
+        rows.append({"phase": ph, "delay_ms": d, "n": len(group), "counts": dict(counts), "lost": k,
+                     "rate": k / len(group), "ci95": [lo, hi],
+                     "trigger_latency_ms_max": max(latency) if latency else None})  # fmt: skip
+    return {"cells": rows, "timeline": timeline}
 
 
 def phase_means(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:

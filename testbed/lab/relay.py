@@ -58,6 +58,8 @@ class Relay:
     guest_image: str = ""
     boot: str = ""  # the running paravisor's boot id (from its last HELLO)
     hellos: int = 0  # offers seen (a SYNC is answered by one)
+    phases: dict[str, int] = field(default_factory=dict)  # this servicing's phases, first arrival (ns)
+    on_phase: Callable[[str, int], None] | None = None
     features: set[str] = field(default_factory=set)
     next_seq: int = 0
     paused: bool = False
@@ -98,7 +100,8 @@ class Relay:
             self.boot = f.get("boot", "")
             self.hellos += 1
             restarted = self.boot != self.svc.get("boot_before") or not self.boot
-            if "request_ns" in self.svc and "reoffer_ns" not in self.svc and restarted:
+            reoffer = "request_ns" in self.svc and "reoffer_ns" not in self.svc and restarted
+            if reoffer:
                 # The re-offer: the first offer after the servicing request from a paravisor
                 # that started again (a new boot id). An offer with the old id is the same
                 # paravisor answering a SYNC late, not a restart.
@@ -111,6 +114,8 @@ class Relay:
             self.features = guest & offered
             self._post("vmbus", f"WELCOME features={','.join(sorted(self.features)) or '-'}")
             self.ic = "ready"
+            if reoffer:  # a request fired on this phase finds the IC ready, as it now is
+                self._phase("ic-reoffered", self.svc["reoffer_ns"])
             if self.paused and "pause_resume" not in self.features:
                 # A reconnect without the feature cannot send Resume: treat the
                 # new offer as the resume, or the queue would be stuck forever.
@@ -139,6 +144,9 @@ class Relay:
         elif v == "SVC_START":
             self.svc["start_ns"] = self.log[-1]["t_ns"]
             self.svc["guest_start_us"] = int(f.get("t", "0"))
+            self._phase("request-seen")
+        elif v == "PHASE":
+            self._phase(f.get("name", "?"))
         elif v == "SVC_DONE":
             self.svc["done_ns"] = self.log[-1]["t_ns"]
             self.svc["ok"] = f.get("ok") == "1"
@@ -153,12 +161,24 @@ class Relay:
         if port == "vmbus" and not is_open and self.ic == "ready":
             self.ic = "not-ready"  # the channel went away: rescinded until re-offered
 
+    def _phase(self, name: str, t_ns: int | None = None) -> None:
+        """A servicing phase, on arrival (the host's clock): the first time it is seen in
+        this servicing counts, and ``on_phase`` (the phase trigger) hears of it at once,
+        before the next line is read."""
+        if "request_ns" not in self.svc or name in self.phases:
+            return
+        t = self.log[-1]["t_ns"] if t_ns is None else t_ns
+        self.phases[name] = t
+        if self.on_phase is not None:
+            self.on_phase(name, t)
+
     # ---- outbound --------------------------------------------------------
     def start_servicing(self, svc_id: int, image: str, knobs: dict[str, int]) -> int:
         """Send the servicing request; returns the host time it left (t = 0)."""
         params = " ".join(f"{k}={v}" for k, v in knobs.items())
         line = f"SERVICE id={svc_id} image={image} strategy={self.strategy} {params}".strip()
         self.svc = {"id": svc_id, "image": image, "boot_before": self.boot}
+        self.phases = {}
         self.send_get(line)
         t0 = self.clock()
         self.note("sent", "get", line)

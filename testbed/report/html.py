@@ -88,6 +88,39 @@ def delay_section(summary: dict[str, Any]) -> str:
             f"<th>tries</th><th>lost</th><th>loss rate</th><th>Wilson 95%</th></tr>{rows}</table>")  # fmt: skip
 
 
+def phase_sweep_section(summary: dict[str, Any]) -> str:
+    """The phase timeline (mean arrival of each phase, its spread as a band) with each
+    cell's loss rate and Wilson interval laid on it at phase + delay, and the table."""
+    ps = summary.get("phase_sweep")
+    if not ps:
+        return ""
+    at = {t["phase"]: t for t in ps["timeline"]}
+    fig, ax = plt.subplots(figsize=(9, 3.4))
+    for t in ps["timeline"]:
+        ax.axvspan(t["mean_ms"] - t["sd_ms"], t["mean_ms"] + t["sd_ms"], color="#90a4ae", alpha=0.2)
+        ax.axvline(t["mean_ms"], color="#607d8b", lw=0.8)
+        ax.text(t["mean_ms"], 1.08, t["phase"], rotation=60, fontsize=6, ha="left", va="bottom")
+    for c in ps["cells"]:
+        if c["phase"] in at:
+            x = at[c["phase"]]["mean_ms"] + c["delay_ms"]
+            err = [[c["rate"] - c["ci95"][0]], [c["ci95"][1] - c["rate"]]]
+            ax.errorbar(
+                [x], [c["rate"]], yerr=err, fmt="o", ms=4, color=COLORS["lost"] if c["lost"] else "#2e7d32"
+            )
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("ms from the servicing request (phase mean + delay)")
+    ax.set_ylabel("loss rate")
+    ax.grid(alpha=0.3)
+    rows = "".join(
+        f"<tr><td>{html.escape(c['phase'])}</td><td>{c['delay_ms']:g}</td><td>{c['n']}</td>"
+        f"<td>{html.escape(', '.join(f'{k} {v}' for k, v in sorted(c['counts'].items())))}</td>"
+        f"<td>{_pct(c['rate'])}</td><td>{_pct(c['ci95'][0])} to {_pct(c['ci95'][1])}</td></tr>"
+        for c in ps["cells"]
+    )
+    return (f"<h2>Phase sweep</h2>{_svg(fig)}<table><tr><th>phase</th><th>delay ms</th><th>tries</th>"
+            f"<th>verdicts</th><th>loss rate</th><th>Wilson 95%</th></tr>{rows}</table>")  # fmt: skip
+
+
 def phases_section(summary: dict[str, Any]) -> str:
     groups = summary.get("phases_s") or {}
     if not groups:
@@ -142,6 +175,7 @@ Fire skew p50 {_fmt(summary["skew_ms"]["p50"])} ms, p99 {_fmt(summary["skew_ms"]
 {_fmt(summary.get("iterations_per_min"))} iterations/min.</p>
 <h2>Loss vs offset</h2>{loss_plot(records, summary)}
 {delay_section(summary)}
+{phase_sweep_section(summary)}
 {phases_section(summary)}
 {("<h2>Timeline of lost iteration " + str(lost["iteration"]) + "</h2>" + timeline_plot(lost)) if lost else ""}
 <h2>Manifest</h2><pre>{e(json.dumps(run, indent=2, default=str))}</pre>

@@ -33,6 +33,19 @@ def render_markdown(run: dict[str, Any], s: dict[str, Any]) -> str:
             f"{_pct(p['ci95'][1])}])"
             for p in d["curve"]
         ]
+    ps = s.get("phase_sweep")
+    if ps:
+        lines.append("- phase sweep (fired on servicing phases; phase at mean ms from the request):")
+        at = {t["phase"]: t["mean_ms"] for t in ps["timeline"]}
+        lines.append("")
+        lines.append("  | phase | at ms | delay ms | tries | verdicts | lost | 95% |")
+        lines.append("  |---|---|---|---|---|---|---|")
+        for c in ps["cells"]:
+            verdicts = ", ".join(f"{k} {v}" for k, v in sorted(c["counts"].items()))
+            where = f"{at[c['phase']]:.1f}" if c["phase"] in at else "?"
+            lines.append(f"  | {c['phase']} | {where} | {c['delay_ms']:g} | {c['n']} | {verdicts} | "
+                         f"{_pct(c['rate'])} | {_pct(c['ci95'][0])} to {_pct(c['ci95'][1])} |")  # fmt: skip
+        lines.append("")
     sk = s["skew_ms"]
     if sk["p50"] is not None:
         lines.append(f"- fire skew: p50 {sk['p50']:.3f} ms, p99 {sk['p99']:.3f} ms")

@@ -140,3 +140,30 @@ def test_a_backend_without_the_shutdown_mode_refuses_the_run_before_it_starts(tm
             RunOptions(out=tmp_path / "r", backend=backend),
             playbook_path=ROOT / "playbooks" / "x.yaml",
         )
+
+
+def test_phase_schedules_are_refused_where_phases_cannot_be_seen(tmp_path: Path) -> None:
+    from testbed.backends.hyperv.backend import HyperVBackend
+    from testbed.backends.qemu.backend import QemuBackend
+    from testbed.engine.runner import Runner, RunOptions
+    from testbed.transport.powershell import PowerShellRunner
+
+    pb, cfg = load_playbook(ROOT / "playbooks" / "phase-sweep.yaml")
+    with pytest.raises(
+        ConfigError, match="the hyperv backend cannot fire on servicing phases: Hyper-V shows"
+    ):
+        Runner(pb, cfg, RunOptions(out=tmp_path / "r", backend=HyperVBackend(PowerShellRunner())))
+    bad = pb.model_copy(update={"schedule": pb.schedule.model_copy(update={"phases": ["quiesce"]})})
+    qemu = QemuBackend.__new__(QemuBackend)  # the refusal needs no agent: nothing is started
+    qemu.kind, qemu.host = "qemu", "local"
+    with pytest.raises(ConfigError, match="phases quiesce are not observable with strategy none"):
+        Runner(bad, cfg, RunOptions(out=tmp_path / "r2", backend=qemu))
+    ok = Runner(
+        pb.model_copy(update={"strategy": "mask"}), cfg, RunOptions(out=tmp_path / "r3", backend=qemu)
+    )
+    case = ok.cases()[0]
+    assert ok.iterations_of(case) == (12 * 2 + 11) * 3  # 12 phases with mask, 2 delays, midpoints, repeat 3
+    plans = list(ok.plans(case, 0))[: 12 * 2 * 3]
+    assert {(p.phase, p.offset_ms) for p in plans} == {(ph, d) for ph in QemuBackend.servicing_phases("mask")
+                                                      for d in (0.0, 2.0)}  # fmt: skip
+    assert {p.shutdown_mode for p in plans} == {"phase"}

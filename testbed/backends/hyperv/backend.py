@@ -98,6 +98,7 @@ class HyperVBackend:
     kind = "hyperv"
     # When a shutdown can be fired (the playbook's ``shutdown``); the runner refuses others.
     shutdown_modes = ("offset", "after-ready", "none")
+    phases_unavailable = "Hyper-V shows servicing as a WMI job, and COM3's lines are read by the race script only after the timed section; the host-side trigger is not built (issue: phase-triggered firing)"
 
     def __init__(self, ps: PowerShellRunner) -> None:
         self.l0 = HostModule(ps)  # the physical host

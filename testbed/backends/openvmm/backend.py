@@ -102,6 +102,7 @@ class OpenVmmBackend:
     kind = "openvmm"
     # When a shutdown can be fired (the playbook's ``shutdown``); the runner refuses others.
     shutdown_modes = ("offset", "after-ready", "none")
+    phases_unavailable = "the host driver reads OpenVMM's console and OpenHCL's COM3 as they come, but fires only at offsets so far; a trigger on those lines is not built yet"
 
     def __init__(self, transport: Transport | None = None) -> None:
         self.transport: Transport = transport or LocalTransport()

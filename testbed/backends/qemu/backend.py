@@ -109,7 +109,16 @@ class QemuBackend:
 
     kind = "qemu"
     # When a shutdown can be fired (the playbook's ``shutdown``); the runner refuses others.
-    shutdown_modes = ("offset", "after-ready", "ic-ready", "none")
+    shutdown_modes = ("offset", "after-ready", "ic-ready", "phase", "none")
+
+    @staticmethod
+    def servicing_phases(strategy: str) -> list[str]:
+        """The phases the lab paravisor announces (on ``get``, just before each step) and
+        the host sees, in order, for a preservation strategy."""
+        quiesce = {"none": [], "mask": ["quiesce", "quiesce-acked", "drained"],
+                   "mask-async": ["quiesce", "drained"], "pause-resume": ["quiesce", "quiesce-acked"]}[strategy]  # fmt: skip
+        return ["request-seen", *quiesce, "save-start", "save-end", "port-close", "exec", "restore-start",
+                "restore-end", "port-reopen", "ic-reoffered"]  # fmt: skip
 
     def __init__(self, transport: Transport | None = None, qemu_binary: str | None = None) -> None:
         self.transport: Transport = transport or LocalTransport()
@@ -407,6 +416,7 @@ class QemuBackend:
                 "reason": "testbed",
                 "mode": plan.shutdown_mode,
                 "offset_ms": plan.offset_ms if plan.offset_ms is not None else 0.0,
+                "phase": plan.phase,
             }
         budget = (knobs.servicing_timeout_ms + grace_ms) / 1000 + 60
         res = self.call(
@@ -419,6 +429,7 @@ class QemuBackend:
             servicing_timeout_ms=knobs.servicing_timeout_ms,
         )
         res["shutdown_id"] = shutdown["id"] if shutdown else None  # what the verdict looks for
+        res["shutdown_plan"] = shutdown
         return evidence.evidence(res)
 
     def classify(self, ev: RaceEvidence) -> Verdict:

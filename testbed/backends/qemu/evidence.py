@@ -58,6 +58,9 @@ def evidence(res: dict[str, Any]) -> RaceEvidence:
         features=res.get("features"),
         guest_anchor="paravisor" if "start_ns" in svc else None,
         servicing_proof=servicing_proof(svc),
+        phases=res.get("phases") or {},
+        phase=(res.get("shutdown_plan") or {}).get("phase"),
+        phase_ns=res.get("phase_ns"),
         timeline=sorted(timeline, key=lambda e: e.t_ns),
         raw=res,
     )
@@ -179,6 +182,9 @@ def classify(race: RaceEvidence) -> Verdict:
 
     if msg_id is None:  # servicing only, no shutdown fired
         return Verdict("preserved", "servicing completed; no message was at stake", svc_lines)
+
+    if not delivered and ev.get("phase_missing"):
+        return Verdict("infra-error", f"{ev['phase_missing']}: nothing was fired", svc_lines)
 
     if not delivered:
         if ev.get("ended"):

@@ -240,6 +240,12 @@ static void draw_boot_id(void) {
     snprintf(boot_id, sizeof boot_id, "%016llx", (unsigned long long)v);
 }
 
+/* Servicing's protocol phases, announced on `get` just before each step is taken, so
+ * the host can fire a request at a phase (plus a delay) instead of by timing luck. */
+static void phase(const char *name) {
+    sendline(st.get, "PHASE name=%s t=%lld", name, (long long)now_us());
+}
+
 static void hello(void) {
     sendline(st.vmbus, "HELLO version=%s features=%s rx=%ld boot=%s", image,
              supports_pause_resume() ? "pause_resume" : "-", st.rx, boot_id);
@@ -310,6 +316,7 @@ static void busy_ms(int ms) {
 }
 
 static void reopen_and_offer(void) {
+    phase("port-reopen");
     st.vmbus = open_port("vmbus");
     rv.fd = st.vmbus;
     rv.len = 0;
@@ -324,8 +331,10 @@ static void reopen_and_offer(void) {
 /* The second half of servicing, run by the new image after exec. */
 static void finish_restore(void) {
     if (strcmp(image, "v2-crash") == 0) abort();
+    phase("restore-start");
     evidence("PV restore-start image=%s id=%ld", image, st.svc_id);
     busy_ms(st.restore_ms);
+    phase("restore-end");
     if (strcmp(image, "v2-panic") == 0) {
         evidence("PV panicking on purpose image=%s", image);
         int fd = open("/proc/sysrq-trigger", O_WRONLY);
@@ -380,30 +389,38 @@ static void servicing(const char *req) {
     st.svc_strategy = strat;
     char line[LINE];
     if (strat == S_PAUSE_RESUME) {
+        phase("quiesce");
         sendline(st.vmbus, "PAUSE");
         /* In-band: everything before PauseResponse is ours to keep. */
         while (read_line_timeout(&rv, line, 5000)) {
             if (starts(line, "PAUSE_RESPONSE")) break;
             host_message(line, 1);
         }
+        phase("quiesce-acked");
         evidence("PV paused");
     } else if (strat == S_MASK || strat == S_MASK_ASYNC) {
+        phase("quiesce");
         sendline(st.get, "MASK");
         if (strat == S_MASK) { /* the host must acknowledge before we drain */
             while (read_line_timeout(&rg, line, 5000))
                 if (starts(line, "MASK_ACK")) break;
+            phase("quiesce-acked");
         }
         /* mask: the host has stopped posting (MASK_ACK), so wait out what is
          * already in flight. mask-async: the host learns of the mask later;
          * drain only what has arrived, the residual window is the finding. */
         drain_vmbus(strat == S_MASK ? 2 : 0);
+        phase("drained");
         evidence("PV masked drained=%d", st.nq);
     }
     /* S_NONE: stop reading; whatever lands now is at the mercy of the close. */
 
     int jitter = blackout_ms > 0 ? rand() % (blackout_ms + 1) : 0;
+    phase("save-start");
     busy_ms(save_ms + jitter);
     save_state();
+    phase("save-end");
+    phase("port-close");
     sendline(st.vmbus, "CLOSING"); /* the channel goes away (rescind) */
     close(st.vmbus); /* synic reset: the kernel discards unread bytes */
     st.vmbus = -1;
@@ -412,6 +429,7 @@ static void servicing(const char *req) {
     char path[128];
     snprintf(path, sizeof path, IMAGE_DIR "%s", target);
     char *argv[] = {path, "--restore", NULL};
+    phase("exec");
     execv(path, argv);
     /* exec failed: the old image stays, restores itself, the VM is unharmed */
     int err = errno;
