@@ -79,13 +79,12 @@ def delay_section(summary: dict[str, Any]) -> str:
     d = summary.get("ic_ready_delay")
     if not d:
         return ""
-    rows = "".join(
-        f"<tr><td>{p['delay_ms']:g}</td><td>{p['n']}</td><td>{p['lost']}</td><td>{_pct(p['rate'])}</td>"
-        f"<td>{_pct(p['ci95'][0])} to {_pct(p['ci95'][1])}</td></tr>"
+    rows = [
+        [f"{p['delay_ms']:g}", str(p["n"]), str(p["lost"]), _pct(p["rate"]), _ci(p["ci95"])]
         for p in d["curve"]
-    )
-    return (f"<h2>How long after ready?</h2><p>{html.escape(d['answer'])}</p>{delay_plot(d)}<table><tr><th>delay ms</th>"
-            f"<th>tries</th><th>lost</th><th>loss rate</th><th>Wilson 95%</th></tr>{rows}</table>")  # fmt: skip
+    ]
+    table = _table(["delay ms", "tries", "lost", "loss rate", "Wilson 95%"], rows)
+    return f"<h2>How long after ready?</h2><p>{html.escape(d['answer'])}</p>{delay_plot(d)}{table}"
 
 
 def phase_sweep_section(summary: dict[str, Any]) -> str:
@@ -111,14 +110,13 @@ def phase_sweep_section(summary: dict[str, Any]) -> str:
     ax.set_xlabel("ms from the servicing request (phase mean + delay)")
     ax.set_ylabel("loss rate")
     ax.grid(alpha=0.3)
-    rows = "".join(
-        f"<tr><td>{html.escape(c['phase'])}</td><td>{c['delay_ms']:g}</td><td>{c['n']}</td>"
-        f"<td>{html.escape(', '.join(f'{k} {v}' for k, v in sorted(c['counts'].items())))}</td>"
-        f"<td>{_pct(c['rate'])}</td><td>{_pct(c['ci95'][0])} to {_pct(c['ci95'][1])}</td></tr>"
+    rows = [
+        [html.escape(c["phase"]), f"{c['delay_ms']:g}", str(c["n"]),
+         html.escape(", ".join(f"{k} {v}" for k, v in sorted(c["counts"].items()))), _pct(c["rate"]), _ci(c["ci95"])]
         for c in ps["cells"]
-    )
-    return (f"<h2>Phase sweep</h2>{_svg(fig)}<table><tr><th>phase</th><th>delay ms</th><th>tries</th>"
-            f"<th>verdicts</th><th>loss rate</th><th>Wilson 95%</th></tr>{rows}</table>")  # fmt: skip
+    ]  # fmt: skip
+    table = _table(["phase", "delay ms", "tries", "verdicts", "loss rate", "Wilson 95%"], rows)
+    return f"<h2>Phase sweep</h2>{_svg(fig)}{table}"
 
 
 def phases_section(summary: dict[str, Any]) -> str:
@@ -126,14 +124,20 @@ def phases_section(summary: dict[str, Any]) -> str:
     if not groups:
         return ""
     names = sorted({k for ph in groups.values() for k in ph})
-    head = "".join(f"<th>{html.escape(n)} s</th>" for n in names)
-    rows = "".join(
-        f"<tr><td>{html.escape(g)}</td>"
-        + "".join(f"<td>{ph[n]:.3f}</td>" if n in ph else "<td></td>" for n in names)
-        + "</tr>"
-        for g, ph in groups.items()
-    )
-    return f"<h2>Where the seconds go (mean per iteration)</h2><table><tr><th>verdict</th>{head}</tr>{rows}</table>"
+    rows = [[html.escape(g), *(f"{ph[n]:.3f}" if n in ph else "" for n in names)] for g, ph in groups.items()]
+    table = _table(["verdict", *(f"{html.escape(n)} s" for n in names)], rows)
+    return f"<h2>Where the seconds go (mean per iteration)</h2>{table}"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    """An HTML table of cells that are already escaped."""
+    th = "".join(f"<th>{h}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def _ci(ci: list[float]) -> str:
+    return f"{_pct(ci[0])} to {_pct(ci[1])}"
 
 
 def timeline_plot(record: dict[str, Any]) -> str:

@@ -91,3 +91,21 @@ def test_servicing_skipped_never_passes_silently(tmp_path: Path) -> None:
     assert "expected servicing-skipped 0, got 1" in s["expectations"]["violations"][0]
     d2 = make_run(tmp_path / "b", ["servicing-skipped"], {"servicing-skipped": ">0"})
     assert finish_run(d2)[1] == 0
+
+
+def test_delay_phase_and_time_sections_render(tmp_path: Path) -> None:
+    d = make_run(tmp_path, ["lost", "preserved", "lost", "preserved"], {})
+    lines = [json.loads(ln) for ln in (d / "results.jsonl").read_text().splitlines()[:-1]]
+    for i, r in enumerate(lines):
+        r.update(phases_s={"start": 0.2, "race": 1.0 + i}, shutdown_mode="ic-ready" if i < 2 else "phase",
+                 planned_offset_ms=[0.0, 300.0, 0.0, 0.0][i], phase=[None, None, "save-start", "exec"][i],
+                 phase_times_ms={"save-start": 1.0, "exec": 301.0}, skew_ms=0.05)  # fmt: skip
+    (d / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    s, _ = finish_run(d)
+    assert s["ic_ready_delay"]["safe_delay_ms"] == 300.0
+    assert [c["phase"] for c in s["phase_sweep"]["cells"]] == ["save-start", "exec"]
+    page = (d / "report.html").read_text()
+    assert "How long after ready?" in page and "Phase sweep" in page and "Where the seconds go" in page
+    assert "<td>save-start</td><td>0</td><td>1</td><td>lost 1</td>" in page
+    md = (d / "summary.md").read_text()
+    assert "| save-start | 1.0 | 0 | 1 | lost 1 |" in md and "mean seconds per iteration (all)" in md
