@@ -85,6 +85,31 @@ def grace_for(pb: Playbook, cfg: VmConfig, accel: str) -> tuple[float, str]:
     )
 
 
+IN_RUN_DELIVERIES = 5  # deliveries seen before the default grace is replaced
+IN_RUN_FLOOR_MS = 500.0
+
+
+def in_run_grace(
+    records: list[dict[str, Any]], default: tuple[float, str], allowance_ms: float
+) -> tuple[float, str]:
+    """A default grace, calibrated from what this run has seen: once it has watched
+    IN_RUN_DELIVERIES messages delivered, 3 x the slowest delivery plus the guest's
+    shutdown allowance (the baselines playbook's rule), never above the default and
+    never below IN_RUN_FLOOR_MS. A grace set in the playbook or calibrated by baselines.yaml is
+    kept as it is."""
+    if not default[1].startswith("default"):
+        return default
+    seen = [r["delivery_ms"] for r in records
+            if r["verdict"] in ("preserved", "delivered-before") and r.get("delivery_ms") is not None]  # fmt: skip
+    if len(seen) < IN_RUN_DELIVERIES:
+        return default
+    grace = min(default[0], max(IN_RUN_FLOOR_MS, 3 * max(seen) + allowance_ms))
+    return (
+        grace,
+        f"in-run: 3 x the slowest of {len(seen)} deliveries ({max(seen):.0f} ms) + {allowance_ms:.0f} ms",
+    )
+
+
 class Runner:
     def __init__(
         self,
@@ -317,7 +342,9 @@ class Runner:
                         log.warning("--max-duration reached; stopping before iteration %d", plan.iteration)
                         stop = True
                         break
-                    rec = self.iteration(vm, case, plan, grace[0], run_dir)
+                    now = in_run_grace(self.records, grace, self.cfg.shutdown_allowance_ms)
+                    rec = self.iteration(vm, case, plan, now[0], run_dir)
+                    rec["grace_ms"], rec["grace_source"] = now
                     writer.write(rec)
                     self.records.append(rec)
                     self.progress({"event": "iteration", "record": rec})

@@ -50,3 +50,60 @@ def test_two_runs_share_one_slot_and_the_waiting_one_says_so(tmp_path: Path) -> 
     waits = [json.loads(ln).get("slot_wait_s") or 0 for i in (0, 1)
              for ln in (tmp_path / f"run{i}" / "results.jsonl").read_text().splitlines()]  # fmt: skip
     assert max(waits) > 1.0
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def test_two_runs_and_an_xdist_session_keep_to_the_guest_limit(tmp_path: Path) -> None:
+    """Two `testbed run`s and a pytest-xdist session (two workers) on one host with a
+    limit of one guest: never more than one guest QEMU at a time (sampled every 20 ms by
+    pid; QEMU's version and option probes are no guest),
+    everything finishes with its own verdicts, and a waiting party says so."""
+    import threading
+    import time
+
+    from conftest import _describe, qemu_pids  # type: ignore[import-not-found]
+
+    env = {**os.environ, "TESTBED_MAX_GUESTS": "1", "COLUMNS": "200"}
+    before = qemu_pids()
+    peak = [0]
+    crowd: list[str] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            # Guests only: `qemu-system-x86_64 -version` and option probes are no guest, nor
+            # a QEMU's own short-lived fork (the snapshot's `exec:` migration starts one).
+            live = qemu_pids() - before
+            now = {p for p in live if "/vms/" in _describe(p) and _parent(p) not in live}
+            if len(now) > peak[0]:
+                peak[0] = len(now)
+                crowd[:] = [_describe(p) for p in now]
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    run = [sys.executable, "-m", "testbed.cli", "run", str(ROOT / "playbooks/quick.yaml"), "--offsets", "150",
+           "--iterations", "1"]  # fmt: skip
+    procs = [subprocess.Popen([*run, "--out", str(tmp_path / f"run{i}")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for i in (0, 1)]  # fmt: skip
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-n", "2", "-p", "no:cacheprovider", "-k", "baseline",
+         str(ROOT / "suites/test_servicing_shutdown_ic.py")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT))  # fmt: skip
+    try:
+        outs = [p.communicate(timeout=900) for p in procs]
+    finally:
+        done.set()
+        sampler.join()
+    for p, (o, e) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, (o or "") + (e or "")
+    assert "2 passed" in outs[2][0], outs[2][0]
+    assert peak[0] == 1, f"{peak[0]} QEMU processes at once with TESTBED_MAX_GUESTS=1: {crowd}"
+    said = " ".join(" ".join(((o or "") + (e or "")).split()) for o, e in outs)
+    assert "guest slots of this host are busy" in said

@@ -161,3 +161,21 @@ def test_phase_means_overall_and_per_verdict() -> None:
     got = phase_means(recs)
     assert got["all"] == pytest.approx({"race": 1.5, "start": 0.3, "teardown": 0.1})
     assert got["lost"]["race"] == 2.0 and got["preserved"]["race"] == 1.0 and "infra-error" not in got
+
+
+def test_in_run_grace_replaces_only_the_default_once_it_has_seen_deliveries() -> None:
+    from testbed.engine.runner import IN_RUN_DELIVERIES, in_run_grace
+
+    default = (1600.0, "default (run playbooks/baselines.yaml to calibrate)")
+    delivered = [{"verdict": "preserved", "delivery_ms": 150.0 + i} for i in range(IN_RUN_DELIVERIES)]
+    lost = [{"verdict": "lost", "delivery_ms": None}] * 3
+    assert in_run_grace(delivered[:-1] + lost, default, 100.0) == default  # not enough seen yet
+    grace, source = in_run_grace(delivered + lost, default, 100.0)
+    assert grace == 3 * 154.0 + 100.0 and source.startswith(
+        "in-run: 3 x the slowest of 5 deliveries (154 ms)"
+    )
+    slow = [{"verdict": "preserved", "delivery_ms": 900.0}] * IN_RUN_DELIVERIES
+    assert in_run_grace(slow, default, 100.0)[0] == 1600.0  # never above the default
+    fast = [{"verdict": "delivered-before", "delivery_ms": 10.0}] * IN_RUN_DELIVERIES
+    assert in_run_grace(fast, default, 0.0)[0] == 500.0  # never below the floor
+    assert in_run_grace(delivered, (1200.0, "set in the playbook"), 100.0) == (1200.0, "set in the playbook")
