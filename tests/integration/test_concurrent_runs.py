@@ -52,6 +52,27 @@ def test_two_runs_share_one_slot_and_the_waiting_one_says_so(tmp_path: Path) -> 
     assert max(waits) > 1.0
 
 
+def _qemus() -> set[int]:
+    """Live QEMU processes by pid (read here: a `conftest` import would find whichever
+    conftest module pytest loaded first under that name)."""
+    out = set()
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and (d / "comm").read_text().startswith("qemu-system"):
+                if (d / "stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                    out.add(int(d.name))
+        except OSError:
+            continue
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "gone"
+
+
 def _parent(pid: int) -> int | None:
     try:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
@@ -67,10 +88,8 @@ def test_two_runs_and_an_xdist_session_keep_to_the_guest_limit(tmp_path: Path) -
     import threading
     import time
 
-    from conftest import _describe, qemu_pids  # type: ignore[import-not-found]
-
     env = {**os.environ, "TESTBED_MAX_GUESTS": "1", "COLUMNS": "200"}
-    before = qemu_pids()
+    before = _qemus()
     peak = [0]
     crowd: list[str] = []
     done = threading.Event()
@@ -79,11 +98,11 @@ def test_two_runs_and_an_xdist_session_keep_to_the_guest_limit(tmp_path: Path) -
         while not done.is_set():
             # Guests only: `qemu-system-x86_64 -version` and option probes are no guest, nor
             # a QEMU's own short-lived fork (the snapshot's `exec:` migration starts one).
-            live = qemu_pids() - before
-            now = {p for p in live if "/vms/" in _describe(p) and _parent(p) not in live}
+            live = _qemus() - before
+            now = {p for p in live if "/vms/" in _cmdline(p) and _parent(p) not in live}
             if len(now) > peak[0]:
                 peak[0] = len(now)
-                crowd[:] = [_describe(p) for p in now]
+                crowd[:] = [_cmdline(p)[-200:] for p in now]
             time.sleep(0.02)
 
     sampler = threading.Thread(target=sample, daemon=True)
