@@ -76,9 +76,10 @@ class Vm:
 class Host:
     """A lab host (local, a Linux host over SSH, or a Hyper-V host) with its backend."""
 
-    def __init__(self, entry: HostEntry, backend: Backend) -> None:
+    def __init__(self, entry: HostEntry, backend: Backend, options: HostOptions | None = None) -> None:
         self.entry = entry
         self.backend = backend
+        self.options = options or HostOptions()  # how ``backend`` was opened: a parallel run opens more so
 
     @property
     def name(self) -> str:
@@ -118,7 +119,9 @@ class Host:
         else:
             pb, cfg = load_playbook(playbook)
             cfg = vm_config or cfg
-        opts = RunOptions(out=out, backend=self.backend, host_spec=self.entry.name, **overrides)
+        opts = RunOptions(out=out, backend=self.backend, host_spec=self.entry.name,
+                          max_guests=self.entry.max_guests,
+                          open_backend=lambda: open_backend(self.entry, opts=self.options), **overrides)  # fmt: skip
         return Runner(pb, cfg, opts).run()
 
     def close(self) -> None:
@@ -131,7 +134,8 @@ def open_host(host: str = "local", inventory: str | Path | None = None, *, kind:
     """A host by URI or inventory name; ``kind`` picks the backend of a bare URI that
     more than one kind accepts (``local``, ``ssh://``)."""
     entry = lookup_entry(host, Path(inventory) if inventory else None, kind=kind)
-    h = Host(entry, open_backend(entry, opts=HostOptions(insecure_accept_new, identity)))
+    options = HostOptions(insecure_accept_new, identity)
+    h = Host(entry, open_backend(entry, opts=options), options)
     try:
         yield h
     finally:

@@ -169,6 +169,14 @@ def run(
         float | None, typer.Option(help="stop starting iterations after N seconds")
     ] = None,
     resume: Annotated[Path | None, typer.Option(help="continue an interrupted run folder")] = None,
+    parallel: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="guests racing at once on the host (each with its own agent and guest slot), capped by the "
+            "host's max_guests (inventory) or TESTBED_MAX_GUESTS (2); overrides the playbook's parallel",
+        ),
+    ] = None,
 ) -> None:
     """Run a playbook: fire the shutdown IC at offsets across paravisor servicing, many times.
 
@@ -190,7 +198,8 @@ def run(
         sched = parse_schedule(offsets) if offsets else None
         host_spec = host or pb.host
         entry = lookup_entry(host_spec, inventory, kind=cfg.backend)
-        backend = open_backend(entry, cfg.backend, HostOptions(insecure_accept_new, identity))
+        host_opts = HostOptions(insecure_accept_new, identity)
+        backend = open_backend(entry, cfg.backend, host_opts)
     opts = RunOptions(
         backend=backend,
         host_spec=host_spec,
@@ -205,8 +214,12 @@ def run(
         max_duration_s=max_duration,
         resume=resume,
         reset=reset,
+        parallel=parallel,
+        max_guests=entry.max_guests,
+        open_backend=lambda: open_backend(entry, cfg.backend, host_opts),
     )
-    runner = Runner(pb, cfg, opts, playbook_path=playbook)
+    with exit_codes():
+        runner = Runner(pb, cfg, opts, playbook_path=playbook)
     console.print(f"{pb.name} on {backend.host} ({backend.kind}): {runner.describe()}", highlight=False)
     counts: Counter[str] = Counter()
     progress = Progress(

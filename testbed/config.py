@@ -372,6 +372,9 @@ class Playbook(Strict):
     stop_on_loss: bool = False
     calibrate: bool = False
     seed: int = 0
+    parallel: int = Field(
+        1, ge=1, le=256, description="guests racing at once on the host, capped by its max_guests"
+    )
     collect: list[Literal["serial", "timeline", "qemu"]] = ["serial", "timeline"]
 
     @field_validator("expect")
@@ -460,6 +463,13 @@ class HostEntry(Strict):
     qemu_binary: str | None = Field(
         None,
         description="QEMU on this host (default: qemu-system-x86_64 on PATH, else /usr/libexec/qemu-kvm)",
+    )
+    max_guests: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="guests this host runs at once (a run's parallel lanes are capped by it; "
+        "default: the host's TESTBED_MAX_GUESTS, 2)",
     )
 
     @field_validator("uri")

@@ -24,14 +24,18 @@ def max_guests() -> int:
 
 
 class GuestSlot:
-    def __init__(self, timeout: float = 3600.0) -> None:
+    """One guest's place under the limit: ``limit`` (an inventory's ``max_guests`` for
+    the host) or else the machine-wide ``TESTBED_MAX_GUESTS`` (2)."""
+
+    def __init__(self, timeout: float = 3600.0, limit: int | None = None) -> None:
         self.timeout = timeout
+        self.limit = limit or max_guests()
         self.fd: int | None = None
 
     def try_acquire(self) -> bool:
         d = runtime_dir() / "slots"
         shared_dir(d)
-        for i in range(max_guests()):
+        for i in range(self.limit):
             fd = _open_lock(d / f"slot-{i}.lock")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -45,7 +49,7 @@ class GuestSlot:
     def acquire(self) -> GuestSlot:
         end = time.monotonic() + self.timeout
         if not self.try_acquire():
-            log.info("all %d guest slots busy; waiting", max_guests())
+            log.info("all %d guest slots busy; waiting", self.limit)
             while not self.try_acquire():
                 if time.monotonic() > end:
                     raise TimeoutError(f"no free guest slot in {self.timeout:.0f} s")

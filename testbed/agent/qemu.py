@@ -28,7 +28,7 @@ from testbed import leases
 from testbed.agent.rpc import AgentError
 from testbed.lab.relay import Relay
 from testbed.paths import shared_dir
-from testbed.slots import GuestSlot, max_guests
+from testbed.slots import GuestSlot
 
 PR_SET_PDEATHSIG = 1
 SLOT_WAIT_S = 3600.0  # how long a launch waits for another run's guest to end
@@ -182,7 +182,13 @@ class QemuLifecycle:
         return self.vms[name]
 
     async def op_launch(
-        self, name: str, workdir: str, lease_dir: str, spec: dict[str, Any], owner_pid: int
+        self,
+        name: str,
+        workdir: str,
+        lease_dir: str,
+        spec: dict[str, Any],
+        owner_pid: int,
+        max_guests: int | None = None,
     ) -> dict[str, Any]:
         if name in self.vms:
             raise AgentError("exists", f"VM {name!r} already running in this agent")
@@ -191,12 +197,12 @@ class QemuLifecycle:
         wd.mkdir(exist_ok=True)
         vm = Vm(name, wd, Path(lease_dir))
         # The machine-wide guest limit is the host's: wait here for a slot.
-        slot = GuestSlot()
+        slot = GuestSlot(limit=max_guests)  # the inventory's max_guests, else the host's default
         t_wait = time.monotonic()
         if not slot.try_acquire():
             # Said where the user sees it (the agent's stderr is the run's, locally) and
             # returned, so a wait never passes for a slow boot.
-            sys.stderr.write(f"testbed: all {max_guests()} guest slots of this host are busy (other runs); "
+            sys.stderr.write(f"testbed: all {slot.limit} guest slots of this host are busy (other runs); "
                              f"{name} waits for one\n")  # fmt: skip
             sys.stderr.flush()
             while not slot.try_acquire():
@@ -380,7 +386,7 @@ class QemuLifecycle:
         t = time.monotonic()
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         await vm.qmp.execute("stop")
-        tmp = path + ".part"
+        tmp = f"{path}.{os.getpid()}.{name}.part"  # two lanes may make the same snapshot at once
         await vm.qmp.execute("migrate", {"uri": f"exec:cat > {tmp}"})
         while True:
             st = await _migrate_status(vm)
@@ -484,8 +490,11 @@ class QemuLifecycle:
             shutil.rmtree(wd, ignore_errors=True)
 
     async def close_all(self) -> None:
+        """The controller is gone (stdin closed): nobody will collect these guests'
+        files, so their work dirs go with them."""
         for vm in list(self.vms.values()):
             await self.destroy_vm(vm)
+            shutil.rmtree(vm.workdir, ignore_errors=True)
 
 
 async def _migrate_status(vm: Vm) -> dict[str, Any]:

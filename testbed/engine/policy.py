@@ -40,7 +40,33 @@ def evaluate(run: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, An
     summary["measured_nothing"] = measured_nothing
     summary["infra_errors_exceeded"] = measured_nothing or infra > int(run.get("max_infra_errors", 0))
     summary["interrupted"] = bool(run.get("interrupted"))
+    summary["parallel"] = int(run.get("parallel") or 1)
+    summary["warnings"] = contention_warnings(run, summary)
     return summary
+
+
+SKEW_P99_LIMIT_MS = 1.0
+
+
+def contention_warnings(run: dict[str, Any], summary: dict[str, Any]) -> list[str]:
+    """Contention must show, not hide: a late fire (skew p99 over 1 ms) at any
+    parallelism, and in a parallel run a servicing lag that spreads wider than the
+    one-guest reference baselines.yaml recorded (twice its p99 - p50, plus 1 ms)."""
+    out = []
+    lanes = int(run.get("parallel") or 1)
+    p99 = (summary.get("skew_ms") or {}).get("p99")
+    if p99 is not None and p99 > SKEW_P99_LIMIT_MS:
+        out.append(f"fire skew p99 {p99:.3f} ms is over {SKEW_P99_LIMIT_MS:g} ms"
+                   + (f" with {lanes} guests at once: the host is too busy to fire on time" if lanes > 1 else
+                      ": the host is too busy to fire on time"))  # fmt: skip
+    ref = (run.get("one_guest_reference") or {}).get("servicing_lag_ms")
+    mine = (summary.get("spread") or {}).get("servicing_lag_ms")
+    if lanes > 1 and ref and mine and None not in (ref["p50"], ref["p99"], mine["p50"], mine["p99"]):
+        width, ref_width = mine["p99"] - mine["p50"], ref["p99"] - ref["p50"]
+        if width > 2 * ref_width + 1.0:
+            out.append(f"servicing lag spreads {width:.2f} ms (p99 - p50) with {lanes} guests, "
+                       f"{ref_width:.2f} ms with one (baselines.yaml): the guests slow each other")  # fmt: skip
+    return out
 
 
 def exit_code(summary: dict[str, Any]) -> int:

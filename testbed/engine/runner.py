@@ -13,19 +13,22 @@ import json
 import logging
 import os
 import platform
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from testbed import __version__
+from testbed import __version__, slots
 from testbed.backends.base import Backend, InfraError, RacePlan
 from testbed.config import Case, ConfigError, Playbook, ScheduleSpec, VmConfig, stable_hash
 from testbed.engine import schedule as sched
 from testbed.engine.iterate import IterationResult, iterate
 from testbed.engine.policy import finish_run
+from testbed.engine.stats import spread
 from testbed.paths import cache_dir
 from testbed.report.jsonl import ResultsWriter, read_results
 
@@ -49,6 +52,11 @@ class RunOptions:
     backend: Backend | None = None  # None: the vm_config's kind on this machine
     host_spec: str | None = None  # what the user named the host by (URI or inventory name)
     inventory: Path | None = None
+    parallel: int | None = None  # --parallel: lanes (guests racing at once); None: the playbook's
+    max_guests: int | None = None  # the host's inventory limit; None: the machine-wide slot limit
+    # Opens one more backend on the same host (a lane's own agent and connection); None:
+    # this machine's, when ``backend`` is None too.
+    open_backend: Callable[[], Backend] | None = None
 
 
 @dataclass
@@ -61,6 +69,16 @@ class RunResult:
 
 
 Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class Lane:
+    """One guest slot of a run: its own backend (agent and connection) and VM, so a
+    lane's race never waits on another's RPC."""
+
+    number: int
+    backend: Backend
+    vm: Any = None
 
 
 def calibration_path(accel: str) -> Path:
@@ -83,6 +101,16 @@ def grace_for(pb: Playbook, cfg: VmConfig, accel: str) -> tuple[float, str]:
         DEFAULT_GRACE_MS + cfg.shutdown_allowance_ms,
         "default (run playbooks/baselines.yaml to calibrate)",
     )
+
+
+def one_guest_reference(accel: str) -> dict[str, Any] | None:
+    """The one-guest spread baselines.yaml recorded on this machine, if it did."""
+    p = calibration_path(accel)
+    try:
+        ref = json.loads(p.read_text()).get("one_guest")
+    except (OSError, ValueError):
+        return None
+    return {**ref, "source": str(p)} if ref else None
 
 
 IN_RUN_DELIVERIES = 5  # deliveries seen before the default grace is replaced
@@ -132,6 +160,13 @@ class Runner:
         self.records: list[dict[str, Any]] = []
         self.interrupted = False
         self.stopped: str | None = None  # why the run ended early, when it did
+        # Shared by the lanes: records, the writer and the plans in flight are touched
+        # only under this condition; ``_halt`` asks every lane to stop after its iteration.
+        self._cond = threading.Condition()
+        self._halt = threading.Event()
+        self._in_flight: Counter[tuple[str, float | None]] = Counter()
+        self._abandoned = False  # a second Ctrl-C: in-flight iterations are not recorded
+        self.lanes, self.lanes_note = self.lanes_wanted(playbook_path)
         modes = getattr(self.backend, "shutdown_modes", ("offset", "after-ready", "none"))
         for c in self.cases():
             if (c.schedule or pb.schedule).kind == "phases":
@@ -145,6 +180,25 @@ class Runner:
                 )
 
     # ---- planning --------------------------------------------------------------
+    def lanes_wanted(self, path: Path | None) -> tuple[int, str]:
+        """How many guests race at once: ``--parallel`` or the playbook's ``parallel``,
+        capped by the host's ``max_guests`` (else the machine-wide slot limit), and
+        refused on a backend that has not declared it can run lanes."""
+        asked = self.opts.parallel or self.pb.parallel
+        if asked == 1:
+            return 1, ""
+        if not getattr(self.backend, "supports_parallel", False):
+            raise ConfigError(path or Path(self.pb.name), None,
+                              f"parallel {asked}: the {self.backend.kind} backend runs one guest at a time "
+                              "(parallel lanes are built for backends that declare supports_parallel)")  # fmt: skip
+        if self.opts.backend is not None and self.opts.open_backend is None:
+            raise ConfigError(path or Path(self.pb.name), None,
+                              f"parallel {asked}: this caller gave one backend and no way to open more")  # fmt: skip
+        limit = self.opts.max_guests or slots.max_guests()
+        if asked > limit:
+            return limit, f"parallel {asked} capped to {limit}, the host's max_guests"
+        return asked, ""
+
     def cases(self) -> list[Case]:
         """The playbook's cases with the command line's overrides: ``--offsets`` replaces
         each case's schedule and, unless ``--iterations`` is given too, its count becomes
@@ -175,6 +229,10 @@ class Runner:
                         f" of {s.points} offsets, {'cycled to' if s.points < n else 'cut to the first'} {n}"
                     )
             parts.append(what)
+        if self.lanes > 1:
+            parts.append(
+                f"{self.lanes} guests at once" + (f" ({self.lanes_note})" if self.lanes_note else "")
+            )
         return "; ".join(parts)
 
     def phases_of(self, case: Case, modes: tuple[str, ...], path: Path | None = None) -> list[str]:
@@ -245,10 +303,17 @@ class Runner:
             outcomes: dict[float, str] = {}
 
             def outcome(x: float) -> str | None:
-                for r in reversed(self.records):
-                    if r.get("case") == case.name and r.get("planned_offset_ms") == x:
-                        return str(r["verdict"])
-                return outcomes.get(x)
+                """The verdict of the latest iteration at ``x``; one still racing in
+                another lane is waited for, so a round of probes runs in parallel and
+                the next round sees all of it."""
+                with self._cond:
+                    while True:
+                        for r in reversed(self.records):
+                            if r.get("case") == case.name and r.get("planned_offset_ms") == x:
+                                return str(r["verdict"])
+                        if not self._in_flight[(case.name, x)] or self._halt.is_set():
+                            return outcomes.get(x)
+                        self._cond.wait(0.2)
 
             assert s.lo_ms is not None and s.hi_ms is not None
             gen = sched.adaptive(
@@ -299,8 +364,25 @@ class Runner:
             "expect": self.pb.expect,
             "expect_by_case": {c.name: c.expect for c in self.cases()},
             "max_infra_errors": self.pb.max_infra_errors,
+            "parallel": self.lanes,
+            "parallel_note": self.lanes_note or None,
+            "one_guest_reference": one_guest_reference(vm.accel) if self.lanes > 1 else None,
             "started": time.time(),
         }
+
+    def work(self, done_ids: set[int]) -> Iterator[tuple[Case, RacePlan]]:
+        """Every plan of the run in schedule order, minus those a resumed run has: the
+        one sequence every lane draws from, so the schedule and its seed decide which
+        offsets run, whichever lane runs them. A plan is in flight from here on."""
+        index = 0
+        for case in self.cases():
+            for plan in self.plans(case, index):
+                if plan.iteration in done_ids:
+                    continue
+                with self._cond:
+                    self._in_flight[(case.name, plan.offset_ms)] += 1
+                yield case, plan
+            index += case.iterations or self.pb.iterations
 
     def run(self) -> RunResult:
         run_dir = self.run_dir()
@@ -310,10 +392,16 @@ class Runner:
         done_ids = {r["iteration"] for r in done}
         writer = ResultsWriter(run_dir / "results.jsonl")
         started = time.monotonic()
-        vm: Any = None
+        lanes: list[Lane] = [Lane(0, self.backend)]
+        errors: list[BaseException] = []
         write_failed = False
         try:
-            vm = self.backend.provision(self.cfg, self.strategy)
+            for i in range(1, self.lanes):
+                lanes.append(Lane(i, self.opts.open_backend() if self.opts.open_backend else
+                                  _local_backend(self.cfg.backend)))  # fmt: skip
+            for lane in lanes:
+                lane.vm = lane.backend.provision(self.cfg, self.strategy)
+            vm = lanes[0].vm
             grace = grace_for(self.pb, self.cfg, vm.accel)
             run_json = run_dir / "run.json"
             manifest = self.manifest(vm, grace)
@@ -329,56 +417,36 @@ class Runner:
                     "accel": vm.accel,
                     "grace_ms": grace[0],
                     "done": len(done),
+                    "lanes": self.lanes,
                 }
             )
-            index = 0
-            stop = False
-            streak = 0  # infrastructure errors in a row
-            for case in self.cases():
-                for plan in self.plans(case, index):
-                    if plan.iteration in done_ids:
-                        continue
-                    if self.opts.max_duration_s and time.monotonic() - started > self.opts.max_duration_s:
-                        log.warning("--max-duration reached; stopping before iteration %d", plan.iteration)
-                        stop = True
-                        break
-                    now = in_run_grace(self.records, grace, self.cfg.shutdown_allowance_ms)
-                    rec = self.iteration(vm, case, plan, now[0], run_dir)
-                    rec["grace_ms"], rec["grace_source"] = now
-                    writer.write(rec)
-                    self.records.append(rec)
-                    self.progress({"event": "iteration", "record": rec})
-                    if rec["verdict"] == "lost" and self.stop_on_loss:
-                        stop = True
-                    if rec["verdict"] == "infra-error" and self.pb.on_infra_error == "stop":
-                        stop = True
-                    streak = streak + 1 if rec["verdict"] == "infra-error" else 0
-                    if streak >= self.pb.max_infra_errors_in_a_row:
-                        self.stopped = (f"the host is broken: {streak} infrastructure errors in a row, "
-                                        f"the last: {rec['reason']}")  # fmt: skip
-                        log.error("stopping: %s", self.stopped)
-                        stop = True
-                    if stop:
-                        break
-                index += case.iterations or self.pb.iterations
-                if stop:
-                    break
+            deal = _Dealer(self.work(done_ids))
+            if self.lanes == 1:  # in this thread: Ctrl-C ends the iteration at once, as ever
+                self.lane_loop(lanes[0], deal, grace, run_dir, writer, started)
+            else:
+                self.run_lanes(lanes, deal, grace, run_dir, writer, started, errors)
+            if errors:
+                raise errors[0]
             if self.pb.calibrate:
                 self.write_calibration(vm.accel)
         except KeyboardInterrupt:
             self.interrupted = True
+            self._halt.set()
             log.warning("interrupted: cleaning up; finished iterations are kept")
         except OSError as e:  # the run folder cannot be written: full, gone, read-only
             self.stopped = f"cannot write the run folder {run_dir}: {e.strerror or e}"
             log.error("stopping: %s", self.stopped)
             write_failed = True
         finally:
+            self._halt.set()
             with contextlib.suppress(OSError):
                 writer.close()
-            if vm is not None:
-                self.backend.destroy(vm)
-            self.backend.close()
+            for lane in lanes:
+                if lane.vm is not None:
+                    lane.backend.destroy(lane.vm)
+                lane.backend.close()
             with contextlib.suppress(OSError):  # a full disk must not hide the run's own error
+                _sort_results(run_dir / "results.jsonl")
                 rj = run_dir / "run.json"
                 if rj.exists():
                     manifest = json.loads(rj.read_text())
@@ -394,13 +462,109 @@ class Runner:
             raise InfraError(f"{self.stopped}; results.jsonl keeps every iteration that finished before")
         return RunResult(run_dir, summary, 130 if self.interrupted else code, self.records, self.stopped)
 
+    def run_lanes(
+        self,
+        lanes: list[Lane],
+        deal: _Dealer,
+        grace: tuple[float, str],
+        run_dir: Path,
+        writer: ResultsWriter,
+        started: float,
+        errors: list[BaseException],
+    ) -> None:
+        """One thread per lane. Ctrl-C lets the iterations in flight finish and be
+        recorded (seconds); a second Ctrl-C abandons them: closing each lane's backend
+        makes its agent destroy its guest, and nothing half-done is recorded."""
+
+        def lane_main(lane: Lane) -> None:
+            try:
+                self.lane_loop(lane, deal, grace, run_dir, writer, started)
+            except BaseException as e:  # re-raised in the main thread
+                errors.append(e)
+                self._halt.set()
+
+        threads = [threading.Thread(target=lane_main, args=(lane,), name=f"lane-{lane.number}", daemon=True)
+                   for lane in lanes]  # fmt: skip
+        for t in threads:
+            t.start()
+        try:
+            _join(threads)
+        except KeyboardInterrupt:
+            self.interrupted = True
+            self._halt.set()
+            log.warning("interrupted: letting the iterations in flight finish (Ctrl-C again abandons them)")
+            try:
+                _join(threads)
+            except KeyboardInterrupt:
+                self._abandoned = True
+                log.warning("abandoning the iterations in flight; their guests are destroyed")
+                for lane in lanes:
+                    lane.backend.close()
+                _join(threads)
+
+    def lane_loop(
+        self,
+        lane: Lane,
+        deal: _Dealer,
+        grace: tuple[float, str],
+        run_dir: Path,
+        writer: ResultsWriter,
+        started: float,
+    ) -> None:
+        """Draw the next plan, race it on this lane's guest, record it; until the plans
+        run out or the run is halted (a stop condition, Ctrl-C, another lane's error)."""
+        while not self._halt.is_set():
+            if self.opts.max_duration_s and time.monotonic() - started > self.opts.max_duration_s:
+                log.warning("--max-duration reached; no new iterations start")
+                self._halt.set()
+                break
+            item = deal.next()
+            if item is None:
+                break
+            case, plan = item
+            try:
+                with self._cond:
+                    now = in_run_grace(self.records, grace, self.cfg.shutdown_allowance_ms)
+                rec = self.iteration(lane, case, plan, now[0], run_dir)
+                rec["grace_ms"], rec["grace_source"] = now
+                if self.lanes > 1:
+                    rec["lane"] = lane.number
+                with self._cond:
+                    if self._abandoned:
+                        return
+                    writer.write(rec)
+                    self.records.append(rec)
+                    self.progress({"event": "iteration", "record": rec})
+                    self.check_stop(rec)
+            finally:
+                with self._cond:
+                    self._in_flight[(case.name, plan.offset_ms)] -= 1
+                    self._cond.notify_all()
+
+    def check_stop(self, rec: dict[str, Any]) -> None:
+        """The playbook's stop conditions, after each recorded iteration (under the lock)."""
+        if rec["verdict"] == "lost" and self.stop_on_loss:
+            self._halt.set()
+        if rec["verdict"] == "infra-error" and self.pb.on_infra_error == "stop":
+            self._halt.set()
+        streak = 0  # infrastructure errors in a row, in the order they were recorded
+        for r in reversed(self.records):
+            if r["verdict"] != "infra-error":
+                break
+            streak += 1
+        if streak >= self.pb.max_infra_errors_in_a_row and not self.stopped:
+            self.stopped = (f"the host is broken: {streak} infrastructure errors in a row, "
+                            f"the last: {rec['reason']}")  # fmt: skip
+            log.error("stopping: %s", self.stopped)
+            self._halt.set()
+
     def iteration(
-        self, vm: Any, case: Case, plan: RacePlan, grace_ms: float, run_dir: Path
+        self, lane: Lane, case: Case, plan: RacePlan, grace_ms: float, run_dir: Path
     ) -> dict[str, Any]:
         it_dir = run_dir / "iterations" / f"{plan.iteration:04d}"
-        r = iterate(self.backend, vm, plan, grace_ms, reset=self.reset, dest=it_dir,
+        r = iterate(lane.backend, lane.vm, plan, grace_ms, reset=self.reset, dest=it_dir,
                     keep_failed=self.opts.keep_failed)  # fmt: skip
-        rec = record(r, case.name, self.strategy, vm, self.reset, it_dir)
+        rec = record(r, case.name, self.strategy, lane.vm, self.reset, it_dir)
         if "timeline" in self.pb.collect or r.verdict.kind != "preserved":
             rec["timeline"] = r.evidence.timeline_ms()
             (it_dir / "timeline.json").write_text(
@@ -409,22 +573,20 @@ class Runner:
         return rec
 
     def write_calibration(self, accel: str) -> None:
+        """baselines.yaml's calibration: the slowest delivery (the grace), and, when the
+        run had one guest, its servicing-lag and fire-skew spread: the reference a
+        parallel run's summary compares its own with, so contention shows."""
         delays = [
             r["delivery_ms"]
             for r in self.records
             if r.get("delivery_ms") is not None and r["verdict"] in ("preserved", "delivered-before")
         ]
         if delays:
-            calibration_path(accel).write_text(
-                json.dumps(
-                    {
-                        "max_delivery_ms": max(delays),
-                        "n": len(delays),
-                        "time": time.time(),
-                        "pid": os.getpid(),
-                    }
-                )
-            )
+            cal: dict[str, Any] = {"max_delivery_ms": max(delays), "n": len(delays), "time": time.time(),
+                                   "pid": os.getpid()}  # fmt: skip
+            if self.lanes == 1:
+                cal["one_guest"] = spread(self.records)
+            calibration_path(accel).write_text(json.dumps(cal))
 
 
 def record(r: IterationResult, case: str, strategy: str, vm: Any, reset: str, it_dir: Path) -> dict[str, Any]:
@@ -462,6 +624,43 @@ def record(r: IterationResult, case: str, strategy: str, vm: Any, reset: str, it
         "phases_s": {k.removesuffix("_s"): round(v, 4) for k, v in r.phases.items()},
         "dir": str(it_dir),
     }
+
+
+class _Dealer:
+    """The run's plans, handed to one lane at a time (the generator is not thread-safe,
+    and an adaptive one may wait here for the verdicts of the probes in flight)."""
+
+    def __init__(self, plans: Iterator[tuple[Case, RacePlan]]) -> None:
+        self._plans = plans
+        self._lock = threading.Lock()
+
+    def next(self) -> tuple[Case, RacePlan] | None:
+        with self._lock:
+            return next(self._plans, None)
+
+
+def _join(threads: list[threading.Thread]) -> None:
+    """Join with a timeout, so Ctrl-C reaches the main thread while lanes run."""
+    for t in threads:
+        while t.is_alive():
+            t.join(0.2)
+
+
+def _sort_results(path: Path) -> None:
+    """results.jsonl in iteration order (lanes finish out of order; a resume appends):
+    rewritten through a fsynced temporary file and an atomic rename, so a crash here
+    leaves the old file whole. Nothing is done when the order is already right."""
+    recs = read_results(path)
+    order = [r.get("iteration", 0) for r in recs]
+    if order == sorted(order):
+        return
+    tmp = path.with_suffix(".jsonl.sorting")
+    with tmp.open("w", encoding="utf-8") as f:
+        for r in sorted(recs, key=lambda r: r.get("iteration", 0)):
+            f.write(json.dumps(r, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _local_backend(kind: str) -> Backend:

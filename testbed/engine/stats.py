@@ -38,6 +38,15 @@ def percentile(values: list[float], q: float) -> float | None:
     return s[k]
 
 
+def spread(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Servicing lag and fire skew, p50 and p99 (ms): what contention between guests widens."""
+    out: dict[str, Any] = {"n": len(records)}
+    for key in ("servicing_lag_ms", "skew_ms"):
+        xs = [r[key] for r in records if r.get(key) is not None]
+        out[key] = {"p50": percentile(xs, 50), "p99": percentile(xs, 99)} if xs else None
+    return out
+
+
 def _log_comb(n: int, k: int) -> float:
     return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
 
@@ -175,6 +184,7 @@ def summarize(records: list[dict[str, Any]], bucket_ms: float = 50.0) -> dict[st
     if n and lost == 0:
         out["zero_loss_bound"] = f"0 losses in {n} iterations: loss rate < {3 / n:.3g} at 95% (rule of three)"
     out["phases_s"] = phase_means(records)
+    out["spread"] = spread(records)
     table = phase_table(records)
     if table is not None:
         out["phase_sweep"] = table

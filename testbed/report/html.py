@@ -176,7 +176,8 @@ Loss rate {_pct(summary.get("loss_rate"))} (Wilson 95%: {_pct(ci[0])} to {_pct(c
 {e(summary.get("zero_loss_bound", ""))}<br>
 Window: {e(json.dumps(summary.get("window")))}<br>
 Fire skew p50 {_fmt(summary["skew_ms"]["p50"])} ms, p99 {_fmt(summary["skew_ms"]["p99"])} ms;
-{_fmt(summary.get("iterations_per_min"))} iterations/min.</p>
+{_fmt(summary.get("iterations_per_min"))} iterations/min{f"; {summary['parallel']} guests at once" if summary.get("parallel", 1) > 1 else ""}.</p>
+{"".join(f"<p style='color:#b00'><b>Warning:</b> {e(w)}</p>" for w in summary.get("warnings") or [])}
 <h2>Loss vs offset</h2>{loss_plot(records, summary)}
 {delay_section(summary)}
 {phase_sweep_section(summary)}

@@ -49,6 +49,17 @@ def render_markdown(run: dict[str, Any], s: dict[str, Any]) -> str:
     sk = s["skew_ms"]
     if sk["p50"] is not None:
         lines.append(f"- fire skew: p50 {sk['p50']:.3f} ms, p99 {sk['p99']:.3f} ms")
+    lag = (s.get("spread") or {}).get("servicing_lag_ms")
+    if lag:
+        lines.append(f"- servicing lag (request to the paravisor's start): p50 {lag['p50']:.3f} ms, "
+                     f"p99 {lag['p99']:.3f} ms")  # fmt: skip
+    if s.get("parallel", 1) > 1:
+        lines.append(
+            f"- {s['parallel']} guests raced at once"
+            + (f" ({run['parallel_note']})" if run.get("parallel_note") else "")
+        )
+    for w in s.get("warnings") or []:
+        lines.append(f"- WARNING: {w}")
     for group, ph in (s.get("phases_s") or {}).items():
         lines.append(
             f"- mean seconds per iteration ({group}): " + ", ".join(f"{k} {v:.3f}" for k, v in ph.items())

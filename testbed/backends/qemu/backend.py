@@ -120,9 +120,18 @@ class QemuBackend:
         return ["request-seen", *quiesce, "save-start", "save-end", "port-close", "exec", "restore-start",
                 "restore-end", "port-reopen", "ic-reoffered"]  # fmt: skip
 
-    def __init__(self, transport: Transport | None = None, qemu_binary: str | None = None) -> None:
+    # Lanes of one run may race at once, each on its own backend (agent) and guest slot.
+    supports_parallel = True
+
+    def __init__(
+        self,
+        transport: Transport | None = None,
+        qemu_binary: str | None = None,
+        max_guests: int | None = None,
+    ) -> None:
         self.transport: Transport = transport or LocalTransport()
         self.qemu_binary = qemu_binary  # an inventory entry's qemu_binary; None: found on the host
+        self.max_guests = max_guests  # an inventory entry's max_guests; None: the host's own limit
         self._qemu: dict[str, Any] | None = None
         self.host = self.transport.name
         self.program = HostProgram(self.transport, "testbed.agent.agent")
@@ -345,6 +354,7 @@ class QemuBackend:
                 lease_dir=self.host_path("runtime", "leases"),
                 spec=vm.spec(incoming),
                 owner_pid=os.getpid() if self.transport.is_local else 0,
+                max_guests=self.max_guests,
             )
             if launched.get("slot_wait_s", 0) > 1:
                 log.warning("%s waited %.1f s for a guest slot on %s (other runs hold them)", vm.name,

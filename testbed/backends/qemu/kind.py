@@ -16,7 +16,7 @@ def open_backend(entry: HostEntry, opts: HostOptions) -> Backend:
     from testbed.backends.qemu.backend import QemuBackend
     from testbed.hosts import transport_for
 
-    return QemuBackend(transport_for(entry, opts), qemu_binary=entry.qemu_binary)
+    return QemuBackend(transport_for(entry, opts), qemu_binary=entry.qemu_binary, max_guests=entry.max_guests)
 
 
 KIND = BackendKind(
