@@ -61,19 +61,30 @@ class Race(QemuLifecycle):
         triggered = asyncio.Event()
         pending: list[asyncio.Future[None]] = []
         relay.on_phase = None
-        if shutdown is not None and shutdown.get("mode") == "phase":
-            # Fire on a servicing phase: the moment its line arrives (delay 0: inside the
-            # line's handling, before the next line is read) or a delay after it.
-            want, delay_ns = str(shutdown["phase"]), int(float(shutdown["offset_ms"]) * 1e6)
+        mode = shutdown.get("mode", "offset") if shutdown is not None else None
+        # Fire on a phase's arrival (delay 0: inside the line's handling, before the next
+        # line is read) or a delay after it. The IC's re-offer is a phase too (announced
+        # as the restarted paravisor's first HELLO is read), so ``ic-ready`` fires from
+        # the same trigger instead of polling for it.
+        want = None
+        if shutdown is not None and mode == "phase":
+            want = str(shutdown["phase"])
+        elif shutdown is not None and mode == "ic-ready" and service is not None:
+            want = "ic-reoffered"
+        if want is not None:
+            assert shutdown is not None
+            delay_ns = int(float(shutdown["offset_ms"]) * 1e6)
 
             async def fire_at(t_ns: int) -> None:
                 await sleep_until_ns(t_ns)
                 fire()
 
             def on_phase(name: str, t_ns: int) -> None:
-                if name != want or "phase_ns" in out:
+                if name != want or "trigger_ns" in out:
                     return
-                out["phase_ns"] = t_ns
+                out["trigger_ns"] = t_ns
+                if mode == "phase":
+                    out["phase_ns"] = t_ns
                 out["fire_planned_ns"] = t_ns + delay_ns
                 if delay_ns == 0:
                     fire()
@@ -109,24 +120,13 @@ class Race(QemuLifecycle):
                     break
                 await asyncio.sleep(0.001)
             relay.on_phase = None
-            if not triggered.is_set():
-                out["phase_missing"] = f"phase {shutdown['phase']} never came in this servicing"
             for task in pending:
                 await task
-        if shutdown is not None and shutdown.get("mode") == "ic-ready" and service is not None:
-            # A delay after the IC's re-offer (the first HELLO after the request), on this
-            # clock: the re-offer comes before the paravisor reports servicing done.
-            while "reoffer_ns" not in relay.svc and "done_ns" not in relay.svc and not vm.shutdown.done():
-                if time.monotonic_ns() > svc_deadline:
-                    break
-                await asyncio.sleep(0.001)
-            reoffer = relay.svc.get("reoffer_ns")
-            if reoffer is not None:
-                out["fire_planned_ns"] = reoffer + int(float(shutdown["offset_ms"]) * 1e6)
-                await sleep_until_ns(out["fire_planned_ns"])
-            else:
+            if not triggered.is_set() and mode == "phase":
+                out["phase_missing"] = f"phase {shutdown['phase']} never came in this servicing"
+            elif not triggered.is_set():  # ic-ready without a re-offer: fired at once, and said
                 out["no_reoffer"] = "the IC was never re-offered after the request: fired at once"
-            fire()
+                fire()
         if service is not None:
             while "done_ns" not in relay.svc and not vm.shutdown.done():
                 if time.monotonic_ns() > svc_deadline:

@@ -533,7 +533,9 @@ class Runner:
                     if self._abandoned:
                         return
                     writer.write(rec)
-                    self.records.append(rec)
+                    # In memory without the timeline (half a record's size; it is in results.jsonl and
+                    # the iteration's timeline.json), so a long run's controller stays flat.
+                    self.records.append({k: v for k, v in rec.items() if k != "timeline"})
                     self.progress({"event": "iteration", "record": rec})
                     self.check_stop(rec)
             finally:
