@@ -177,6 +177,13 @@ def run(
             "host's max_guests (inventory) or TESTBED_MAX_GUESTS (2); overrides the playbook's parallel",
         ),
     ] = None,
+    builds: Annotated[
+        str | None,
+        typer.Option(
+            help="bisect across these paravisor builds, comma-separated, good first and bad last "
+            "(replaces the playbook's bisect builds; see testbed bisect --help)"
+        ),
+    ] = None,
 ) -> None:
     """Run a playbook: fire the shutdown IC at offsets across paravisor servicing, many times.
 
@@ -215,6 +222,7 @@ def run(
         resume=resume,
         reset=reset,
         parallel=parallel,
+        builds=[b.strip() for b in builds.split(",") if b.strip()] if builds else None,
         max_guests=entry.max_guests,
         open_backend=lambda: open_backend(entry, cfg.backend, host_opts),
     )
@@ -254,6 +262,41 @@ def run(
     raise typer.Exit(result.exit_code)
 
 
+@app.command()
+def bisect(
+    playbook: Annotated[Path, typer.Argument(help="playbook YAML, e.g. playbooks/bisect.yaml")],
+    builds: Annotated[
+        str | None, typer.Option(help="builds in order, comma-separated: good first, bad last")
+    ] = None,
+    host: HostOpt = "",
+    inventory: InventoryOpt = None,
+    parallel: Annotated[int | None, typer.Option(min=1, help="guests racing at once")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="run folder")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed of the schedule")] = None,
+) -> None:
+    """Which build broke it: bisect an ordered list of paravisor builds (lab images, IGVM
+    files) from a good one to a bad one.
+
+    A flaky race makes a one-shot bisection lie, so every build tested gets a sequential
+    test (Wald's SPRT: loss rate p0 = good against p1 = bad, with error rates alpha and
+    beta, from the playbook's bisect section): tries continue until the evidence decides,
+    or max_per_build leaves it undecided and the bisection says so. The first build must
+    test good and the last bad. Each try services the guest into the build and fires the
+    shutdown at the playbook's schedule offsets; the answer ("first bad build: ...") is in
+    summary.md and report.html with the table of builds.
+
+        testbed bisect playbooks/bisect.yaml
+        testbed bisect playbooks/bisect.yaml --builds v2-r4,v2-r5,v2-r6,v2-r7 --parallel 2
+    """
+    with exit_codes():
+        pb, _cfg = load_playbook(playbook)
+    if pb.bisect is None and not builds:
+        fail(2, f"{playbook}: no bisect section and no --builds: say which builds to bisect")
+    run(
+        playbook, host=host, inventory=inventory, out_dir=out_dir, seed=seed, parallel=parallel, builds=builds
+    )
+
+
 def _print_summary(run_dir: Path, s: dict[str, Any]) -> None:
     print((run_dir / "summary.md").read_text())
     print(f"reports: {run_dir}/report.html, junit.xml, summary.json")
@@ -277,6 +320,12 @@ def report(
 def compare(
     run_a: Annotated[Path, typer.Argument(help="run folder A (e.g. before the fix)")],
     run_b: Annotated[Path, typer.Argument(help="run folder B (e.g. after the fix)")],
+    html_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--html", help="also write a self-contained page: both loss curves on one plot, the table"
+        ),
+    ] = None,
 ) -> None:
     """Did the fix work? Loss rates side by side with Fisher's exact test of the difference."""
     from testbed.engine.stats import fisher_exact, summarize
@@ -309,6 +358,16 @@ def compare(
     out.print(t)
     verdict = "the difference is significant" if p < 0.05 else "no significant difference"
     out.print(f"Fisher exact test (two-sided): p = {p:.4g}: {verdict} at 5%")
+    if html_out is not None:
+        from testbed.report.html import render_compare
+
+        try:
+            html_out.write_text(
+                render_compare([str(run_a), str(run_b)], [a, b], p, verdict), encoding="utf-8"
+            )
+        except OSError as e:
+            fail(3, f"cannot write {html_out}: {e.strerror or e}")
+        out.print(f"comparison page: {html_out}")
 
 
 @app.command()

@@ -255,7 +255,7 @@ def check_expectation(spec: ExpectValue, value: int) -> bool:
 
 
 class ScheduleSpec(Strict):
-    kind: Literal["fixed", "linear", "random", "adaptive", "phases"]
+    kind: Literal["fixed", "linear", "random", "adaptive", "phases", "flaky"]
     offsets_ms: list[float] | None = Field(None, min_length=1, max_length=100_000)
     start_ms: float | None = None
     stop_ms: float | None = None
@@ -271,12 +271,20 @@ class ScheduleSpec(Strict):
     delays_ms: list[Annotated[float, Field(ge=0, le=60_000)]] = Field([0.0, 2.0], min_length=1)
     midpoint: bool = True
     repeat: int = Field(3, ge=1, le=10_000)
+    # kind: flaky. A budgeted search for a window that loses only some of its tries:
+    # [lo_ms, hi_ms] cut into `buckets` (random offsets in each) plus every servicing
+    # phase the backend observes (or `phases`) at delay 0; tries go where the loss rate
+    # could be highest (the largest Wilson upper bound); it stops when every arm's bound
+    # is below `target_rate`, or once an arm has lost and had `confirm` tries.
+    buckets: int = Field(8, ge=1, le=1000)
+    target_rate: float = Field(0.1, gt=0, lt=1)
+    confirm: int = Field(20, ge=1, le=100_000)
 
     @property
     def points(self) -> int | None:
         """How many offsets the schedule names (None: the adaptive search decides)."""
-        if self.kind == "phases":
-            return None  # the backend's phases decide
+        if self.kind in ("phases", "flaky"):
+            return None  # the backend's phases (and the search) decide
         return (
             len(self.offsets_ms or [])
             if self.kind == "fixed"
@@ -293,6 +301,7 @@ class ScheduleSpec(Strict):
             "random": ("lo_ms", "hi_ms"),
             "adaptive": ("lo_ms", "hi_ms"),
             "phases": (),
+            "flaky": ("lo_ms", "hi_ms"),
         }[self.kind]
         missing = [k for k in need if getattr(self, k) is None]
         if missing:
@@ -346,6 +355,27 @@ def _validate_expect(v: dict[str, ExpectValue] | None) -> dict[str, ExpectValue]
     return v
 
 
+class BisectSpec(Strict):
+    """``testbed bisect``: which of an ordered list of builds (good first, bad last)
+    broke it, each judged by an SPRT of loss rate p0 (good) against p1 (bad)."""
+
+    builds: list[str] = Field(min_length=2, max_length=10_000)
+    p0: float = Field(0.01, gt=0, lt=1, description="a good build's loss rate at most")
+    p1: float = Field(0.15, gt=0, lt=1, description="a bad build's loss rate at least")
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="chance of calling a good build bad")
+    beta: float = Field(0.05, gt=0, lt=0.5, description="chance of calling a bad build good")
+    max_per_build: int = Field(200, ge=1, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _sane(self) -> Self:
+        if self.p0 >= self.p1:
+            raise ValueError(f"p0 ({self.p0:g}) must be below p1 ({self.p1:g})")
+        dup = sorted({b for b in self.builds if self.builds.count(b) > 1})
+        if dup:
+            raise ValueError(f"builds listed twice: {', '.join(dup)}")
+        return self
+
+
 class Playbook(Strict):
     name: str
     description: str = ""
@@ -375,6 +405,7 @@ class Playbook(Strict):
     parallel: int = Field(
         1, ge=1, le=256, description="guests racing at once on the host, capped by its max_guests"
     )
+    bisect: BisectSpec | None = None  # iterations is then the budget over all builds
     collect: list[Literal["serial", "timeline", "qemu"]] = ["serial", "timeline"]
 
     @field_validator("expect")
@@ -382,6 +413,13 @@ class Playbook(Strict):
     def _expect(cls, v: dict[str, ExpectValue]) -> dict[str, ExpectValue]:
         _validate_expect(v)
         return v
+
+    @model_validator(mode="after")
+    def _bisect_one_case(self) -> Self:
+        if self.bisect is not None and self.cases and len(self.cases) > 1:
+            raise ValueError("bisect: a bisection runs one case (its schedule and servicing) over the builds; "
+                             f"this playbook has {len(self.cases)}")  # fmt: skip
+        return self
 
     @model_validator(mode="after")
     def _ic_ready_delays(self) -> Self:

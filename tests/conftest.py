@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,6 +94,17 @@ class _VmTestGuard:
         print(f"\n{len(self.passed)} VM tests passed (TESTBED_MIN_VM_TESTS={want})")
         if len(self.passed) < want and exitstatus == 0:
             session.exitstatus = 1
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Hunts (minutes of guests, a statistical answer) run when asked: TESTBED_HUNTS=1."""
+    if os.environ.get("TESTBED_HUNTS") == "1":
+        return
+    for item in items:
+        if item.get_closest_marker("hunt"):
+            item.add_marker(
+                pytest.mark.skip(reason="a statistical hunt: run with TESTBED_HUNTS=1 (or bench/)")
+            )
 
 
 def pytest_configure(config: pytest.Config) -> None:

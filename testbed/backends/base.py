@@ -81,6 +81,7 @@ class RacePlan:
     shutdown_mode: str = "offset"  # or "after-ready": the seed test's order
     image: str | None = None  # paravisor image to service into (None = same)
     phase: str | None = None  # shutdown_mode "phase": fire offset_ms after this servicing phase
+    arm: str | None = None  # a search's arm this iteration probes (the flaky-window search)
 
 
 @dataclass

@@ -24,7 +24,8 @@ from typing import Any
 
 from testbed import __version__, slots
 from testbed.backends.base import Backend, InfraError, RacePlan
-from testbed.config import Case, ConfigError, Playbook, ScheduleSpec, VmConfig, stable_hash
+from testbed.config import BisectSpec, Case, ConfigError, Playbook, ScheduleSpec, VmConfig, stable_hash
+from testbed.engine import bisect as bisection
 from testbed.engine import schedule as sched
 from testbed.engine.iterate import IterationResult, iterate
 from testbed.engine.policy import finish_run
@@ -57,6 +58,7 @@ class RunOptions:
     # Opens one more backend on the same host (a lane's own agent and connection); None:
     # this machine's, when ``backend`` is None too.
     open_backend: Callable[[], Backend] | None = None
+    builds: list[str] | None = None  # testbed bisect --builds: replaces the playbook's bisect builds
 
 
 @dataclass
@@ -164,13 +166,24 @@ class Runner:
         # only under this condition; ``_halt`` asks every lane to stop after its iteration.
         self._cond = threading.Condition()
         self._halt = threading.Event()
-        self._in_flight: Counter[tuple[str, float | None]] = Counter()
+        self._in_flight: Counter[tuple[str, float | str | None]] = Counter()  # see _flight
         self._abandoned = False  # a second Ctrl-C: in-flight iterations are not recorded
+        self._search_of: dict[str, dict[str, Any]] = {}  # a search arm's label -> what the record says of it
+        self.bisect = pb.bisect
+        if opts.builds:
+            self.bisect = (pb.bisect or BisectSpec(builds=opts.builds)).model_copy(
+                update={"builds": opts.builds}
+            )
         self.lanes, self.lanes_note = self.lanes_wanted(playbook_path)
         modes = getattr(self.backend, "shutdown_modes", ("offset", "after-ready", "none"))
         for c in self.cases():
-            if (c.schedule or pb.schedule).kind == "phases":
+            kind = (c.schedule or pb.schedule).kind
+            if kind == "phases":
                 self.phases_of(c, modes, playbook_path)  # refuses what the backend cannot observe
+            if kind == "flaky":
+                self.flaky_phases(c, modes, playbook_path)
+            if self.bisect is not None:
+                self.static_points(c.schedule or pb.schedule, 1)  # refuses a schedule with no offsets
             if c.shutdown not in modes:
                 raise ConfigError(
                     playbook_path or Path(pb.name),
@@ -220,7 +233,18 @@ class Runner:
             n = c.iterations or self.pb.iterations
             s = c.schedule or self.pb.schedule
             what = f"{c.name}: {n} iteration{'s' if n != 1 else ''}"
-            if c.shutdown in ("offset", "ic-ready"):
+            if self.bisect is not None:
+                b = self.bisect.builds
+                what = (f"{c.name}: bisect over {len(b)} builds ({b[0]} good .. {b[-1]} bad), an SPRT per build "
+                        f"(p0 {self.bisect.p0:g} vs p1 {self.bisect.p1:g}, alpha {self.bisect.alpha:g}, beta "
+                        f"{self.bisect.beta:g}, at most {self.bisect.max_per_build} tries), budget {n}, "
+                        f"schedule {s.kind}")  # fmt: skip
+            elif s.kind == "flaky":
+                ph = self.flaky_phases(c, getattr(self.backend, "shutdown_modes", ()))
+                what = (f"{c.name}: a flaky-window search of at most {n} iterations over [{s.lo_ms:g}, {s.hi_ms:g}] ms "
+                        f"in {s.buckets} buckets" + (f" and {len(ph)} servicing phases" if ph else "")
+                        + f", until every loss rate is below {s.target_rate:.0%} at 95% or a window is found")  # fmt: skip
+            elif c.shutdown in ("offset", "ic-ready"):
                 what += f", schedule {s.kind}" + (
                     " of delays after the IC's re-offer" if c.shutdown == "ic-ready" else ""
                 )
@@ -256,6 +280,16 @@ class Runner:
                                            f"{', '.join(known)}")  # fmt: skip
         return [p for p in known if p in s.phases] if s.phases else known
 
+    def flaky_phases(self, case: Case, modes: tuple[str, ...], path: Path | None = None) -> list[str]:
+        """The phases a flaky-window search probes besides its buckets: the backend's
+        (or the named ones), or none where the backend observes no phases."""
+        s = case.schedule or self.pb.schedule
+        if getattr(self.backend, "servicing_phases", None) is None or "phase" not in modes:
+            if s.phases:
+                self.phases_of(case, modes, path)  # says why the named phases cannot be used
+            return []
+        return self.phases_of(case, modes, path)
+
     def iterations_of(self, case: Case) -> int:
         s = case.schedule or self.pb.schedule
         if s.kind == "phases":
@@ -263,7 +297,51 @@ class Runner:
             return sched.phase_sweep_size(n, len(s.delays_ms), s.midpoint, s.repeat)
         return case.iterations or self.pb.iterations
 
+    def bisect_plans(self, case: Case, start_index: int) -> Iterator[RacePlan]:
+        """The bisection's tries: each on the build the bisection asks for (serviced into
+        it), at the case's schedule offsets in turn, within the budget of iterations."""
+        spec = self.bisect
+        assert spec is not None
+        n = case.iterations or self.pb.iterations
+        s = case.schedule or self.pb.schedule
+        pts = sched.cycle_to(self.static_points(s, n), n)
+        info = {"kind": "bisect", **spec.model_dump()}
+
+        def tally(build: str, settle: bool) -> tuple[list[bool], int]:
+            key = (case.name, f"build {build}")
+            with self._cond:
+                while settle and self._in_flight[key] and not self._halt.is_set():
+                    self._cond.wait(0.2)
+                mine = sorted((r for r in self.records if r.get("case") == case.name and r.get("arm") == key[1]
+                               and r["verdict"] != "infra-error"), key=lambda r: r["iteration"])  # fmt: skip
+                return [r["verdict"] == "lost" for r in mine], self._in_flight[key]
+
+        test = bisection.Sprt(spec.p0, spec.p1, spec.alpha, spec.beta)
+        for i, build in enumerate(bisection.bisect(spec.builds, tally, test, spec.max_per_build)):
+            if i >= n:
+                log.warning("bisect: the budget of %d iterations is spent", n)
+                return
+            self._search_of[f"build {build}"] = info
+            yield RacePlan(start_index + i, pts[i % len(pts)], case.servicing, case.shutdown != "none",
+                           case.shutdown, build, arm=f"build {build}")  # fmt: skip
+
+    def static_points(self, s: ScheduleSpec, n: int) -> list[float]:
+        """A fixed, linear or random schedule's offsets."""
+        if s.kind == "fixed":
+            return list(s.offsets_ms or [])
+        if s.kind == "linear":
+            assert s.start_ms is not None and s.stop_ms is not None
+            return sched.linear(s.start_ms, s.stop_ms, s.count or n)
+        if s.kind == "random":
+            assert s.lo_ms is not None and s.hi_ms is not None
+            return sched.seeded_random(s.lo_ms, s.hi_ms, s.count or n, self.seed)
+        raise ConfigError(self.playbook_path or Path(self.pb.name), None,
+                          f"schedule kind {s.kind} names no offsets of its own: use fixed, linear or random here")  # fmt: skip
+
     def plans(self, case: Case, start_index: int) -> Iterator[RacePlan]:
+        if self.bisect is not None:
+            yield from self.bisect_plans(case, start_index)
+            return
         n = case.iterations or self.pb.iterations
         image = case.image
         mode = case.shutdown  # "offset", or "ic-ready": the schedule gives delays after the re-offer
@@ -299,6 +377,36 @@ class Runner:
                     yield RacePlan(start_index + i, mids[ph], case.servicing, True, "phase", image, phase=ph)
                     i += 1
             return
+        if s.kind == "flaky":
+            assert s.lo_ms is not None and s.hi_ms is not None
+            arms = sched.flaky_arms(s.lo_ms, s.hi_ms, s.buckets,
+                                    self.flaky_phases(case, getattr(self.backend, "shutdown_modes", ())))  # fmt: skip
+            index = {a.label: i for i, a in enumerate(arms)}
+
+            def tally(settle: bool) -> dict[str, tuple[int, int, int]]:
+                """Per arm: finished tries (infra errors are none), losses, tries in flight;
+                ``settle`` waits until none of this search is in flight."""
+                with self._cond:
+                    while settle and any(self._in_flight[(case.name, a.label)] for a in arms):
+                        if self._halt.is_set():
+                            break
+                        self._cond.wait(0.2)
+                    out = {a.label: (0, 0, self._in_flight[(case.name, a.label)]) for a in arms}
+                    for r in self.records:
+                        label = r.get("arm")
+                        if r.get("case") == case.name and label in out and r["verdict"] != "infra-error":
+                            n, k, p = out[label]
+                            out[label] = (n + 1, k + (r["verdict"] == "lost"), p)
+                    return out
+
+            search = sched.flaky(arms, n, tally, target_rate=s.target_rate, confirm=s.confirm, seed=self.seed)
+            for i, (arm, x) in enumerate(search):
+                self._search_of[arm.label] = {"kind": "flaky", "lo_ms": s.lo_ms, "hi_ms": s.hi_ms,
+                                              "target_rate": s.target_rate, "budget": n, "arms": len(arms),
+                                              "arm_index": index[arm.label]}  # fmt: skip
+                yield RacePlan(start_index + i, x, case.servicing, True, "phase" if arm.phase else "offset", image,
+                               phase=arm.phase, arm=arm.label)  # fmt: skip
+            return
         if s.kind == "adaptive":
             outcomes: dict[float, str] = {}
 
@@ -322,14 +430,7 @@ class Runner:
             for i, x in enumerate(gen):
                 yield RacePlan(start_index + i, x, case.servicing, True, mode, image)
             return
-        if s.kind == "fixed":
-            pts = list(s.offsets_ms or [])
-        elif s.kind == "linear":
-            assert s.start_ms is not None and s.stop_ms is not None
-            pts = sched.linear(s.start_ms, s.stop_ms, s.count or n)
-        else:
-            assert s.lo_ms is not None and s.hi_ms is not None
-            pts = sched.seeded_random(s.lo_ms, s.hi_ms, s.count or n, self.seed)
+        pts = self.static_points(s, n)
         for i, x in enumerate(sched.cycle_to(pts, n)):
             yield RacePlan(start_index + i, x, case.servicing, True, mode, image)
 
@@ -380,7 +481,7 @@ class Runner:
                 if plan.iteration in done_ids:
                     continue
                 with self._cond:
-                    self._in_flight[(case.name, plan.offset_ms)] += 1
+                    self._in_flight[_flight(case, plan)] += 1
                 yield case, plan
             index += case.iterations or self.pb.iterations
 
@@ -540,7 +641,7 @@ class Runner:
                     self.check_stop(rec)
             finally:
                 with self._cond:
-                    self._in_flight[(case.name, plan.offset_ms)] -= 1
+                    self._in_flight[_flight(case, plan)] -= 1
                     self._cond.notify_all()
 
     def check_stop(self, rec: dict[str, Any]) -> None:
@@ -567,6 +668,8 @@ class Runner:
         r = iterate(lane.backend, lane.vm, plan, grace_ms, reset=self.reset, dest=it_dir,
                     keep_failed=self.opts.keep_failed)  # fmt: skip
         rec = record(r, case.name, self.strategy, lane.vm, self.reset, it_dir)
+        if plan.arm is not None:
+            rec["search"] = self._search_of.get(plan.arm)
         if "timeline" in self.pb.collect or r.verdict.kind != "preserved":
             rec["timeline"] = r.evidence.timeline_ms()
             (it_dir / "timeline.json").write_text(
@@ -603,6 +706,7 @@ def record(r: IterationResult, case: str, strategy: str, vm: Any, reset: str, it
         "guest_offset_ms": ev.guest_offset_ms,
         "ic_ready_offset_ms": ev.ic_ready_offset_ms,
         "phase": plan.phase,
+        "arm": plan.arm,
         "phase_to_fire_ms": ev.phase_to_fire_ms,
         "phase_times_ms": ev.phase_times_ms() or None,
         "skew_ms": ev.skew_ms(plan.offset_ms) if plan.service and plan.shutdown else None,
@@ -626,6 +730,11 @@ def record(r: IterationResult, case: str, strategy: str, vm: Any, reset: str, it
         "phases_s": {k.removesuffix("_s"): round(v, 4) for k, v in r.phases.items()},
         "dir": str(it_dir),
     }
+
+
+def _flight(case: Case, plan: RacePlan) -> tuple[str, float | str | None]:
+    """What a plan in flight is counted under: its case and its search arm, else its offset."""
+    return case.name, plan.arm if plan.arm is not None else plan.offset_ms
 
 
 class _Dealer:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -125,6 +126,78 @@ def adaptive(
             return
         a, b = edges[rng.randrange(len(edges))]
         yield from emit(round(rng.uniform(a - resolution_ms, b + resolution_ms), 3))
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One place the flaky-window search can probe: a servicing phase (fired on its
+    arrival) or a bucket [lo_ms, hi_ms) of offsets from the servicing request."""
+
+    label: str
+    phase: str | None = None
+    lo_ms: float = 0.0
+    hi_ms: float = 0.0
+
+
+def flaky_arms(lo_ms: float, hi_ms: float, buckets: int, phases: list[str]) -> list[Arm]:
+    """The phases first (in the order they happen), then the buckets of the range."""
+    edges = linear(lo_ms, hi_ms, buckets + 1)
+    arms = [Arm(f"phase {p} + 0 ms", phase=p) for p in phases]
+    arms += [
+        Arm(f"offsets [{a:g}, {b:g}) ms", lo_ms=a, hi_ms=b) for a, b in zip(edges, edges[1:], strict=False)
+    ]
+    return arms
+
+
+Tally = Callable[[bool], dict[str, tuple[int, int, int]]]  # settle? -> label: (tries done, lost, in flight)
+
+
+def flaky(
+    arms: list[Arm],
+    budget: int,
+    tally: Tally,
+    *,
+    target_rate: float,
+    confirm: int,
+    seed: int = 0,
+) -> Iterator[tuple[Arm, float]]:
+    """The budgeted search for a window that loses a fraction of its tries.
+
+    Every try goes to the arm whose loss rate could be highest: the largest Wilson
+    upper bound, counting tries still in flight as done without a loss, so parallel
+    lanes spread over arms instead of piling on one (ties: fewest tries, then order).
+    An arm that lost is a window found: it gets tries until ``confirm`` are done, for
+    its rate. With no loss anywhere the search stops once every arm's upper bound is
+    below ``target_rate`` (only finished tries count then: ``tally(True)`` waits for
+    those in flight). Yields (arm, offset): a phase arm's offset is the delay, 0."""
+    from testbed.engine.stats import wilson
+
+    rng = random.Random(seed)
+    used = 0
+    while used < budget:
+        t = tally(False)
+        lost = [a for a in arms if t[a.label][1] > 0]
+        if lost:
+            pick = max(lost, key=lambda a: (t[a.label][1] / max(1, t[a.label][0]), -arms.index(a)))
+            if t[pick.label][0] + t[pick.label][2] >= confirm:
+                if any(v[2] for v in t.values()):
+                    tally(True)  # the confirmation's last tries are in flight: their verdicts decide
+                    continue
+                return
+        else:
+            if all(wilson(0, t[a.label][0])[1] < target_rate for a in arms):
+                if any(v[2] for v in t.values()):
+                    tally(True)
+                    continue
+                return
+
+            def score(a: Arm, t: dict[str, tuple[int, int, int]] = t) -> tuple[float, int, int]:
+                n, _k, pending = t[a.label]
+                return (wilson(0, n + pending)[1], -(n + pending), -arms.index(a))
+
+            pick = max(arms, key=score)
+        used += 1
+        yield pick, (0.0 if pick.phase else round(rng.uniform(pick.lo_ms, pick.hi_ms), 3))
 
 
 def phase_cells(phases: list[str], delays_ms: list[float], repeat: int, seed: int) -> list[tuple[str, float]]:

@@ -129,12 +129,48 @@ def loss_window(records: list[dict[str, Any]], key: str) -> dict[str, Any] | Non
     first, last = min(lost), max(lost)
     before = [o for o, v in pts if v != "lost" and o < first]
     after = [o for o, v in pts if v != "lost" and o > last]
+    bracket = [max(before) if before else None, min(after) if after else None]
     return {
+        "words": window_words(key, first, last, bracket[0], bracket[1]),
         "anchor": key,
         "first_loss_ms": first,
         "last_loss_ms": last,
-        "bracket_ms": [max(before) if before else None, min(after) if after else None],
+        "bracket_ms": bracket,
     }
+
+
+ANCHOR_WORDS = {"guest_offset_ms": "after the paravisor's servicing start",
+                "offset_ms": "after the servicing request", "ic_ready_offset_ms": "after the IC's re-offer"}  # fmt: skip
+
+
+def per_bucket(records: list[dict[str, Any]], key: str, bucket_ms: float) -> list[dict[str, Any]]:
+    """Tries, losses, loss rate and Wilson interval per ``bucket_ms`` of ``key``."""
+    buckets: dict[float, list[int]] = {}
+    for r in records:
+        off = r.get(key)
+        if off is None or r["verdict"] == "infra-error":
+            continue
+        b = math.floor(off / bucket_ms) * bucket_ms
+        buckets.setdefault(b, [0, 0])
+        buckets[b][1] += 1
+        buckets[b][0] += r["verdict"] == "lost"
+    return [{"from_ms": b, "to_ms": b + bucket_ms, "lost": k, "n": m, "rate": k / m, "ci95": list(wilson(k, m))}
+            for b, (k, m) in sorted(buckets.items())]  # fmt: skip
+
+
+def window_words(key: str, first: float, last: float, lo: float | None, hi: float | None) -> str:
+    """The window in words with its uncertainty: each edge lies between the last try
+    that did not lose and the first that did, so it is said as the middle ± half."""
+
+    def edge(a: float | None, b: float, side: str) -> str:
+        if a is None:
+            return f"{side} {b:.0f} ms (no try {'before' if side == 'at most' else 'after'} it)"
+        mid, half = (a + b) / 2, abs(b - a) / 2
+        return f"{mid:.0f} ± {half:.0f} ms"
+
+    start = edge(lo, first, "at most")
+    end = edge(hi, last, "at least")
+    return f"loses from {start} to {end} {ANCHOR_WORDS.get(key, 'from the anchor')}"
 
 
 def summarize(records: list[dict[str, Any]], bucket_ms: float = 50.0) -> dict[str, Any]:
@@ -144,15 +180,6 @@ def summarize(records: list[dict[str, Any]], bucket_ms: float = 50.0) -> dict[st
     lost = counts.get("lost", 0)
     lo, hi = wilson(lost, n)
     skews = [r["skew_ms"] for r in records if r.get("skew_ms") is not None]
-    buckets: dict[float, list[int]] = {}
-    for r in product:
-        off = r.get("offset_ms")
-        if off is None:
-            continue
-        b = math.floor(off / bucket_ms) * bucket_ms
-        buckets.setdefault(b, [0, 0])
-        buckets[b][1] += 1
-        buckets[b][0] += r["verdict"] == "lost"
     durations = [r["duration_s"] for r in records if r.get("duration_s")]
     t0 = min((r["started"] for r in records if r.get("started")), default=None)
     t1 = max((r["started"] + r.get("duration_s", 0) for r in records if r.get("started")), default=None)
@@ -167,10 +194,9 @@ def summarize(records: list[dict[str, Any]], bucket_ms: float = 50.0) -> dict[st
         "loss_rate": lost / n if n else None,
         "loss_ci95": [lo, hi],
         "failures": sum(counts.get(v, 0) for v in PRODUCT_FAILURES),
-        "per_bucket": [
-            {"from_ms": b, "to_ms": b + bucket_ms, "lost": k, "n": m, "rate": k / m}
-            for b, (k, m) in sorted(buckets.items())
-        ],
+        "per_bucket": per_bucket(product, "offset_ms", bucket_ms),
+        # Loss rate vs offset with Wilson bands, for each anchor the records have.
+        "per_bucket_by_anchor": {k: b for k in ANCHOR_WORDS if (b := per_bucket(product, k, bucket_ms))},
         "window": best,
         "windows_by_anchor": windows,
         "skew_ms": {
@@ -188,6 +214,14 @@ def summarize(records: list[dict[str, Any]], bucket_ms: float = 50.0) -> dict[st
     table = phase_table(records)
     if table is not None:
         out["phase_sweep"] = table
+    from testbed.engine.bisect import summarize_bisect  # it builds on this module
+
+    bis = summarize_bisect(records)
+    if bis is not None:
+        out["bisect"] = bis
+    found = flaky_search(records)
+    if found is not None:
+        out["flaky_search"] = found
     curve = ic_ready_delay(records)
     if curve is not None:
         out["ic_ready_delay"] = curve
@@ -243,6 +277,59 @@ def phase_means(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
             names = sorted({k for row in rows for k in row})
             out[g] = {k: sum(row.get(k, 0.0) for row in rows) / len(rows) for k in names}
     return out
+
+
+def flaky_search(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The flaky-window search's answer: per arm (phase or offset bucket) its tries,
+    losses and Wilson interval, and in words either the window found with its rate, or
+    "no window with loss rate >= x anywhere in [lo, hi]" with the bound the tries reached."""
+    rs = [r for r in records if r.get("arm") and (r.get("search") or {}).get("kind") == "flaky"
+          and r["verdict"] != "infra-error"]  # fmt: skip
+    if not rs:
+        return None
+    search = rs[0]["search"]
+    arms: dict[str, dict[str, Any]] = {}
+    for r in rs:
+        a = arms.setdefault(r["arm"], {"arm": r["arm"], "index": r["search"]["arm_index"], "n": 0, "lost": 0,
+                                       "phase": r.get("phase"), "at_ms": []})  # fmt: skip
+        a["n"] += 1
+        a["lost"] += r["verdict"] == "lost"
+        t = (r.get("phase_times_ms") or {}).get(r.get("phase") or "")
+        if t is not None:
+            a["at_ms"].append(t)
+    rows = []
+    for a in sorted(arms.values(), key=lambda a: a["index"]):
+        lo, hi = wilson(a["lost"], a["n"])
+        at = a.pop("at_ms")
+        a.update(rate=a["lost"] / a["n"], ci95=[lo, hi], at_ms=sum(at) / len(at) if at else None)
+        rows.append(a)
+    tried = len(rows)
+    untried = int(search.get("arms", tried)) - tried
+    where = f"[{search['lo_ms']:g}, {search['hi_ms']:g}] ms from the servicing request"
+    lossy = sorted((a for a in rows if a["lost"]), key=lambda a: -a["rate"])
+    if lossy:
+        answer = "window found: " + "; ".join(
+            f"loses at {a['arm']}"
+            + (f" (the phase comes {a['at_ms']:.1f} ms after the servicing request)" if a["at_ms"] is not None else "")
+            + f": {a['lost']} of {a['n']} tries ({100 * a['rate']:.1f}%, 95% [{100 * a['ci95'][0]:.1f}%, "
+            f"{100 * a['ci95'][1]:.1f}%])"
+            for a in lossy
+        )  # fmt: skip
+        bound = None
+    else:
+        bound = max(a["ci95"][1] for a in rows) if not untried else 1.0
+        answer = (f"no window with loss rate >= {100 * bound:.1f}% anywhere in {where}"
+                  + (f" nor at any of {sum(1 for a in rows if a['phase'])} servicing phases" if any(a["phase"] for a in rows)
+                     else "") + f", at 95% ({len(rs)} tries, {min(a['n'] for a in rows)} or more per arm)")  # fmt: skip
+        if untried:
+            answer = (
+                f"no loss in {len(rs)} tries, but {untried} of the search's arms were never tried: no bound"
+            )
+        elif bound >= search["target_rate"]:
+            answer += (f"; the target {100 * search['target_rate']:.0f}% was not reached within the budget of "
+                       f"{search['budget']}")  # fmt: skip
+    return {"arms": rows, "answer": answer, "bound": bound, "tries": len(rs), **{k: search[k] for k in
+            ("lo_ms", "hi_ms", "target_rate", "budget")}}  # fmt: skip
 
 
 def ic_ready_delay(records: list[dict[str, Any]]) -> dict[str, Any] | None:

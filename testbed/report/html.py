@@ -57,6 +57,36 @@ def loss_plot(records: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     return _svg(fig)
 
 
+def rate_plot(curves: list[tuple[str, list[dict[str, Any]]]], xlabel: str) -> str:
+    """Loss probability vs offset, one line per curve (an anchor, or a run of a
+    comparison), each bucket's Wilson 95% interval as a band."""
+    fig, ax = plt.subplots(figsize=(9, 3.0))
+    palette = ["#c62828", "#1565c0", "#6a1b9a", "#ef6c00"]
+    for i, (label, rows) in enumerate(curves):
+        if not rows:
+            continue
+        xs = [(b["from_ms"] + b["to_ms"]) / 2 for b in rows]
+        c = palette[i % len(palette)]
+        ax.fill_between(xs, [b["ci95"][0] for b in rows], [b["ci95"][1] for b in rows], color=c, alpha=0.12)
+        ax.plot(xs, [b["rate"] for b in rows], "o-", color=c, ms=3, label=f"{label} (Wilson 95% band)")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("loss probability")
+    ax.legend(fontsize=7, loc="upper right")
+    ax.grid(alpha=0.3)
+    return _svg(fig)
+
+
+def rate_section(summary: dict[str, Any]) -> str:
+    from testbed.engine.stats import ANCHOR_WORDS
+
+    by = summary.get("per_bucket_by_anchor") or {}
+    if not by:
+        return ""
+    curves = [(f"ms {ANCHOR_WORDS[k]}", rows) for k, rows in by.items()]
+    return "<h2>Loss probability vs offset</h2>" + rate_plot(curves, "shutdown offset (ms), per anchor")
+
+
 def delay_plot(curve: dict[str, Any]) -> str:
     """Loss rate vs the delay after the IC's re-offer, with Wilson 95% bands."""
     pts = curve["curve"]
@@ -85,6 +115,33 @@ def delay_section(summary: dict[str, Any]) -> str:
     ]
     table = _table(["delay ms", "tries", "lost", "loss rate", "Wilson 95%"], rows)
     return f"<h2>How long after ready?</h2><p>{html.escape(d['answer'])}</p>{delay_plot(d)}{table}"
+
+
+def flaky_section(summary: dict[str, Any]) -> str:
+    """The flaky-window search: its answer in words and every arm's tries and interval."""
+    f = summary.get("flaky_search")
+    if not f:
+        return ""
+    rows = [[html.escape(a["arm"]), _fmt(a.get("at_ms")), str(a["n"]), str(a["lost"]), _pct(a["rate"]),
+             _ci(a["ci95"])] for a in f["arms"]]  # fmt: skip
+    table = _table(["arm", "phase at ms", "tries", "lost", "loss rate", "Wilson 95%"], rows)
+    return f"<h2>Flaky-window search</h2><p>{html.escape(f['answer'])}</p>{table}"
+
+
+def bisect_section(summary: dict[str, Any]) -> str:
+    """The bisection: the answer in words, and per build tested its tries, losses,
+    interval and the sequential test's decision."""
+    b = summary.get("bisect")
+    if not b:
+        return ""
+    colour = {"good": COLORS.get("preserved", "#2e7d32"), "bad": COLORS.get("lost", "#c62828")}
+    rows = [[f"<span style='color:{colour.get(x['decision'], '#555')}'><b>{html.escape(x['build'])}</b></span>",
+             str(x["n"]), str(x["lost"]), _pct(x["rate"]), _ci(x["ci95"]), html.escape(x["decision"]),
+             _fmt(x["decided_after"]), f"{x['llr']:.2f}"] for x in b["builds"]]  # fmt: skip
+    table = _table(
+        ["build", "tries", "lost", "loss rate", "Wilson 95%", "SPRT", "decided after", "log LR"], rows
+    )
+    return f"<h2>Bisection</h2><p>{html.escape(b['answer'])}</p>{table}"
 
 
 def phase_sweep_section(summary: dict[str, Any]) -> str:
@@ -174,19 +231,60 @@ td,th{{border:1px solid #ddd;padding:2px 6px}}pre{{background:#f5f5f5;padding:8p
 <p>{summary["iterations"]} iterations; {e(counts)}.<br>
 Loss rate {_pct(summary.get("loss_rate"))} (Wilson 95%: {_pct(ci[0])} to {_pct(ci[1])}).
 {e(summary.get("zero_loss_bound", ""))}<br>
-Window: {e(json.dumps(summary.get("window")))}<br>
+Window: {e(summary["window"]["words"]) if summary.get("window") else "no loss, no window"}<br>
 Fire skew p50 {_fmt(summary["skew_ms"]["p50"])} ms, p99 {_fmt(summary["skew_ms"]["p99"])} ms;
 {_fmt(summary.get("iterations_per_min"))} iterations/min{f"; {summary['parallel']} guests at once" if summary.get("parallel", 1) > 1 else ""}.</p>
 {"".join(f"<p style='color:#b00'><b>Warning:</b> {e(w)}</p>" for w in summary.get("warnings") or [])}
 <h2>Loss vs offset</h2>{loss_plot(records, summary)}
+{rate_section(summary)}
 {delay_section(summary)}
+{flaky_section(summary)}
+{bisect_section(summary)}
 {phase_sweep_section(summary)}
 {phases_section(summary)}
 {("<h2>Timeline of lost iteration " + str(lost["iteration"]) + "</h2>" + timeline_plot(lost)) if lost else ""}
-<h2>Manifest</h2><pre>{e(json.dumps(run, indent=2, default=str))}</pre>
+<h2>Manifest</h2>{manifest_table(run)}
 <h2>Iterations</h2><table><tr><th>#</th><th>case</th><th>planned ms</th><th>actual ms</th><th>vs paravisor ms</th>
 <th>verdict</th><th>reason</th></tr>{rows}</table>
 </body></html>"""
+
+
+def render_compare(names: list[str], summaries: list[dict[str, Any]], p: float, verdict: str) -> str:
+    """``testbed compare A B --html``: both runs' loss probability vs offset on one plot
+    (the sharpest anchor both have), their rates with Wilson intervals, and Fisher's p."""
+    from testbed.engine.stats import ANCHOR_WORDS
+
+    e = html.escape
+    common = [k for k in ANCHOR_WORDS if all((s.get("per_bucket_by_anchor") or {}).get(k) for s in summaries)]
+    anchor = "guest_offset_ms" if "guest_offset_ms" in common else (common[0] if common else None)
+    plot = (rate_plot([(n, (s["per_bucket_by_anchor"] or {})[anchor]) for n, s in zip(names, summaries, strict=True)],
+                      f"shutdown offset (ms {ANCHOR_WORDS[anchor]})") if anchor else
+            "<p>The runs share no offset anchor: no curve to draw.</p>")  # fmt: skip
+    rows = [[e(n), str(s["counts"]["lost"]), str(s["product_iterations"]), _pct(s["loss_rate"]), _ci(s["loss_ci95"]),
+             e((s.get("window") or {}).get("words", "no loss"))] for n, s in zip(names, summaries, strict=True)]  # fmt: skip
+    table = _table(["run", "lost", "n", "loss rate", "Wilson 95%", "window"], rows)
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>testbed compare</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse;font-size:12px}}
+td,th{{border:1px solid #ddd;padding:2px 6px}}</style></head><body>
+<h1>{e(names[0])} vs {e(names[1])}</h1>
+<p>Fisher exact test (two-sided): p = {p:.4g}: {e(verdict)} at 5%.</p>
+<h2>Loss probability vs offset</h2>{plot}
+<h2>Loss rates</h2>{table}
+</body></html>"""
+
+
+def manifest_table(run: dict[str, Any]) -> str:
+    """run.json as a table: a value per row, nested settings as compact JSON in their cell."""
+    e = html.escape
+    rows = []
+    for k, v in run.items():
+        if v is None or v == {} or v == []:
+            continue
+        text = json.dumps(v, default=str, sort_keys=True) if isinstance(v, (dict, list)) else str(v)
+        rows.append(
+            [f"<b>{e(str(k))}</b>", f"<code>{e(text)}</code>" if isinstance(v, (dict, list)) else e(text)]
+        )
+    return _table(["", ""], rows)
 
 
 def _fmt(v: Any) -> str:

@@ -21,10 +21,8 @@ def render_markdown(run: dict[str, Any], s: dict[str, Any]) -> str:
         lines.append(f"- {s['zero_loss_bound']}")
     w = s.get("window")
     if w:
-        lines.append(
-            f"- vulnerable window ({w['anchor']}): losses from {w['first_loss_ms']:.1f} to {w['last_loss_ms']:.1f} ms;"
-            f" bracket {w['bracket_ms']}"
-        )
+        lines.append(f"- vulnerable window: {w['words']} (losses seen from {w['first_loss_ms']:.1f} to "
+                     f"{w['last_loss_ms']:.1f} ms; the nearest tries without a loss at {w['bracket_ms']})")  # fmt: skip
     d = s.get("ic_ready_delay")
     if d:
         lines.append(f"- after the IC is ready: {d['answer']}")
@@ -33,6 +31,24 @@ def render_markdown(run: dict[str, Any], s: dict[str, Any]) -> str:
             f"{_pct(p['ci95'][1])}])"
             for p in d["curve"]
         ]
+    bi = s.get("bisect")
+    if bi:
+        lines.append(f"- bisect: {bi['answer']}")
+        lines.append("")
+        lines.append("  | build | tries | lost | 95% | SPRT | decided after |")
+        lines.append("  |---|---|---|---|---|---|")
+        lines += [f"  | {x['build']} | {x['n']} | {x['lost']} | {_pct(x['ci95'][0])} to {_pct(x['ci95'][1])} | "
+                  f"{x['decision']} | {x['decided_after'] or '-'} |" for x in bi["builds"]]  # fmt: skip
+        lines.append("")
+    fs = s.get("flaky_search")
+    if fs:
+        lines.append(f"- flaky-window search: {fs['answer']}")
+        lines.append("")
+        lines.append("  | arm | tries | lost | 95% |")
+        lines.append("  |---|---|---|---|")
+        lines += [f"  | {a['arm']} | {a['n']} | {a['lost']} | {_pct(a['ci95'][0])} to {_pct(a['ci95'][1])} |"
+                  for a in fs["arms"]]  # fmt: skip
+        lines.append("")
     ps = s.get("phase_sweep")
     if ps:
         lines.append("- phase sweep (fired on servicing phases; phase at mean ms from the request):")

@@ -8,7 +8,11 @@ from pydantic import Field, field_validator
 
 from testbed.config import LabOverrides, Strict, VmConfig
 
-PARAVISOR_IMAGES: tuple[str, ...] = ("v1", "v2", "v2-replay", "v2-panic", "v2-hang", "v2-crash", "v2-skip")
+# v2-r1 .. v2-r8: a build series for `testbed bisect`; from v2-r6 on, a regression loses
+# some of the messages held during servicing (guest/paravisor.c, REGRESSION_PCT).
+BISECT_SERIES: tuple[str, ...] = tuple(f"v2-r{i}" for i in range(1, 9))
+PARAVISOR_IMAGES: tuple[str, ...] = ("v1", "v2", "v2-replay", "v2-panic", "v2-hang", "v2-crash", "v2-skip",
+                                     *BISECT_SERIES)  # fmt: skip
 
 
 class KernelSpec(Strict):
