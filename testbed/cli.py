@@ -227,7 +227,12 @@ def run(
         open_backend=lambda: open_backend(entry, cfg.backend, host_opts),
     )
     with exit_codes():
-        runner = Runner(pb, cfg, opts, playbook_path=playbook)
+        if pb.matrix is not None:
+            from testbed.engine.matrix import MatrixRunner
+
+            runner: Any = MatrixRunner(pb, cfg, opts, playbook_path=playbook)
+        else:
+            runner = Runner(pb, cfg, opts, playbook_path=playbook)
     console.print(f"{pb.name} on {backend.host} ({backend.kind}): {runner.describe()}", highlight=False)
     counts: Counter[str] = Counter()
     progress = Progress(
@@ -249,6 +254,10 @@ def run(
                 completed=ev["done"],
                 counts=f"accel {ev['accel']}, grace {ev['grace_ms']:.0f} ms",
             )
+        elif ev["event"] == "cell":  # a matrix: one bar per cell, in turn
+            counts.clear()
+            progress.update(task, description=f"cell {ev['index'] + 1}/{ev['cells']}: {ev['cell']}", completed=0,
+                            total=None, counts="")  # fmt: skip
         elif ev["event"] == "iteration":
             counts[ev["record"]["verdict"]] += 1
             progress.update(task, advance=1, counts=" ".join(f"{k}={v}" for k, v in sorted(counts.items())))
@@ -285,8 +294,9 @@ def bisect(
     shutdown at the playbook's schedule offsets; the answer ("first bad build: ...") is in
     summary.md and report.html with the table of builds.
 
-        testbed bisect playbooks/bisect.yaml
-        testbed bisect playbooks/bisect.yaml --builds v2-r4,v2-r5,v2-r6,v2-r7 --parallel 2
+    \b
+    testbed bisect playbooks/bisect.yaml
+    testbed bisect playbooks/bisect.yaml --builds v2-r4,v2-r5,v2-r6,v2-r7 --parallel 2
     """
     with exit_codes():
         pb, _cfg = load_playbook(playbook)
@@ -327,9 +337,18 @@ def compare(
         ),
     ] = None,
 ) -> None:
-    """Did the fix work? Loss rates side by side with Fisher's exact test of the difference."""
+    """Did the fix work? Loss rates side by side with Fisher's exact test of the difference
+    (two matrix runs: cell by cell)."""
+    from testbed.engine.matrix import compare_cells, is_matrix_run
     from testbed.engine.stats import fisher_exact, summarize
     from testbed.report.jsonl import read_results
+
+    if is_matrix_run(run_a) and is_matrix_run(run_b):
+        t = Table("cell", "A lost/n", "B lost/n", "Fisher p")
+        for c in compare_cells(run_a, run_b):
+            t.add_row(c["cell"], f"{c['a'][0]}/{c['a'][1]}", f"{c['b'][0]}/{c['b'][1]}", f"{c['p']:.4g}")
+        out.print(t)
+        return
 
     rows = []
     for d in (run_a, run_b):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self, TypeVar
@@ -376,6 +377,45 @@ class BisectSpec(Strict):
         return self
 
 
+MATRIX_DIMENSIONS = ("strategy", "paravisor", "shutdown")  # and lab.<knob>, one per LabOverrides field
+
+
+class MatrixExpect(Strict):
+    """Expectations for the cells whose values include every ``where`` pair."""
+
+    where: dict[str, str | int | float] = {}
+    expect: dict[str, ExpectValue]
+
+
+class MatrixSpec(Strict):
+    """Cases expanded over dimensions: every combination is a cell, run as a playbook
+    of its own (its loss rate, Wilson interval and verdict counts). ``paravisor`` values
+    are ``from->to`` (boot ``from``, service into ``to``) or one image for both."""
+
+    dimensions: dict[str, list[str | int | float]] = Field(min_length=1)
+    expect: list[MatrixExpect] = []
+
+    @model_validator(mode="after")
+    def _known(self) -> Self:
+        knobs = set(LabOverrides.model_fields)
+        for k, vals in self.dimensions.items():
+            if k not in MATRIX_DIMENSIONS and not (k.startswith("lab.") and k[4:] in knobs):
+                raise ValueError(f"matrix dimension {k!r}: allowed: {', '.join(MATRIX_DIMENSIONS)}, "
+                                 f"lab.<{'|'.join(sorted(knobs))}>")  # fmt: skip
+            if not vals or len(set(map(str, vals))) != len(vals):
+                raise ValueError(f"matrix dimension {k!r}: give distinct values, at least one")
+        cells = math.prod(len(v) for v in self.dimensions.values())
+        if cells > 256:
+            raise ValueError(f"the matrix has {cells} cells; at most 256")
+        for e in self.expect:
+            unknown = [k for k in e.where if k not in self.dimensions]
+            if unknown:
+                raise ValueError(
+                    f"matrix expect: where names {', '.join(unknown)}, not a dimension of the matrix"
+                )
+        return self
+
+
 class Playbook(Strict):
     name: str
     description: str = ""
@@ -406,6 +446,7 @@ class Playbook(Strict):
         1, ge=1, le=256, description="guests racing at once on the host, capped by its max_guests"
     )
     bisect: BisectSpec | None = None  # iterations is then the budget over all builds
+    matrix: MatrixSpec | None = None  # every cell is this playbook with the cell's values
     collect: list[Literal["serial", "timeline", "qemu"]] = ["serial", "timeline"]
 
     @field_validator("expect")

@@ -9,6 +9,7 @@ starts, so Ctrl-C or a crash loses nothing that finished.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -66,8 +67,23 @@ class RunResult:
     run_dir: Path
     summary: dict[str, Any]
     exit_code: int
-    records: list[dict[str, Any]] = field(default_factory=list)
     stopped: str | None = None
+
+    @functools.cached_property
+    def records(self) -> list[dict[str, Any]]:
+        """Every finished iteration, whole, read from results.jsonl when first asked for:
+        during the run only a slim copy of each is kept (``SLIM``), so memory stays flat."""
+        return read_results(self.run_dir / "results.jsonl")
+
+
+# What the runner itself reads back from earlier iterations (the in-run grace, the
+# adaptive, flaky and bisect searches, phase midpoints, the infra streak, calibration).
+SLIM = ("iteration", "case", "planned_offset_ms", "verdict", "delivery_ms", "phase_times_ms", "arm",
+        "servicing_lag_ms", "skew_ms")  # fmt: skip
+
+
+def slim(rec: dict[str, Any]) -> dict[str, Any]:
+    return {k: rec.get(k) for k in SLIM}
 
 
 Progress = Callable[[dict[str, Any]], None]
@@ -489,7 +505,7 @@ class Runner:
         run_dir = self.run_dir()
         (run_dir / "iterations").mkdir(parents=True, exist_ok=True)
         done = read_results(run_dir / "results.jsonl") if self.opts.resume else []
-        self.records = list(done)
+        self.records = [slim(r) for r in done]
         done_ids = {r["iteration"] for r in done}
         writer = ResultsWriter(run_dir / "results.jsonl")
         started = time.monotonic()
@@ -561,7 +577,7 @@ class Runner:
             self.stopped = self.stopped or f"cannot write the reports in {run_dir}: {e.strerror or e}"
         if write_failed:
             raise InfraError(f"{self.stopped}; results.jsonl keeps every iteration that finished before")
-        return RunResult(run_dir, summary, 130 if self.interrupted else code, self.records, self.stopped)
+        return RunResult(run_dir, summary, 130 if self.interrupted else code, self.stopped)
 
     def run_lanes(
         self,
@@ -634,9 +650,7 @@ class Runner:
                     if self._abandoned:
                         return
                     writer.write(rec)
-                    # In memory without the timeline (half a record's size; it is in results.jsonl and
-                    # the iteration's timeline.json), so a long run's controller stays flat.
-                    self.records.append({k: v for k, v in rec.items() if k != "timeline"})
+                    self.records.append(slim(rec))  # the whole record is in results.jsonl
                     self.progress({"event": "iteration", "record": rec})
                     self.check_stop(rec)
             finally:

@@ -190,6 +190,9 @@ def flaky(
                     tally(True)
                     continue
                 return
+            if all(wilson(0, t[a.label][0] + t[a.label][2])[1] < target_rate for a in arms):
+                tally(True)  # the tries in flight would finish it: wait for them before adding any
+                continue
 
             def score(a: Arm, t: dict[str, tuple[int, int, int]] = t) -> tuple[float, int, int]:
                 n, _k, pending = t[a.label]
