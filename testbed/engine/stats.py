@@ -232,7 +232,8 @@ def phase_table(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The phase sweep: (phase, delay) -> verdict counts, loss rate and Wilson interval,
     in the order the phases happen; and the phase timeline (mean and spread of each
     phase's arrival from the servicing request) over every iteration that has one."""
-    rs = [r for r in records if r.get("shutdown_mode") == "phase" and r["verdict"] != "infra-error"]
+    rs = [r for r in records if r.get("shutdown_mode") == "phase" and r["verdict"] != "infra-error"
+          and not r.get("arm")]  # a search's phase tries are its own table  # fmt: skip
     if not rs:
         return None
     times: dict[str, list[float]] = {}

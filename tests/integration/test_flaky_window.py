@@ -1,7 +1,7 @@
 """The flaky-window search on real lab guests: pause-resume has no window, and the
 search proves it with the bound its tries reached (the short proof CI runs); the
-mask-async residual, a window at the servicing start that loses about a quarter of
-its tries, is found without being told where (a hunt: TESTBED_HUNTS=1)."""
+mask-async residual, a window at the servicing start that loses a fraction of its
+tries, is found without being told where (a hunt: TESTBED_HUNTS=1)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,14 @@ def test_the_mask_async_residual_is_found_without_being_told_where(tmp_path: Pat
     res = Runner(_search("mask-async", 300, 0.2, 8), ref_cfg, RunOptions(out=tmp_path / "run")).run()
     s = res.summary["flaky_search"]
     lossy = [a for a in s["arms"] if a["lost"]]
-    assert lossy and lossy[0]["arm"] == "phase quiesce + 0 ms", s["answer"]
+    # The residual: a message in flight as the paravisor starts to quiesce (MASK sent
+    # without waiting for its ack) can land after the drain. Runs here found it at the
+    # request-seen phase (1 of 10, 0.09 ms from the paravisor's servicing start) and in
+    # the bucket [-50, 18.75) ms (1 of 20, 3.7 ms before it): every loss is that close.
+    assert lossy, s["answer"]
+    lost = [r for r in res.records if r["verdict"] == "lost"]
+    assert lost and all(abs(r["guest_offset_ms"]) < 5.0 for r in lost), [
+        (r["arm"], r["guest_offset_ms"]) for r in lost
+    ]
     assert lossy[0]["n"] >= 10 and 0 < lossy[0]["rate"] < 1
-    assert s["answer"].startswith("window found: loses at phase quiesce + 0 ms")
+    assert s["answer"].startswith("window found: loses at ")
