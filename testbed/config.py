@@ -317,6 +317,19 @@ class ScheduleSpec(Strict):
 ShutdownMode = Literal["offset", "after-ready", "ic-ready", "none"]
 
 
+class StreamSpec(Strict):
+    """Messages under traffic: besides the shutdown, the host streams sequence-numbered
+    ``hb`` messages to the guest every ``interval_ms`` from ``from_ms`` before to
+    ``until_ms`` after the servicing request, each acknowledged by VTL0, and VTL0 sends
+    ``TX`` lines the other way every ``guest_interval_ms`` (null: none). Every message
+    is accounted for: delivered once, lost, duplicated, reordered, or refused."""
+
+    interval_ms: float = Field(5.0, ge=0.5, le=10_000)
+    from_ms: float = Field(-50.0, ge=-10_000, le=0)
+    until_ms: float = Field(700.0, gt=0, le=60_000)
+    guest_interval_ms: float | None = Field(10.0, ge=0.5, le=10_000)
+
+
 class LabOverrides(Strict):
     save_ms: int | None = Field(None, ge=0, le=60_000)
     restore_ms: int | None = Field(None, ge=0, le=60_000)
@@ -336,6 +349,7 @@ class Case(Strict):
     image: str | None = None  # any name: servicing into a missing image must fail cleanly
     schedule: ScheduleSpec | None = None
     expect: dict[str, ExpectValue] | None = None
+    stream: StreamSpec | None = None  # traffic during servicing (None: the playbook's)
 
     @field_validator("expect")
     @classmethod
@@ -446,6 +460,7 @@ class Playbook(Strict):
         1, ge=1, le=256, description="guests racing at once on the host, capped by its max_guests"
     )
     bisect: BisectSpec | None = None  # iterations is then the budget over all builds
+    stream: StreamSpec | None = None  # messages under traffic, for every case that names none
     matrix: MatrixSpec | None = None  # every cell is this playbook with the cell's values
     collect: list[Literal["serial", "timeline", "qemu"]] = ["serial", "timeline"]
 

@@ -34,10 +34,12 @@ class Race(QemuLifecycle):
         shutdown: dict[str, Any] | None,
         grace_ms: float,
         servicing_timeout_ms: float,
+        stream: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """One iteration: servicing request at t=0, shutdown IC request at the
         planned offset, both fired here with the monotonic clock; then wait for
-        the VM's fate and return the evidence."""
+        the VM's fate and return the evidence. With ``stream``, traffic runs
+        beside them (``_stream``)."""
         vm = self.vm(name)
         relay = vm.relay
         assert relay is not None and vm.shutdown is not None
@@ -93,6 +95,12 @@ class Race(QemuLifecycle):
                 triggered.set()
 
             relay.on_phase = on_phase
+        streaming = None
+        if stream is not None:
+            streaming = asyncio.ensure_future(self._stream(vm, stream, out))
+            lead_s = -float(stream.get("from_ms", 0.0)) / 1000
+            if lead_s > 0 and service is not None:
+                await asyncio.sleep(lead_s)  # the stream starts before the servicing request
         if service is not None:
             if offset_ns is not None and offset_ns < 0:
                 fire()
@@ -149,6 +157,11 @@ class Race(QemuLifecycle):
             out["grace_skipped"] = "the request was refused: nothing was posted"
         else:
             await wait_for(vm.shutdown, grace_ms / 1000)
+        if streaming is not None:
+            out["stream_stop"] = True
+            await streaming
+            if not vm.shutdown.done():  # the last acknowledgements are on their way
+                await wait_for(vm.shutdown, 0.2)
         out["end_ns"] = time.monotonic_ns()
         out["ended"] = vm.shutdown.done()
         out["shutdown"] = vm.shutdown.result() if vm.shutdown.done() else None
@@ -162,6 +175,30 @@ class Race(QemuLifecycle):
         out["features"] = sorted(relay.features)
         out["phases"] = dict(relay.phases)
         return out
+
+    async def _stream(self, vm: Any, spec: dict[str, Any], out: dict[str, Any]) -> None:
+        """Host -> guest: an ``hb`` message every ``interval_ms`` until ``until_ms`` after
+        the servicing request (or the race's end), under the IC's rules like any message;
+        guest -> host: one ``stream`` message asks VTL0 for its ``TX`` lines. Plain
+        sleeps, no spin: each message's time is the relay's stamp of its decision."""
+        relay = vm.relay
+        span_ms = float(spec["until_ms"]) - float(spec.get("from_ms", 0.0))
+        gi = spec.get("guest_interval_ms")
+        if gi:
+            relay.request_message(
+                "stream", "tx", f"interval_us={int(float(gi) * 1000)} count={int(span_ms / float(gi))}"
+            )
+        interval_ns = int(float(spec["interval_ms"]) * 1e6)
+        t, k = time.monotonic_ns(), 0
+        while not vm.shutdown.done() and not out.get("stream_stop"):
+            t0 = out.get("t0_ns")
+            if t0 is not None and t >= t0 + int(float(spec["until_ms"]) * 1e6):
+                break
+            await asyncio.sleep(max(0.0, (t - time.monotonic_ns()) / 1e9))
+            relay.request_message("hb", f"hb{k}")
+            k += 1
+            t += interval_ns
+        out["stream_sent"] = k
 
 
 class Agent(Race, HostInfo, rpc.RpcServer):

@@ -82,6 +82,7 @@ class RacePlan:
     image: str | None = None  # paravisor image to service into (None = same)
     phase: str | None = None  # shutdown_mode "phase": fire offset_ms after this servicing phase
     arm: str | None = None  # a search's arm this iteration probes (the flaky-window search)
+    stream: dict[str, Any] | None = None  # StreamSpec as a mapping: traffic during the race
 
 
 @dataclass
@@ -128,6 +129,9 @@ class RaceEvidence:
     phase: str | None = None
     phase_ns: int | None = None
     timeline: list[TimelineEntry] = field(default_factory=list)
+    # With a stream: every message accounted for (per direction: sent, delivered once,
+    # lost, duplicated, reordered, refused) and the offsets of the lost ones.
+    stream: dict[str, Any] | None = None
     raw: dict[str, Any] = field(default_factory=dict)  # the backend's own evidence, for its classify
     infra_error: str | None = None
 

@@ -193,6 +193,10 @@ class Runner:
         self.lanes, self.lanes_note = self.lanes_wanted(playbook_path)
         modes = getattr(self.backend, "shutdown_modes", ("offset", "after-ready", "none"))
         for c in self.cases():
+            if (c.stream or pb.stream) and not getattr(self.backend, "supports_stream", False):
+                raise ConfigError(playbook_path or Path(pb.name), None, f"case {c.name}: stream: the "
+                                  f"{self.backend.kind} backend cannot stream messages beside the race "
+                                  "(the qemu lab can)")  # fmt: skip
             kind = (c.schedule or pb.schedule).kind
             if kind == "phases":
                 self.phases_of(c, modes, playbook_path)  # refuses what the backend cannot observe
@@ -496,6 +500,9 @@ class Runner:
             for plan in self.plans(case, index):
                 if plan.iteration in done_ids:
                     continue
+                spec = case.stream or self.pb.stream
+                if spec is not None and plan.service:
+                    plan.stream = spec.model_dump()
                 with self._cond:
                     self._in_flight[_flight(case, plan)] += 1
                 yield case, plan
@@ -728,6 +735,7 @@ def record(r: IterationResult, case: str, strategy: str, vm: Any, reset: str, it
         "servicing_ms": ev.servicing_ms,
         "delivery_ms": ev.delivery_ms,
         "servicing_proof": ev.servicing_proof,
+        "stream": ev.stream,
         **r.verdict.as_dict(),
         "decision": ev.decision,
         "ic_at_fire": ev.ic_at_fire,

@@ -219,6 +219,9 @@ def summarize(records: list[dict[str, Any]], bucket_ms: float = 50.0) -> dict[st
     bis = summarize_bisect(records)
     if bis is not None:
         out["bisect"] = bis
+    traffic = stream_summary(records, out["iterations_per_min"])
+    if traffic is not None:
+        out["stream"] = traffic
     found = flaky_search(records)
     if found is not None:
         out["flaky_search"] = found
@@ -278,6 +281,34 @@ def phase_means(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
             names = sorted({k for row in rows for k in row})
             out[g] = {k: sum(row.get(k, 0.0) for row in rows) / len(rows) for k in names}
     return out
+
+
+def stream_summary(records: list[dict[str, Any]], per_min: float | None) -> dict[str, Any] | None:
+    """Messages under traffic over the run: every stream message's fate per direction,
+    the loss window the streams show (the union of each iteration's lost offsets), and
+    offsets tested per minute: one per iteration for the shutdown, one per posted
+    message with the stream."""
+    rs = [r["stream"] for r in records if r.get("stream")]
+    if not rs:
+        return None
+    h = {k: sum(int(x["host_to_guest"].get(k) or 0) for x in rs)
+         for k in ("sent", "delivered", "lost", "duplicated", "refused", "reordered")}  # fmt: skip
+    g = {
+        k: sum(int(x["guest_to_host"].get(k) or 0) for x in rs)
+        for k in ("received", "lost", "duplicated", "reordered")
+    }
+
+    def union(key: str) -> list[float] | None:
+        ws = [x["host_to_guest"][key] for x in rs if x["host_to_guest"].get(key)]
+        return [min(w[0] for w in ws), max(w[1] for w in ws)] if ws else None
+
+    posted = h["sent"] - h["refused"]
+    per_it = posted / len(rs)
+    return {"iterations": len(rs), "host_to_guest": h, "guest_to_host": g,
+            "lost_window_ms": union("lost_window_ms"), "lost_window_guest_ms": union("lost_window_guest_ms"),
+            "offsets_per_iteration": per_it,
+            "offsets_per_min": per_it * per_min if per_min else None,
+            "shutdown_offsets_per_min": per_min}  # fmt: skip
 
 
 def flaky_search(records: list[dict[str, Any]]) -> dict[str, Any] | None:

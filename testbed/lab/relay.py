@@ -192,11 +192,17 @@ class Relay:
         (queued while masked or paused, posted later) or ``rejected`` (IC not
         ready: refused, as Hyper-V refuses a shutdown when the IC is not OK).
         """
+        return self.request_message("shutdown", msg_id, f"reason={reason}")
+
+    def request_message(self, kind: str, msg_id: str, extra: str = "") -> tuple[str, int]:
+        """Any host -> guest message on the IC's channel, under the same rules as the
+        shutdown (refused while not ready, held while masked or paused): the shutdown,
+        a stream's ``hb`` messages, the ``stream`` request for guest -> host traffic."""
         if self.ic != "ready":
             t = self.clock()
-            self.note("rejected", "vmbus", f"shutdown id={msg_id}", ic=self.ic)
+            self.note("rejected", "vmbus", f"{kind} id={msg_id}", ic=self.ic)
             return "rejected", t
-        line = f"MSG seq={self.next_seq} t={self.clock() // 1000} type=shutdown id={msg_id} reason={reason}"
+        line = f"MSG seq={self.next_seq} t={self.clock() // 1000} type={kind} id={msg_id} {extra}".rstrip()
         self.next_seq += 1
         if self.paused or self.masked:
             self.held.append(line)

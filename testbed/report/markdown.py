@@ -31,6 +31,25 @@ def render_markdown(run: dict[str, Any], s: dict[str, Any]) -> str:
             f"{_pct(p['ci95'][1])}])"
             for p in d["curve"]
         ]
+    st = s.get("stream")
+    if st:
+        h, g = st["host_to_guest"], st["guest_to_host"]
+        lines.append(
+            f"- stream, host -> guest: {h['sent']} messages: {h['delivered']} delivered once, {h['lost']} lost, "
+            f"{h['duplicated']} duplicated, {h['reordered']} reordered, {h['refused']} refused (IC not ready)"
+        )
+        lines.append(f"- stream, guest -> host: {g['received']} received, {g['lost']} lost, {g['duplicated']} "
+                     f"duplicated, {g['reordered']} reordered")  # fmt: skip
+        if st["lost_window_ms"]:
+            w, wg = st["lost_window_ms"], st["lost_window_guest_ms"]
+            lines.append(
+                f"- the stream's loss window: {w[0]:.1f} to {w[1]:.1f} ms after the servicing request"
+                + (f" ({wg[0]:.1f} to {wg[1]:.1f} ms after the paravisor's start)" if wg else "")
+            )
+        if st.get("offsets_per_min"):
+            lines.append(f"- offsets tested: {st['offsets_per_min']:.0f}/min with the stream "
+                         f"({st['offsets_per_iteration']:.0f} per iteration), {st['shutdown_offsets_per_min']:.1f}/min "
+                         "by the shutdown alone")  # fmt: skip
     bi = s.get("bisect")
     if bi:
         lines.append(f"- bisect: {bi['answer']}")

@@ -122,6 +122,8 @@ class QemuBackend:
 
     # Lanes of one run may race at once, each on its own backend (agent) and guest slot.
     supports_parallel = True
+    # Traffic beside the race (a playbook's ``stream``), accounted for message by message.
+    supports_stream = True
 
     def __init__(
         self,
@@ -428,7 +430,8 @@ class QemuBackend:
                 "offset_ms": plan.offset_ms if plan.offset_ms is not None else 0.0,
                 "phase": plan.phase,
             }
-        budget = (knobs.servicing_timeout_ms + grace_ms) / 1000 + 60
+        budget = (knobs.servicing_timeout_ms + grace_ms) / 1000 + 60 + (
+            -plan.stream["from_ms"] / 1000 if plan.stream else 0)  # fmt: skip
         res = self.call(
             "race",
             timeout=budget,
@@ -437,6 +440,7 @@ class QemuBackend:
             shutdown=shutdown,
             grace_ms=grace_ms,
             servicing_timeout_ms=knobs.servicing_timeout_ms,
+            **({"stream": plan.stream} if plan.stream else {}),  # an older agent knows no stream
         )
         res["shutdown_id"] = shutdown["id"] if shutdown else None  # what the verdict looks for
         res["shutdown_plan"] = shutdown

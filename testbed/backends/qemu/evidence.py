@@ -28,7 +28,7 @@ def evidence(res: dict[str, Any]) -> RaceEvidence:
     svc: dict[str, Any] = res.get("svc", {})
     shutdown = res.get("shutdown") or {}
     timeline = [TimelineEntry(e["t_ns"], "host", f"{e['kind']} {e['port']}: {e['line']}")
-                for e in res.get("host_log", [])]  # fmt: skip
+                for e in res.get("host_log", []) if not _stream_line(e["line"])]  # fmt: skip
     if "guest_start_us" in svc and "start_ns" in svc:
         # Guest lines onto the host clock, anchored where both saw the servicing start.
         for ln in res.get("serial", []):
@@ -62,8 +62,91 @@ def evidence(res: dict[str, Any]) -> RaceEvidence:
         phase=(res.get("shutdown_plan") or {}).get("phase"),
         phase_ns=res.get("phase_ns"),
         timeline=sorted(timeline, key=lambda e: e.t_ns),
+        stream=stream_accounting(res) if res.get("stream_sent") is not None else None,
         raw=res,
     )
+
+
+_STREAM = re.compile(r"^(TX |ACK seq=\S+ id=hb|MSG seq=\S+ t=\S+ type=(hb|stream) |(hb|stream) id=)")
+
+
+def _stream_line(line: str) -> bool:
+    """A stream's own line (kept out of the timeline: hundreds per iteration)."""
+    return bool(_STREAM.match(line))
+
+
+def stream_accounting(res: dict[str, Any]) -> dict[str, Any]:
+    """Every stream message accounted for, from the host's log alone.
+
+    Host -> guest: each ``hb`` is refused (the IC was not ready: never posted), or
+    posted/held and then acknowledged once (delivered), more than once (duplicated) or
+    never (lost); acknowledgements that arrive behind a later one count as reordered.
+    Guest -> host: ``TX`` lines by sequence number: missing below the highest seen
+    (lost), seen twice (duplicated), arriving behind a higher one (reordered). The lost
+    messages' offsets (ms from the servicing request, and from the paravisor's start)
+    are one iteration's estimate of the loss window."""
+    log_ = res.get("host_log", [])
+    svc = res.get("svc", {})
+    t0, start = res.get("t0_ns"), svc.get("start_ns")
+    first: dict[str, dict[str, Any]] = {}
+    acks: dict[str, int] = {}
+    ack_order: list[int] = []
+    tx: list[int] = []
+    for e in log_:
+        line = e["line"]
+        m = re.match(r"^(?:MSG seq=(\d+) t=\S+ type=hb id=(hb\d+)|hb id=(hb\d+))", line)
+        if m and e["kind"] in ("sent", "held", "rejected"):
+            mid = m.group(2) or m.group(3)
+            first.setdefault(mid, {"t_ns": e["t_ns"], "decision": e["kind"]})
+            continue
+        if e["kind"] != "recv":
+            continue
+        m = re.match(r"^ACK seq=(\d+) id=(hb\d+)", line)
+        if m:
+            acks[m.group(2)] = acks.get(m.group(2), 0) + 1
+            ack_order.append(int(m.group(1)))
+            continue
+        m = re.match(r"^TX seq=(\d+)", line)
+        if m:
+            tx.append(int(m.group(1)))
+
+    def inversions(seq: list[int]) -> int:
+        top, n = -1, 0
+        for x in seq:
+            n += x < top
+            top = max(top, x)
+        return n
+
+    verdict = {}
+    for mid, d in first.items():
+        k = acks.get(mid, 0)
+        verdict[mid] = "refused" if d["decision"] == "rejected" else "delivered" if k == 1 else (
+            "duplicated" if k > 1 else "lost")  # fmt: skip
+    lost_t = [first[m]["t_ns"] for m, v in verdict.items() if v == "lost"]
+
+    def window(anchor: int | None) -> list[float] | None:
+        return [round((min(lost_t) - anchor) / 1e6, 3), round((max(lost_t) - anchor) / 1e6, 3)] if (
+            lost_t and anchor is not None) else None  # fmt: skip
+
+    seen = set(tx)
+    host = {
+        v: sum(1 for x in verdict.values() if x == v) for v in ("delivered", "lost", "duplicated", "refused")
+    }
+    return {
+        "host_to_guest": {
+            "sent": len(first),
+            **host,
+            "reordered": inversions(ack_order),
+            "lost_window_ms": window(t0),
+            "lost_window_guest_ms": window(start),
+        },  # fmt: skip
+        "guest_to_host": {
+            "received": len(tx),
+            "lost": (max(tx) + 1 - len(seen)) if tx else 0,
+            "duplicated": len(tx) - len(seen),
+            "reordered": inversions(tx),
+        },  # fmt: skip
+    }
 
 
 def servicing_proof(svc: dict[str, Any]) -> str | None:

@@ -499,6 +499,10 @@ static void vtl0_main(int fd, int shutdown_ms) {
     struct pollfd p[9];
     int ninputs = open_inputs(p + 1, 8);
     int64_t poweroff_at = 0;
+    /* Traffic the other way: after a host MSG type=stream, `count` lines TX seq=N every
+     * `interval_us`, so the host can account for every guest -> host message too. */
+    int64_t tx_next = 0, tx_interval = 0;
+    long tx_seq = 0, tx_left = 0;
     char line[LINE];
     evidence("VTL0 up inputs=%d", ninputs);
     sendline(fd, "UP"); /* READY waits for this: VTL0 can take a power button now */
@@ -513,6 +517,18 @@ static void vtl0_main(int fd, int shutdown_ms) {
                 reboot(LINUX_REBOOT_CMD_POWER_OFF);
             }
             timeout = (int)left;
+        }
+        if (tx_left > 0 && fd >= 0) {
+            int64_t now = now_us();
+            while (tx_left > 0 && now >= tx_next) {
+                sendline(fd, "TX seq=%ld t=%lld", tx_seq++, (long long)now);
+                tx_left--;
+                tx_next += tx_interval;
+            }
+            if (tx_left > 0) {
+                int wait = (int)((tx_next - now + 999) / 1000);
+                if (timeout < 0 || wait < timeout) timeout = wait;
+            }
         }
         if (poll(p, 1 + ninputs, timeout) <= 0) continue;
         for (int i = 1; i <= ninputs; i++) {
@@ -530,10 +546,19 @@ static void vtl0_main(int fd, int shutdown_ms) {
             char seq[64], id[64];
             snprintf(seq, sizeof seq, "%s", field("seq", line));
             snprintf(id, sizeof id, "%s", field("id", line));
-            if (strcmp(field("type", line), "shutdown") == 0) {
+            char type[32];
+            snprintf(type, sizeof type, "%s", field("type", line));
+            if (strcmp(type, "shutdown") == 0) {
                 evidence("VTL0 SHUTDOWN id=%s seq=%s reason=%s", id, seq, field("reason", line));
                 sendline(fd, "ACK seq=%s id=%s t=%lld", seq, id, (long long)now_us());
                 if (!poweroff_at) poweroff_at = now_us() + (int64_t)shutdown_ms * 1000;
+            } else if (strcmp(type, "hb") == 0) { /* a stream message: acknowledged, nothing else */
+                sendline(fd, "ACK seq=%s id=%s t=%lld", seq, id, (long long)now_us());
+            } else if (strcmp(type, "stream") == 0) {
+                tx_interval = atol(field("interval_us", line));
+                tx_left = atol(field("count", line));
+                if (tx_interval < 500) tx_interval = 500;
+                tx_next = now_us();
             }
         }
     }
