@@ -9,6 +9,16 @@ def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}%"
 
 
+def _ci(ci: list[float]) -> str:
+    return f"{_pct(ci[0])} to {_pct(ci[1])}"
+
+
+def _table(head: list[str], rows: list[list[object]]) -> list[str]:
+    """An indented markdown table between blank lines, as summary.md's lists nest them."""
+    out = ["", "  | " + " | ".join(head) + " |", "  |" + "---|" * len(head)]
+    return out + ["  | " + " | ".join(str(c) for c in row) + " |" for row in rows] + [""]
+
+
 def render_markdown(run: dict[str, Any], s: dict[str, Any]) -> str:
     lines = [
         f"# {run.get('playbook', 'run')} ({run.get('strategy')})",
@@ -53,21 +63,16 @@ def render_markdown(run: dict[str, Any], s: dict[str, Any]) -> str:
     bi = s.get("bisect")
     if bi:
         lines.append(f"- bisect: {bi['answer']}")
-        lines.append("")
-        lines.append("  | build | tries | lost | 95% | SPRT | decided after |")
-        lines.append("  |---|---|---|---|---|---|")
-        lines += [f"  | {x['build']} | {x['n']} | {x['lost']} | {_pct(x['ci95'][0])} to {_pct(x['ci95'][1])} | "
-                  f"{x['decision']} | {x['decided_after'] or '-'} |" for x in bi["builds"]]  # fmt: skip
-        lines.append("")
+        lines += _table(["build", "tries", "lost", "95%", "SPRT", "decided after"],
+                        [[x["build"], x["n"], x["lost"], _ci(x["ci95"]), x["decision"], x["decided_after"] or "-"]
+                         for x in bi["builds"]])  # fmt: skip
     fs = s.get("flaky_search")
     if fs:
         lines.append(f"- flaky-window search: {fs['answer']}")
-        lines.append("")
-        lines.append("  | arm | tries | lost | 95% |")
-        lines.append("  |---|---|---|---|")
-        lines += [f"  | {a['arm']} | {a['n']} | {a['lost']} | {_pct(a['ci95'][0])} to {_pct(a['ci95'][1])} |"
-                  for a in fs["arms"]]  # fmt: skip
-        lines.append("")
+        lines += _table(
+            ["arm", "tries", "lost", "95%"],
+            [[a["arm"], a["n"], a["lost"], _ci(a["ci95"])] for a in fs["arms"]],
+        )
     ps = s.get("phase_sweep")
     if ps:
         lines.append("- phase sweep (fired on servicing phases; phase at mean ms from the request):")
