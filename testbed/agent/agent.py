@@ -46,11 +46,8 @@ class Race(QemuLifecycle):
         log_start = len(relay.log)
         ev_start = len(vm.events)
         out: dict[str, Any] = {"ic_before": relay.ic}
-        offset_ns = (
-            int(float(shutdown["offset_ms"]) * 1e6)
-            if shutdown and shutdown.get("mode", "offset") == "offset"
-            else None
-        )
+        mode = shutdown.get("mode", "offset") if shutdown is not None else None
+        offset_ns = int(float(shutdown["offset_ms"]) * 1e6) if shutdown and mode == "offset" else None
 
         def fire() -> None:
             assert shutdown is not None
@@ -63,7 +60,6 @@ class Race(QemuLifecycle):
         triggered = asyncio.Event()
         pending: list[asyncio.Future[None]] = []
         relay.on_phase = None
-        mode = shutdown.get("mode", "offset") if shutdown is not None else None
         # Fire on a phase's arrival (delay 0: inside the line's handling, before the next
         # line is read) or a delay after it. The IC's re-offer is a phase too (announced
         # as the restarted paravisor's first HELLO is read), so ``ic-ready`` fires from
@@ -141,7 +137,7 @@ class Race(QemuLifecycle):
                     out["servicing_timeout"] = True
                     break
                 await asyncio.sleep(0.002)
-        if shutdown is not None and shutdown.get("mode") == "after-ready":
+        if shutdown is not None and mode == "after-ready":
             # The seed test's order: wait for the IC to be ready again, then fire.
             while relay.ic != "ready" and not vm.shutdown.done():
                 if time.monotonic_ns() > svc_deadline:

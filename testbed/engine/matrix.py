@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.config import ConfigError, LabOverrides, Playbook, VmConfig
-from testbed.engine.runner import Progress, Runner, RunOptions, RunResult
+from testbed.engine.runner import Progress, Runner, RunOptions, RunResult, default_run_dir
 from testbed.engine.stats import summarize
 
 log = logging.getLogger(__name__)
@@ -111,13 +111,7 @@ class MatrixRunner:
         return f"a matrix of {len(self.cells)} cells over {dims}; each: {self.runners[0].describe()}"
 
     def run(self) -> RunResult:
-        from datetime import datetime
-
-        run_dir = (
-            self.opts.resume
-            or self.opts.out
-            or Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{self.pb.name}"
-        )
+        run_dir = self.opts.resume or self.opts.out or default_run_dir(self.pb.name)
         run_dir.mkdir(parents=True, exist_ok=True)
         results: list[tuple[Cell, RunResult]] = []
         interrupted = False

@@ -458,10 +458,7 @@ class Runner:
     def run_dir(self) -> Path:
         if self.opts.resume:
             return self.opts.resume
-        if self.opts.out:
-            return self.opts.out
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        return Path("runs") / f"{stamp}-{self.pb.name}"
+        return self.opts.out or default_run_dir(self.pb.name)
 
     def manifest(self, vm: Any, grace: tuple[float, str]) -> dict[str, Any]:
         return {
@@ -752,6 +749,11 @@ def record(r: IterationResult, case: str, strategy: str, vm: Any, reset: str, it
         "phases_s": {k.removesuffix("_s"): round(v, 4) for k, v in r.phases.items()},
         "dir": str(it_dir),
     }
+
+
+def default_run_dir(playbook: str) -> Path:
+    """Where a run goes without --out: runs/<time>-<playbook>."""
+    return Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{playbook}"
 
 
 def _flight(case: Case, plan: RacePlan) -> tuple[str, float | str | None]:
