@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from testbed.agent.qemu import qemu_argv
+from testbed.backends.qemu.agent.lifecycle import qemu_argv
 
 
 class _Qmp:

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _bare import bare_cycle  # noqa: E402
 
 from testbed.backends.qemu.backend import QemuBackend  # noqa: E402
-from testbed.config import load_vm_config  # noqa: E402
+from testbed.engine.playbook import load_vm_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

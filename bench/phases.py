@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from testbed.config import Playbook, ScheduleSpec, load_vm_config
+from testbed.engine.playbook import Playbook, ScheduleSpec, load_vm_config
 from testbed.engine.runner import Runner, RunOptions
 from testbed.engine.stats import wilson
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _bare import ideal_iteration  # noqa: E402
 
 from testbed.backends.qemu.backend import QemuBackend  # noqa: E402
-from testbed.config import LabOverrides, Playbook, ScheduleSpec, load_vm_config  # noqa: E402
+from testbed.engine.playbook import Playbook, ScheduleSpec, load_vm_config  # noqa: E402
 from testbed.engine.runner import Runner, RunOptions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def main() -> None:
     knobs_over = {
         k: v for k, v in (("save_ms", args.save_ms), ("restore_ms", args.restore_ms)) if v is not None
     }
-    cfg = cfg.with_lab(LabOverrides(**knobs_over)).model_copy(update={"accel": args.accel})
+    cfg = cfg.with_lab(knobs_over).model_copy(update={"accel": args.accel})
     with QemuBackend() as b:
         vm = b.provision(cfg)
         snap = Path(b.ensure_snapshot(vm))

@@ -19,9 +19,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from testbed.config import Playbook, ScheduleSpec, load_vm_config
+from testbed.core.paths import cache_dir, runtime_dir
+from testbed.engine.playbook import Playbook, ScheduleSpec, load_vm_config
 from testbed.engine.runner import Runner, RunOptions
-from testbed.paths import cache_dir, runtime_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def agents() -> list[int]:
             cmd = (d / "cmdline").read_bytes()
         except OSError:
             continue
-        if ppid == me and b"testbed.agent.agent" in cmd:
+        if ppid == me and b"testbed.backends.qemu.agent.program" in cmd:
             out.append(int(d.name))
     return sorted(out)
 

@@ -24,7 +24,8 @@ from ruamel.yaml import YAML
 
 import testbed
 from testbed.backends import registry
-from testbed.config import HostEntry, Inventory
+from testbed.core.config import HostEntry
+from testbed.hosts import Inventory
 
 RECAP = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)")
 

@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from testbed.backends.base import Backend, RacePlan
-from testbed.backends.registry import HostOptions
-from testbed.config import HostEntry, LabOverrides, Playbook, VmConfig, load_playbook, load_vm_config
+from testbed.backends.base import Backend
+from testbed.core.config import HostEntry, HostOptions, VmConfig
+from testbed.core.evidence import RacePlan
 from testbed.engine.iterate import iterate
+from testbed.engine.playbook import Playbook, load_playbook, load_vm_config
 from testbed.engine.runner import DEFAULT_GRACE_MS, Runner, RunOptions, RunResult
 from testbed.hosts import lookup_entry, open_backend
 
@@ -101,7 +102,7 @@ class Host:
     ) -> Iterator[Vm]:
         cfg = vm_config if isinstance(vm_config, VmConfig) else load_vm_config(vm_config)
         if lab:
-            cfg = cfg.with_lab(LabOverrides(**lab))
+            cfg = cfg.with_lab(lab)
         if paravisor:
             cfg = cfg.with_paravisor(paravisor)
         qvm = self.backend.provision(cfg, strategy)

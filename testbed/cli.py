@@ -27,13 +27,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from testbed import leases
-from testbed.backends.base import InfraError
-from testbed.backends.registry import HostOptions
-from testbed.config import STRATEGIES, ConfigError, load_playbook, load_vm_config
+from testbed.core.config import STRATEGIES, ConfigError, HostOptions
+from testbed.core.errors import InfraError
+from testbed.core.paths import runtime_dir
+from testbed.core.redact import redact
+from testbed.engine.playbook import load_playbook, load_vm_config
+from testbed.hostprog import leases
 from testbed.hosts import lookup_entry, open_backend
-from testbed.paths import runtime_dir
-from testbed.redact import redact
 from testbed.transport import TransportError
 
 HELP = __doc__ or ""
@@ -400,7 +400,7 @@ def repro(
     """Replay one iteration with the same offset, strategy and config, on the host the
     run used (its URI or inventory name and kind are in run.json; SSH and WinRM hosts
     are reopened the same way)."""
-    from testbed.backends.base import RacePlan
+    from testbed.core.evidence import RacePlan
     from testbed.engine.iterate import iterate
     from testbed.report.jsonl import read_results
 
@@ -508,7 +508,7 @@ def image_import(
     import json as _json
     import tarfile
 
-    from testbed.paths import cache_dir
+    from testbed.core.paths import cache_dir
 
     with tarfile.open(file, "r:gz") as tar:
         names = tar.getnames()
@@ -676,14 +676,14 @@ def host_inventory(
 ) -> None:
     """Render the host inventory, e.g. as an Ansible inventory (groups testbed_<kind>; never secrets)."""
     from testbed.ansible import dump_yaml, render_inventory
-    from testbed.config import load_inventory
+    from testbed.hosts import load_inventory
 
     with exit_codes():
         inv = load_inventory(inventory)
     if fmt == "ansible":
         print(dump_yaml(render_inventory(inv)), end="")
     elif fmt == "yaml":
-        print(dump_yaml(inv.model_dump()), end="")
+        print(dump_yaml(inv.as_dict()), end="")
     else:
         fail(2, f"--format {fmt!r}: allowed: ansible, yaml")
 
@@ -696,7 +696,7 @@ def host_prepare(
     """Prepare lab hosts with Ansible (playbooks/hosts/): packages, the testbed user and venv,
     the reference image, then 'testbed host check' on the host. Needs pip install 'testbed[hosts]'."""
     from testbed.ansible import AnsibleMissing, prepare
-    from testbed.config import load_inventory
+    from testbed.hosts import load_inventory
 
     with exit_codes():
         inv = load_inventory(inventory)

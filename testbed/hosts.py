@@ -3,30 +3,119 @@
 Which kind a host is comes from the registry (``testbed.backends.registry``):
 an inventory entry says it; a bare URI gets the kind its scheme implies
 (``winrms://`` is Hyper-V), else the kind of the vm_config in use, else the
-default.  The routes to a host (SSH, WinRM, PowerShell) are chosen here, once,
-for every backend that needs one.
+default. Each entry is validated by its kind's own model (``BackendKind.host_entry``:
+QEMU's ``qemu_binary``, Hyper-V's WinRM settings), so a key another kind owns is a
+``file:line`` error, and the scheme is checked against the schemes the kind is reached by.
+This is the application layer: the core knows no kinds.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
 
 from testbed.backends import registry
-from testbed.backends.registry import HostOptions
-from testbed.config import DEFAULT_BACKEND, ConfigError, HostEntry, load_inventory
-from testbed.redact import redact
-from testbed.transport import Transport, open_transport
-from testbed.transport.ssh import SshTransport
+from testbed.core.config import (
+    DEFAULT_BACKEND,
+    ConfigError,
+    HostEntry,
+    HostOptions,
+    load_yaml,
+    node_line,
+    parse_model,
+)
+from testbed.core.redact import redact
 
 if TYPE_CHECKING:
     from testbed.backends.base import Backend
-    from testbed.transport.powershell import PowerShellRunner
 
 DEFAULT_INVENTORY = "TESTBED_INVENTORY"
-DEFAULT_WINRM_PASSWORD_ENV = "TESTBED_WINRM_PASSWORD"
 DIRECT = HostOptions()  # no command-line additions
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """The hosts of an inventory file, each validated by its kind's entry model."""
+
+    hosts: list[HostEntry]
+
+    def find(self, name: str) -> HostEntry | None:
+        return next((h for h in self.hosts if h.name == name), None)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"hosts": [h.model_dump() for h in self.hosts]}
+
+
+def _scheme_problem(entry: HostEntry) -> str | None:
+    """Why the entry's URI cannot reach a host of its kind (None: it can)."""
+    schemes = registry.all_schemes()
+    s = registry.scheme_of(entry.uri)
+    if s not in schemes or (entry.uri != "local" and "://" not in entry.uri):
+        return "uri must be 'local' or one of " + ", ".join(
+            f"{x}://user@host[:port]" for x in schemes if x != "local"
+        )
+    kind = registry.get(entry.kind)
+    if s not in kind.schemes:
+        return f"a host of kind {entry.kind} is reached by {', '.join(kind.schemes)}, not {s}"
+    return None
+
+
+def parse_entry(path: Path, data: Any, where: tuple[int | str, ...] = ()) -> HostEntry:
+    """One host entry (a mapping from YAML) by its kind's model, errors at ``path:line``."""
+    root = data
+    for k in where:
+        data = data[k]
+    if not isinstance(data, dict):
+        raise ConfigError(
+            path, node_line(root, where), "a host entry is a mapping of keys (name, uri, kind, ...)"
+        )
+    kind = data.get("kind", DEFAULT_BACKEND)
+    if not isinstance(kind, str) or kind not in registry.names():
+        raise ConfigError(path, node_line(root, (*where, "kind")),
+                          f"unknown host kind {kind!r}; allowed: {', '.join(registry.names())}")  # fmt: skip
+    entry = parse_model(path, data, registry.get(kind).host_entry)
+    problem = _scheme_problem(entry)
+    if problem:
+        raise ConfigError(path, node_line(root, (*where, "uri")), f"uri: {problem}")
+    return entry
+
+
+def load_inventory(path: Path | str) -> Inventory:
+    """An inventory file: ``hosts:``, a list of entries with unique names."""
+    p = Path(path)
+    data = load_yaml(p)
+    if not isinstance(data, dict) or not isinstance(data.get("hosts"), list):
+        raise ConfigError(p, 1, "an inventory is a mapping with 'hosts:', a list of host entries")
+    unknown = [k for k in data if k != "hosts"]
+    if unknown:
+        raise ConfigError(
+            p, node_line(data, (unknown[0],)), f"unknown key {unknown[0]!r}; an inventory has 'hosts:'"
+        )
+    hosts = [parse_entry(p, data, ("hosts", i)) for i in range(len(data["hosts"]))]
+    seen: set[str] = set()
+    for i, h in enumerate(hosts):
+        if h.name in seen:
+            raise ConfigError(p, node_line(data, ("hosts", i, "name")), f"duplicate host name {h.name!r}")
+        seen.add(h.name)
+    return Inventory(hosts)
+
+
+def entry_for_uri(uri: str, kind: str) -> HostEntry:
+    """A bare URI as an entry of ``kind`` (ValueError says why it cannot be one)."""
+    if kind not in registry.names():
+        raise ValueError(f"unknown host kind {kind!r}; allowed: {', '.join(registry.names())}")
+    try:
+        entry = registry.get(kind).host_entry(name=uri, uri=uri, kind=kind)
+    except ValidationError as e:
+        raise ValueError(str(e.errors()[0]["msg"])) from None
+    problem = _scheme_problem(entry)
+    if problem:
+        raise ValueError(problem)
+    return entry
 
 
 def lookup_entry(host: str, inventory: Path | None = None, *, kind: str | None = None) -> HostEntry:
@@ -42,52 +131,15 @@ def lookup_entry(host: str, inventory: Path | None = None, *, kind: str | None =
         claimed = registry.claiming(host)
         chosen = claimed.kind if claimed else (kind or DEFAULT_BACKEND)
         try:
-            return HostEntry(name=host, uri=host, kind=chosen)
+            return entry_for_uri(host, chosen)
         except ValueError as e:
-            raise ConfigError(Path("--host"), None, f"{redact(host)}: {_first_error(e)}") from None
+            raise ConfigError(Path("--host"), None, f"{redact(host)}: {e}") from None
     if inv_path is None:
         raise ConfigError(Path("--host"), None, f"{host!r} is not a URI and no --inventory was given")
     entry = load_inventory(inv_path).find(host)
     if entry is None:
         raise ConfigError(inv_path, None, f"no host named {host!r} in the inventory")
     return entry
-
-
-def _first_error(e: ValueError) -> str:
-    errors = getattr(e, "errors", None)
-    return str(errors()[0]["msg"]) if callable(errors) else str(e)
-
-
-def transport_for(entry: HostEntry, opts: HostOptions = DIRECT) -> Transport:
-    """A Linux host's transport: SSH with the entry's settings, or this machine."""
-    if entry.uri.startswith("ssh://"):
-        return SshTransport.from_uri(
-            entry.uri,
-            identity=opts.identity or entry.identity_file,
-            password_env=entry.password_env,
-            known_hosts=entry.known_hosts,
-            insecure_accept_new=opts.insecure_accept_new or entry.insecure_accept_new,
-        )
-    return open_transport(entry.uri)
-
-
-def powershell_for(entry: HostEntry, opts: HostOptions = DIRECT) -> PowerShellRunner:
-    """The route to a Windows host's PowerShell, chosen by the URI: ``winrm(s)://``,
-    ``ssh://`` (Windows OpenSSH), or ``local`` (testbed runs on the Windows host)."""
-    from testbed.transport.powershell import LocalPowerShell, SshPowerShell
-    from testbed.transport.winrm import WinRmPowerShell
-
-    if entry.uri.startswith(("winrm://", "winrms://")):
-        return WinRmPowerShell.from_uri(
-            entry.uri,
-            entry.password_env or DEFAULT_WINRM_PASSWORD_ENV,
-            auth=entry.winrm_auth,
-            verify_tls=entry.verify_tls,
-            ca_bundle=entry.ca_bundle,
-        )
-    if entry.uri.startswith("ssh://"):
-        return SshPowerShell(transport_for(entry, opts))
-    return LocalPowerShell()
 
 
 def open_backend(entry: HostEntry, cfg_backend: str | None = None, opts: HostOptions = DIRECT) -> Backend:

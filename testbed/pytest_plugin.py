@@ -34,8 +34,10 @@ from typing import Any
 import pytest
 
 from testbed.backends import registry
-from testbed.config import HostEntry, load_inventory, load_vm_config
+from testbed.core.config import HostEntry
+from testbed.engine.playbook import load_vm_config
 from testbed.engine.stats import summarize, wilson
+from testbed.hosts import load_inventory
 
 
 def kind_markers() -> dict[str, tuple[str, str]]:

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from testbed import leases
-from testbed.config import VmConfig, load_vm_config
+from testbed.core.config import VmConfig
+from testbed.engine.playbook import load_vm_config
+from testbed.hostprog import leases
 
 pytest_plugins = ["pytester"]
 ROOT = Path(__file__).resolve().parent.parent

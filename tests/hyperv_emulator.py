@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from testbed.backends.base import RacePlan
 from testbed.backends.qemu.backend import QemuBackend, QemuVm
 from testbed.backends.qemu.evidence import guest_time_us
-from testbed.config import VmConfig
+from testbed.core.config import VmConfig
+from testbed.core.evidence import RacePlan
 
 SERVICE_MS = 5.0  # where the emulated race's Stopwatch is when servicing is requested
 INVALID_STATE = 32775

@@ -167,10 +167,10 @@ class StandIn:
 
     # ---- the lab guest standing for OpenHCL + VTL0 -------------------------------------
     async def boot(self) -> None:
-        from testbed.agent.agent import Agent
+        from testbed.backends.qemu.agent.program import Agent
         from testbed.backends.qemu.backend import QemuBackend
-        from testbed.config import load_vm_config
-        from testbed.paths import runtime_dir
+        from testbed.core.paths import runtime_dir
+        from testbed.engine.playbook import load_vm_config
 
         cfg = load_vm_config(
             os.environ.get("TESTBED_STANDIN_VM_CONFIG", ROOT / "vm_configs/reference-linux.yaml")

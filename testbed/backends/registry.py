@@ -17,20 +17,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from testbed.core.config import HostEntry, HostOptions, VmConfig
+
 if TYPE_CHECKING:
     from testbed.backends.base import Backend
-    from testbed.config import HostEntry, VmConfig
+
+__all__ = ["BackendKind", "HostOptions", "claiming", "get", "kinds", "names", "scheme_of"]
 
 log = logging.getLogger(__name__)
 GROUP = "testbed.backends"
-
-
-@dataclass(frozen=True)
-class HostOptions:
-    """How to reach a host, beyond its entry: what the command line adds."""
-
-    insecure_accept_new: bool = False
-    identity: str | None = None
 
 
 @dataclass(frozen=True)
@@ -49,6 +44,7 @@ class BackendKind:
     description: str
     vm_config: type[VmConfig]
     open: Callable[[HostEntry, HostOptions], Backend]
+    host_entry: type[HostEntry] = HostEntry  # the kind's inventory entry (its own host options)
     schemes: tuple[str, ...] = ("local", "ssh")
     claims: tuple[str, ...] = ()
     host_playbook: str | None = None  # file under playbooks/hosts/

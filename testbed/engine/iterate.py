@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from testbed.backends.base import Backend, InfraError, RaceEvidence, RacePlan
-from testbed.verdicts import Verdict
+from testbed.backends.base import Backend
+from testbed.core.errors import InfraError
+from testbed.core.evidence import RaceEvidence, RacePlan
+from testbed.core.verdicts import Verdict
 
 # Verdicts after which --keep-failed keeps nothing extra: the iteration did what it should.
 GOOD = ("preserved", "delivered-before")

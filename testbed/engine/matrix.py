@@ -20,7 +20,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from testbed.config import ConfigError, LabOverrides, Playbook, VmConfig
+from testbed.core.config import ConfigError, VmConfig
+from testbed.engine.playbook import Playbook
 from testbed.engine.runner import Progress, Runner, RunOptions, RunResult, default_run_dir
 from testbed.engine.stats import summarize
 
@@ -66,7 +67,7 @@ def expand(pb: Playbook, cfg: VmConfig, path: Path | None = None) -> list[Cell]:
                 knobs[k.removeprefix("lab.")] = v
         try:
             cell_pb = Playbook.model_validate({**pb.model_dump(), **update})
-            cell_cfg = c.with_lab(LabOverrides(**{**pb.lab.model_dump(exclude_none=True), **knobs}))
+            cell_cfg = c.with_lab({**pb.lab, **knobs})
         except ValueError as e:
             raise ConfigError(path or Path(pb.name), None, f"matrix cell {values}: {e}") from None
         cells.append(Cell(i, values, cell_pb, cell_cfg))

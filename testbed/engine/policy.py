@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from testbed.config import check_expectation
+from testbed.core.config import check_expectation
 from testbed.engine.stats import summarize
 from testbed.report import write_reports
 from testbed.report.jsonl import read_results

@@ -23,15 +23,19 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from testbed import __version__, slots
-from testbed.backends.base import Backend, InfraError, RacePlan
-from testbed.config import BisectSpec, Case, ConfigError, Playbook, ScheduleSpec, VmConfig, stable_hash
+from testbed import __version__
+from testbed.backends.base import Backend
+from testbed.core.config import ConfigError, VmConfig, stable_hash
+from testbed.core.errors import InfraError
+from testbed.core.evidence import RacePlan
+from testbed.core.paths import cache_dir
 from testbed.engine import bisect as bisection
 from testbed.engine import schedule as sched
 from testbed.engine.iterate import IterationResult, iterate
+from testbed.engine.playbook import BisectSpec, Case, Playbook, ScheduleSpec
 from testbed.engine.policy import finish_run
 from testbed.engine.stats import spread
-from testbed.paths import cache_dir
+from testbed.hostprog import slots
 from testbed.report.jsonl import ResultsWriter, read_results
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from testbed.config import ScheduleSpec
+from testbed.engine.playbook import ScheduleSpec
 
 Outcome = Callable[[float], str | None]  # offset -> verdict of its latest iteration
 

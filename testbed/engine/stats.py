@@ -10,7 +10,7 @@ import math
 from collections import Counter
 from typing import Any
 
-from testbed.verdicts import PRODUCT_FAILURES, VERDICTS
+from testbed.core.verdicts import PRODUCT_FAILURES, VERDICTS
 
 Z95 = 1.959963984540054
 

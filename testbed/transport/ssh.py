@@ -28,7 +28,7 @@ from tenacity import (
     wait_exponential,
 )
 
-from testbed.redact import redact
+from testbed.core.redact import redact
 from testbed.transport.base import CommandResult, OutputCollector, TransportError
 from testbed.transport.local import sha256_file
 

@@ -23,7 +23,7 @@ from tenacity import before_sleep_log, retry, retry_if_exception_type, stop_afte
 from winrm.exceptions import InvalidCredentialsError, WinRMError, WinRMTransportError, WSManFaultError
 from winrm.protocol import Protocol
 
-from testbed.redact import redact
+from testbed.core.redact import redact
 from testbed.transport.base import TransportError
 from testbed.transport.powershell import PowerShellRunner
 

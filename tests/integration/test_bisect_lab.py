@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed.config import BisectSpec, Playbook, ScheduleSpec, VmConfig
+from testbed.core.config import VmConfig
+from testbed.engine.playbook import BisectSpec, Playbook, ScheduleSpec
 from testbed.engine.runner import Runner, RunOptions
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 from junitparser import JUnitXml
 
-from testbed import leases
-from testbed.backends.base import RacePlan
 from testbed.backends.qemu.backend import QemuBackend
-from testbed.config import Playbook, ScheduleSpec, VmConfig
+from testbed.core.config import VmConfig
+from testbed.core.evidence import RacePlan
+from testbed.core.paths import runtime_dir
+from testbed.engine.playbook import Playbook, ScheduleSpec
 from testbed.engine.runner import Runner, RunOptions
-from testbed.paths import runtime_dir
+from testbed.hostprog import leases
 from testbed.report.jsonl import read_results
 
 pytestmark = pytest.mark.vm
@@ -172,13 +173,13 @@ def test_ic_ready_delay_finds_how_long_to_wait_after_ready(
     ref_cfg: VmConfig, tmp_path: Path, attach_ms: int, delays: list[float], verdicts: list[str], safe: float,
     answer: str,
 ) -> None:  # fmt: skip
-    from testbed.config import LabOverrides, load_playbook
+    from testbed.engine.playbook import load_playbook
 
     shipped, _ = load_playbook(ROOT / "playbooks" / "ic-ready-delay.yaml")
     assert shipped.shutdown == "ic-ready" and shipped.lab.vtl0_attach_ms == 250
     pb = shipped.model_copy(update={
         "iterations": len(delays), "schedule": ScheduleSpec(kind="fixed", offsets_ms=delays),
-        "lab": LabOverrides(vtl0_attach_ms=attach_ms)})  # fmt: skip
+        "lab": {"vtl0_attach_ms": attach_ms}})  # fmt: skip
     res = Runner(pb, ref_cfg, RunOptions(out=tmp_path / "run")).run()
     assert [r["verdict"] for r in res.records] == verdicts, [r["reason"] for r in res.records]
     for r, d in zip(res.records, delays, strict=True):
@@ -197,7 +198,7 @@ def test_ic_ready_delay_finds_how_long_to_wait_after_ready(
 
 
 def phase_pb(strategy: str, **schedule: object) -> Playbook:
-    from testbed.config import load_playbook
+    from testbed.engine.playbook import load_playbook
 
     shipped, _ = load_playbook(ROOT / "playbooks" / "phase-sweep.yaml")
     assert shipped.schedule.kind == "phases"

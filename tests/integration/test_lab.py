@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from testbed.backends.base import RacePlan
 from testbed.backends.qemu.backend import QemuBackend
 from testbed.backends.qemu.config import LabKnobs, ParavisorSpec
-from testbed.config import VmConfig
-from testbed.verdicts import Verdict
+from testbed.core.config import VmConfig
+from testbed.core.evidence import RacePlan
+from testbed.core.verdicts import Verdict
 
 pytestmark = pytest.mark.vm
 MIDDLE = 150.0

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from testbed.config import ConfigError, load_playbook
+from testbed.core.config import ConfigError
 from testbed.engine.matrix import MatrixRunner, expand
+from testbed.engine.playbook import load_playbook
 from testbed.engine.runner import RunOptions
 
 ROOT = Path(__file__).resolve().parents[2]

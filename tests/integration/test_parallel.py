@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from testbed.backends.qemu.backend import QemuBackend
-from testbed.config import ConfigError, Playbook, ScheduleSpec, VmConfig
+from testbed.core.config import ConfigError, VmConfig
+from testbed.engine.playbook import Playbook, ScheduleSpec
 from testbed.engine.runner import Runner, RunOptions
 
 # Away from every edge of the lab's windows (strategy none, save 331 ms): before
@@ -80,6 +81,6 @@ def test_a_backend_without_lanes_is_refused_with_the_reason() -> None:
 
 
 def _ref() -> VmConfig:
-    from testbed.config import load_vm_config
+    from testbed.engine.playbook import load_vm_config
 
     return load_vm_config(Path(__file__).resolve().parents[2] / "vm_configs/reference-linux.yaml")

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from testbed import leases
-from testbed.backends.base import RacePlan
 from testbed.backends.qemu.backend import QemuBackend
 from testbed.backends.qemu.image import build_image
-from testbed.config import VmConfig
-from testbed.paths import runtime_dir
+from testbed.core.config import VmConfig
+from testbed.core.evidence import RacePlan
+from testbed.core.paths import runtime_dir
+from testbed.hostprog import leases
 
 pytestmark = pytest.mark.vm
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,7 +96,7 @@ def test_destroy_leaves_no_process_and_no_lease(backend: QemuBackend, ref_cfg: V
 OWNER = textwrap.dedent("""
     import json, os, sys, time
     from testbed.backends.qemu.backend import QemuBackend
-    from testbed.config import load_vm_config
+    from testbed.engine.playbook import load_vm_config
     b = QemuBackend()
     vm = b.provision(load_vm_config(sys.argv[1]))
     b.start(vm, reset="cold")

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed.config import Playbook, ScheduleSpec, StreamSpec, VmConfig
+from testbed.core.config import VmConfig
+from testbed.engine.playbook import Playbook, ScheduleSpec, StreamSpec
 from testbed.engine.runner import Runner, RunOptions
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from testbed.backends.base import RacePlan
 from testbed.backends.openvmm.backend import OpenVmmBackend
-from testbed.config import load_vm_config
+from testbed.core.evidence import RacePlan
 from testbed.engine.iterate import iterate
+from testbed.engine.playbook import load_vm_config
 
 pytestmark = pytest.mark.vm
 ROOT = Path(__file__).resolve().parents[2]
@@ -99,9 +99,9 @@ def test_history_that_cannot_be_written_aborts_openvmm(ov_config, tmp_path: Path
 def test_over_ssh_with_the_standin_on_the_hosts_path(ov_config, standin_bin: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from sshd import run_sshd  # type: ignore[import-not-found]
 
-    from testbed.config import HostEntry
+    from testbed.core.config import HostEntry
+    from testbed.core.paths import cache_dir
     from testbed.hosts import open_backend
-    from testbed.paths import cache_dir
 
     cfg = load_vm_config(ov_config(binary="openvmm"))  # found on the host's PATH
     env = {"PATH": f"{standin_bin}:/usr/bin:/bin", "TESTBED_STANDIN_CACHE_DIR": str(cache_dir())}

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from testbed.backends.base import Check, HostReport, RaceEvidence, RacePlan, TimelineEntry
-from testbed.backends.registry import BackendKind, HostOptions
-from testbed.config import HostEntry, VmConfig
-from testbed.verdicts import Verdict
+from testbed.backends.registry import BackendKind
+from testbed.core.config import HostEntry, HostOptions, VmConfig
+from testbed.core.evidence import Check, HostReport, RaceEvidence, RacePlan, TimelineEntry
+from testbed.core.verdicts import Verdict
 
 T0 = 5_000_000_000  # the table host's clock at the servicing request, in ns
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed.config import ConfigError, load_inventory
+from testbed.core.config import ConfigError
+from testbed.hosts import load_inventory
 
 
 def inventory(tmp_path: Path, sshd, extra: str = "") -> Path:  # type: ignore[no-untyped-def]

@@ -12,7 +12,8 @@ import pytest
 
 from testbed.backends.qemu.backend import QemuBackend
 from testbed.backends.qemu.config import LabKnobs
-from testbed.config import Playbook, ScheduleSpec, VmConfig
+from testbed.core.config import VmConfig
+from testbed.engine.playbook import Playbook, ScheduleSpec
 from testbed.engine.runner import Runner, RunOptions
 from testbed.transport.ssh import SshTransport
 

@@ -15,7 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ruamel.yaml import YAML
 
-from testbed.config import ConfigError, load_inventory, load_playbook, load_vm_config
+from testbed.core.config import ConfigError
+from testbed.engine.playbook import load_playbook, load_vm_config
+from testbed.hosts import load_inventory
 
 ROOT = Path(__file__).resolve().parents[2]
 # A host that cannot be reached: a command that got as far as provisioning would fail

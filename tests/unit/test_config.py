@@ -6,14 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed.config import (
-    ConfigError,
-    Playbook,
-    check_expectation,
-    load_model,
-    load_playbook,
-    load_vm_config,
-)
+from testbed.core.config import ConfigError, check_expectation, load_model
+from testbed.engine.playbook import Playbook, load_playbook, load_vm_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

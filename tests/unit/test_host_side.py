@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.agent.bundle import QEMU_AGENT, build_pyz, closure_of
+from testbed.hostprog.bundle import QEMU_AGENT, build_pyz, closure_of
 
 ROOT = Path(__file__).resolve().parents[2]
 PROGRAMS = [QEMU_AGENT, "testbed.backends.openvmm.hostside"]

@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 
-from testbed.backends.base import RaceEvidence
 from testbed.backends.hyperv.backend import evidence
 from testbed.backends.hyperv.config import HyperVSpec
 from testbed.backends.hyperv.evidence import classify
 from testbed.backends.hyperv.module import RaceOutcome, WorkerEvent
-from testbed.config import Artifact
+from testbed.core.config import Artifact
+from testbed.core.evidence import RaceEvidence
 
 SHUTDOWN_LINE = {"Ms": 900.0, "Line": "hv_utils: Shutdown request received - graceful shutdown initiated"}
 STARTED = datetime.fromisoformat("2026-11-26T04:00:00+00:00")

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from testbed import leases
+from testbed.hostprog import leases
 
 
 def dead_pid() -> tuple[int, int | None]:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from testbed.backends.openvmm.evidence import classify, evidence
-from testbed.verdicts import VERDICTS
+from testbed.core.verdicts import VERDICTS
 
 MS = 1_000_000
 T0 = 10_000 * MS

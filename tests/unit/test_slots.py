@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.slots import GuestSlot
+from testbed.hostprog.slots import GuestSlot
 
 
 def test_machine_wide_guest_limit_across_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -16,7 +16,7 @@ def test_machine_wide_guest_limit_across_processes(tmp_path: Path, monkeypatch: 
         [
             sys.executable,
             "-c",
-            "import sys,time; from testbed.slots import GuestSlot; GuestSlot().acquire();"
+            "import sys,time; from testbed.hostprog.slots import GuestSlot; GuestSlot().acquire();"
             " print('held', flush=True); time.sleep(60)",
         ],
         stdout=subprocess.PIPE,
@@ -45,7 +45,7 @@ def test_slots_are_shared_between_users(tmp_path: Path, monkeypatch: pytest.Monk
     import os
     import shutil
 
-    from testbed import paths
+    from testbed.core import paths
 
     if os.geteuid() != 0 or shutil.which("setpriv") is None or not Path("/usr/bin/python3").exists():
         pytest.skip("needs root, setpriv and /usr/bin/python3 to act as another user")
@@ -71,13 +71,13 @@ def test_slots_are_shared_between_users(tmp_path: Path, monkeypatch: pytest.Monk
 
     site = Path(tempfile.mkdtemp(prefix="testbed-other-user-"))
     site.chmod(0o755)
-    (site / "testbed").mkdir()
-    for name in ("__init__.py", "paths.py", "slots.py"):
+    for name in ("__init__.py", "core/__init__.py", "core/paths.py", "hostprog/__init__.py", "hostprog/slots.py"):
+        (site / "testbed" / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Path(testbed.__file__).parent / name, site / "testbed" / name)
     shutil.copytree(Path(platformdirs.__file__).parent, site / "platformdirs")
     for p in [site, *site.rglob("*")]:
         p.chmod(0o755 if p.is_dir() else 0o644)
-    code = ("from testbed.slots import GuestSlot\nfrom testbed import paths\nprint(paths.runtime_dir())\n"
+    code = ("from testbed.hostprog.slots import GuestSlot\nfrom testbed.core import paths\nprint(paths.runtime_dir())\n"
             "try:\n    GuestSlot(timeout=0.5).acquire(); print('acquired')\nexcept TimeoutError:\n    print('waited')\n")  # fmt: skip
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TESTBED_MAX_GUESTS": "2", "TESTBED_RUNTIME_DIR": str(shared),
            "PYTHONPATH": str(site)}  # fmt: skip

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from testbed.backends.base import RaceEvidence
 from testbed.backends.qemu import evidence
-from testbed.verdicts import VERDICTS, Verdict
+from testbed.core.evidence import RaceEvidence
+from testbed.core.verdicts import VERDICTS, Verdict
 
 
 def classify(res: dict[str, Any]) -> Verdict:

@@ -12,7 +12,8 @@ from hyperv_emulator import PROFILES, EmulatedHyperV  # type: ignore[import-not-
 from winrm_standin import EmulatedHost, StandIn, running  # type: ignore[import-not-found]
 
 from testbed.backends.hyperv.backend import HyperVBackend
-from testbed.config import Artifact, VmConfig, load_vm_config
+from testbed.core.config import Artifact, VmConfig
+from testbed.engine.playbook import load_vm_config
 from testbed.transport.winrm import WinRmPowerShell
 
 ROOT = Path(__file__).resolve().parents[2]

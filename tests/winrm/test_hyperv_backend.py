@@ -15,9 +15,11 @@ import pytest
 from conftest import PASSWORD, USER, HvLab  # type: ignore[import-not-found]
 from winrm_standin import B64  # type: ignore[import-not-found]
 
-from testbed.backends.base import InfraError, RacePlan
 from testbed.backends.hyperv.backend import HyperVBackend
-from testbed.config import Artifact, Playbook, ScheduleSpec
+from testbed.core.config import Artifact
+from testbed.core.errors import InfraError
+from testbed.core.evidence import RacePlan
+from testbed.engine.playbook import Playbook, ScheduleSpec
 from testbed.engine.runner import Runner, RunOptions
 
 pytestmark = pytest.mark.vm
@@ -196,7 +198,7 @@ def test_hyperv_route_over_real_ssh(hv_lab: HvLab, tmp_path: Path) -> None:
     from sshd import run_sshd  # type: ignore[import-not-found]
     from winrm_standin import serve_unix  # type: ignore[import-not-found]
 
-    from testbed.config import HostEntry
+    from testbed.core.config import HostEntry
     from testbed.hosts import open_backend
 
     with serve_unix(hv_lab.host, str(tmp_path)) as bindir:

@@ -22,8 +22,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from testbed import leases
-from testbed.backends.base import Check, HostReport, InfraError, RaceEvidence, RacePlan, TimelineEntry
 from testbed.backends.hyperv import evidence as hv_evidence
 from testbed.backends.hyperv import options
 from testbed.backends.hyperv.config import HyperVSpec, HyperVVmConfig
@@ -36,9 +34,12 @@ from testbed.backends.hyperv.module import (
     StartedVm,
     WorkerEvent,
 )
-from testbed.config import Artifact
+from testbed.core.config import Artifact
+from testbed.core.errors import InfraError
+from testbed.core.evidence import Check, HostReport, RaceEvidence, RacePlan, TimelineEntry
+from testbed.core.verdicts import Verdict
+from testbed.hostprog import leases
 from testbed.transport.powershell import PowerShellDirect, PowerShellError, PowerShellRunner
-from testbed.verdicts import Verdict
 
 log = logging.getLogger(__name__)
 

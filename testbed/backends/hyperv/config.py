@@ -7,7 +7,7 @@ from typing import Literal, Self
 
 from pydantic import Field
 
-from testbed.config import Artifact, Pattern, Strict, VmConfig
+from testbed.core.config import Artifact, Pattern, Strict, VmConfig
 
 
 class NestedSpec(Strict):

@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from testbed.backends.base import RaceEvidence
-from testbed.verdicts import Verdict
+from testbed.core.evidence import RaceEvidence
+from testbed.core.verdicts import Verdict
 
 JOB_STARTED = 4096
 JOB_COMPLETED = 7

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_pascal
 
-from testbed.backends.base import InfraError
+from testbed.core.errors import InfraError
 from testbed.transport.base import TransportError
 from testbed.transport.powershell import PowerShellDirect, PowerShellError, PowerShellRunner
 

@@ -20,12 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from testbed.agent.client import HostProgram
-from testbed.backends.base import Check, HostReport, InfraError, RaceEvidence, RacePlan, host_program_errors
+from testbed.backends.base import host_program_errors
 from testbed.backends.openvmm import evidence
 from testbed.backends.openvmm.config import OpenVmmSpec, OpenVmmVmConfig
+from testbed.core.errors import InfraError
+from testbed.core.evidence import Check, HostReport, RaceEvidence, RacePlan
+from testbed.core.verdicts import Verdict
+from testbed.hostprog.client import HostProgram
 from testbed.transport import LocalTransport, Transport
-from testbed.verdicts import Verdict
 
 log = logging.getLogger(__name__)
 

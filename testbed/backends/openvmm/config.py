@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from testbed.config import Pattern, Strict, VmConfig
+from testbed.core.config import Pattern, Strict, VmConfig
 
 
 class ServiceFlags(Strict):

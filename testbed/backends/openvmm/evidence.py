@@ -22,9 +22,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from testbed.backends.base import RaceEvidence, TimelineEntry
 from testbed.backends.openvmm.console import ConsoleLine, hex_or_int, parse
-from testbed.verdicts import Verdict
+from testbed.core.evidence import RaceEvidence, TimelineEntry
+from testbed.core.verdicts import Verdict
 
 POWER_OFF = "PowerOff"
 

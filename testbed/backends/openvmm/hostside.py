@@ -11,7 +11,7 @@ wraps ConPTY, instead of a hundred lines of untested ctypes here.  Log lines go
 to a pipe (stderr), so they arrive clean; COM1 (VTL0, relayed through OpenHCL)
 and COM3 (OpenHCL's console) go to files that are tailed.
 
-Protocol and lifetime: ``testbed.agent.rpc`` (JSON lines; stdin closing ends
+Protocol and lifetime: ``testbed.hostprog.rpc`` (JSON lines; stdin closing ends
 every openvmm this driver started).  Stdlib only, valid on Python 3.9: it ships
 as a zipapp.
 """
@@ -33,12 +33,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from testbed import leases
-from testbed.agent import rpc
-from testbed.agent.rpc import AgentError
-from testbed.agent.timing import sleep_until_ns
 from testbed.backends.openvmm.console import PROMPT, event, parse
-from testbed.paths import cache_dir, runtime_dir, shared_dir
+from testbed.core.paths import cache_dir, runtime_dir, shared_dir
+from testbed.hostprog import leases, rpc
+from testbed.hostprog.rpc import AgentError
+from testbed.hostprog.timing import sleep_until_ns
 
 QUIT_WAIT_S = 5.0  # `quit` waits behind a stuck servicing: kill after this
 

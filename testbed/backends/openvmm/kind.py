@@ -5,16 +5,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from testbed.backends.openvmm.config import OpenVmmVmConfig
-from testbed.backends.registry import BackendKind, HostOptions
+from testbed.backends.registry import BackendKind
+from testbed.core.config import HostEntry, HostOptions
 
 if TYPE_CHECKING:
     from testbed.backends.base import Backend
-    from testbed.config import HostEntry
 
 
 def open_backend(entry: HostEntry, opts: HostOptions) -> Backend:
     from testbed.backends.openvmm.backend import OpenVmmBackend
-    from testbed.hosts import transport_for
+    from testbed.transport import transport_for
 
     return OpenVmmBackend(transport_for(entry, opts))
 

@@ -26,16 +26,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from testbed import leases
-from testbed.agent.client import HostProgram
-from testbed.agent.qemu import SLOT_WAIT_S
-from testbed.backends.base import Check, HostReport, InfraError, RaceEvidence, RacePlan, host_program_errors
+from testbed.backends.base import host_program_errors
 from testbed.backends.qemu import evidence
+from testbed.backends.qemu.agent.lifecycle import SLOT_WAIT_S
 from testbed.backends.qemu.config import QemuVmConfig
 from testbed.backends.qemu.image import Image, ImageBuildError, build_image, resolve_kernel
-from testbed.paths import cache_dir, runtime_dir
+from testbed.core.errors import InfraError
+from testbed.core.evidence import Check, HostReport, RaceEvidence, RacePlan
+from testbed.core.paths import cache_dir, runtime_dir
+from testbed.core.verdicts import Verdict
+from testbed.hostprog import leases
+from testbed.hostprog.client import HostProgram
 from testbed.transport import LocalTransport, Transport, TransportError
-from testbed.verdicts import Verdict
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +138,7 @@ class QemuBackend:
         self.max_guests = max_guests  # an inventory entry's max_guests; None: the host's own limit
         self._qemu: dict[str, Any] | None = None
         self.host = self.transport.name
-        self.program = HostProgram(self.transport, "testbed.agent.agent")
+        self.program = HostProgram(self.transport, "testbed.backends.qemu.agent.program")
 
     # ---- agent -------------------------------------------------------------
     def call(self, op: str, timeout: float = 120.0, **args: Any) -> dict[str, Any]:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal, Self
+from collections.abc import Mapping
+from typing import Any, Literal, Self
 
 from pydantic import Field, field_validator
 
-from testbed.config import LabOverrides, Strict, VmConfig
+from testbed.core.config import Strict, VmConfig
 
 # v2-r1 .. v2-r8: a build series for `testbed bisect`; from v2-r6 on, a regression loses
 # some of the messages held during servicing (guest/paravisor.c, REGRESSION_PCT).
@@ -72,9 +73,16 @@ class QemuVmConfig(VmConfig):
     def shutdown_allowance_ms(self) -> float:
         return float(self.lab.vtl0_shutdown_ms)
 
-    def with_lab(self, over: LabOverrides) -> Self:
-        changes = {k: v for k, v in over.model_dump().items() if v is not None}
-        return self.model_copy(update={"lab": self.lab.model_copy(update=changes)}) if changes else self
+    @classmethod
+    def knob_names(cls) -> tuple[str, ...]:
+        return tuple(LabKnobs.model_fields)
+
+    def with_lab(self, over: Mapping[str, Any]) -> Self:
+        changes = {k: v for k, v in over.items() if v is not None}
+        if not changes:
+            return self
+        lab = LabKnobs.model_validate({**self.lab.model_dump(), **changes})  # ValueError names a bad knob
+        return self.model_copy(update={"lab": lab})
 
     def with_paravisor(self, version: str) -> Self:
         return self.model_copy(update={"paravisor": ParavisorSpec(version=version)})

@@ -12,8 +12,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from testbed.backends.base import RaceEvidence, TimelineEntry
-from testbed.verdicts import Verdict
+from testbed.core.evidence import RaceEvidence, TimelineEntry
+from testbed.core.verdicts import Verdict
 
 _T = re.compile(r"^TB t=(\d+) ")
 

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from testbed.backends.base import InfraError
 from testbed.backends.qemu.config import PARAVISOR_IMAGES, QemuVmConfig
 from testbed.backends.qemu.cpio import write_newc
-from testbed.paths import cache_dir
+from testbed.core.errors import InfraError
+from testbed.core.paths import cache_dir
 
 log = logging.getLogger(__name__)
 

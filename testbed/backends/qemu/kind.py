@@ -4,19 +4,31 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pydantic import Field
+
 from testbed.backends.qemu.config import QemuVmConfig
-from testbed.backends.registry import BackendKind, HostOptions
+from testbed.backends.registry import BackendKind
+from testbed.core.config import HostEntry, HostOptions
 
 if TYPE_CHECKING:
     from testbed.backends.base import Backend
-    from testbed.config import HostEntry
+
+
+class QemuHostEntry(HostEntry):
+    """A QEMU host's inventory entry: where it keeps QEMU, when not on PATH."""
+
+    qemu_binary: str | None = Field(
+        None,
+        description="QEMU on this host (default: qemu-system-x86_64 on PATH, else /usr/libexec/qemu-kvm)",
+    )
 
 
 def open_backend(entry: HostEntry, opts: HostOptions) -> Backend:
     from testbed.backends.qemu.backend import QemuBackend
-    from testbed.hosts import transport_for
+    from testbed.transport import transport_for
 
-    return QemuBackend(transport_for(entry, opts), qemu_binary=entry.qemu_binary, max_guests=entry.max_guests)
+    binary = entry.qemu_binary if isinstance(entry, QemuHostEntry) else None
+    return QemuBackend(transport_for(entry, opts), qemu_binary=binary, max_guests=entry.max_guests)
 
 
 KIND = BackendKind(
@@ -26,4 +38,5 @@ KIND = BackendKind(
     open=open_backend,
     schemes=("local", "ssh"),
     host_playbook="kvm-host.yml",
+    host_entry=QemuHostEntry,
 )

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from testbed import leases
-from testbed.agent.rpc import AgentError
-from testbed.paths import cache_dir, runtime_dir
+from testbed.core.paths import cache_dir, runtime_dir
+from testbed.hostprog import leases
+from testbed.hostprog.rpc import AgentError
 
 
 class HostInfo:

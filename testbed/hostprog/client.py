@@ -79,7 +79,7 @@ class AgentClient:
 
 
 class HostProgram:
-    """A host-side RPC program (``testbed.agent.rpc``) reached through a transport:
+    """A host-side RPC program (``testbed.hostprog.rpc``) reached through a transport:
     started on first use, as a local subprocess or, on a remote host, as a zipapp
     uploaded once (hash-checked, skipped when present); ended by closing its stdin.
 
@@ -103,7 +103,7 @@ class HostProgram:
 
                 argv = [sys.executable, "-m", self.entry]
             else:
-                from testbed.agent.bundle import build_pyz
+                from testbed.hostprog.bundle import build_pyz
 
                 pyz = build_pyz(self.entry)
                 remote = f".cache/testbed/agent/{pyz.name}"

@@ -14,7 +14,7 @@ import logging
 import os
 import time
 
-from testbed.paths import runtime_dir, shared_dir
+from testbed.core.paths import runtime_dir, shared_dir
 
 log = logging.getLogger(__name__)
 

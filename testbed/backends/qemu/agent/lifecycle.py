@@ -24,11 +24,11 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from testbed import leases
-from testbed.agent.rpc import AgentError
+from testbed.core.paths import shared_dir
+from testbed.hostprog import leases
+from testbed.hostprog.rpc import AgentError
+from testbed.hostprog.slots import GuestSlot
 from testbed.lab.relay import Relay
-from testbed.paths import shared_dir
-from testbed.slots import GuestSlot
 
 PR_SET_PDEATHSIG = 1
 SLOT_WAIT_S = 3600.0  # how long a launch waits for another run's guest to end

@@ -24,9 +24,9 @@ import platformdirs
 import qemu.qmp
 
 import testbed
-from testbed.paths import cache_dir
+from testbed.core.paths import cache_dir
 
-QEMU_AGENT = "testbed.agent.agent"
+QEMU_AGENT = "testbed.backends.qemu.agent.program"
 LIBRARIES = ((qemu.qmp, "qemu/qmp"), (platformdirs, "platformdirs"))
 
 

@@ -1,14 +1,14 @@
 """The QEMU host agent: everything that must run next to QEMU, behind JSON lines
-on stdin/stdout (``testbed.agent.rpc``).
+on stdin/stdout (``testbed.hostprog.rpc``).
 
-It launches QEMU and owns QMP and the chardev sockets (``testbed.agent.qemu``),
+It launches QEMU and owns QMP and the chardev sockets (``testbed.backends.qemu.agent.lifecycle``),
 runs the lab relay, fires the race with a monotonic clock and returns host
 timestamps (``Race`` below), and answers the host's preflight
-(``testbed.agent.preflight``).  When its stdin closes (the testbed process died,
+(``testbed.backends.qemu.agent.preflight``).  When its stdin closes (the testbed process died,
 or an SSH channel dropped) it destroys its QEMU: the dead-man switch.
 
 Dependencies: stdlib, qemu.qmp, and stdlib-only testbed modules, so the agent
-ships as a zipapp (``testbed.agent.bundle``) to a host with only Python 3.9+.
+ships as a zipapp (``testbed.hostprog.bundle``) to a host with only Python 3.9+.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import asyncio
 import time
 from typing import Any
 
-from testbed.agent import rpc
-from testbed.agent.preflight import HostInfo
-from testbed.agent.qemu import QemuLifecycle
-from testbed.agent.timing import sleep_until_ns, wait_for
+from testbed.backends.qemu.agent.lifecycle import QemuLifecycle
+from testbed.backends.qemu.agent.preflight import HostInfo
+from testbed.hostprog import rpc
+from testbed.hostprog.timing import sleep_until_ns, wait_for
 
 
 class Race(QemuLifecycle):

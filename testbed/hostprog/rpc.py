@@ -6,7 +6,7 @@ reply per request ``{"id": N, "ok": true, "result": {...}}`` or ``{"id": N,
 "ok": false, "error": "...", "kind": "..."}``.  An op is a coroutine method
 ``op_<name>`` of the server.  Every host-side program of a backend (the QEMU
 agent, the OpenVMM console driver) is an :class:`RpcServer` subclass, so they
-share one client (``testbed.agent.client``) and one transport path.
+share one client (``testbed.hostprog.client``) and one transport path.
 
 Stdlib only, valid on Python 3.9: this runs on lab hosts.
 """

@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from testbed.paths import shared_dir
+from testbed.core.paths import shared_dir
 
 
 def start_time(pid: int) -> int | None:

@@ -1,3 +1,0 @@
-from testbed.agent.agent import main
-
-main()

@@ -1,0 +1,3 @@
+from testbed.backends.qemu.agent.program import main
+
+main()
