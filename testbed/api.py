@@ -30,6 +30,7 @@ from testbed.engine.iterate import iterate
 from testbed.engine.playbook import Playbook, load_playbook, load_vm_config
 from testbed.engine.runner import DEFAULT_GRACE_MS, Runner, RunOptions, RunResult
 from testbed.hosts import lookup_entry, open_backend
+from testbed.report import finish_run
 
 _ids = itertools.count(1)
 
@@ -122,7 +123,8 @@ class Host:
             cfg = vm_config or cfg
         opts = RunOptions(out=out, backend=self.backend, host_spec=self.entry.name,
                           max_guests=self.entry.max_guests,
-                          open_backend=lambda: open_backend(self.entry, opts=self.options), **overrides)  # fmt: skip
+                          open_backend=lambda: open_backend(self.entry, opts=self.options),
+                          **{"finish": finish_run, **overrides})  # fmt: skip
         return Runner(pb, cfg, opts).run()
 
     def close(self) -> None:

@@ -17,23 +17,22 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from testbed.backends import registry
+from testbed.backends.commands import console, exit_codes, fail, out
 from testbed.core.config import STRATEGIES, ConfigError, HostOptions
 from testbed.core.errors import InfraError
 from testbed.core.paths import runtime_dir
-from testbed.core.redact import redact
 from testbed.engine.playbook import load_playbook, load_vm_config
 from testbed.hostprog import leases
 from testbed.hosts import lookup_entry, open_backend
+from testbed.report import finish_run
 from testbed.transport import TransportError
 
 HELP = __doc__ or ""
@@ -43,12 +42,11 @@ app = typer.Typer(
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
-image_app = typer.Typer(help="Build and inspect the reference guest image.", no_args_is_help=True)
-vm_app = typer.Typer(help="Start, list and stop reference VMs by hand.", no_args_is_help=True)
 host_app = typer.Typer(help="Check a host before running suites on it.", no_args_is_help=True)
-app.add_typer(image_app, name="image")
-app.add_typer(vm_app, name="vm")
 app.add_typer(host_app, name="host")
+for _kind in registry.kinds().values():  # a kind's own commands (QEMU: image, vm), mounted as its
+    for _name, _sub in (_kind.commands() if _kind.commands else {}).items():
+        app.add_typer(_sub, name=_name)
 
 HostOpt = Annotated[
     str,
@@ -70,34 +68,7 @@ IdentityOpt = Annotated[
     str | None, typer.Option("--identity", help="SSH private key file (default: agent, ~/.ssh)")
 ]
 
-console = Console(stderr=True)
-out = Console()
 DEFAULT_CONFIG = Path("vm_configs/reference-linux.yaml")
-
-
-def fail(code: int, message: str) -> NoReturn:
-    console.print(f"[bold red]error:[/] {escape(redact(message))}", highlight=False)
-    raise typer.Exit(code)
-
-
-# The one place where errors become exit codes: a user's mistake is 2, the host's is 3.
-USAGE_ERRORS: tuple[type[Exception], ...] = (ConfigError, ValueError)
-INFRA_ERRORS: tuple[type[Exception], ...] = (InfraError, TransportError)
-
-
-@contextlib.contextmanager
-def exit_codes(*, usage: bool = True) -> Iterator[None]:
-    """Every command body runs in this: known failures end as a message and their code.
-    ``usage=False`` once the input was accepted: a ValueError from inside a run is a bug
-    to see in full, not the user's mistake."""
-    try:
-        yield
-    except USAGE_ERRORS as e:
-        if not usage:
-            raise
-        fail(2, str(e))
-    except INFRA_ERRORS as e:  # ImageBuildError is an InfraError too
-        fail(3, str(e))
 
 
 def _sigterm_as_interrupt() -> None:
@@ -225,6 +196,7 @@ def run(
         builds=[b.strip() for b in builds.split(",") if b.strip()] if builds else None,
         max_guests=entry.max_guests,
         open_backend=lambda: open_backend(entry, cfg.backend, host_opts),
+        finish=finish_run,
     )
     with exit_codes():
         if pb.matrix is not None:
@@ -317,7 +289,6 @@ def report(
     run_dir: Annotated[Path, typer.Argument(help="a run folder with results.jsonl")],
 ) -> None:
     """Rebuild summary.json, junit.xml, summary.md and report.html from results.jsonl alone."""
-    from testbed.engine.policy import finish_run
 
     if not (run_dir / "results.jsonl").exists():
         fail(2, f"{run_dir}: no results.jsonl here; pass a run folder")
@@ -339,9 +310,9 @@ def compare(
 ) -> None:
     """Did the fix work? Loss rates side by side with Fisher's exact test of the difference
     (two matrix runs: cell by cell)."""
+    from testbed.core.runfolder import read_results
     from testbed.engine.matrix import compare_cells, is_matrix_run
     from testbed.engine.stats import fisher_exact, summarize
-    from testbed.report.jsonl import read_results
 
     if is_matrix_run(run_a) and is_matrix_run(run_b):
         t = Table("cell", "A lost/n", "B lost/n", "Fisher p")
@@ -401,8 +372,8 @@ def repro(
     run used (its URI or inventory name and kind are in run.json; SSH and WinRM hosts
     are reopened the same way)."""
     from testbed.core.evidence import RacePlan
+    from testbed.core.runfolder import read_results
     from testbed.engine.iterate import iterate
-    from testbed.report.jsonl import read_results
 
     if not (run_dir / "run.json").exists():
         fail(2, f"{run_dir}: no run.json here; pass a run folder")
@@ -446,163 +417,6 @@ def repro(
             backend.destroy(vm)
 
 
-# ---- image -------------------------------------------------------------------------
-
-
-def _reference_config(path: Path) -> Any:
-    """A vm_config of the reference lab (the image and vm commands build and boot it)."""
-    from testbed.backends.qemu.config import QemuVmConfig
-
-    cfg = load_vm_config(path)
-    if not isinstance(cfg, QemuVmConfig):
-        raise ConfigError(
-            path,
-            None,
-            f"backend {cfg.backend}: these commands build and boot the reference lab's guest; give a vm_config of the QEMU backend",
-        )
-    return cfg
-
-
-@image_app.command("build")
-def image_build(
-    config: Annotated[Path, typer.Option(help="vm_config to build for")] = DEFAULT_CONFIG,
-    force: Annotated[bool, typer.Option(help="rebuild even on a cache hit")] = False,
-) -> None:
-    """Build the reference kernel + initramfs (cached by a hash of every input)."""
-    from testbed.backends.qemu.image import build_image, cached_image, resolve_inputs
-
-    with exit_codes():
-        cfg = _reference_config(config)
-        t = time.monotonic()
-        hit = not force and cached_image(resolve_inputs(cfg).key()) is not None
-        img = build_image(cfg, force=force)
-    out.print(
-        f"image {img.key} ({'cache hit' if hit else 'built'}) in {time.monotonic() - t:.1f} s: {img.directory}"
-    )
-    for k in ("kernel_package", "kernel_version", "kernel_release", "busybox_version", "modules"):
-        out.print(f"  {k}: {img.manifest.get(k)}", highlight=False)
-
-
-@image_app.command("export")
-def image_export(
-    file: Annotated[Path, typer.Argument(help="archive to write, e.g. testbed-image.tar.gz")],
-    config: Annotated[Path, typer.Option(help="vm_config whose image to export")] = DEFAULT_CONFIG,
-) -> None:
-    """Write the built image (kernel, initramfs, manifest) to an archive, for hosts with no package mirror."""
-    import tarfile
-
-    from testbed.backends.qemu.image import build_image
-
-    with exit_codes():
-        img = build_image(_reference_config(config))
-    with tarfile.open(file, "w:gz") as tar:
-        tar.add(img.directory, arcname=f"images/{img.key}")
-    out.print(f"exported image {img.key} to {file}")
-
-
-@image_app.command("import")
-def image_import(
-    file: Annotated[Path, typer.Argument(help="archive written by 'testbed image export'")],
-) -> None:
-    """Put an exported image into this machine's cache (no apt needed here afterwards)."""
-    import json as _json
-    import tarfile
-
-    from testbed.core.paths import cache_dir
-
-    with tarfile.open(file, "r:gz") as tar:
-        names = tar.getnames()
-        keys = {n.split("/")[1] for n in names if n.startswith("images/") and n.count("/") >= 1}
-        if len(keys) != 1 or not any(n.endswith("manifest.json") for n in names):
-            fail(2, f"{file}: not an archive written by 'testbed image export'")
-        # The "data" filter refuses absolute paths, links out of the tree and devices;
-        # Python before 3.11.4 lacks filters, so check the members by hand there.
-        if hasattr(tarfile, "data_filter"):
-            tar.extractall(cache_dir(), filter="data")
-        else:
-            for m in tar.getmembers():
-                if m.name.startswith("/") or ".." in Path(m.name).parts or not (m.isfile() or m.isdir()):
-                    fail(2, f"{file}: refusing unsafe member {m.name!r}")
-            tar.extractall(cache_dir())
-    key = keys.pop()
-    manifest = _json.loads((cache_dir() / "images" / key / "manifest.json").read_text())
-    out.print(f"imported image {key} (kernel {manifest.get('kernel_release')})")
-
-
-# ---- vm ------------------------------------------------------------------------------
-
-
-@vm_app.command("up")
-def vm_up(
-    config: Annotated[Path, typer.Option(help="vm_config")] = DEFAULT_CONFIG,
-    poweroff: Annotated[
-        bool, typer.Option("--poweroff", help="power the VM off (ACPI) once it is ready")
-    ] = False,
-) -> None:
-    """Boot a reference VM to READY; keep it until Ctrl-C (or power it off with --poweroff).
-
-    The VM lives as long as this command: the host agent kills QEMU when its
-    owner goes away, so nothing is ever left running.
-    """
-    from testbed.backends.qemu.backend import QemuBackend
-
-    with exit_codes():
-        cfg = _reference_config(config)
-    with QemuBackend() as b:
-        with exit_codes():
-            vm = b.provision(cfg)
-            ready = b.start(vm, reset="cold")
-        try:
-            info = b.uname(vm)
-            out.print(
-                f"{vm.name}: ready in {ready['wall_s']:.2f} s (accel {vm.accel}, kernel {info.get('release')}, "
-                f"paravisor {ready['guest_image']}); work dir {vm.workdir}"
-            )
-            if poweroff:
-                b.powerdown(vm)
-                outcome = b.wait_outcome(vm, 60)
-                out.print(f"{vm.name}: powered off, SHUTDOWN reason {outcome.get('reason')}")
-                if outcome.get("reason") != "guest-shutdown":
-                    raise typer.Exit(3)
-                return
-            out.print("Ctrl-C to destroy it.")
-            b.wait_outcome(vm, 10**7)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            b.destroy(vm)
-
-
-@vm_app.command("list")
-def vm_list() -> None:
-    """VMs with a lease on this machine (running or left by a dead owner)."""
-    t = Table("name", "qemu pid", "alive", "owner pid", "owner alive", "work dir")
-    for _p, lease in leases.read_all(runtime_dir() / "leases"):
-        if lease is None:
-            continue
-        t.add_row(
-            lease.name,
-            str(lease.qemu_pid),
-            str(leases.alive(lease.qemu_pid, lease.qemu_start)),
-            str(lease.owner_pid),
-            str(leases.alive(lease.owner_pid, lease.owner_start)),
-            lease.workdir,
-        )
-    out.print(t)
-
-
-@vm_app.command("down")
-def vm_down(name: Annotated[str, typer.Argument(help="VM name from 'testbed vm list'")]) -> None:
-    """Kill a VM by its lease (SIGTERM, then SIGKILL) and remove the lease."""
-    for p, lease in leases.read_all(runtime_dir() / "leases"):
-        if lease is not None and lease.name == name:
-            leases.kill_group(lease.qemu_pid, lease.qemu_start)
-            p.unlink(missing_ok=True)
-            out.print(f"{name}: stopped")
-            return
-    fail(2, f"no VM named {name!r}; see 'testbed vm list'")
-
-
 @app.command()
 def gc(
     host: HostOpt = "local",
@@ -610,12 +424,25 @@ def gc(
     insecure_accept_new: InsecureOpt = False,
     identity: IdentityOpt = None,
 ) -> None:
-    """Kill every QEMU whose owning testbed process is gone, and remove its lease and work dir.
+    """Kill every VM whose owning testbed process is gone, and remove its lease and work dir.
 
-    With --host, on that host (through its agent): what a dead run left there.
+    Locally: this machine's leases, then every backend kind reachable here asked to
+    reap its own (a kind that cannot run here is skipped, and said so with -v). With
+    --host, on that host (through its agent or module): what a dead run left there.
+
+    Example: testbed gc --host lab1 --inventory hosts.yaml
     """
     if host == "local":
         actions = leases.gc(runtime_dir() / "leases")
+        for kind in registry.kinds().values():
+            if "local" not in kind.schemes:
+                continue
+            try:
+                backend = kind.open(kind.host_entry(name="local", uri="local", kind=kind.kind), HostOptions())
+                with contextlib.closing(backend):
+                    actions += [a for a in backend.gc_host() if a not in actions]
+            except (InfraError, TransportError, OSError) as e:
+                logging.getLogger("testbed.gc").info("%s: nothing reaped here: %s", kind.kind, e)
     else:
         with exit_codes():
             backend = open_backend(

@@ -15,7 +15,7 @@ import importlib.metadata
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from testbed.core.config import HostEntry, HostOptions, VmConfig
 
@@ -45,6 +45,8 @@ class BackendKind:
     vm_config: type[VmConfig]
     open: Callable[[HostEntry, HostOptions], Backend]
     host_entry: type[HostEntry] = HostEntry  # the kind's inventory entry (its own host options)
+    # The kind's own CLI commands (name -> typer app), mounted under ``testbed`` (QEMU: image, vm).
+    commands: Callable[[], dict[str, Any]] | None = None
     schemes: tuple[str, ...] = ("local", "ssh")
     claims: tuple[str, ...] = ()
     host_playbook: str | None = None  # file under playbooks/hosts/

@@ -21,7 +21,7 @@ from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from testbed.engine.stats import wilson
+from testbed.engine.estimators import wilson
 
 
 @dataclass(frozen=True)

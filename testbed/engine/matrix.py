@@ -191,8 +191,8 @@ td,th{{border:1px solid #ddd;padding:3px 6px}}</style></head><body>
 
 def compare_cells(a: Path, b: Path) -> list[dict[str, Any]]:
     """Two matrix runs cell by cell (by the cell's values): losses and Fisher's p."""
+    from testbed.core.runfolder import read_results
     from testbed.engine.stats import fisher_exact
-    from testbed.report.jsonl import read_results
 
     def cells(d: Path) -> dict[str, dict[str, Any]]:
         return {row["name"]: row for row in json.loads((d / "matrix.json").read_text())["matrix"]["cells"]}

@@ -1,7 +1,10 @@
 """What a run's results mean for the user: the playbook's expectations and the exit code.
 
 Kept in the engine (not in report/, which only renders) because the CLI, the
-runner and ``testbed report`` must all decide the same way.
+runner and ``testbed report`` must all decide the same way. ``conclude`` is what the
+engine does at a run's end on its own (the summary and the exit code, in
+summary.json); the application passes ``testbed.report.finish_run``, which also
+renders every report, as ``RunOptions.finish``.
 """
 
 from __future__ import annotations
@@ -11,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from testbed.core.config import check_expectation
+from testbed.core.runfolder import read_results
 from testbed.engine.stats import summarize
-from testbed.report import write_reports
-from testbed.report.jsonl import read_results
 
 
 def evaluate(run: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -79,12 +81,16 @@ def exit_code(summary: dict[str, Any]) -> int:
     return 0
 
 
-def finish_run(run_dir: Path) -> tuple[dict[str, Any], int]:
-    """Every report of a run folder from results.jsonl and run.json alone (after a run,
-    and for ``testbed report DIR``): the summary and the exit code."""
+def load_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A run folder's manifest (run.json, {} when missing) and its records."""
     run_path = run_dir / "run.json"
     run: dict[str, Any] = json.loads(run_path.read_text()) if run_path.exists() else {}
-    records = read_results(run_dir / "results.jsonl")
+    return run, read_results(run_dir / "results.jsonl")
+
+
+def conclude(run_dir: Path) -> tuple[dict[str, Any], int]:
+    """The summary and the exit code of a run folder, written to summary.json."""
+    run, records = load_run(run_dir)
     summary = evaluate(run, records)
-    write_reports(run_dir, run, records, summary)
+    (run_dir / "summary.json").write_text(json.dumps({"manifest": run, **summary}, indent=2, default=str))
     return summary, exit_code(summary)

@@ -24,19 +24,20 @@ from pathlib import Path
 from typing import Any
 
 from testbed import __version__
+from testbed.backends import registry
 from testbed.backends.base import Backend
-from testbed.core.config import ConfigError, VmConfig, stable_hash
+from testbed.core.config import ConfigError, HostOptions, VmConfig, stable_hash
 from testbed.core.errors import InfraError
 from testbed.core.evidence import RacePlan
 from testbed.core.paths import cache_dir
+from testbed.core.runfolder import ResultsWriter, read_results
 from testbed.engine import bisect as bisection
 from testbed.engine import schedule as sched
 from testbed.engine.iterate import IterationResult, iterate
 from testbed.engine.playbook import BisectSpec, Case, Playbook, ScheduleSpec
-from testbed.engine.policy import finish_run
+from testbed.engine.policy import conclude
 from testbed.engine.stats import spread
 from testbed.hostprog import slots
-from testbed.report.jsonl import ResultsWriter, read_results
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,9 @@ class RunOptions:
     # this machine's, when ``backend`` is None too.
     open_backend: Callable[[], Backend] | None = None
     builds: list[str] | None = None  # testbed bisect --builds: replaces the playbook's bisect builds
+    # What the run's end writes: the summary and exit code (None: summary.json alone,
+    # ``policy.conclude``); the application passes ``testbed.report.finish_run``.
+    finish: Callable[[Path], tuple[dict[str, Any], int]] | None = None
 
 
 @dataclass
@@ -579,7 +583,7 @@ class Runner:
                                      "run_dir": str(run_dir), "stopped": self.stopped})  # fmt: skip
                     rj.write_text(json.dumps(manifest, indent=2, default=str))
         try:
-            summary, code = finish_run(run_dir)
+            summary, code = (self.opts.finish or conclude)(run_dir)
         except OSError as e:
             write_failed = True
             self.stopped = self.stopped or f"cannot write the reports in {run_dir}: {e.strerror or e}"
@@ -803,6 +807,6 @@ def _sort_results(path: Path) -> None:
 
 
 def _local_backend(kind: str) -> Backend:
-    from testbed.hosts import lookup_entry, open_backend
-
-    return open_backend(lookup_entry("local", kind=kind))
+    """This machine's backend of ``kind`` (a run given no backend, and its extra lanes)."""
+    k = registry.get(kind)
+    return k.open(k.host_entry(name="local", uri="local", kind=kind), HostOptions())

@@ -14,6 +14,7 @@ import pytest
 from testbed.core.config import VmConfig
 from testbed.engine.playbook import BisectSpec, Playbook, ScheduleSpec
 from testbed.engine.runner import Runner, RunOptions
+from testbed.report import finish_run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,7 +26,7 @@ def test_the_sprt_bisection_names_the_regressed_build(tmp_path: Path, ref_cfg: V
                   schedule=ScheduleSpec(kind="random", lo_ms=40, hi_ms=260, count=300),
                   bisect=BisectSpec(builds=["v2-r5", "v2-r6", "v2-r7"], beta=0.001, max_per_build=120),
                   expect={})  # fmt: skip
-    res = Runner(pb, ref_cfg, RunOptions(out=tmp_path / "run")).run()
+    res = Runner(pb, ref_cfg, RunOptions(finish=finish_run, out=tmp_path / "run")).run()
     b = res.summary["bisect"]
     assert b["answer"].startswith("first bad build: v2-r6 "), b["answer"]
     rows = {x["build"]: x for x in b["builds"]}

@@ -18,10 +18,11 @@ from testbed.backends.qemu.backend import QemuBackend
 from testbed.core.config import VmConfig
 from testbed.core.evidence import RacePlan
 from testbed.core.paths import runtime_dir
+from testbed.core.runfolder import read_results
 from testbed.engine.playbook import Playbook, ScheduleSpec
 from testbed.engine.runner import Runner, RunOptions
 from testbed.hostprog import leases
-from testbed.report.jsonl import read_results
+from testbed.report import finish_run
 
 pytestmark = pytest.mark.vm
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,7 +43,7 @@ def sweep(tmp_path: Path, cfg: VmConfig, strategy: str) -> tuple[dict[str, objec
         grace_ms=1200,
         expect={"duplicated": 0},
     )
-    result = Runner(pb, cfg, RunOptions(out=tmp_path / strategy, seed=1)).run()
+    result = Runner(pb, cfg, RunOptions(finish=finish_run, out=tmp_path / strategy, seed=1)).run()
     return result.summary, result.records
 
 
@@ -180,7 +181,7 @@ def test_ic_ready_delay_finds_how_long_to_wait_after_ready(
     pb = shipped.model_copy(update={
         "iterations": len(delays), "schedule": ScheduleSpec(kind="fixed", offsets_ms=delays),
         "lab": {"vtl0_attach_ms": attach_ms}})  # fmt: skip
-    res = Runner(pb, ref_cfg, RunOptions(out=tmp_path / "run")).run()
+    res = Runner(pb, ref_cfg, RunOptions(finish=finish_run, out=tmp_path / "run")).run()
     assert [r["verdict"] for r in res.records] == verdicts, [r["reason"] for r in res.records]
     for r, d in zip(res.records, delays, strict=True):
         assert r["shutdown_mode"] == "ic-ready" and abs(r["ic_ready_offset_ms"] - d) < 5.0, r
@@ -212,7 +213,7 @@ def test_phase_sweep_for_none_puts_every_loss_before_the_port_closes(
     """Every observable phase once at delay 0: losses only from the servicing request up
     to the port's close; refused while the channel is gone; delivered after the re-offer."""
     res = Runner(phase_pb("none", delays_ms=[0.0], midpoint=False, repeat=1), ref_cfg,
-                 RunOptions(out=tmp_path / "none")).run()  # fmt: skip
+                 RunOptions(finish=finish_run, out=tmp_path / "none")).run()  # fmt: skip
     by = {r["phase"]: r for r in res.records}
     order = QemuBackend.servicing_phases("none")
     assert list(by) and set(by) == set(order), sorted(by)
@@ -241,7 +242,7 @@ def test_phase_sweep_for_none_puts_every_loss_before_the_port_closes(
 
 def test_phase_sweep_for_pause_resume_loses_nowhere(ref_cfg: VmConfig, tmp_path: Path) -> None:
     res = Runner(phase_pb("pause-resume", delays_ms=[0.0], midpoint=True, repeat=1), ref_cfg,
-                 RunOptions(out=tmp_path / "pr")).run()  # fmt: skip
+                 RunOptions(finish=finish_run, out=tmp_path / "pr")).run()  # fmt: skip
     phases = QemuBackend.servicing_phases("pause-resume")
     assert len(res.records) == 2 * len(phases) - 1  # each phase at 0 ms, then each gap's midpoint
     assert not [r for r in res.records if r["verdict"] in ("lost", "duplicated")], [

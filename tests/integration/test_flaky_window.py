@@ -12,6 +12,7 @@ import pytest
 from testbed.core.config import VmConfig
 from testbed.engine.playbook import Playbook, ScheduleSpec
 from testbed.engine.runner import Runner, RunOptions
+from testbed.report import finish_run
 
 
 def _search(strategy: str, budget: int, target: float, buckets: int) -> Playbook:
@@ -23,7 +24,9 @@ def _search(strategy: str, budget: int, target: float, buckets: int) -> Playbook
 
 @pytest.mark.vm
 def test_pause_resume_has_no_window_and_the_search_says_how_sure(tmp_path: Path, ref_cfg: VmConfig) -> None:
-    res = Runner(_search("pause-resume", 200, 0.6, 2), ref_cfg, RunOptions(out=tmp_path / "run")).run()
+    res = Runner(
+        _search("pause-resume", 200, 0.6, 2), ref_cfg, RunOptions(finish=finish_run, out=tmp_path / "run")
+    ).run()
     s = res.summary["flaky_search"]
     arms = s["arms"]
     assert len(arms) == 13  # 11 phases of pause-resume and 2 buckets, each tried
@@ -37,7 +40,9 @@ def test_pause_resume_has_no_window_and_the_search_says_how_sure(tmp_path: Path,
 @pytest.mark.vm
 @pytest.mark.hunt
 def test_the_mask_async_residual_is_found_without_being_told_where(tmp_path: Path, ref_cfg: VmConfig) -> None:
-    res = Runner(_search("mask-async", 300, 0.2, 8), ref_cfg, RunOptions(out=tmp_path / "run")).run()
+    res = Runner(
+        _search("mask-async", 300, 0.2, 8), ref_cfg, RunOptions(finish=finish_run, out=tmp_path / "run")
+    ).run()
     s = res.summary["flaky_search"]
     lossy = [a for a in s["arms"] if a["lost"]]
     # The residual: a message in flight as the paravisor starts to quiesce (MASK sent

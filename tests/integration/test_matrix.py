@@ -16,6 +16,7 @@ from testbed.core.config import ConfigError
 from testbed.engine.matrix import MatrixRunner, expand
 from testbed.engine.playbook import load_playbook
 from testbed.engine.runner import RunOptions
+from testbed.report import finish_run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,6 +59,6 @@ def test_matrix_cells_are_checked_before_anything_runs(tmp_path: Path) -> None:
         update={"matrix": pb.matrix.model_copy(update={"dimensions": {"strategy": ["none", "nope"]}})}
     )  # type: ignore[union-attr]
     with pytest.raises(ConfigError, match="matrix cell .*nope"):
-        MatrixRunner(bad, cfg, RunOptions(out=tmp_path))
+        MatrixRunner(bad, cfg, RunOptions(finish=finish_run, out=tmp_path))
     with pytest.raises(ValueError, match="matrix dimension 'colour'"):
         type(pb.matrix).model_validate({"dimensions": {"colour": ["red"]}})

@@ -14,6 +14,7 @@ from testbed.backends.qemu.backend import QemuBackend
 from testbed.core.config import ConfigError, VmConfig
 from testbed.engine.playbook import Playbook, ScheduleSpec
 from testbed.engine.runner import Runner, RunOptions
+from testbed.report import finish_run
 
 # Away from every edge of the lab's windows (strategy none, save 331 ms): before
 # servicing, inside the save, after the restore.
@@ -39,8 +40,8 @@ def _lines(run_dir: Path) -> list[dict[str, Any]]:
 
 @pytest.mark.vm
 def test_two_lanes_give_the_serial_verdicts_and_window(tmp_path: Path, ref_cfg: VmConfig) -> None:
-    serial = Runner(_playbook(1), ref_cfg, RunOptions(out=tmp_path / "serial")).run()
-    par = Runner(_playbook(2), ref_cfg, RunOptions(out=tmp_path / "par")).run()
+    serial = Runner(_playbook(1), ref_cfg, RunOptions(finish=finish_run, out=tmp_path / "serial")).run()
+    par = Runner(_playbook(2), ref_cfg, RunOptions(finish=finish_run, out=tmp_path / "par")).run()
     assert [r["verdict"] for r in sorted(serial.records, key=lambda r: r["iteration"])] == EXPECTED
     lines = _lines(par.run_dir)
     assert [r["iteration"] for r in lines] == list(range(len(OFFSETS)))  # one file, iteration order

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.engine.policy import finish_run
+from testbed.report import finish_run
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(

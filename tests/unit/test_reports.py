@@ -6,7 +6,7 @@ from pathlib import Path
 
 from junitparser import JUnitXml
 
-from testbed.engine.policy import finish_run
+from testbed.report import finish_run
 
 
 def make_run(tmp_path: Path, verdicts: list[str], expect: dict[str, object], max_infra: int = 0) -> Path:

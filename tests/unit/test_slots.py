@@ -71,7 +71,13 @@ def test_slots_are_shared_between_users(tmp_path: Path, monkeypatch: pytest.Monk
 
     site = Path(tempfile.mkdtemp(prefix="testbed-other-user-"))
     site.chmod(0o755)
-    for name in ("__init__.py", "core/__init__.py", "core/paths.py", "hostprog/__init__.py", "hostprog/slots.py"):
+    for name in (
+        "__init__.py",
+        "core/__init__.py",
+        "core/paths.py",
+        "hostprog/__init__.py",
+        "hostprog/slots.py",
+    ):
         (site / "testbed" / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Path(testbed.__file__).parent / name, site / "testbed" / name)
     shutil.copytree(Path(platformdirs.__file__).parent, site / "platformdirs")

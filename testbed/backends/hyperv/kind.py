@@ -29,6 +29,7 @@ def powershell_for(entry: HostEntry, opts: HostOptions | None = None) -> PowerSh
     """The route to a Windows host's PowerShell, chosen by the URI: ``winrm(s)://``,
     ``ssh://`` (Windows OpenSSH), or ``local`` (testbed runs on the Windows host)."""
     from testbed.transport import transport_for
+
     opts = opts or HostOptions()
     from testbed.transport.powershell import LocalPowerShell, SshPowerShell
     from testbed.transport.winrm import WinRmPowerShell

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
@@ -31,6 +31,12 @@ def open_backend(entry: HostEntry, opts: HostOptions) -> Backend:
     return QemuBackend(transport_for(entry, opts), qemu_binary=binary, max_guests=entry.max_guests)
 
 
+def _commands() -> dict[str, Any]:
+    from testbed.backends.qemu.commands import commands
+
+    return commands()
+
+
 KIND = BackendKind(
     kind="qemu",
     description="a QEMU host (local or over SSH)",
@@ -39,4 +45,5 @@ KIND = BackendKind(
     schemes=("local", "ssh"),
     host_playbook="kvm-host.yml",
     host_entry=QemuHostEntry,
+    commands=_commands,
 )

@@ -1,7 +1,7 @@
-"""results.jsonl: one line per finished iteration, flushed and fsynced at once.
-
-It is the source of truth of a run: every other report is rebuilt from it,
-also after Ctrl-C or a crash (a torn last line is skipped, not fatal).
+"""The run folder's source of truth, results.jsonl: one line per finished iteration,
+flushed and fsynced at once. Every report is rebuilt from it (and run.json), also
+after Ctrl-C or a crash (a torn last line is skipped, not fatal), so it sits in the
+core: the engine writes it, the reports and the CLI read it.
 """
 
 from __future__ import annotations
