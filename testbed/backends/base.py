@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from testbed.core.capabilities import Capabilities
 from testbed.core.errors import InfraError
 from testbed.core.evidence import Check, HostReport, RaceEvidence, RacePlan, TimelineEntry
 from testbed.core.verdicts import Verdict
@@ -69,6 +70,7 @@ class Backend(Protocol):
 
     kind: str
     host: str
+    capabilities: Capabilities  # what it can be asked; the engine refuses the rest before booting
 
     def preflight(self, cfg: VmConfig | None = None, *, deep: bool = False) -> HostReport: ...
     def provision(self, cfg: Any, strategy: str = "none") -> Any: ...

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from testbed.core.capabilities import Capabilities
 from testbed.core.config import HostEntry, HostOptions, VmConfig
 
 if TYPE_CHECKING:
@@ -44,6 +45,9 @@ class BackendKind:
     description: str
     vm_config: type[VmConfig]
     open: Callable[[HostEntry, HostOptions], Backend]
+    # What its backends can do (the same value as ``Backend.capabilities``), for checks made
+    # before a host is reached (``testbed run --dry-run``); nothing is granted by default.
+    capabilities: Capabilities = Capabilities()
     host_entry: type[HostEntry] = HostEntry  # the kind's inventory entry (its own host options)
     # The kind's own CLI commands (name -> typer app), mounted under ``testbed`` (QEMU: image, vm).
     commands: Callable[[], dict[str, Any]] | None = None

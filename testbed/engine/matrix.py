@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.core.config import ConfigError, VmConfig
+from testbed.engine import requirements
 from testbed.engine.playbook import Playbook
 from testbed.engine.runner import Progress, Runner, RunOptions, RunResult, default_run_dir
 from testbed.engine.stats import summarize
@@ -91,6 +92,10 @@ class MatrixRunner:
                  playbook_path: Path | None = None) -> None:  # fmt: skip
         self.pb, self.opts, self.playbook_path = pb, opts, playbook_path
         self.progress = progress or (lambda _e: None)
+        if opts.backend is not None:  # the matrix's own dimensions first, at their file:line
+            backend = opts.backend
+            requirements.refuse_missing(requirements.asks(pb, []), backend.capabilities, backend.kind,
+                                        playbook_path or Path(pb.name))  # fmt: skip
         self.cells = expand(pb, cfg, playbook_path)
         # Each cell's runner refuses what its backend cannot do before anything runs.
         self.runners = [Runner(self._cell_playbook(c), c.cfg, self._cell_opts(c, Path(".")), playbook_path=playbook_path)

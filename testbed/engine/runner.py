@@ -26,12 +26,14 @@ from typing import Any
 from testbed import __version__
 from testbed.backends import registry
 from testbed.backends.base import Backend
+from testbed.core.capabilities import Capabilities
 from testbed.core.config import ConfigError, HostOptions, VmConfig, stable_hash
 from testbed.core.errors import InfraError
 from testbed.core.evidence import RacePlan
 from testbed.core.paths import cache_dir
 from testbed.core.runfolder import ResultsWriter, read_results
 from testbed.engine import bisect as bisection
+from testbed.engine import requirements
 from testbed.engine import schedule as sched
 from testbed.engine.iterate import IterationResult, iterate
 from testbed.engine.playbook import BisectSpec, Case, Playbook, ScheduleSpec
@@ -199,26 +201,26 @@ class Runner:
                 update={"builds": opts.builds}
             )
         self.lanes, self.lanes_note = self.lanes_wanted(playbook_path)
-        modes = getattr(self.backend, "shutdown_modes", ("offset", "after-ready", "none"))
+        self.caps: Capabilities = self.backend.capabilities
+        self.check_capabilities(playbook_path)
+
+    def check_capabilities(self, path: Path | None) -> None:
+        """Refuse, before anything boots, what the backend has not declared it can do, at the
+        playbook's file:line of the key that asked (``testbed.engine.requirements``)."""
+        asked = self.opts.parallel or self.pb.parallel
+        need = requirements.asks(self.pb, self.cases(), parallel=asked, builds=self.bisect is not None)
+        where = path or Path(self.pb.name)
+        requirements.refuse_missing(need, self.caps, self.backend.kind, where)
+        if self.bisect is not None:
+            requirements.check_images(self.bisect.builds, self.caps, self.backend.kind, where)
         for c in self.cases():
-            if (c.stream or pb.stream) and not getattr(self.backend, "supports_stream", False):
-                raise ConfigError(playbook_path or Path(pb.name), None, f"case {c.name}: stream: the "
-                                  f"{self.backend.kind} backend cannot stream messages beside the race "
-                                  "(the qemu lab can)")  # fmt: skip
-            kind = (c.schedule or pb.schedule).kind
+            kind = (c.schedule or self.pb.schedule).kind
             if kind == "phases":
-                self.phases_of(c, modes, playbook_path)  # refuses what the backend cannot observe
+                self.phases_of(c, path)  # refuses phases the backend does not observe
             if kind == "flaky":
-                self.flaky_phases(c, modes, playbook_path)
+                self.flaky_phases(c, path)
             if self.bisect is not None:
-                self.static_points(c.schedule or pb.schedule, 1)  # refuses a schedule with no offsets
-            if c.shutdown not in modes:
-                raise ConfigError(
-                    playbook_path or Path(pb.name),
-                    None,
-                    f"case {c.name}: shutdown {c.shutdown!r} is not supported by the {self.backend.kind} backend "
-                    f"(it supports {', '.join(modes)})",
-                )
+                self.static_points(c.schedule or self.pb.schedule, 1)  # refuses a schedule with no offsets
 
     # ---- planning --------------------------------------------------------------
     def lanes_wanted(self, path: Path | None) -> tuple[int, str]:
@@ -228,10 +230,6 @@ class Runner:
         asked = self.opts.parallel or self.pb.parallel
         if asked == 1:
             return 1, ""
-        if not getattr(self.backend, "supports_parallel", False):
-            raise ConfigError(path or Path(self.pb.name), None,
-                              f"parallel {asked}: the {self.backend.kind} backend runs one guest at a time "
-                              "(parallel lanes are built for backends that declare supports_parallel)")  # fmt: skip
         if self.opts.backend is not None and self.opts.open_backend is None:
             raise ConfigError(path or Path(self.pb.name), None,
                               f"parallel {asked}: this caller gave one backend and no way to open more")  # fmt: skip
@@ -268,7 +266,7 @@ class Runner:
                         f"{self.bisect.beta:g}, at most {self.bisect.max_per_build} tries), budget {n}, "
                         f"schedule {s.kind}")  # fmt: skip
             elif s.kind == "flaky":
-                ph = self.flaky_phases(c, getattr(self.backend, "shutdown_modes", ()))
+                ph = self.flaky_phases(c)
                 what = (f"{c.name}: a flaky-window search of at most {n} iterations over [{s.lo_ms:g}, {s.hi_ms:g}] ms "
                         f"in {s.buckets} buckets" + (f" and {len(ph)} servicing phases" if ph else "")
                         + f", until every loss rate is below {s.target_rate:.0%} at 95% or a window is found")  # fmt: skip
@@ -287,15 +285,14 @@ class Runner:
             )
         return "; ".join(parts)
 
-    def phases_of(self, case: Case, modes: tuple[str, ...], path: Path | None = None) -> list[str]:
+    def phases_of(self, case: Case, path: Path | None = None) -> list[str]:
         """The phases a ``kind: phases`` schedule fires on: the backend's, or the named
         ones, which must be among them."""
         where = path or self.playbook_path or Path(self.pb.name)
-        observe = getattr(self.backend, "servicing_phases", None)
-        if observe is None or "phase" not in modes:
-            why = getattr(self.backend, "phases_unavailable", "it names no servicing phases it can observe")
+        observe = self.caps.phases
+        if observe is None or not self.caps.has("phases"):
             raise ConfigError(where, None, f"case {case.name}: schedule kind phases: the {self.backend.kind} backend "
-                                           f"cannot fire on servicing phases: {why}")  # fmt: skip
+                                           f"cannot fire on servicing phases: {self.caps.why_not('phases')}")  # fmt: skip
         if case.shutdown != "offset":
             raise ConfigError(where, None, f"case {case.name}: schedule kind phases fires on phases; "
                                            f"leave shutdown at offset (it is {case.shutdown!r})")  # fmt: skip
@@ -308,20 +305,20 @@ class Runner:
                                            f"{', '.join(known)}")  # fmt: skip
         return [p for p in known if p in s.phases] if s.phases else known
 
-    def flaky_phases(self, case: Case, modes: tuple[str, ...], path: Path | None = None) -> list[str]:
+    def flaky_phases(self, case: Case, path: Path | None = None) -> list[str]:
         """The phases a flaky-window search probes besides its buckets: the backend's
         (or the named ones), or none where the backend observes no phases."""
         s = case.schedule or self.pb.schedule
-        if getattr(self.backend, "servicing_phases", None) is None or "phase" not in modes:
+        if not self.caps.has("phases"):
             if s.phases:
-                self.phases_of(case, modes, path)  # says why the named phases cannot be used
+                self.phases_of(case, path)  # says why the named phases cannot be used
             return []
-        return self.phases_of(case, modes, path)
+        return self.phases_of(case, path)
 
     def iterations_of(self, case: Case) -> int:
         s = case.schedule or self.pb.schedule
         if s.kind == "phases":
-            n = len(self.phases_of(case, getattr(self.backend, "shutdown_modes", ())))
+            n = len(self.phases_of(case))
             return sched.phase_sweep_size(n, len(s.delays_ms), s.midpoint, s.repeat)
         return case.iterations or self.pb.iterations
 
@@ -386,7 +383,7 @@ class Runner:
             return
         s = case.schedule or self.pb.schedule
         if s.kind == "phases":
-            phases = self.phases_of(case, getattr(self.backend, "shutdown_modes", ()))
+            phases = self.phases_of(case)
             cells = sched.phase_cells(phases, list(s.delays_ms), s.repeat, self.seed)
             i = 0
             for ph, d in cells:
@@ -408,7 +405,7 @@ class Runner:
         if s.kind == "flaky":
             assert s.lo_ms is not None and s.hi_ms is not None
             arms = sched.flaky_arms(s.lo_ms, s.hi_ms, s.buckets,
-                                    self.flaky_phases(case, getattr(self.backend, "shutdown_modes", ())))  # fmt: skip
+                                    self.flaky_phases(case))  # fmt: skip
             index = {a.label: i for i, a in enumerate(arms)}
 
             def tally(settle: bool) -> dict[str, tuple[int, int, int]]:

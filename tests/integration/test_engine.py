@@ -15,6 +15,7 @@ import pytest
 from junitparser import JUnitXml
 
 from testbed.backends.qemu.backend import QemuBackend
+from testbed.backends.qemu.capabilities import servicing_phases
 from testbed.core.config import VmConfig
 from testbed.core.evidence import RacePlan
 from testbed.core.paths import runtime_dir
@@ -215,7 +216,7 @@ def test_phase_sweep_for_none_puts_every_loss_before_the_port_closes(
     res = Runner(phase_pb("none", delays_ms=[0.0], midpoint=False, repeat=1), ref_cfg,
                  RunOptions(finish=finish_run, out=tmp_path / "none")).run()  # fmt: skip
     by = {r["phase"]: r for r in res.records}
-    order = QemuBackend.servicing_phases("none")
+    order = servicing_phases("none")
     assert list(by) and set(by) == set(order), sorted(by)
     close = order.index("port-close")
     assert all(order.index(p) <= close for p, r in by.items() if r["verdict"] == "lost"), {
@@ -243,7 +244,7 @@ def test_phase_sweep_for_none_puts_every_loss_before_the_port_closes(
 def test_phase_sweep_for_pause_resume_loses_nowhere(ref_cfg: VmConfig, tmp_path: Path) -> None:
     res = Runner(phase_pb("pause-resume", delays_ms=[0.0], midpoint=True, repeat=1), ref_cfg,
                  RunOptions(finish=finish_run, out=tmp_path / "pr")).run()  # fmt: skip
-    phases = QemuBackend.servicing_phases("pause-resume")
+    phases = servicing_phases("pause-resume")
     assert len(res.records) == 2 * len(phases) - 1  # each phase at 0 ms, then each gap's midpoint
     assert not [r for r in res.records if r["verdict"] in ("lost", "duplicated")], [
         (r["phase"], r["planned_offset_ms"], r["verdict"]) for r in res.records

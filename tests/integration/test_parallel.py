@@ -4,6 +4,7 @@ stay one file in iteration order; and the lane count is capped and refused hones
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,9 @@ def test_lanes_are_capped_by_max_guests_and_said() -> None:
 def test_a_backend_without_lanes_is_refused_with_the_reason() -> None:
     class OneAtATime(QemuBackend):
         kind = "one"
-        supports_parallel = False
+        capabilities = dataclasses.replace(
+            QemuBackend.capabilities, parallel=False, reasons={"parallel": "it runs one guest at a time"}
+        )
 
     with pytest.raises(ConfigError, match="runs one guest at a time"):
         Runner(_playbook(2), _ref(), RunOptions(backend=OneAtATime(), open_backend=OneAtATime))

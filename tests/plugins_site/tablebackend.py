@@ -9,10 +9,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from testbed.backends.registry import BackendKind
-from testbed.core.config import HostEntry, HostOptions, VmConfig
-from testbed.core.evidence import Check, HostReport, RaceEvidence, RacePlan, TimelineEntry
-from testbed.core.verdicts import Verdict
+from testbed.backends.api import (
+    BackendKind,
+    Capabilities,
+    Check,
+    HostEntry,
+    HostOptions,
+    HostReport,
+    RaceEvidence,
+    RacePlan,
+    TimelineEntry,
+    Verdict,
+    VmConfig,
+)
 
 T0 = 5_000_000_000  # the table host's clock at the servicing request, in ns
 
@@ -34,8 +43,19 @@ class TableVm:
         return {"vm": self.name, "host": "table", "paravisor": "table-pv", "accel": self.accel}
 
 
+CAPABILITIES = Capabilities(
+    shutdown_modes=("offset", "none"),
+    reasons={
+        "images": "a table has no builds to service into",
+        "shutdown:after-ready": "a table has no IC to wait for",
+        "shutdown:ic-ready": "a table has no IC to wait for",
+    },
+)
+
+
 class TableBackend:
     kind = "table"
+    capabilities = CAPABILITIES
 
     def __init__(self, entry: HostEntry) -> None:
         self.host = entry.uri
@@ -88,4 +108,4 @@ def _open(entry: HostEntry, opts: HostOptions) -> TableBackend:
 
 
 KIND = BackendKind(kind="table", description="a table host", vm_config=TableVmConfig, open=_open,
-                   schemes=("local", "table"), claims=("table",))  # fmt: skip
+                   schemes=("local", "table"), claims=("table",), capabilities=CAPABILITIES)  # fmt: skip

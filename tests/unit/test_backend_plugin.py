@@ -137,3 +137,21 @@ def test_a_full_run_folder_is_exit_3_and_keeps_what_finished(table_site: Path) -
         assert 0 < len(done) < 2000 and all(d["verdict"] == "preserved" for d in done)
     finally:
         subprocess.run(["umount", str(small)], check=False)
+
+
+def test_a_bisection_on_a_backend_without_builds_is_refused_at_its_line(table_site: Path) -> None:
+    """The table backend declares no images: a bisection over builds is refused before any
+    try, naming the playbook's line of ``bisect:`` and the backend's own reason (it used to
+    run 30 tries "into v2-r1" and print a bisection table)."""
+    pb = table_site / "bisect.yaml"
+    pb.write_text(
+        "name: table-bisect\nvm_config: table.yaml\niterations: 30\n"
+        "schedule: {kind: fixed, offsets_ms: [50]}\n"
+        "bisect:\n  builds: [v2-r1, v2-r2, v2-r3]\n"
+    )
+    r = subprocess.run([sys.executable, "-m", "testbed.cli", "run", str(pb), "--host", "table://lab1",
+                        "--out", str(table_site / "b")], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 2, r.stdout + r.stderr
+    err = " ".join(r.stderr.split())
+    assert f"{pb}:5:" in err and "a table has no builds to service into" in err, err
+    assert not (table_site / "b" / "results.jsonl").exists()

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ruamel.yaml import YAML
 
+from testbed.core.capabilities import Capabilities
 from testbed.core.config import ConfigError
 from testbed.engine.playbook import load_playbook, load_vm_config
 from testbed.hosts import load_inventory
@@ -117,14 +118,20 @@ def test_an_empty_pattern_matches_everything_and_is_refused(tmp_path: Path) -> N
     assert e.value.line == 6 and "empty pattern" in str(e.value)
 
 
+class TableHost:
+    kind, host = "qemu", "nowhere"
+    capabilities = Capabilities(shutdown_modes=("offset",))
+
+
 def test_the_offsets_count_sets_the_iterations_and_the_run_says_so(tmp_path: Path) -> None:
     from testbed.engine.runner import Runner, RunOptions
     from testbed.engine.schedule import parse_schedule
 
     pb, cfg = load_playbook(ROOT / "playbooks/servicing-shutdown-ic.yaml")
-    r = Runner(pb, cfg, RunOptions(offsets=parse_schedule("random:-30:60:80"), backend=object()))  # type: ignore[arg-type]
+    table = TableHost()  # a backend that is never called: planning needs only its declared capabilities
+    r = Runner(pb, cfg, RunOptions(offsets=parse_schedule("random:-30:60:80"), backend=table))  # type: ignore[arg-type]
     assert [c.iterations for c in r.cases()] == [80]  # not the playbook's 16
-    r = Runner(pb, cfg, RunOptions(offsets=parse_schedule("10,50,90"), iterations=7, backend=object()))  # type: ignore[arg-type]
+    r = Runner(pb, cfg, RunOptions(offsets=parse_schedule("10,50,90"), iterations=7, backend=table))  # type: ignore[arg-type]
     assert r.describe() == "servicing-shutdown-ic: 7 iterations, schedule fixed of 3 offsets, cycled to 7"
     assert "its number of offsets sets the iterations" in " ".join(cli("run", "--help").stdout.split())
 

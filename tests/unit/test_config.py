@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from testbed.backends.qemu.capabilities import servicing_phases
 from testbed.core.config import ConfigError, check_expectation, load_model
 from testbed.engine.playbook import Playbook, load_playbook, load_vm_config
 
@@ -127,13 +128,14 @@ def test_a_backend_without_the_shutdown_mode_refuses_the_run_before_it_starts(tm
 
     pb, cfg = load_playbook(ROOT / "playbooks" / "ic-ready-delay.yaml")
     backend = HyperVBackend(PowerShellRunner())  # never called: the refusal comes first
-    with pytest.raises(ConfigError, match="shutdown 'ic-ready' is not supported by the hyperv backend"):
-        Runner(
-            pb,
-            cfg,
-            RunOptions(out=tmp_path / "r", backend=backend),
-            playbook_path=ROOT / "playbooks" / "x.yaml",
-        )
+    path = ROOT / "playbooks" / "ic-ready-delay.yaml"
+    with pytest.raises(
+        ConfigError, match="shutdown 'ic-ready': the hyperv backend cannot fire the shutdown a delay"
+    ) as e:
+        Runner(pb, cfg, RunOptions(out=tmp_path / "r", backend=backend), playbook_path=path)
+    line = next(i for i, ln in enumerate(path.read_text().splitlines(), 1) if ln.startswith("shutdown:"))
+    assert (e.value.path, e.value.line) == (path, line)  # the key that asked, with the backend's reason
+    assert "not stamped on the host clock" in e.value.message
 
 
 def test_phase_schedules_are_refused_where_phases_cannot_be_seen(tmp_path: Path) -> None:
@@ -144,7 +146,7 @@ def test_phase_schedules_are_refused_where_phases_cannot_be_seen(tmp_path: Path)
 
     pb, cfg = load_playbook(ROOT / "playbooks" / "phase-sweep.yaml")
     with pytest.raises(
-        ConfigError, match="the hyperv backend cannot fire on servicing phases: Hyper-V shows"
+        ConfigError, match="the hyperv backend cannot fire on servicing phases .*: Hyper-V shows"
     ):
         Runner(pb, cfg, RunOptions(out=tmp_path / "r", backend=HyperVBackend(PowerShellRunner())))
     bad = pb.model_copy(update={"schedule": pb.schedule.model_copy(update={"phases": ["quiesce"]})})
@@ -158,6 +160,6 @@ def test_phase_schedules_are_refused_where_phases_cannot_be_seen(tmp_path: Path)
     case = ok.cases()[0]
     assert ok.iterations_of(case) == (12 * 2 + 11) * 3  # 12 phases with mask, 2 delays, midpoints, repeat 3
     plans = list(ok.plans(case, 0))[: 12 * 2 * 3]
-    assert {(p.phase, p.offset_ms) for p in plans} == {(ph, d) for ph in QemuBackend.servicing_phases("mask")
+    assert {(p.phase, p.offset_ms) for p in plans} == {(ph, d) for ph in servicing_phases("mask")
                                                       for d in (0.0, 2.0)}  # fmt: skip
     assert {p.shutdown_mode for p in plans} == {"phase"}

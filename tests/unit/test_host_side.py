@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,7 @@ def test_zipapp_says_hello_under_a_bare_python3(entry: str) -> None:
 @pytest.mark.parametrize("entry", PROGRAMS)
 def test_the_closure_is_python_3_9(entry: str) -> None:
     files = [str(ROOT / f) for f in closure_of(entry)]
-    r = subprocess.run([str(ROOT / ".venv/bin/ruff") if (ROOT / ".venv/bin/ruff").exists() else "ruff", "check",
+    r = subprocess.run([str(Path(sys.executable).parent / "ruff"), "check",
                         "--target-version", "py39", "--select", "UP,F", "--no-cache", *files],
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr

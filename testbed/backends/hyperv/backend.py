@@ -24,6 +24,7 @@ from typing import Any
 
 from testbed.backends.hyperv import evidence as hv_evidence
 from testbed.backends.hyperv import options
+from testbed.backends.hyperv.capabilities import CAPABILITIES
 from testbed.backends.hyperv.config import HyperVSpec, HyperVVmConfig
 from testbed.backends.hyperv.evidence import ACCEPTED, GUEST_SHUTDOWN_EVENTS, POWER_OFF_EVENTS
 from testbed.backends.hyperv.module import (
@@ -97,9 +98,7 @@ class HyperVVm:
 
 class HyperVBackend:
     kind = "hyperv"
-    # When a shutdown can be fired (the playbook's ``shutdown``); the runner refuses others.
-    shutdown_modes = ("offset", "after-ready", "none")
-    phases_unavailable = "Hyper-V shows servicing as a WMI job, and COM3's lines are read by the race script only after the timed section; the host-side trigger is not built (issue: phase-triggered firing)"
+    capabilities = CAPABILITIES
 
     def __init__(self, ps: PowerShellRunner) -> None:
         self.l0 = HostModule(ps)  # the physical host

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
+from testbed.backends.hyperv.capabilities import CAPABILITIES
 from testbed.backends.hyperv.config import HyperVVmConfig
 from testbed.backends.registry import BackendKind
 from testbed.core.config import HostEntry, HostOptions
@@ -55,6 +56,7 @@ def open_backend(entry: HostEntry, opts: HostOptions) -> Backend:
 
 
 KIND = BackendKind(
+    capabilities=CAPABILITIES,
     kind="hyperv",
     description="a Hyper-V host (WinRM)",
     vm_config=HyperVVmConfig,

@@ -22,6 +22,7 @@ from typing import Any
 
 from testbed.backends.base import host_program_errors
 from testbed.backends.openvmm import evidence
+from testbed.backends.openvmm.capabilities import CAPABILITIES
 from testbed.backends.openvmm.config import OpenVmmSpec, OpenVmmVmConfig
 from testbed.core.errors import InfraError
 from testbed.core.evidence import Check, HostReport, RaceEvidence, RacePlan
@@ -102,9 +103,7 @@ def service_command(vm: OpenVmmVm, image: str | None) -> str:
 
 class OpenVmmBackend:
     kind = "openvmm"
-    # When a shutdown can be fired (the playbook's ``shutdown``); the runner refuses others.
-    shutdown_modes = ("offset", "after-ready", "none")
-    phases_unavailable = "the host driver reads OpenVMM's console and OpenHCL's COM3 as they come, but fires only at offsets so far; a trigger on those lines is not built yet"
+    capabilities = CAPABILITIES
 
     def __init__(self, transport: Transport | None = None) -> None:
         self.transport: Transport = transport or LocalTransport()

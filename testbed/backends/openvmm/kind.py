@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from testbed.backends.openvmm.capabilities import CAPABILITIES
 from testbed.backends.openvmm.config import OpenVmmVmConfig
 from testbed.backends.registry import BackendKind
 from testbed.core.config import HostEntry, HostOptions
@@ -20,6 +21,7 @@ def open_backend(entry: HostEntry, opts: HostOptions) -> Backend:
 
 
 KIND = BackendKind(
+    capabilities=CAPABILITIES,
     kind="openvmm",
     description="an OpenVMM host",
     vm_config=OpenVmmVmConfig,

@@ -29,6 +29,7 @@ from typing import Any
 from testbed.backends.base import host_program_errors
 from testbed.backends.qemu import evidence
 from testbed.backends.qemu.agent.lifecycle import SLOT_WAIT_S
+from testbed.backends.qemu.capabilities import CAPABILITIES
 from testbed.backends.qemu.config import QemuVmConfig
 from testbed.backends.qemu.image import Image, ImageBuildError, build_image, resolve_kernel
 from testbed.core.errors import InfraError
@@ -110,22 +111,7 @@ class QemuBackend:
     """A QEMU host (local or over SSH). One agent serves all VMs of this backend."""
 
     kind = "qemu"
-    # When a shutdown can be fired (the playbook's ``shutdown``); the runner refuses others.
-    shutdown_modes = ("offset", "after-ready", "ic-ready", "phase", "none")
-
-    @staticmethod
-    def servicing_phases(strategy: str) -> list[str]:
-        """The phases the lab paravisor announces (on ``get``, just before each step) and
-        the host sees, in order, for a preservation strategy."""
-        quiesce = {"none": [], "mask": ["quiesce", "quiesce-acked", "drained"],
-                   "mask-async": ["quiesce", "drained"], "pause-resume": ["quiesce", "quiesce-acked"]}[strategy]  # fmt: skip
-        return ["request-seen", *quiesce, "save-start", "save-end", "port-close", "exec", "restore-start",
-                "restore-end", "port-reopen", "ic-reoffered"]  # fmt: skip
-
-    # Lanes of one run may race at once, each on its own backend (agent) and guest slot.
-    supports_parallel = True
-    # Traffic beside the race (a playbook's ``stream``), accounted for message by message.
-    supports_stream = True
+    capabilities = CAPABILITIES
 
     def __init__(
         self,

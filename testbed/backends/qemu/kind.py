@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
+from testbed.backends.qemu.capabilities import CAPABILITIES
 from testbed.backends.qemu.config import QemuVmConfig
 from testbed.backends.registry import BackendKind
 from testbed.core.config import HostEntry, HostOptions
@@ -38,6 +39,7 @@ def _commands() -> dict[str, Any]:
 
 
 KIND = BackendKind(
+    capabilities=CAPABILITIES,
     kind="qemu",
     description="a QEMU host (local or over SSH)",
     vm_config=QemuVmConfig,
