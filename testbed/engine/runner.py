@@ -476,6 +476,8 @@ class Runner:
             "inventory": str(self.opts.inventory.resolve()) if self.opts.inventory else None,
             "host_os": f"{platform.system()} {platform.release()} ({platform.version()})",
             **vm.record(),
+            "backend_record": vm.record(),  # the backend's own fields, which reports print as they are
+            "strategy": self.strategy,
             "seed": self.seed,
             "reset": self.reset,
             "config_hash": stable_hash(

@@ -10,9 +10,13 @@ from junitparser import Error, Failure, JUnitXml, Skipped, TestCase, TestSuite
 
 def write_junit(path: Path, run: dict[str, Any], records: list[dict[str, Any]]) -> None:
     suite = TestSuite(run.get("playbook", "testbed"))
-    for k in ("strategy", "accel", "kernel", "qemu_version", "seed", "run_dir"):
-        if run.get(k) is not None:
-            suite.add_property(k, str(run[k]))
+    own = run.get("backend_record") or {}
+    for k, v in {
+        **{k: run.get(k) for k in ("host_kind", "strategy", "accel", "seed", "run_dir")},
+        **own,
+    }.items():
+        if v is not None and not isinstance(v, dict | list):
+            suite.add_property(k, str(v))
     for r in records:
         name = f"iteration-{r['iteration']:04d} offset={r.get('planned_offset_ms')}ms"
         tc = TestCase(

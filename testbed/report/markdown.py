@@ -107,8 +107,9 @@ def render_markdown(run: dict[str, Any], s: dict[str, Any]) -> str:
     if s.get("iterations_per_min"):
         lines.append(f"- rate: {s['iterations_per_min']:.1f} iterations/min")
     lines.append(
-        f"- accel {run.get('accel')}, kernel {run.get('kernel')}, QEMU {run.get('qemu_version')}, "
-        f"paravisor {run.get('paravisor')}, seed {run.get('seed')}"
+        f"- {run.get('host_kind') or 'host'} {run.get('host')}: accel {run.get('accel')}, "
+        + "".join(f"{k} {v}, " for k, v in backend_fields(run).items())
+        + f"paravisor {run.get('paravisor')}, seed {run.get('seed')}"
     )
     ex = s["expectations"]
     lines.append("- expectations: " + ("met" if ex["ok"] else "VIOLATED: " + "; ".join(ex["violations"])))
@@ -117,3 +118,15 @@ def render_markdown(run: dict[str, Any], s: dict[str, Any]) -> str:
     if s.get("interrupted"):
         lines.append("- the run was interrupted; these are the iterations that finished")
     return "\n".join(lines) + "\n"
+
+
+# Record fields every backend has, printed on their own; the rest are the backend's own.
+_COMMON = ("vm", "host", "accel", "paravisor", "strategy", "workdir")
+
+
+def backend_fields(run: dict[str, Any]) -> dict[str, Any]:
+    """The backend's own record fields (QEMU's kernel and version, OpenVMM's version, a
+    Hyper-V host's build), scalars only, as the backend named them."""
+    own = run.get("backend_record") or {}
+    return {k: v for k, v in own.items()
+            if k not in _COMMON and v is not None and not isinstance(v, dict | list) and len(str(v)) <= 60}  # fmt: skip

@@ -178,7 +178,7 @@ def test_ic_ready_delay_finds_how_long_to_wait_after_ready(
     from testbed.engine.playbook import load_playbook
 
     shipped, _ = load_playbook(ROOT / "playbooks" / "ic-ready-delay.yaml")
-    assert shipped.shutdown == "ic-ready" and shipped.lab.vtl0_attach_ms == 250
+    assert shipped.shutdown == "ic-ready" and shipped.lab["vtl0_attach_ms"] == 250
     pb = shipped.model_copy(update={
         "iterations": len(delays), "schedule": ScheduleSpec(kind="fixed", offsets_ms=delays),
         "lab": {"vtl0_attach_ms": attach_ms}})  # fmt: skip
