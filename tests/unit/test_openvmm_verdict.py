@@ -88,3 +88,10 @@ def test_a_deadline_without_completion_is_servicing_failed() -> None:
 def test_shutdown_initiated_alone_proves_delivery_with_the_caveat() -> None:
     v = classify(evidence(raw(log=[DONE, log(700, "INFO", "shutdown initiated")])))
     assert v.kind == "preserved" and "no VTL0 line on COM1" in v.reason
+
+
+def test_no_answer_without_servicing_is_lost_as_on_every_backend() -> None:
+    """Fired with no servicing, no refusal, no VTL0 line, no halt: lost, as QEMU and
+    Hyper-V say (one verdict tree); this tree once said infra-error here."""
+    v = classify(evidence(raw(service_cmd=None, log=[], COM3=[])))
+    assert v.kind == "lost" and "without refusal" in v.reason and "1500 ms" in v.reason

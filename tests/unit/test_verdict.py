@@ -138,3 +138,13 @@ def test_servicing_proof_from_the_boot_id(svc: dict[str, Any], proof: str, kind:
     race = evidence.evidence(res)
     assert race.servicing_proof == proof
     assert evidence.classify(race).kind == kind
+
+
+def test_a_phase_that_never_came_fired_nothing() -> None:
+    v = classify(ev(decision=None, host_log=[], phase_missing="phase restore never came in this servicing"))
+    assert v.kind == "infra-error" and v.reason.startswith("phase restore never came")
+    # ...unless servicing failed: then that is the verdict
+    v = classify(
+        ev(decision=None, host_log=[], phase_missing="phase restore never came", servicing_timeout=True)
+    )
+    assert v.kind == "servicing-failed"

@@ -3,6 +3,7 @@ the worker's event log, and the VTL0 (COM1) and OpenHCL (COM3) serial lines.
 
 Classified on numbers (event IDs, return values, job error codes), never on
 message text, which is localized and varies between builds.
+``facts`` reads them into ``Facts``; ``testbed.core.verdicts.decide`` gives the verdict.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import re
 from typing import Any
 
 from testbed.core.evidence import RaceEvidence
-from testbed.core.verdicts import Verdict
+from testbed.core.verdicts import NOTHING, Facts, Finding, Request, Verdict, decide
 
 JOB_STARTED = 4096
 JOB_COMPLETED = 7
@@ -108,92 +109,97 @@ def _lines(entries: list[dict[str, Any]], port: str) -> list[str]:
 
 
 def classify(evidence: RaceEvidence) -> Verdict:
-    """The verdict from what HyperVBackend.race returned (its ``raw`` part: the host's
-    answer as on the wire, the worker's events, the COM1 pattern)."""
+    """Hyper-V's verdict: its facts, decided as for every backend."""
+    return decide(facts(evidence))
+
+
+def facts(evidence: RaceEvidence) -> Facts:
+    """The facts of what HyperVBackend.race returned (its ``raw`` part: the host's answer
+    as on the wire, the worker's events, the COM1 pattern)."""
     if evidence.infra_error:
-        return Verdict.infra(evidence.infra_error)
+        return Facts(infra_error=Finding(evidence.infra_error, (evidence.infra_error,)))
     ev = evidence.raw
     race: dict[str, Any] = ev["race"]
     events: list[dict[str, Any]] = ev.get("events", [])
     ids = {int(e["Id"]) for e in events}
-    ev_lines = [f"event {e['Id']} at {e['TimeUtc']}: {e.get('Message', '')}".strip() for e in events]
-    pattern = re.compile(ev["vtl0_pattern"])
-    delivered = [e for e in race.get("Com1") or [] if pattern.search(e["Line"])]
-    delivered_lines = _lines(delivered, "COM1")
-    fired = race.get("FireMs") is not None
+    ev_lines = tuple(f"event {e['Id']} at {e['TimeUtc']}: {e.get('Message', '')}".strip() for e in events)
     servicing = race.get("ServiceMs") is not None
-    svc_lines = [
+    svc_lines = (
         f"host ReloadManagementVtl at {race['ServiceMs']:.1f} ms returned {race.get('ServiceReturn')}"
-        + (f", job state {race.get('JobState')} error {race.get('JobErrorCode')}" if race.get("JobState") else "")
-    ] if servicing else []  # fmt: skip
-    fire_line = (
-        [f"host InitiateShutdown at {race['FireMs']:.1f} ms returned {race.get('FireReturn')}; "
-         f"shutdown IC was {race.get('IcAtFire')!r}"] if fired else []
-    )  # fmt: skip
-    event_ms = {int(i): float(ms) for i, ms in ev.get("event_ms", [])}
-    # The IC call's own result: returned 0, or 4096 and its job completed (a job that
-    # failed after 4096 took nothing to the guest).
-    fire_job_failed = race.get("FireReturn") == JOB_STARTED and race.get("FireJobState") not in (
-        None,
-        JOB_COMPLETED,
-    )
-    accepted = fired and race.get("FireReturn") in ACCEPTED and not fire_job_failed
-
+        + (f", job state {race.get('JobState')} error {race.get('JobErrorCode')}" if race.get("JobState") else ""),
+    ) if servicing else ()  # fmt: skip
+    failure = servicing_failure(race, {int(i): float(ms) for i, ms in ev.get("event_ms", [])})
+    request, request_seen = _request(race)
+    acted, before, acted_seen = _acted(ev, ids, ev_lines, accepted=request == "accepted")
     crash = sorted(ids & set(CRASH_EVENTS))
-    if crash:
-        return Verdict("guest-crash", f"event {crash[0]}: {CRASH_EVENTS[crash[0]]}", ev_lines)
-    if EV_WORKER_TERMINATED in ids:
-        return Verdict("infra-error", "the VM worker process terminated (event 14070)", ev_lines)
-    if len(delivered) >= 2:
-        return Verdict(
-            "duplicated", f"VTL0 handled the shutdown {len(delivered)} times", delivered_lines + fire_line
-        )
+    worker_gone = EV_WORKER_TERMINATED in ids
+    fate = Finding("VM off", ev_lines)
+    if race.get("Running"):
+        fate = Finding(f"VM still running at the end of the {ev.get('grace_ms', 0):.0f} ms grace",
+                       (f"host shutdown IC after the race: {race.get('IcAfter')!r}",))  # fmt: skip
+    return Facts(
+        crash=Finding(f"event {crash[0]}: {CRASH_EVENTS[crash[0]]}", ev_lines) if crash else None,
+        infra_error=Finding("the VM worker process terminated (event 14070)", ev_lines)
+        if worker_gone
+        else None,
+        request=request,
+        request_seen=request_seen,
+        servicing="failed" if failure else "done" if servicing else "none",
+        servicing_proof=evidence.servicing_proof,
+        # A failure read from the worker's events names them.
+        servicing_seen=Finding(failure or "servicing done", svc_lines + (ev_lines if failure else ())),
+        acted=acted,
+        before_servicing=before,
+        acted_seen=acted_seen,
+        ended=not race.get("Running"),
+        fate=fate,
+    )
 
-    failure = servicing_failure(race, event_ms)
-    if delivered or (ids & GUEST_SHUTDOWN_EVENTS and accepted and race.get("IcAtFire") == "OK"):
-        anchor = ev.get("guest_anchor_ms")
-        anchor = anchor if anchor is not None else race.get("ServiceMs")
-        # VTL0's own line; else the host's 18504 event (later than the delivery, so it can
-        # prove "before servicing" but never rule it out).
-        t_del = delivered[0]["Ms"] if delivered else ev.get("ic_event_ms")
-        shown = delivered_lines + [ln for ln in ev_lines if int(ln.split()[1]) in GUEST_SHUTDOWN_EVENTS]
-        if not servicing or (t_del is not None and anchor is not None and t_del < anchor):
-            return Verdict("delivered-before", "VTL0 got the shutdown before servicing took hold",
-                           shown + fire_line + svc_lines)  # fmt: skip
-        if failure is None:
-            why = "delivered exactly once, after servicing"
-            if not delivered:
-                off = sorted(ids & GUEST_SHUTDOWN_EVENTS)[0]
-                why += f" (event {off}; no VTL0 line on COM1, so delivered-before cannot be ruled out)"
-            return Verdict("preserved", why, shown + fire_line + svc_lines)
-    if failure is not None:
-        fate = "VM still running" if race.get("Running") else "VM off"
-        return Verdict("servicing-failed", f"{failure}; {fate}", svc_lines + ev_lines)
-    if fired and fire_job_failed:
+
+def _request(race: dict[str, Any]) -> tuple[Request, Finding]:
+    """What the host did with InitiateShutdown: its return value, the IC's state when it
+    was called, and the job it started (a job that failed after 4096 took nothing to
+    the guest)."""
+    if race.get("FireMs") is None:
+        return "none", NOTHING
+    fire_line = (f"host InitiateShutdown at {race['FireMs']:.1f} ms returned {race.get('FireReturn')}; "
+                 f"shutdown IC was {race.get('IcAtFire')!r}",)  # fmt: skip
+    if race.get("FireReturn") == JOB_STARTED and race.get("FireJobState") not in (None, JOB_COMPLETED):
         job = job_error(
             race.get("FireJobState"), race.get("FireJobErrorCode"), race.get("FireJobErrorDescription") or ""
         )
-        return Verdict("rejected", f"InitiateShutdown started a job that {job}", fire_line)
-    if fired and (race.get("IcAtFire") != "OK" or race.get("FireReturn") not in ACCEPTED):
-        return Verdict(
-            "rejected",
-            f"the shutdown IC was {race.get('IcAtFire')!r} and InitiateShutdown returned "
-            f"{returned(race.get('FireReturn'))}",
-            fire_line,
-        )
-    if not fired:
-        return Verdict("preserved", "servicing completed; no message was at stake", svc_lines)
-    if not race.get("Running"):
-        return Verdict(
-            "infra-error", "the VM turned off, but not through the shutdown IC", ev_lines + fire_line
-        )
+        return "refused", Finding(f"InitiateShutdown started a job that {job}", fire_line)
+    if race.get("IcAtFire") != "OK" or race.get("FireReturn") not in ACCEPTED:
+        return "refused", Finding(f"the shutdown IC was {race.get('IcAtFire')!r} and InitiateShutdown returned "
+                                  f"{returned(race.get('FireReturn'))}", fire_line)  # fmt: skip
+    return "accepted", Finding("the host's shutdown request was accepted with the IC OK", fire_line)
+
+
+def _acted(
+    ev: dict[str, Any], ids: set[int], ev_lines: tuple[str, ...], *, accepted: bool
+) -> tuple[int | None, bool, Finding]:
+    """How many times VTL0 acted on the shutdown, whether before servicing took hold,
+    and the lines: VTL0's own COM1 lines, else the host's guest-shutdown event after an
+    accepted IC call (later than the delivery, so it can prove "before servicing" but
+    never rule it out). Unknown (None) when COM1 could not be read and nothing else
+    shows a delivery."""
+    race: dict[str, Any] = ev["race"]
+    pattern = re.compile(ev["vtl0_pattern"])
+    delivered = [e for e in race.get("Com1") or [] if pattern.search(e["Line"])]
+    shown = tuple(_lines(delivered, "COM1")) + tuple(
+        ln for ln in ev_lines if int(ln.split()[1]) in GUEST_SHUTDOWN_EVENTS
+    )
+    anchor = ev.get("guest_anchor_ms")
+    anchor = anchor if anchor is not None else race.get("ServiceMs")
+    t_del = delivered[0]["Ms"] if delivered else ev.get("ic_event_ms")
+    before = t_del is not None and anchor is not None and t_del < anchor
+    if delivered:
+        return len(delivered), before, Finding(lines=shown)
+    if ids & GUEST_SHUTDOWN_EVENTS and accepted:
+        off = sorted(ids & GUEST_SHUTDOWN_EVENTS)[0]
+        caveat = f"event {off}; no VTL0 line on COM1, so delivered-before cannot be ruled out"
+        return 1, before, Finding(caveat, shown)
     if race.get("Com1Error"):
         # No VTL0 evidence: a VM still running may have been told and be slow, or not told.
-        return Verdict("infra-error", f"inconclusive: COM1 could not be read ({race['Com1Error']}), so a lost "
-                       "shutdown cannot be told from a slow one", fire_line + svc_lines)  # fmt: skip
-    return Verdict(
-        "lost",
-        "the host's shutdown request was accepted with the IC OK, VTL0 never saw it; "
-        f"the VM was still running {ev.get('grace_ms', 0):.0f} ms after servicing",
-        fire_line + svc_lines + [f"host shutdown IC after the race: {race.get('IcAfter')!r}"],
-    )
+        return None, False, Finding(f"COM1 could not be read ({race['Com1Error']})", shown)
+    return 0, False, Finding(lines=shown)

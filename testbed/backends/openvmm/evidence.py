@@ -1,6 +1,7 @@
 """Verdicts from OpenVMM evidence: the console's answers and log lines, VTL0's COM1
 and OpenHCL's COM3, each stamped on arrival with the host's monotonic clock.
 
+``facts`` reads them into ``Facts``; ``testbed.core.verdicts.decide`` gives the verdict.
 The mapping (README, "Running against a real OpenVMM host"):
 
 * VTL0's shutdown line on COM1, or ``shutdown initiated`` (printed only once the
@@ -11,7 +12,7 @@ The mapping (README, "Running against a real OpenVMM host"):
 * ``vtl2 servicing failed``, ``guest reported vtl0 failed to start``, or no
   ``vtl2 servicing complete`` by testbed's deadline: ``servicing-failed``.
 * ``guest halted`` with a reason other than ``PowerOff``: ``guest-crash``.
-* taken without refusal, ``vtl2 servicing complete``, and by the deadline no
+* taken without refusal, servicing (if any) complete, and by the deadline no
   ``shutdown initiated``, no VTL0 line, no halt: ``lost``.
 * openvmm exiting or panicking, no shutdown IC: ``infra-error``.
 """
@@ -19,12 +20,13 @@ The mapping (README, "Running against a real OpenVMM host"):
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from testbed.backends.openvmm.console import ConsoleLine, hex_or_int, parse
 from testbed.core.evidence import RaceEvidence, TimelineEntry
-from testbed.core.verdicts import Verdict
+from testbed.core.verdicts import Facts, Finding, Request, Servicing, Verdict, decide
 
 POWER_OFF = "PowerOff"
 
@@ -82,10 +84,15 @@ def evidence(raw: dict[str, Any]) -> RaceEvidence:
 
 
 def classify(race: RaceEvidence) -> Verdict:
+    """OpenVMM's verdict: its facts, decided as for every backend."""
+    return decide(facts(race))
+
+
+def facts(race: RaceEvidence) -> Facts:
+    """The facts of OpenVMM's race: the console's answers and log lines, VTL0's COM1."""
     if race.infra_error:
-        return Verdict.infra(race.infra_error)
-    raw = race.raw
-    zero = race.zero_ns
+        return Facts(infra_error=Finding(race.infra_error, (race.infra_error,)))
+    raw, zero = race.raw, race.zero_ns
     console = sorted(_seen(raw, "console") + _seen(raw, "log"), key=lambda s: s.t_ns)
 
     def first(*names: str) -> Seen | None:
@@ -93,86 +100,89 @@ def classify(race: RaceEvidence) -> Verdict:
 
     vtl0_rx = re.compile(raw["vtl0_shutdown_pattern"])
     vtl0 = [s for s in _seen(raw, "COM1") if vtl0_rx.search(s.line.text)]
-    servicing = bool(raw.get("service_cmd"))
-    fired = race.fire_ns is not None
     ack, halted = first("shutdown-initiated"), first("guest-halted")
-    done, failed, vtl0_failed = first("servicing-complete"), first("servicing-failed"), first("vtl0-failed")
-    refused = first("ic-not-ready", "shutdown-failed", "shutdown-comm-failure")
-    svc_lines = [s.show(zero) for s in (done, failed, vtl0_failed) if s is not None]
-    fire_line: list[str] = []
+    fire_line: tuple[str, ...] = ()
     if race.fire_ns is not None and zero is not None:
-        fire_line = [f"host typed `{raw['shutdown_cmd']}` at {(race.fire_ns - zero) / 1e6:.1f} ms"]
+        fire_line = (f"host typed `{raw['shutdown_cmd']}` at {(race.fire_ns - zero) / 1e6:.1f} ms",)
+    servicing, servicing_seen = _servicing(raw, first, zero)
+    request, request_seen = _request(race, first("ic-not-ready", "shutdown-failed", "shutdown-comm-failure"),
+                                     fire_line)  # fmt: skip
+    delivered = vtl0[0] if vtl0 else ack
+    anchor = race.service_started_ns if race.service_started_ns is not None else race.service_requested_ns
+    shown = tuple(s.show(zero) for s in [*vtl0, ack, halted] if s is not None)
+    # "shutdown initiated" is printed only once the guest acknowledged the request.
+    caveat = "" if vtl0 or ack is None else "the console's 'shutdown initiated'; no VTL0 line on COM1"
+    crash: Finding | None = None
+    fate: Finding | None = None
+    if halted is not None:
+        reason = halted.line.fields.get("reason", POWER_OFF)
+        fate = Finding(f"VM halted ({reason})", (halted.show(zero),))
+        if reason != POWER_OFF:
+            crash = Finding(f"the guest halted: reason={reason}", fate.lines + servicing_seen.lines)
+    # openvmm exiting with nothing seen of the guest leaves nothing to classify by.
+    died = raw.get("exited") is not None and halted is None and not vtl0 and ack is None
+    return Facts(
+        crash=crash,
+        infra_error=_broken(first, console, zero, fire_line, raw.get("exited") if died else None),
+        request=request,
+        request_seen=request_seen,
+        servicing=servicing,
+        servicing_proof=race.servicing_proof,
+        servicing_seen=servicing_seen,
+        acted=len(vtl0) or (1 if ack is not None else 0),
+        before_servicing=delivered is not None and anchor is not None and delivered.t_ns < anchor,
+        acted_seen=Finding(caveat, shown),
+        ended=halted is not None,
+        fate=fate or Finding(f"VM still running at the end of the {raw.get('grace_ms', 0):.0f} ms grace"),
+    )
 
+
+def _broken(first: Callable[..., Seen | None], console: list[Seen], zero: int | None,
+            fire_line: tuple[str, ...], exited: Any) -> Finding | None:  # fmt: skip
+    """openvmm itself failing: its console panicking, no shutdown IC, or exiting."""
     panic = first("console-panic")
     if panic is not None:
-        return Verdict("infra-error", "openvmm's console panicked (no terminal?)", [panic.show(zero)])
+        return Finding("openvmm's console panicked (no terminal?)", (panic.show(zero),))
     no_ic = first("no-shutdown-ic")
     if no_ic is not None:
-        return Verdict("infra-error", "openvmm has no shutdown IC (is --hv set?)", [no_ic.show(zero)])
-    if (
-        raw.get("exited") is not None and halted is None and not vtl0 and ack is None
-    ):  # openvmm died: nothing to classify by
-        return Verdict("infra-error", f"openvmm exited ({raw['exited']}) during the race",
-                       [s.show(zero) for s in console[-3:]] + fire_line)  # fmt: skip
-    if halted is not None and halted.line.fields.get("reason", POWER_OFF) != POWER_OFF:
-        return Verdict("guest-crash", f"the guest halted: reason={halted.line.fields.get('reason')}",
-                       [halted.show(zero)] + svc_lines)  # fmt: skip
-    if len(vtl0) >= 2:
-        return Verdict(
-            "duplicated",
-            f"VTL0 handled the shutdown {len(vtl0)} times",
-            [s.show(zero) for s in vtl0] + fire_line,
-        )
+        return Finding("openvmm has no shutdown IC (is --hv set?)", (no_ic.show(zero),))
+    if exited is not None:
+        return Finding(f"openvmm exited ({exited}) during the race",
+                       tuple(s.show(zero) for s in console[-3:]) + fire_line)  # fmt: skip
+    return None
 
-    servicing_failed = None
-    if servicing:
-        if failed is not None:
-            servicing_failed = f"openvmm: {failed.line.text}"
-        elif vtl0_failed is not None:
-            servicing_failed = "VTL0 failed to start after servicing"
-        elif done is None:
-            servicing_failed = (f"no 'vtl2 servicing complete' within {raw.get('servicing_timeout_s')} s"
-                                if raw.get("servicing_timeout") else "servicing did not finish")  # fmt: skip
-    delivered = vtl0[0] if vtl0 else ack
-    if fired and delivered is not None:
-        anchor = race.service_started_ns if race.service_started_ns is not None else race.service_requested_ns
-        shown = (
-            [s.show(zero) for s in vtl0]
-            + ([ack.show(zero)] if ack else [])
-            + ([halted.show(zero)] if halted else [])
-        )
-        if not servicing or (anchor is not None and delivered.t_ns < anchor):
-            return Verdict(
-                "delivered-before",
-                "VTL0 got the shutdown before servicing took hold",
-                shown + fire_line + svc_lines,
-            )
-        if servicing_failed is None:
-            why = "delivered exactly once, after servicing"
-            if not vtl0:
-                why += " (the console's 'shutdown initiated'; no VTL0 line on COM1)"
-            return Verdict("preserved", why, shown + fire_line + svc_lines)
-    if servicing_failed is not None:
-        return Verdict(
-            "servicing-failed", servicing_failed, svc_lines + ([halted.show(zero)] if halted else [])
-        )
-    if refused is not None:
-        wait = (refused.t_ns - race.fire_ns) / 1e6 if race.fire_ns is not None else None
-        code = (
-            hex_or_int(refused.line.message.rsplit(" ", 1)[-1])
-            if refused.line.event == "shutdown-failed"
-            else None
-        )
-        what = f"error code {code:#x}" if code is not None else refused.line.message
-        return Verdict("rejected", f"openvmm refused the shutdown ({what}) after {wait:.0f} ms" if wait is not None
-                       else f"openvmm refused the shutdown ({what})", fire_line + [refused.show(zero)])  # fmt: skip
-    if not fired:
-        return Verdict("preserved", "servicing completed; no message was at stake", svc_lines)
-    if halted is not None:
-        return Verdict("infra-error", "the VM powered off, but neither VTL0 nor the console showed the shutdown",
-                       [halted.show(zero)] + fire_line)  # fmt: skip
-    if servicing and done is not None:
-        return Verdict("lost", "openvmm took the shutdown without refusal and servicing completed, but VTL0 "
-                       f"never saw it: no 'shutdown initiated', no COM1 line, no halt in {raw.get('grace_ms', 0):.0f} ms",
-                       fire_line + svc_lines)  # fmt: skip
-    return Verdict("infra-error", "no answer to the shutdown and nothing to classify it by", fire_line)
+
+def _servicing(
+    raw: dict[str, Any], first: Callable[..., Seen | None], zero: int | None
+) -> tuple[Servicing, Finding]:
+    """Servicing's outcome: openvmm's completion or failure lines, or their absence."""
+    done, failed, vtl0_failed = first("servicing-complete"), first("servicing-failed"), first("vtl0-failed")
+    lines = tuple(s.show(zero) for s in (done, failed, vtl0_failed) if s is not None)
+    if not raw.get("service_cmd"):
+        return "none", Finding(lines=lines)
+    if failed is not None:
+        return "failed", Finding(f"openvmm: {failed.line.text}", lines)
+    if vtl0_failed is not None:
+        return "failed", Finding("VTL0 failed to start after servicing", lines)
+    if done is None:
+        return "failed", Finding(f"no 'vtl2 servicing complete' within {raw.get('servicing_timeout_s')} s"
+                                 if raw.get("servicing_timeout") else "servicing did not finish", lines)  # fmt: skip
+    return "done", Finding("servicing done", lines)
+
+
+def _request(race: RaceEvidence, refused: Seen | None, fire_line: tuple[str, ...]) -> tuple[Request, Finding]:
+    """What openvmm did with the shutdown: refused it (and after how long), or took it
+    (it prints nothing when it does)."""
+    if race.fire_ns is None:
+        return "none", Finding(lines=fire_line)
+    if refused is None:
+        return "accepted", Finding("openvmm took the shutdown without refusal", fire_line)
+    wait = (refused.t_ns - race.fire_ns) / 1e6
+    code = (
+        hex_or_int(refused.line.message.rsplit(" ", 1)[-1])
+        if refused.line.event == "shutdown-failed"
+        else None
+    )
+    what = f"error code {code:#x}" if code is not None else refused.line.message
+    return "refused", Finding(f"openvmm refused the shutdown ({what}) after {wait:.0f} ms",
+                              fire_line + (refused.show(race.zero_ns),))  # fmt: skip

@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 from testbed.core.evidence import RaceEvidence, TimelineEntry
-from testbed.core.verdicts import Verdict
+from testbed.core.verdicts import NOTHING, Facts, Finding, Request, Servicing, Verdict, decide
 
 _T = re.compile(r"^TB t=(\d+) ")
 
@@ -173,115 +173,97 @@ def _host_lines(log: list[dict[str, Any]], pred: Any) -> list[str]:
 
 
 def classify(race: RaceEvidence) -> Verdict:
-    """The reference lab's verdict, read from the QEMU host agent's race result
-    (``race.raw``): the guest's serial lines, the relay's log, QMP events."""
+    """The reference lab's verdict: its facts, decided as for every backend."""
+    return decide(facts(race))
+
+
+def facts(race: RaceEvidence) -> Facts:
+    """The facts of the QEMU host agent's race result (``race.raw``): the guest's serial
+    lines, the relay's log, QMP events."""
     if race.infra_error:
-        return Verdict.infra(race.infra_error)
+        return Facts(infra_error=Finding(race.infra_error, (race.infra_error,)))
     ev = race.raw
     serial: list[str] = ev.get("serial", [])
-    host_log: list[dict[str, Any]] = ev.get("host_log", [])
-    qmp: list[dict[str, Any]] = ev.get("qmp_events", [])
-    svc: dict[str, Any] = ev.get("svc", {})
     shutdown = ev.get("shutdown") or {}
     msg_id = ev.get("shutdown_id")
-
-    panicked = [e for e in qmp if e["event"] == "GUEST_PANICKED"]
-    if panicked or (shutdown.get("data", {}).get("reason") == "guest-panic"):
-        lines = [f"qmp {e['event']} {e.get('data')}" for e in panicked] or [
-            f"qmp SHUTDOWN {shutdown.get('data')}"
-        ]
-        lines += [ln for ln in serial if "panick" in ln or "Kernel panic" in ln][:3]
-        return Verdict("guest-crash", "the guest kernel panicked", lines)
-    if shutdown.get("event") == "QEMU_EXIT":
-        return Verdict(
-            "infra-error",
-            f"QEMU exited without a guest shutdown (rc {shutdown.get('data', {}).get('rc')}): killed under the engine?",
-            [f"qmp QEMU_EXIT {shutdown.get('data')}"],
-        )
-
     delivered = [ln for ln in serial if msg_id and f"VTL0 SHUTDOWN id={msg_id} " in ln]
+    # When the paravisor handed the message to VTL0 decides before/after: VTL0 may log a
+    # message it was given just before servicing a little later.
+    relay = next((ln for ln in serial if msg_id and " PV relay " in ln and f" id={msg_id}" in ln), None)
     svc_start = next((ln for ln in serial if " PV svc-start " in ln), None)
-    svc_lines = [ln for ln in serial if " PV svc-" in ln or " PV restore" in ln or " PV vmbus-" in ln]
-    host_msg = _host_lines(host_log, lambda e: msg_id and f"id={msg_id}" in e["line"])
-    servicing = "request_ns" in svc
-    skipped = _skipped(svc)
+    t_del = guest_time_us(relay or delivered[0]) if delivered else None
+    t_svc = guest_time_us(svc_start) if svc_start else None
+    request, request_seen = _request(ev, msg_id)
+    servicing, servicing_seen = _servicing(ev)
+    ended = bool(ev.get("ended"))
+    fate = Finding("VM still running at the end of the grace")
+    if ended:
+        end_reason = (shutdown.get("data") or {}).get("reason")
+        fate = Finding(f"VM ended ({end_reason})", (f"qmp SHUTDOWN {shutdown.get('data')}",))
+    return Facts(
+        crash=_panic(ev),
+        infra_error=_qemu_exit(shutdown),
+        request=request,
+        request_seen=request_seen,
+        servicing=servicing,
+        servicing_proof=race.servicing_proof,
+        servicing_seen=servicing_seen,
+        acted=len(delivered),
+        before_servicing=t_del is not None and t_svc is not None and t_del < t_svc,
+        acted_seen=Finding(lines=tuple(([relay] if relay and delivered else []) + delivered)),
+        ended=ended,
+        fate=fate,
+    )
 
-    if len(delivered) >= 2:
-        return Verdict(
-            "duplicated", f"VTL0 handled the shutdown {len(delivered)} times", delivered + host_msg
-        )
 
-    if len(delivered) == 1:
-        # When the paravisor handed the message to VTL0 decides before/after: VTL0
-        # may log a message it was given just before servicing a little later.
-        relay = next((ln for ln in serial if msg_id and " PV relay " in ln and f" id={msg_id}" in ln), None)
-        t_del = guest_time_us(relay or delivered[0])
-        t_svc = guest_time_us(svc_start) if svc_start else None
-        if not servicing or (t_svc is not None and t_del is not None and t_del < t_svc):
-            return Verdict(
-                "delivered-before",
-                "VTL0 was handed the shutdown before servicing took hold",
-                ([relay] if relay else []) + delivered + ([svc_start] if svc_start else []) + host_msg,
-            )
-        if svc.get("ok") is False or ev.get("servicing_timeout"):
-            pass  # delivered after a failed servicing: report the servicing failure below
-        elif skipped:
-            return Verdict("servicing-skipped", skipped, svc_lines + delivered)
-        else:
-            return Verdict(
-                "preserved",
-                "delivered exactly once, after servicing",
-                delivered + svc_lines[-2:] + host_msg,
-            )
+def _panic(ev: dict[str, Any]) -> Finding | None:
+    shutdown = ev.get("shutdown") or {}
+    panicked = [e for e in ev.get("qmp_events", []) if e["event"] == "GUEST_PANICKED"]
+    if not panicked and (shutdown.get("data") or {}).get("reason") != "guest-panic":
+        return None
+    lines = [f"qmp {e['event']} {e.get('data')}" for e in panicked] or [
+        f"qmp SHUTDOWN {shutdown.get('data')}"
+    ]
+    lines += [ln for ln in ev.get("serial", []) if "panick" in ln or "Kernel panic" in ln][:3]
+    return Finding("the guest kernel panicked", tuple(lines))
 
-    if servicing and (ev.get("servicing_timeout") or svc.get("ok") is False):
-        why = (
-            "servicing did not finish before its timeout"
-            if ev.get("servicing_timeout")
-            else (f"servicing reported failure: {svc.get('reason') or 'unknown'}")
-        )
-        vm_fate = (
-            "VM still running"
-            if not ev.get("ended")
-            else f"VM ended ({shutdown.get('data', {}).get('reason')})"
-        )
-        return Verdict(
-            "servicing-failed",
-            f"{why}; {vm_fate}",
-            svc_lines + _host_lines(host_log, lambda e: e["port"] == "get"),
-        )
 
-    if skipped:  # whatever the message did, it was never at stake in a servicing
-        return Verdict(
-            "servicing-skipped", skipped, svc_lines + _host_lines(host_log, lambda e: e["port"] == "get")
-        )
+def _qemu_exit(shutdown: dict[str, Any]) -> Finding | None:
+    if shutdown.get("event") != "QEMU_EXIT":
+        return None
+    rc = (shutdown.get("data") or {}).get("rc")
+    return Finding(f"QEMU exited without a guest shutdown (rc {rc}): killed under the engine?",
+                   (f"qmp QEMU_EXIT {shutdown.get('data')}",))  # fmt: skip
 
+
+def _request(ev: dict[str, Any], msg_id: str | None) -> tuple[Request, Finding]:
+    """What the relay did with the shutdown request, from its log."""
+    if msg_id is None:  # servicing only, no shutdown planned
+        return "none", NOTHING
+    log_: list[dict[str, Any]] = ev.get("host_log", [])
+    ours = [e for e in log_ if f"id={msg_id}" in e["line"]]
+    lines = tuple(_host_lines(ours, lambda _: True))
     if ev.get("decision") == "rejected":
-        return Verdict(
-            "rejected",
-            f"the host refused the request: shutdown IC was {ev.get('ic_at_fire')}",
-            _host_lines(host_log, lambda e: e["kind"] == "rejected"),
+        return "refused", Finding(
+            f"the host refused the request: shutdown IC was {ev.get('ic_at_fire')}", lines
         )
+    if ev.get("phase_missing"):
+        return "unfired", Finding(f"{ev['phase_missing']}: nothing was fired", lines)
+    if any(e["kind"] in ("sent", "held") for e in ours):
+        return "accepted", Finding("posted by the host", lines)
+    return "unanswered", Finding("the request was neither posted nor refused", lines)
 
-    if msg_id is None:  # servicing only, no shutdown fired
-        return Verdict("preserved", "servicing completed; no message was at stake", svc_lines)
 
-    if not delivered and ev.get("phase_missing"):
-        return Verdict("infra-error", f"{ev['phase_missing']}: nothing was fired", svc_lines)
-
-    if not delivered:
-        if ev.get("ended"):
-            return Verdict(
-                "infra-error",
-                "the VM powered off but VTL0 never logged the request",
-                [f"qmp SHUTDOWN {shutdown.get('data')}"] + host_msg,
-            )
-        sent = any(e["kind"] in ("sent", "held") for e in host_log if f"id={msg_id}" in e["line"])
-        if not sent:
-            return Verdict("infra-error", "the request was neither posted nor refused", host_msg)
-        return Verdict(
-            "lost",
-            "posted by the host, never seen by VTL0; the VM outlived the deadline",
-            host_msg + svc_lines,
-        )
-    return Verdict("infra-error", "evidence did not match any verdict", delivered)
+def _servicing(ev: dict[str, Any]) -> tuple[Servicing, Finding]:
+    """Servicing's outcome, from the paravisor's lines and the relay's GET traffic."""
+    svc: dict[str, Any] = ev.get("svc", {})
+    serial: list[str] = ev.get("serial", [])
+    lines = tuple([ln for ln in serial if " PV svc-" in ln or " PV restore" in ln or " PV vmbus-" in ln]
+                  + _host_lines(ev.get("host_log", []), lambda e: e["port"] == "get"))  # fmt: skip
+    if "request_ns" not in svc:
+        return "none", Finding(lines=lines)
+    if ev.get("servicing_timeout"):
+        return "failed", Finding("servicing did not finish before its timeout", lines)
+    if svc.get("ok") is False:
+        return "failed", Finding(f"servicing reported failure: {svc.get('reason') or 'unknown'}", lines)
+    return "done", Finding(_skipped(svc) or "servicing done", lines)
