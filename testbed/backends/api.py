@@ -16,7 +16,7 @@ from testbed.core.capabilities import CAPABILITIES, SHUTDOWN_MODES, Capabilities
 from testbed.core.config import Artifact, ConfigError, HostEntry, HostOptions, Pattern, Strict, VmConfig
 from testbed.core.errors import InfraError
 from testbed.core.evidence import Check, HostReport, RaceEvidence, RacePlan, TimelineEntry
-from testbed.core.verdicts import VERDICTS, Verdict
+from testbed.core.verdicts import VERDICTS, Facts, Finding, Request, Servicing, Verdict, decide
 from testbed.hostprog.client import HostProgram
 from testbed.transport import Transport, TransportError, transport_for
 
@@ -29,6 +29,8 @@ __all__ = [
     "BackendKind",
     "Capabilities",
     "Check",
+    "Facts",
+    "Finding",
     "ConfigError",
     "HostEntry",
     "HostOptions",
@@ -38,6 +40,8 @@ __all__ = [
     "Pattern",
     "RaceEvidence",
     "RacePlan",
+    "Request",
+    "Servicing",
     "Strict",
     "TimelineEntry",
     "Transport",
@@ -45,6 +49,7 @@ __all__ = [
     "Verdict",
     "VmConfig",
     "VmHandle",
+    "decide",
     "host_program_errors",
     "transport_for",
 ]

@@ -13,6 +13,8 @@ from testbed.backends.api import (
     BackendKind,
     Capabilities,
     Check,
+    Facts,
+    Finding,
     HostEntry,
     HostOptions,
     HostReport,
@@ -21,6 +23,7 @@ from testbed.backends.api import (
     TimelineEntry,
     Verdict,
     VmConfig,
+    decide,
 )
 
 T0 = 5_000_000_000  # the table host's clock at the servicing request, in ns
@@ -85,9 +88,19 @@ class TableBackend:
         )  # fmt: skip
 
     def classify(self, ev: RaceEvidence) -> Verdict:
-        return Verdict(
-            ev.raw["verdict"], f"the table says {ev.raw['verdict']}", [f"table[{ev.raw['offset']}]"]
-        )
+        """The table's word as facts; ``decide`` (shared by every backend) gives the verdict."""
+        said, line = ev.raw["verdict"], f"table[{ev.raw['offset']}]"
+        seen = Finding(f"the table says {said}", (line,))
+        if said == "infra-error":
+            return decide(Facts(infra_error=seen))
+        acted = {"preserved": 1, "delivered-before": 1, "duplicated": 2}.get(said, 0)
+        return decide(Facts(
+            request="refused" if said == "rejected" else "accepted", request_seen=seen,
+            servicing="failed" if said == "servicing-failed" else "done", servicing_seen=seen,
+            servicing_proof="skipped" if said == "servicing-skipped" else "restarted",
+            acted=acted, acted_seen=seen if acted else Finding(), before_servicing=said == "delivered-before",
+            ended=acted > 0, fate=seen, crash=seen if said == "guest-crash" else None,
+        ))  # fmt: skip
 
     def collect(self, vm: TableVm, dest: Path, *, everything: bool = False) -> list[Path]:
         (dest / "table.txt").write_text(f"{vm.name} everything={everything}\n")
