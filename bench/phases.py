@@ -19,8 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from testbed.engine.options import RunOptions
 from testbed.engine.playbook import Playbook, ScheduleSpec, load_vm_config
-from testbed.engine.runner import Runner, RunOptions
+from testbed.engine.runner import Runner
 from testbed.engine.stats import wilson
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -30,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _bare import ideal_iteration  # noqa: E402
 
 from testbed.backends.qemu.backend import QemuBackend  # noqa: E402
+from testbed.engine.options import RunOptions  # noqa: E402
 from testbed.engine.playbook import Playbook, ScheduleSpec, load_vm_config  # noqa: E402
-from testbed.engine.runner import Runner, RunOptions  # noqa: E402
+from testbed.engine.runner import Runner  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

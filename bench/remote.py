@@ -22,8 +22,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from sshd import delay_proxy, run_sshd  # noqa: E402
 
 from testbed.backends.qemu.backend import QemuBackend  # noqa: E402
+from testbed.engine.options import RunOptions  # noqa: E402
 from testbed.engine.playbook import Playbook, ScheduleSpec, load_vm_config  # noqa: E402
-from testbed.engine.runner import Runner, RunOptions  # noqa: E402
+from testbed.engine.runner import Runner  # noqa: E402
 from testbed.transport.ssh import SshTransport  # noqa: E402
 
 

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from testbed.core.paths import cache_dir, runtime_dir
+from testbed.engine.options import RunOptions
 from testbed.engine.playbook import Playbook, ScheduleSpec, load_vm_config
-from testbed.engine.runner import Runner, RunOptions
+from testbed.engine.runner import Runner
 
 ROOT = Path(__file__).resolve().parents[1]
 

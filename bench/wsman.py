@@ -59,8 +59,9 @@ def per_reset(iterations: int) -> None:
 
     from testbed.backends.hyperv.backend import HyperVBackend  # noqa: PLC0415
     from testbed.core.config import Artifact  # noqa: PLC0415
+    from testbed.engine.options import RunOptions  # noqa: PLC0415
     from testbed.engine.playbook import Playbook, ScheduleSpec, load_vm_config  # noqa: PLC0415
-    from testbed.engine.runner import Runner, RunOptions  # noqa: PLC0415
+    from testbed.engine.runner import Runner  # noqa: PLC0415
 
     ref = load_vm_config(ROOT / "vm_configs" / "reference-linux.yaml")
     rows = {}

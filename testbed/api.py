@@ -26,9 +26,11 @@ from typing import Any
 from testbed.backends.base import Backend
 from testbed.core.config import HostEntry, HostOptions, VmConfig
 from testbed.core.evidence import RacePlan
+from testbed.engine.grace import DEFAULT_GRACE_MS
 from testbed.engine.iterate import iterate
+from testbed.engine.options import RunOptions, RunResult
 from testbed.engine.playbook import Playbook, load_playbook, load_vm_config
-from testbed.engine.runner import DEFAULT_GRACE_MS, Runner, RunOptions, RunResult
+from testbed.engine.runner import Runner
 from testbed.hosts import lookup_entry, open_backend
 from testbed.report import finish_run
 

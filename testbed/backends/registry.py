@@ -48,6 +48,9 @@ class BackendKind:
     # What its backends can do (the same value as ``Backend.capabilities``), for checks made
     # before a host is reached (``testbed run --dry-run``); nothing is granted by default.
     capabilities: Capabilities = Capabilities()
+    # Seconds one iteration typically takes on such a host: a dry run's estimate until a run
+    # on the host measured its own rate.
+    typical_iteration_s: float = 5.0
     host_entry: type[HostEntry] = HostEntry  # the kind's inventory entry (its own host options)
     # The kind's own CLI commands (name -> typer app), mounted under ``testbed`` (QEMU: image, vm).
     commands: Callable[[], dict[str, Any]] | None = None

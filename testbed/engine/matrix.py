@@ -22,8 +22,9 @@ from typing import Any
 
 from testbed.core.config import ConfigError, VmConfig
 from testbed.engine import requirements
+from testbed.engine.options import Progress, RunOptions, RunResult, default_run_dir
 from testbed.engine.playbook import Playbook
-from testbed.engine.runner import Progress, Runner, RunOptions, RunResult, default_run_dir
+from testbed.engine.runner import Runner
 from testbed.engine.stats import summarize
 
 log = logging.getLogger(__name__)

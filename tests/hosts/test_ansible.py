@@ -120,8 +120,9 @@ def test_prepare_a_clean_debian_host_twice_then_check_it(tmp_path: Path) -> None
         assert "host: qemu" in r.stdout
         # ...and a suite runs on the prepared host: a short race over SSH gives the lab's verdicts.
         from testbed.backends.qemu.backend import QemuBackend
+        from testbed.engine.options import RunOptions
         from testbed.engine.playbook import Playbook, ScheduleSpec, load_vm_config
-        from testbed.engine.runner import Runner, RunOptions
+        from testbed.engine.runner import Runner
         from testbed.transport.ssh import SshTransport
 
         t = SshTransport(

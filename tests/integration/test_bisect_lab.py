@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from testbed.core.config import VmConfig
+from testbed.engine.options import RunOptions
 from testbed.engine.playbook import BisectSpec, Playbook, ScheduleSpec
-from testbed.engine.runner import Runner, RunOptions
+from testbed.engine.runner import Runner
 from testbed.report import finish_run
 
 ROOT = Path(__file__).resolve().parents[2]

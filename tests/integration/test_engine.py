@@ -20,8 +20,9 @@ from testbed.core.config import VmConfig
 from testbed.core.evidence import RacePlan
 from testbed.core.paths import runtime_dir
 from testbed.core.runfolder import read_results
+from testbed.engine.options import RunOptions
 from testbed.engine.playbook import Playbook, ScheduleSpec
-from testbed.engine.runner import Runner, RunOptions
+from testbed.engine.runner import Runner
 from testbed.hostprog import leases
 from testbed.report import finish_run
 

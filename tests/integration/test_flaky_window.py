@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from testbed.core.config import VmConfig
+from testbed.engine.options import RunOptions
 from testbed.engine.playbook import Playbook, ScheduleSpec
-from testbed.engine.runner import Runner, RunOptions
+from testbed.engine.runner import Runner
 from testbed.report import finish_run
 
 

@@ -14,8 +14,8 @@ import pytest
 
 from testbed.core.config import ConfigError
 from testbed.engine.matrix import MatrixRunner, expand
+from testbed.engine.options import RunOptions
 from testbed.engine.playbook import load_playbook
-from testbed.engine.runner import RunOptions
 from testbed.report import finish_run
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,8 +13,9 @@ import pytest
 
 from testbed.backends.qemu.backend import QemuBackend
 from testbed.core.config import ConfigError, VmConfig
+from testbed.engine.options import RunOptions
 from testbed.engine.playbook import Playbook, ScheduleSpec
-from testbed.engine.runner import Runner, RunOptions
+from testbed.engine.runner import Runner
 from testbed.report import finish_run
 
 # Away from every edge of the lab's windows (strategy none, save 331 ms): before

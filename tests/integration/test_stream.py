@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from testbed.core.config import VmConfig
+from testbed.engine.options import RunOptions
 from testbed.engine.playbook import Playbook, ScheduleSpec, StreamSpec
-from testbed.engine.runner import Runner, RunOptions
+from testbed.engine.runner import Runner
 
 
 def _run(tmp: Path, cfg: VmConfig, strategy: str) -> dict:  # type: ignore[type-arg]

@@ -13,8 +13,9 @@ import pytest
 from testbed.backends.qemu.backend import QemuBackend
 from testbed.backends.qemu.config import LabKnobs
 from testbed.core.config import VmConfig
+from testbed.engine.options import RunOptions
 from testbed.engine.playbook import Playbook, ScheduleSpec
-from testbed.engine.runner import Runner, RunOptions
+from testbed.engine.runner import Runner
 from testbed.transport.ssh import SshTransport
 
 pytestmark = pytest.mark.vm

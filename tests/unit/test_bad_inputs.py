@@ -124,7 +124,8 @@ class TableHost:
 
 
 def test_the_offsets_count_sets_the_iterations_and_the_run_says_so(tmp_path: Path) -> None:
-    from testbed.engine.runner import Runner, RunOptions
+    from testbed.engine.options import RunOptions
+    from testbed.engine.runner import Runner
     from testbed.engine.schedule import parse_schedule
 
     pb, cfg = load_playbook(ROOT / "playbooks/servicing-shutdown-ic.yaml")

@@ -123,7 +123,8 @@ def test_ic_ready_needs_delays_and_servicing(tmp_path: Path) -> None:
 
 def test_a_backend_without_the_shutdown_mode_refuses_the_run_before_it_starts(tmp_path: Path) -> None:
     from testbed.backends.hyperv.backend import HyperVBackend
-    from testbed.engine.runner import Runner, RunOptions
+    from testbed.engine.options import RunOptions
+    from testbed.engine.runner import Runner
     from testbed.transport.powershell import PowerShellRunner
 
     pb, cfg = load_playbook(ROOT / "playbooks" / "ic-ready-delay.yaml")
@@ -141,7 +142,8 @@ def test_a_backend_without_the_shutdown_mode_refuses_the_run_before_it_starts(tm
 def test_phase_schedules_are_refused_where_phases_cannot_be_seen(tmp_path: Path) -> None:
     from testbed.backends.hyperv.backend import HyperVBackend
     from testbed.backends.qemu.backend import QemuBackend
-    from testbed.engine.runner import Runner, RunOptions
+    from testbed.engine.options import RunOptions
+    from testbed.engine.runner import Runner
     from testbed.transport.powershell import PowerShellRunner
 
     pb, cfg = load_playbook(ROOT / "playbooks" / "phase-sweep.yaml")

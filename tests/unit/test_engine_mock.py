@@ -15,8 +15,9 @@ import pytest
 
 from testbed.backends.mock.backend import MockBackend
 from testbed.core.config import ConfigError
+from testbed.engine.options import RunOptions, RunResult
 from testbed.engine.playbook import load_playbook
-from testbed.engine.runner import Runner, RunOptions, RunResult
+from testbed.engine.runner import Runner
 from testbed.report import finish_run
 
 # The mock's defaults: servicing 300 ms, a window [5, 200) ms that loses every try under

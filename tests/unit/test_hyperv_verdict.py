@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from testbed.backends.hyperv.backend import evidence
 from testbed.backends.hyperv.config import HyperVSpec
 from testbed.backends.hyperv.evidence import classify
 from testbed.backends.hyperv.module import RaceOutcome, WorkerEvent
+from testbed.backends.hyperv.race_evidence import evidence
 from testbed.core.config import Artifact
 from testbed.core.evidence import RaceEvidence
 

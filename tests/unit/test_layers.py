@@ -34,6 +34,7 @@ LAYERS: dict[str, int] = {
     "testbed.hosts": 5,
     "testbed.pytest_plugin": 5,
     "testbed.ansible": 5,
+    "testbed.commands": 5,
 }
 BACKEND_API = (
     "testbed.backends",

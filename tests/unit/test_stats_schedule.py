@@ -164,7 +164,7 @@ def test_phase_means_overall_and_per_verdict() -> None:
 
 
 def test_in_run_grace_replaces_only_the_default_once_it_has_seen_deliveries() -> None:
-    from testbed.engine.runner import IN_RUN_DELIVERIES, in_run_grace
+    from testbed.engine.grace import IN_RUN_DELIVERIES, in_run_grace
 
     default = (1600.0, "default (run playbooks/baselines.yaml to calibrate)")
     delivered = [{"verdict": "preserved", "delivery_ms": 150.0 + i} for i in range(IN_RUN_DELIVERIES)]

@@ -19,8 +19,9 @@ from testbed.backends.hyperv.backend import HyperVBackend
 from testbed.core.config import Artifact
 from testbed.core.errors import InfraError
 from testbed.core.evidence import RacePlan
+from testbed.engine.options import RunOptions
 from testbed.engine.playbook import Playbook, ScheduleSpec
-from testbed.engine.runner import Runner, RunOptions
+from testbed.engine.runner import Runner
 
 pytestmark = pytest.mark.vm
 

@@ -14,11 +14,9 @@ import hashlib
 import json
 import logging
 import os
-import re
 import socket
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +24,11 @@ from testbed.backends.hyperv import evidence as hv_evidence
 from testbed.backends.hyperv import options
 from testbed.backends.hyperv.capabilities import CAPABILITIES
 from testbed.backends.hyperv.config import HyperVSpec, HyperVVmConfig
-from testbed.backends.hyperv.evidence import ACCEPTED, GUEST_SHUTDOWN_EVENTS, POWER_OFF_EVENTS
-from testbed.backends.hyperv.module import (
-    CreatedVm,
-    HostModule,
-    Preflight,
-    RaceOutcome,
-    StartedVm,
-    WorkerEvent,
-)
+from testbed.backends.hyperv.module import CreatedVm, HostModule, Preflight, StartedVm
+from testbed.backends.hyperv.race_evidence import evidence
 from testbed.core.config import Artifact
 from testbed.core.errors import InfraError
-from testbed.core.evidence import Check, HostReport, RaceEvidence, RacePlan, TimelineEntry
+from testbed.core.evidence import Check, HostReport, RaceEvidence, RacePlan
 from testbed.core.verdicts import Verdict
 from testbed.hostprog import leases
 from testbed.transport.powershell import PowerShellDirect, PowerShellError, PowerShellRunner
@@ -416,88 +407,3 @@ def _reach_fix(msg: str) -> str:
             "give the CA of the host's WinRM certificate as ca_bundle in the inventory (or verify_tls: false)"
         )
     return "see the message above"
-
-
-def evidence(
-    outcome: RaceOutcome, events: list[WorkerEvent], spec: HyperVSpec, grace_ms: float, fired: bool
-) -> RaceEvidence:
-    """The race in the engine's terms, on the host's clock (the race's Stopwatch, in
-    ns). The host's own answer (PascalCase, as on the wire) is kept whole in ``raw``."""
-    anchor = None
-    if spec.com3_servicing_start_pattern:
-        pat = re.compile(spec.com3_servicing_start_pattern)
-        anchor = next((x.ms for x in outcome.com3 if pat.search(x.line)), None)
-    zero = outcome.service_ms if outcome.service_ms is not None else outcome.start_ms
-    # The shutdown-IC event on the race's clock (the host's wall clock, from StartedUtc at
-    # StartMs): with no COM1 line, it still proves a delivery that came before servicing.
-    ic_event_ms = None
-    off_event_ms = None
-    event_ms: dict[int, float] = {}
-    started = datetime.fromisoformat(outcome.started_utc)
-    for e in events:
-        at: float = outcome.start_ms + (datetime.fromisoformat(e.time_utc) - started).total_seconds() * 1000
-        event_ms.setdefault(e.id, at)
-        if e.id in GUEST_SHUTDOWN_EVENTS and ic_event_ms is None:
-            ic_event_ms = at
-        off_event_ms = at if e.id in POWER_OFF_EVENTS else off_event_ms
-    timeline = [TimelineEntry(_ns_of(x.ms), "COM1", x.line) for x in outcome.com1]
-    timeline += [TimelineEntry(_ns_of(x.ms), "COM3", x.line) for x in outcome.com3]
-    for when, label in ((outcome.service_ms, "ReloadManagementVtl"), (outcome.fire_ms, "InitiateShutdown"),
-                        (outcome.service_done_ms, "servicing job done"), (outcome.off_ms, "VM off")):  # fmt: skip
-        if when is not None:
-            timeline.append(TimelineEntry(_ns_of(when), "host", label))
-    raw = {
-        "race": outcome.model_dump(by_alias=True),
-        "events": [e.model_dump(by_alias=True) for e in events],
-        "vtl0_pattern": spec.vtl0_shutdown_pattern,
-        "grace_ms": grace_ms,
-        "guest_anchor_ms": anchor,
-        "ic_event_ms": ic_event_ms,
-        "event_ms": sorted(event_ms.items()),
-    }
-    return RaceEvidence(
-        backend="hyperv",
-        zero_ns=_ns(zero),
-        service_requested_ns=_ns(outcome.service_ms),
-        service_started_ns=_ns(anchor) if outcome.service_ms is not None else None,
-        service_done_ns=_ns(outcome.service_done_ms) if outcome.service_ms is not None else None,
-        fire_ns=_ns(outcome.fire_ms),
-        fire_planned_ns=_ns(outcome.service_ms + outcome.offset_ms)
-        if outcome.service_ms is not None and outcome.fire_ms is not None
-        else None,
-        ended_ns=_ns(outcome.off_ms if outcome.off_ms is not None else off_event_ms),
-        ended=not outcome.running,
-        ic_at_fire=outcome.ic_at_fire,
-        decision=None
-        if outcome.fire_return is None
-        else ("accepted" if outcome.fire_return in ACCEPTED else "refused"),
-        message_id="shutdown-ic" if fired else None,
-        guest_anchor="COM3" if anchor is not None else None,
-        # Hyper-V reports a completed job, not a restart: where COM3 is read and the
-        # vm_config names OpenHCL's start line, that line after the request proves it.
-        servicing_proof=_servicing_proof(outcome, spec),
-        timeline=sorted(timeline, key=lambda e: e.t_ns),
-        raw=raw,
-    )
-
-
-def _servicing_proof(outcome: RaceOutcome, spec: HyperVSpec) -> str | None:
-    done = outcome.service_ms is not None and (
-        outcome.service_return == 0 or outcome.job_state == hv_evidence.JOB_COMPLETED
-    )
-    if not done:
-        return None
-    if spec.com3_restart_pattern and outcome.com3:
-        rx = re.compile(spec.com3_restart_pattern)
-        assert outcome.service_ms is not None
-        if any(rx.search(x.line) and x.ms >= outcome.service_ms for x in outcome.com3):
-            return "restarted"
-    return "unproven"
-
-
-def _ns_of(ms: float) -> int:
-    return int(round(ms * 1e6))
-
-
-def _ns(ms: float | None) -> int | None:
-    return _ns_of(ms) if ms is not None else None

@@ -57,6 +57,7 @@ def open_backend(entry: HostEntry, opts: HostOptions) -> Backend:
 
 KIND = BackendKind(
     capabilities=CAPABILITIES,
+    typical_iteration_s=40.0,
     kind="hyperv",
     description="a Hyper-V host (WinRM)",
     vm_config=HyperVVmConfig,

@@ -27,4 +27,5 @@ KIND = BackendKind(
     schemes=("local", "mock"),
     claims=("mock",),
     capabilities=CAPABILITIES,
+    typical_iteration_s=0.01,
 )

@@ -22,6 +22,7 @@ def open_backend(entry: HostEntry, opts: HostOptions) -> Backend:
 
 KIND = BackendKind(
     capabilities=CAPABILITIES,
+    typical_iteration_s=15.0,
     kind="openvmm",
     description="an OpenVMM host",
     vm_config=OpenVmmVmConfig,

@@ -87,11 +87,27 @@ def stream_accounting(res: dict[str, Any]) -> dict[str, Any]:
     are one iteration's estimate of the loss window."""
     log_ = res.get("host_log", [])
     svc = res.get("svc", {})
-    t0, start = res.get("t0_ns"), svc.get("start_ns")
+    return {
+        "host_to_guest": _host_to_guest(log_, res.get("t0_ns"), svc.get("start_ns")),
+        "guest_to_host": _guest_to_host(log_),
+    }
+
+
+def _inversions(seq: list[int]) -> int:
+    """How many arrived behind a higher sequence number already seen (reordered)."""
+    top, n = -1, 0
+    for x in seq:
+        n += x < top
+        top = max(top, x)
+    return n
+
+
+def _hb_log(log_: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], dict[str, int], list[int]]:
+    """The host -> guest lines: each hb's first send decision (sent, held or rejected),
+    the acknowledgements per hb id, and the acknowledged seqs in arrival order."""
     first: dict[str, dict[str, Any]] = {}
     acks: dict[str, int] = {}
     ack_order: list[int] = []
-    tx: list[int] = []
     for e in log_:
         line = e["line"]
         m = re.match(r"^(?:MSG seq=(\d+) t=\S+ type=hb id=(hb\d+)|hb id=(hb\d+))", line)
@@ -105,47 +121,48 @@ def stream_accounting(res: dict[str, Any]) -> dict[str, Any]:
         if m:
             acks[m.group(2)] = acks.get(m.group(2), 0) + 1
             ack_order.append(int(m.group(1)))
-            continue
-        m = re.match(r"^TX seq=(\d+)", line)
-        if m:
-            tx.append(int(m.group(1)))
+    return first, acks, ack_order
 
-    def inversions(seq: list[int]) -> int:
-        top, n = -1, 0
-        for x in seq:
-            n += x < top
-            top = max(top, x)
-        return n
 
+def _loss_window(lost_t: list[int], anchor: int | None) -> list[float] | None:
+    """The first and last lost message's offset in ms from ``anchor`` (None if nothing was lost)."""
+    return [round((min(lost_t) - anchor) / 1e6, 3), round((max(lost_t) - anchor) / 1e6, 3)] if (
+        lost_t and anchor is not None) else None  # fmt: skip
+
+
+def _host_to_guest(log_: list[dict[str, Any]], t0: int | None, start: int | None) -> dict[str, Any]:
+    """Each hb's fate (refused, delivered, duplicated or lost), the reordered acks and
+    the lost ones' window from the servicing request (t0) and the paravisor's start."""
+    first, acks, ack_order = _hb_log(log_)
     verdict = {}
     for mid, d in first.items():
         k = acks.get(mid, 0)
         verdict[mid] = "refused" if d["decision"] == "rejected" else "delivered" if k == 1 else (
             "duplicated" if k > 1 else "lost")  # fmt: skip
     lost_t = [first[m]["t_ns"] for m, v in verdict.items() if v == "lost"]
-
-    def window(anchor: int | None) -> list[float] | None:
-        return [round((min(lost_t) - anchor) / 1e6, 3), round((max(lost_t) - anchor) / 1e6, 3)] if (
-            lost_t and anchor is not None) else None  # fmt: skip
-
-    seen = set(tx)
     host = {
         v: sum(1 for x in verdict.values() if x == v) for v in ("delivered", "lost", "duplicated", "refused")
     }
     return {
-        "host_to_guest": {
-            "sent": len(first),
-            **host,
-            "reordered": inversions(ack_order),
-            "lost_window_ms": window(t0),
-            "lost_window_guest_ms": window(start),
-        },  # fmt: skip
-        "guest_to_host": {
-            "received": len(tx),
-            "lost": (max(tx) + 1 - len(seen)) if tx else 0,
-            "duplicated": len(tx) - len(seen),
-            "reordered": inversions(tx),
-        },  # fmt: skip
+        "sent": len(first),
+        **host,
+        "reordered": _inversions(ack_order),
+        "lost_window_ms": _loss_window(lost_t, t0),
+        "lost_window_guest_ms": _loss_window(lost_t, start),
+    }
+
+
+def _guest_to_host(log_: list[dict[str, Any]]) -> dict[str, Any]:
+    """The guest's ``TX`` seqs as received: gaps below the highest (lost), repeats, reorders."""
+    tx = [
+        int(m.group(1)) for e in log_ if e["kind"] == "recv" and (m := re.match(r"^TX seq=(\d+)", e["line"]))
+    ]
+    seen = set(tx)
+    return {
+        "received": len(tx),
+        "lost": (max(tx) + 1 - len(seen)) if tx else 0,
+        "duplicated": len(tx) - len(seen),
+        "reordered": _inversions(tx),
     }
 
 

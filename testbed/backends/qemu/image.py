@@ -184,8 +184,97 @@ def cached_image(key: str) -> Image | None:
     return Image(d, d / "vmlinuz", d / "initrd.cpio", manifest)
 
 
+@dataclass(frozen=True)
+class _Kernel:
+    """What the image takes from the kernel package: the kernel itself and its modules."""
+
+    vmlinuz: Path
+    release: str
+    modules: list[Path]
+
+
+def _unpack(cfg: QemuVmConfig, inputs: ImageInputs, work: Path) -> tuple[Path, Path, Path]:
+    """Download the kernel and busybox .debs and extract both under ``work``.
+
+    Returns (kernel .deb, kernel tree, busybox tree); the .deb's name is for error messages."""
+    kdeb = _download(inputs.kernel_package, inputs.kernel_version)
+    bdeb = _download(cfg.busybox_package, inputs.busybox_version)
+    kx = work / "kernel"
+    _run(["dpkg-deb", "-x", str(kdeb), str(kx)])
+    bx = work / "busybox"
+    _run(["dpkg-deb", "-x", str(bdeb), str(bx)])
+    return kdeb, kx, bx
+
+
+def _kernel_parts(kdeb: Path, kx: Path) -> _Kernel:
+    """The kernel, its release and the module closure, refusing a kernel the guest can't talk on:
+    without virtio_console (module or built-in) the lab's channel never appears."""
+    vmlinuz = next((kx / "boot").glob("vmlinuz-*"), None)
+    if vmlinuz is None:
+        raise ImageBuildError(f"{kdeb.name} has no /boot/vmlinuz-*: is it a kernel image?")
+    kernel_release = vmlinuz.name.removeprefix("vmlinuz-")
+    modules = _module_closure(kx / "lib" / "modules")
+    config = next((kx / "boot").glob("config-*"), None)
+    builtin = config.read_text() if config else ""
+    if "virtio_console" not in {p.stem for p in modules} and "CONFIG_VIRTIO_CONSOLE=y" not in builtin:
+        raise ImageBuildError(f"kernel {kernel_release} has no virtio_console (module or built-in)")
+    return _Kernel(vmlinuz, kernel_release, modules)
+
+
+def _compile_paravisor(work: Path, source: bytes) -> Path:
+    """The guest's paravisor, built static: the initramfs has no libc to link against."""
+    (work / "paravisor.c").write_bytes(source)
+    pv = work / "paravisor"
+    _run(["gcc", "-O2", "-static", "-o", str(pv), str(work / "paravisor.c")])
+    return pv
+
+
+def _assemble_root(root: Path, busybox: Path, init: bytes, modules: list[Path], pv: Path) -> None:
+    """Lay out the initramfs tree: busybox, /init, the modules in load order, and the
+    paravisor under every image name the servicing requests may ask for."""
+    for d in (
+        "bin",
+        "proc",
+        "sys",
+        "dev",
+        "run",
+        "tmp",
+        "lib/testbed/modules",
+        "lib/testbed/images",
+    ):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(busybox, root / "bin" / "busybox")
+    (root / "init").write_bytes(init)
+    (root / "init").chmod(0o755)
+    for ko in modules:
+        shutil.copy2(ko, root / "lib/testbed/modules" / ko.name)
+    (root / "lib/testbed/modules.order").write_text("".join(ko.stem + "\n" for ko in modules))
+    shutil.copy2(pv, root / "lib/testbed/paravisor")
+    for name in PARAVISOR_IMAGES:
+        os.symlink("../paravisor", root / "lib/testbed/images" / name)
+
+
+def _write_output(out: Path, key: str, inputs: ImageInputs, kernel: _Kernel, root: Path) -> None:
+    """Write what QEMU boots (vmlinuz, initrd.cpio) and the manifest saying what is in it."""
+    out.mkdir()
+    shutil.copy2(kernel.vmlinuz, out / "vmlinuz")
+    write_newc(root, out / "initrd.cpio", devices={"dev/console": (5, 1)})
+    manifest = {
+        "key": key,
+        **{k: str(v) for k, v in inputs.__dict__.items()},
+        "kernel_release": kernel.release,
+        "modules": ",".join(ko.stem for ko in kernel.modules),
+        "paravisor_images": ",".join(PARAVISOR_IMAGES),
+        "initrd_sha256": hashlib.sha256((out / "initrd.cpio").read_bytes()).hexdigest(),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
 def build_image(cfg: QemuVmConfig, force: bool = False) -> Image:
-    """Build (or fetch from cache) the reference image for ``cfg``."""
+    """Build (or fetch from cache) the reference image for ``cfg``.
+
+    Built in a temporary directory next to the cache and moved in whole, so an
+    interrupted build never leaves a half image under its key."""
     inputs = resolve_inputs(cfg)
     key = inputs.key()
     if not force and (img := cached_image(key)) is not None:
@@ -195,62 +284,14 @@ def build_image(cfg: QemuVmConfig, force: bool = False) -> Image:
     final.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=final.parent) as tmp:
         work = Path(tmp)
-        kdeb = _download(inputs.kernel_package, inputs.kernel_version)
-        bdeb = _download(cfg.busybox_package, inputs.busybox_version)
-        kx = work / "kernel"
-        _run(["dpkg-deb", "-x", str(kdeb), str(kx)])
-        bx = work / "busybox"
-        _run(["dpkg-deb", "-x", str(bdeb), str(bx)])
-        vmlinuz = next((kx / "boot").glob("vmlinuz-*"), None)
-        if vmlinuz is None:
-            raise ImageBuildError(f"{kdeb.name} has no /boot/vmlinuz-*: is it a kernel image?")
-        kernel_release = vmlinuz.name.removeprefix("vmlinuz-")
-        modules = _module_closure(kx / "lib" / "modules")
-        config = next((kx / "boot").glob("config-*"), None)
-        builtin = config.read_text() if config else ""
-        if "virtio_console" not in {p.stem for p in modules} and "CONFIG_VIRTIO_CONSOLE=y" not in builtin:
-            raise ImageBuildError(f"kernel {kernel_release} has no virtio_console (module or built-in)")
-
+        kdeb, kx, bx = _unpack(cfg, inputs, work)
+        kernel = _kernel_parts(kdeb, kx)
         sources = guest_sources()
-        (work / "paravisor.c").write_bytes(sources["paravisor.c"])
-        pv = work / "paravisor"
-        _run(["gcc", "-O2", "-static", "-o", str(pv), str(work / "paravisor.c")])
-
+        pv = _compile_paravisor(work, sources["paravisor.c"])
         root = work / "root"
-        for d in (
-            "bin",
-            "proc",
-            "sys",
-            "dev",
-            "run",
-            "tmp",
-            "lib/testbed/modules",
-            "lib/testbed/images",
-        ):
-            (root / d).mkdir(parents=True, exist_ok=True)
-        shutil.copy2(bx / "bin" / "busybox", root / "bin" / "busybox")
-        (root / "init").write_bytes(sources["init.sh"])
-        (root / "init").chmod(0o755)
-        for ko in modules:
-            shutil.copy2(ko, root / "lib/testbed/modules" / ko.name)
-        (root / "lib/testbed/modules.order").write_text("".join(ko.stem + "\n" for ko in modules))
-        shutil.copy2(pv, root / "lib/testbed/paravisor")
-        for name in PARAVISOR_IMAGES:
-            os.symlink("../paravisor", root / "lib/testbed/images" / name)
-
+        _assemble_root(root, bx / "bin" / "busybox", sources["init.sh"], kernel.modules, pv)
         out = work / "out"
-        out.mkdir()
-        shutil.copy2(vmlinuz, out / "vmlinuz")
-        write_newc(root, out / "initrd.cpio", devices={"dev/console": (5, 1)})
-        manifest = {
-            "key": key,
-            **{k: str(v) for k, v in inputs.__dict__.items()},
-            "kernel_release": kernel_release,
-            "modules": ",".join(ko.stem for ko in modules),
-            "paravisor_images": ",".join(PARAVISOR_IMAGES),
-            "initrd_sha256": hashlib.sha256((out / "initrd.cpio").read_bytes()).hexdigest(),
-        }
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        _write_output(out, key, inputs, kernel, root)
         if final.exists():
             shutil.rmtree(final)
         os.replace(out, final)

@@ -40,6 +40,7 @@ def _commands() -> dict[str, Any]:
 
 KIND = BackendKind(
     capabilities=CAPABILITIES,
+    typical_iteration_s=3.0,
     kind="qemu",
     description="a QEMU host (local or over SSH)",
     vm_config=QemuVmConfig,

@@ -1,6 +1,6 @@
-"""QEMU lifecycle on the host: the command line, launch (own process group, lease,
-guest slot, SIGKILL with the agent), QMP and the virtio-serial sockets, readiness,
-snapshots, the KVM probe, and destroy (quit -> SIGTERM -> SIGKILL).
+"""QEMU lifecycle on the host: launch (own process group, lease, guest slot, SIGKILL
+with the agent), QMP and the virtio-serial sockets, readiness, snapshots, the KVM
+probe, and destroy (quit -> SIGTERM -> SIGKILL). The command line is ``argv``'s.
 
 Stdlib + qemu.qmp, valid on Python 3.9: this runs on lab hosts.
 """
@@ -24,6 +24,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
+from testbed.backends.qemu.agent.argv import qemu_argv
 from testbed.core.paths import shared_dir
 from testbed.hostprog import leases
 from testbed.hostprog.rpc import AgentError
@@ -41,59 +42,6 @@ def _die_with_parent() -> None:
     """preexec_fn: QEMU gets SIGKILL when the agent dies, however it dies."""
     with contextlib.suppress(Exception):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def qemu_argv(spec: dict[str, Any], workdir: Path) -> list[str]:
-    """The QEMU command line for a lab VM. Every guest runs with -no-reboot and, where
-    QEMU has ``-action`` (6.0+; ``spec["action"]`` says), panic=shutdown, so a triple
-    fault or panic ends the VM instead of rebooting; an older QEMU pauses a panicked
-    guest, and its GUEST_PANICKED event ends the VM's wait instead (``_events``)."""
-    accel = spec["accel"]
-    argv = [
-        spec.get("qemu") or os.environ.get("TESTBED_QEMU_BINARY", "qemu-system-x86_64"),
-        "-machine",
-        spec["machine"],
-        "-accel",
-        accel,
-        "-m",
-        str(spec["memory_mib"]),
-        "-smp",
-        str(spec["cpus"]),
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-no-reboot",
-        *(["-action", "panic=shutdown"] if spec.get("action", True) else []),
-        "-kernel",
-        spec["kernel"],
-        "-initrd",
-        spec["initrd"],
-        "-append",
-        spec["cmdline"],
-        "-chardev",
-        f"file,id=ser0,path={workdir / 'serial.log'}",
-        "-serial",
-        "chardev:ser0",
-        "-qmp",
-        f"unix:{workdir / 'qmp.sock'},server=on,wait=off",
-        "-device",
-        "virtio-serial-pci,id=vser0",
-        "-device",
-        "pvpanic",
-    ]
-    if accel == "kvm":
-        argv += ["-cpu", "host"]
-    for port in ("vmbus", "get"):
-        argv += [
-            "-chardev",
-            f"socket,id={port},path={workdir / (port + '.sock')},server=on,wait=off",
-            "-device",
-            f"virtserialport,bus=vser0.0,chardev={port},name={port},id=port-{port}",
-        ]
-    if spec.get("incoming"):
-        argv += ["-incoming", f"exec:cat {spec['incoming']}"]
-    return argv
 
 
 class LineSocket:
@@ -190,54 +138,29 @@ class QemuLifecycle:
         owner_pid: int,
         max_guests: int | None = None,
     ) -> dict[str, Any]:
+        """Start QEMU for a lab VM: a guest slot, the process, its lease, QMP, then the
+        relay on the chardev sockets. Returns once the VM can be talked to, not booted."""
         if name in self.vms:
             raise AgentError("exists", f"VM {name!r} already running in this agent")
         wd = Path(workdir)
         shared_dir(wd.parent)
         wd.mkdir(exist_ok=True)
         vm = Vm(name, wd, Path(lease_dir))
-        # The machine-wide guest limit is the host's: wait here for a slot.
-        slot = GuestSlot(limit=max_guests)  # the inventory's max_guests, else the host's default
-        t_wait = time.monotonic()
-        if not slot.try_acquire():
-            # Said where the user sees it (the agent's stderr is the run's, locally) and
-            # returned, so a wait never passes for a slow boot.
-            sys.stderr.write(f"testbed: all {slot.limit} guest slots of this host are busy (other runs); "
-                             f"{name} waits for one\n")  # fmt: skip
-            sys.stderr.flush()
-            while not slot.try_acquire():
-                if time.monotonic() - t_wait > SLOT_WAIT_S:
-                    raise AgentError("no-slot", f"no free guest slot on this host in {SLOT_WAIT_S:.0f} s")
-                await asyncio.sleep(0.1)
-        waited_s = time.monotonic() - t_wait
-        vm.slot = slot
+        vm.slot, waited_s = await _acquire_slot(name, max_guests)
         argv = qemu_argv(spec, wd)
-        (wd / "qemu.argv.json").write_text(json.dumps(argv))
-        stderr = (wd / "qemu.stderr").open("wb")
-        try:
-            vm.proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=subprocess.DEVNULL,
-                stdout=stderr,
-                stderr=stderr,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-            )
-        except FileNotFoundError:
-            raise AgentError(
-                "qemu-missing", f"{argv[0]} not found: apt-get install qemu-system-x86"
-            ) from None
-        finally:
-            stderr.close()
-        vm.qemu_start = leases.start_time(vm.pid)
-        owner = owner_pid or os.getpid()  # 0: a remote owner; the agent stands for it
-        vm.lease_path = leases.write(
-            vm.lease_dir,
-            leases.Lease(name, vm.pid, vm.qemu_start, owner, leases.start_time(owner), str(wd), time.time()),
-        )
+        await _spawn(vm, argv)
+        _write_lease(vm, owner_pid)
         self.vms[name] = vm
         vm.shutdown = self.loop.create_future()
-        # QMP and the chardev sockets appear once QEMU has parsed its arguments.
+        await self._connect_qmp(vm)
+        self._attach_relay(vm, spec)
+        return {"pid": vm.pid, "argv": argv, "slot_wait_s": waited_s}
+
+    async def _connect_qmp(self, vm: Vm) -> None:
+        """QMP and the chardev sockets appear once QEMU has parsed its arguments; a QEMU
+        that exits first (or never opens them) is destroyed and its stderr reported."""
+        assert vm.proc is not None
+        wd = vm.workdir
         deadline = time.monotonic() + 20
         while True:
             await asyncio.sleep(0)  # let the child watcher record an early exit
@@ -255,6 +178,11 @@ class QemuLifecycle:
                 await self.destroy_vm(vm)
                 raise AgentError("qemu-failed", "QMP socket did not come up in 20 s")
             await asyncio.sleep(0.01)
+
+    def _attach_relay(self, vm: Vm, spec: dict[str, Any]) -> None:
+        """Watch QMP's events and QEMU's exit, and put the lab relay between the chardev
+        sockets (the paravisor's vmbus and get ports)."""
+        wd = vm.workdir
         vm.event_task = asyncio.create_task(self._events(vm))
         relay = Relay(
             send_vmbus=lambda s: vm.ports["vmbus"].send(s),
@@ -265,7 +193,6 @@ class QemuLifecycle:
         vm.ports["vmbus"] = LineSocket(self.loop, wd / "vmbus.sock", relay.on_vmbus)
         vm.ports["get"] = LineSocket(self.loop, wd / "get.sock", lambda line: self._on_get(vm, line))
         vm.exit_task = asyncio.create_task(self._watch_exit(vm))  # keep a reference: tasks are weakly held
-        return {"pid": vm.pid, "argv": argv, "slot_wait_s": waited_s}
 
     def _on_get(self, vm: Vm, line: str) -> None:
         if line.startswith("UNAME") and vm.uname is not None and not vm.uname.done():
@@ -495,6 +422,57 @@ class QemuLifecycle:
         for vm in list(self.vms.values()):
             await self.destroy_vm(vm)
             shutil.rmtree(vm.workdir, ignore_errors=True)
+
+
+async def _acquire_slot(name: str, max_guests: int | None) -> tuple[GuestSlot, float]:
+    """A guest slot and the seconds waited for it. The machine-wide guest limit is the
+    host's (the inventory's max_guests, else the host's default): wait here for a slot."""
+    slot = GuestSlot(limit=max_guests)
+    t_wait = time.monotonic()
+    if not slot.try_acquire():
+        # Said where the user sees it (the agent's stderr is the run's, locally) and
+        # returned, so a wait never passes for a slow boot.
+        sys.stderr.write(f"testbed: all {slot.limit} guest slots of this host are busy (other runs); "
+                         f"{name} waits for one\n")  # fmt: skip
+        sys.stderr.flush()
+        while not slot.try_acquire():
+            if time.monotonic() - t_wait > SLOT_WAIT_S:
+                raise AgentError("no-slot", f"no free guest slot on this host in {SLOT_WAIT_S:.0f} s")
+            await asyncio.sleep(0.1)
+    return slot, time.monotonic() - t_wait
+
+
+async def _spawn(vm: Vm, argv: list[str]) -> None:
+    """Start QEMU in its own session (so destroy can signal its whole group), killed with
+    the agent, its output in qemu.stderr; the command line is saved beside it."""
+    wd = vm.workdir
+    (wd / "qemu.argv.json").write_text(json.dumps(argv))
+    stderr = (wd / "qemu.stderr").open("wb")
+    try:
+        vm.proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=subprocess.DEVNULL,
+            stdout=stderr,
+            stderr=stderr,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+    except FileNotFoundError:
+        raise AgentError("qemu-missing", f"{argv[0]} not found: apt-get install qemu-system-x86") from None
+    finally:
+        stderr.close()
+
+
+def _write_lease(vm: Vm, owner_pid: int) -> None:
+    """The lease that lets a later run's gc find (and end) this QEMU if its owner dies."""
+    vm.qemu_start = leases.start_time(vm.pid)
+    owner = owner_pid or os.getpid()  # 0: a remote owner; the agent stands for it
+    vm.lease_path = leases.write(
+        vm.lease_dir,
+        leases.Lease(
+            vm.name, vm.pid, vm.qemu_start, owner, leases.start_time(owner), str(vm.workdir), time.time()
+        ),
+    )
 
 
 async def _migrate_status(vm: Vm) -> dict[str, Any]:

@@ -1,0 +1,136 @@
+"""The Hyper-V race's answer in the engine's terms: ``Invoke-TestbedRace``'s outcome
+and the worker's event log, as ``RaceEvidence`` on the race's clock.
+
+Kept apart from the backend (which only calls the host) and from
+``testbed.backends.hyperv.evidence`` (which reads the verdict from this).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+
+from testbed.backends.hyperv.config import HyperVSpec
+from testbed.backends.hyperv.evidence import ACCEPTED, GUEST_SHUTDOWN_EVENTS, JOB_COMPLETED, POWER_OFF_EVENTS
+from testbed.backends.hyperv.module import RaceOutcome, WorkerEvent
+from testbed.core.evidence import RaceEvidence, TimelineEntry
+
+
+def evidence(
+    outcome: RaceOutcome, events: list[WorkerEvent], spec: HyperVSpec, grace_ms: float, fired: bool
+) -> RaceEvidence:
+    """The race in the engine's terms, on the host's clock (the race's Stopwatch, in
+    ns). The host's own answer (PascalCase, as on the wire) is kept whole in ``raw``."""
+    anchor = _guest_anchor_ms(outcome, spec)
+    zero = outcome.service_ms if outcome.service_ms is not None else outcome.start_ms
+    times = _event_times(outcome, events)
+    timeline = _timeline(outcome)
+    raw = {
+        "race": outcome.model_dump(by_alias=True),
+        "events": [e.model_dump(by_alias=True) for e in events],
+        "vtl0_pattern": spec.vtl0_shutdown_pattern,
+        "grace_ms": grace_ms,
+        "guest_anchor_ms": anchor,
+        "ic_event_ms": times.ic_ms,
+        "event_ms": sorted(times.first.items()),
+    }
+    return RaceEvidence(
+        backend="hyperv",
+        zero_ns=_ns(zero),
+        service_requested_ns=_ns(outcome.service_ms),
+        service_started_ns=_ns(anchor) if outcome.service_ms is not None else None,
+        service_done_ns=_ns(outcome.service_done_ms) if outcome.service_ms is not None else None,
+        fire_ns=_ns(outcome.fire_ms),
+        fire_planned_ns=_ns(outcome.service_ms + outcome.offset_ms)
+        if outcome.service_ms is not None and outcome.fire_ms is not None
+        else None,
+        ended_ns=_ns(outcome.off_ms if outcome.off_ms is not None else times.off_ms),
+        ended=not outcome.running,
+        ic_at_fire=outcome.ic_at_fire,
+        decision=_decision(outcome),
+        message_id="shutdown-ic" if fired else None,
+        guest_anchor="COM3" if anchor is not None else None,
+        # Hyper-V reports a completed job, not a restart: where COM3 is read and the
+        # vm_config names OpenHCL's start line, that line after the request proves it.
+        servicing_proof=_servicing_proof(outcome, spec),
+        timeline=timeline,
+        raw=raw,
+    )
+
+
+def _guest_anchor_ms(outcome: RaceOutcome, spec: HyperVSpec) -> float | None:
+    """When COM3 shows OpenHCL starting (the vm_config's pattern, if it names one): the
+    guest's own mark of the servicing's start, on the race's clock."""
+    if not spec.com3_servicing_start_pattern:
+        return None
+    pat = re.compile(spec.com3_servicing_start_pattern)
+    return next((x.ms for x in outcome.com3 if pat.search(x.line)), None)
+
+
+@dataclass(frozen=True)
+class _EventTimes:
+    """The worker's events on the race's clock (ms)."""
+
+    first: dict[int, float]  # each event id's first time
+    ic_ms: float | None  # the first shutdown-IC event
+    off_ms: float | None  # the last power-off event
+
+
+def _event_times(outcome: RaceOutcome, events: list[WorkerEvent]) -> _EventTimes:
+    """The events on the race's clock (the host's wall clock, from StartedUtc at StartMs).
+    The shutdown-IC event matters most: with no COM1 line, it still proves a delivery
+    that came before servicing."""
+    ic_event_ms = None
+    off_event_ms = None
+    event_ms: dict[int, float] = {}
+    started = datetime.fromisoformat(outcome.started_utc)
+    for e in events:
+        at: float = outcome.start_ms + (datetime.fromisoformat(e.time_utc) - started).total_seconds() * 1000
+        event_ms.setdefault(e.id, at)
+        if e.id in GUEST_SHUTDOWN_EVENTS and ic_event_ms is None:
+            ic_event_ms = at
+        off_event_ms = at if e.id in POWER_OFF_EVENTS else off_event_ms
+    return _EventTimes(event_ms, ic_event_ms, off_event_ms)
+
+
+def _timeline(outcome: RaceOutcome) -> list[TimelineEntry]:
+    """Both serial ports' lines and the host's own steps, in time order."""
+    timeline = [TimelineEntry(_ns_of(x.ms), "COM1", x.line) for x in outcome.com1]
+    timeline += [TimelineEntry(_ns_of(x.ms), "COM3", x.line) for x in outcome.com3]
+    for when, label in ((outcome.service_ms, "ReloadManagementVtl"), (outcome.fire_ms, "InitiateShutdown"),
+                        (outcome.service_done_ms, "servicing job done"), (outcome.off_ms, "VM off")):  # fmt: skip
+        if when is not None:
+            timeline.append(TimelineEntry(_ns_of(when), "host", label))
+    return sorted(timeline, key=lambda e: e.t_ns)
+
+
+def _decision(outcome: RaceOutcome) -> str | None:
+    """What InitiateShutdown returned, in the engine's words (None: it was not called)."""
+    if outcome.fire_return is None:
+        return None
+    return "accepted" if outcome.fire_return in ACCEPTED else "refused"
+
+
+def _servicing_proof(outcome: RaceOutcome, spec: HyperVSpec) -> str | None:
+    """ "restarted" when COM3 shows OpenHCL starting after the request, "unproven" for a
+    servicing the host only reports done, None when it was not done."""
+    done = outcome.service_ms is not None and (
+        outcome.service_return == 0 or outcome.job_state == JOB_COMPLETED
+    )
+    if not done:
+        return None
+    if spec.com3_restart_pattern and outcome.com3:
+        rx = re.compile(spec.com3_restart_pattern)
+        assert outcome.service_ms is not None
+        if any(rx.search(x.line) and x.ms >= outcome.service_ms for x in outcome.com3):
+            return "restarted"
+    return "unproven"
+
+
+def _ns_of(ms: float) -> int:
+    return int(round(ms * 1e6))
+
+
+def _ns(ms: float | None) -> int | None:
+    return _ns_of(ms) if ms is not None else None
