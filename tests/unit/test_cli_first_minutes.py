@@ -1,0 +1,114 @@
+"""What a newcomer meets first: --help that reads (the exit codes as a table, an example
+per command), a dry run of every shipped playbook that starts nothing, counts out of
+range refused before any host is reached, and a run made with --vm-config that repro
+can replay."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PLAYBOOKS = sorted((ROOT / "playbooks").glob("*.yaml"))
+
+
+def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "testbed.cli", *args], capture_output=True, text=True,
+                          timeout=120, cwd=cwd, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+
+
+def qemus() -> set[int]:
+    pids = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if (d / "comm").read_text().startswith("qemu-system"):
+                    pids.add(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_help_keeps_the_exit_codes_as_a_table() -> None:
+    r = cli("--help")
+    assert r.returncode == 0
+    lines = r.stdout.splitlines()
+    for code in ("0", "1", "2", "3", "130"):
+        assert any(ln.strip().startswith(code + " ") for ln in lines), code  # one code per line
+    assert "``" not in r.stdout and "The ``testbed`` command line" not in r.stdout
+
+
+@pytest.mark.parametrize("command", ["run", "bisect", "report", "compare", "repro", "gc"])
+def test_every_command_has_an_example(command: str) -> None:
+    r = cli(command, "--help")
+    assert f"testbed {command} " in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("playbook", PLAYBOOKS, ids=[p.name for p in PLAYBOOKS])
+def test_a_dry_run_prints_the_plan_and_starts_nothing(playbook: Path) -> None:
+    before = qemus()
+    t = time.monotonic()
+    r = cli("run", str(playbook), "--dry-run")
+    took = time.monotonic() - t
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "nothing was started" in r.stdout and "estimate:" in r.stdout and "tries at most" in r.stdout
+    assert qemus() - before == set()
+    print(f"{playbook.name}: {took:.2f} s")  # the issue's target is under 2 s; bench/ has no timed test
+
+
+def test_a_dry_run_refuses_what_the_host_cannot_do_with_the_line() -> None:
+    r = cli(
+        "run", str(ROOT / "playbooks/phase-sweep.yaml"), "--dry-run", "--host", "winrms://tester@127.0.0.1:1"
+    )
+    assert r.returncode == 2
+    said = " ".join(r.stderr.split())
+    assert "phase-sweep.yaml:17:" in said and "the hyperv backend cannot fire on servicing phases" in said
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--iterations", "99999999999999999999"],
+        ["--iterations", "0"],
+        ["--parallel", "100000"],
+        ["--max-duration", "-5"],
+        ["--seed", "-1"],
+        ["--offsets", "random:0:100:999999999"],
+    ],
+)
+def test_counts_out_of_range_are_refused_before_any_host_is_reached(args: list[str]) -> None:
+    t = time.monotonic()
+    r = cli("run", str(ROOT / "playbooks/quick.yaml"), "--host", "ssh://nobody@192.0.2.1:22", *args)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert time.monotonic() - t < 30  # no connection attempt to the unroutable host
+    assert "192.0.2.1" not in r.stderr or "range" in r.stderr or "less than" in r.stderr
+
+
+def test_repro_replays_a_run_made_with_another_vm_config(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("name: a\nbackend: mock\n")
+    (tmp_path / "b.yaml").write_text("name: b\nbackend: mock\nwindow: {lo_ms: 300, hi_ms: 500}\n"
+                                     "refuse_until_reoffer: false\n")  # fmt: skip
+    (tmp_path / "pb.yaml").write_text("name: p\nvm_config: a.yaml\niterations: 1\nexpect: {}\n"
+                                      "schedule: {kind: fixed, offsets_ms: [400]}\n")  # fmt: skip
+    r = cli("run", str(tmp_path / "pb.yaml"), "--host", "mock://x", "--vm-config", str(tmp_path / "b.yaml"),
+            "--out", str(tmp_path / "run"))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["vm_config_path"] == str(
+        tmp_path / "b.yaml"
+    )
+    r = cli("repro", str(tmp_path / "run"), "--iteration", "0")
+    assert r.returncode == 0 and "was lost, now lost" in r.stdout, r.stdout + r.stderr  # b's window, not a's
+
+
+def test_bisect_takes_a_vm_config(tmp_path: Path) -> None:
+    (tmp_path / "m.yaml").write_text("name: m\nbackend: mock\nbuilds: {g: 0.0, b: 1.0}\nparavisor: g\n")
+    r = cli("bisect", str(ROOT / "playbooks/bisect.yaml"), "--vm-config", str(tmp_path / "m.yaml"), "--builds",
+            "g,b", "--host", "mock://x", "--dry-run")  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "a bisection of builds g (good) .. b (bad)" in r.stdout
