@@ -51,4 +51,4 @@ def test_the_checks_can_fail(tmp_path: Path) -> None:
     body = "\n".join(f"    x{i} = {i}" for i in range(61))
     (tmp_path / "engine" / "long.py").write_text(f"def f():\n{body}\n" + "\n" * 440)
     assert long_functions(tmp_path) == ["engine/long.py::f is 62 lines"]
-    assert long_files(tmp_path) == ["engine/long.py is 503 lines"]
+    assert long_files(tmp_path) == ["engine/long.py is 502 lines"]
