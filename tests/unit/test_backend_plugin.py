@@ -155,3 +155,35 @@ def test_a_bisection_on_a_backend_without_builds_is_refused_at_its_line(table_si
     err = " ".join(r.stderr.split())
     assert f"{pb}:5:" in err and "a table has no builds to service into" in err, err
     assert not (table_site / "b" / "results.jsonl").exists()
+
+
+def test_the_plugin_imports_only_the_public_api_and_type_checks_against_it(tmp_path: Path) -> None:
+    """A backend written outside the tree needs nothing internal: its only testbed import
+    is testbed.backends.api, and mypy (through testbed's py.typed) accepts it as a Backend,
+    and refuses it once a method's type is wrong (so the check can fail)."""
+    import ast
+
+    source = (SITE / "tablebackend.py").read_text()
+    tree = ast.parse(source)
+    mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    mods |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert {m for m in mods if m and m.startswith("testbed")} == {"testbed.backends.api"}
+    broken = tmp_path / "brokenbackend.py"
+    broken.write_text(source.replace("def gc_host(self) -> list[str]:\n        return []",
+                                     "def gc_host(self) -> int:\n        return 0"))  # fmt: skip
+    assert broken.read_text() != source
+    mypy = [
+        str(Path(sys.executable).parent / "mypy"),
+        "--strict",
+        "--no-incremental",
+        "--ignore-missing-imports",
+    ]
+    root = SITE.parents[1]  # where testbed's own package (and its py.typed) is found
+    r = subprocess.run(
+        [*mypy, str(SITE / "tablebackend.py")], capture_output=True, text=True, timeout=300, cwd=root
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run([*mypy, str(broken)], capture_output=True, text=True, timeout=300, cwd=root)
+    assert r.returncode == 1 and 'expected "Callable[[HostEntry, HostOptions], Backend]"' in r.stdout, (
+        r.stdout
+    )
