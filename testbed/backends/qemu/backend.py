@@ -43,6 +43,7 @@ from testbed.transport import LocalTransport, Transport, TransportError
 log = logging.getLogger(__name__)
 
 PROBE_TTL_S = 24 * 3600
+PROBE_FORMAT = 2  # 2: CPU models tried in turn (cpu, attempts); older verdicts are probed again
 PROBE_TIMEOUT_S = float(os.environ.get("TESTBED_KVM_PROBE_TIMEOUT", "15"))
 _names = itertools.count(1)
 
@@ -66,6 +67,7 @@ class QemuVm:
     incoming: str | None = None  # the snapshot the running VM was restored from
     qemu_binary: str | None = None  # None: the host agent finds it
     qemu_action: bool = True  # QEMU has -action (6.0+)
+    cpu_model: str | None = None  # under KVM: the model the probe found to boot (None: host)
 
     def spec(self, incoming: str | None = None) -> dict[str, Any]:
         return {
@@ -80,6 +82,7 @@ class QemuVm:
             "incoming": str(incoming) if incoming else None,
             "qemu": self.qemu_binary,
             "action": self.qemu_action,
+            "cpu_model": self.cpu_model,
         }
 
     def record(self) -> dict[str, Any]:
@@ -183,7 +186,8 @@ class QemuBackend:
 
     # ---- accelerator ---------------------------------------------------------
     def resolve_accel(self, cfg: QemuVmConfig, image: Image, refresh: bool = False) -> tuple[str, str]:
-        """(accel, reason). ``auto``: probe KVM once per host (cached, with expiry)."""
+        """(accel, reason). ``auto``: probe KVM once per host (cached, with expiry); the CPU
+        model that booted is the cached verdict's ``cpu`` (``provision`` gives it the VM)."""
         if cfg.accel != "auto":
             return cfg.accel, "set in the vm_config"
         probe = self.kvm_probe(image, refresh=refresh)
@@ -209,7 +213,8 @@ class QemuBackend:
         qv = self.qemu_version()
         if path.exists() and not refresh:
             cached = json.loads(path.read_text())
-            if time.time() - cached["time"] < PROBE_TTL_S and cached.get("qemu") == qv:
+            fresh = time.time() - cached["time"] < PROBE_TTL_S and cached.get("format") == PROBE_FORMAT
+            if fresh and cached.get("qemu") == qv:
                 return {**cached, "cached": True}
         wd = self.host_path("runtime", "probe", str(os.getpid()))
         kernel, initrd = self.upload_image(image)
@@ -240,6 +245,9 @@ class QemuBackend:
             "time": time.time(),
             "qemu": qv,
             "kind": res.get("kind"),
+            "cpu": res.get("cpu"),  # the model that booted under KVM
+            "attempts": res.get("attempts", []),  # each model tried, and why it failed
+            "format": PROBE_FORMAT,
         }
         if result["kind"] != "qemu-args":  # a command-line error says nothing about KVM: not cached
             path.write_text(json.dumps(result))
@@ -291,7 +299,7 @@ class QemuBackend:
         cached = self.probe_cache_path()
         if cached.exists():
             p = json.loads(cached.read_text())
-            verdict = "usable" if p["ok"] else "unusable (TCG fallback)"
+            verdict = f"usable with -cpu {p.get('cpu') or 'host'}" if p["ok"] else "unusable (TCG fallback)"
             rep.checks.append(Check("host: kvm probe", True, f"{verdict}: {p['reason']}"))
         else:
             rep.checks.append(
@@ -324,6 +332,8 @@ class QemuBackend:
             qemu_action=bool(self.qemu_info().get("action", True)),
         )
         vm.boot["accel_reason"] = reason
+        if accel == "kvm" and cfg.accel == "auto":
+            vm.cpu_model = self.kvm_probe(image).get("cpu")  # the cached verdict: the model that booted
         return vm
 
     def start(self, vm: QemuVm, reset: str = "cold") -> dict[str, Any]:

@@ -52,7 +52,7 @@ def qemu_argv(spec: dict[str, Any], workdir: Path) -> list[str]:
         "pvpanic",
     ]
     if accel == "kvm":
-        argv += ["-cpu", "host"]
+        argv += ["-cpu", spec.get("cpu_model") or "host"]
     for port in ("vmbus", "get"):
         argv += [
             "-chardev",

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -25,23 +23,14 @@ from typing import Any
 from qemu.qmp import QMPClient
 
 from testbed.backends.qemu.agent.argv import qemu_argv
+from testbed.backends.qemu.agent.qemu_process import boot_once, die_with_parent, probe_cpu_models
 from testbed.core.paths import shared_dir
 from testbed.hostprog import leases
 from testbed.hostprog.rpc import AgentError
 from testbed.hostprog.slots import GuestSlot
 from testbed.lab.relay import Relay
 
-PR_SET_PDEATHSIG = 1
 SLOT_WAIT_S = 3600.0  # how long a launch waits for another run's guest to end
-# How QEMU says its command line is wrong (an option, a property, a device it lacks).
-ARGUMENT_ERROR = re.compile(r"invalid option|unknown option|Parameter '.*' expects|property '.*' not found|"
-                            r"'.*' is not a valid device model name|Invalid parameter|unsupported machine type", re.I)  # fmt: skip
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: QEMU gets SIGKILL when the agent dies, however it dies."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class LineSocket:
@@ -363,58 +352,26 @@ class QemuLifecycle:
         return {"destroyed": True, "how": how, "pid": vm.proc.pid if vm.proc else None}
 
     async def op_probe_kvm(self, spec: dict[str, Any], workdir: str, timeout_s: float) -> dict[str, Any]:
-        """Boot the reference guest once under KVM with a short timeout.
+        """Boot the reference guest under KVM with a short timeout, CPU model by CPU model.
 
-        /dev/kvm existing is not enough: KVM has aborted guests on MSR access
-        and hung at "Booting from ROM" on such machines.  Success means the
-        guest's init printed its first line within ``timeout``.
-        """
+        /dev/kvm existing is not enough: KVM has aborted guests on MSR access and hung
+        at "Booting from ROM" on such machines. Success means the guest's init printed
+        its first line within ``timeout_s``. ``-cpu host`` first; where QEMU aborts
+        setting IA32_ARCH_CAPABILITIES (MSR 0x10a, a nested-virtualisation quirk), the
+        same without that feature; every attempt's outcome is returned."""
         if not os.path.exists("/dev/kvm"):
-            return {"ok": False, "reason": "/dev/kvm does not exist"}
+            return {"ok": False, "reason": "/dev/kvm does not exist", "attempts": []}
         if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-            return {"ok": False, "reason": "/dev/kvm is not readable and writable by this user"}
-        wd = Path(workdir)
-        shared_dir(wd.parent)
-        wd.mkdir(exist_ok=True)
-        argv = qemu_argv({**spec, "accel": "kvm"}, wd)
-        t = time.monotonic()
-        timeout = timeout_s
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
-        try:
-            while time.monotonic() - t < timeout:
-                await asyncio.sleep(0)
-                if proc.returncode is not None:
-                    err = (await proc.stderr.read()).decode(errors="replace") if proc.stderr else ""
-                    if ARGUMENT_ERROR.search(err):  # not KVM's fault: the same line fails under TCG
-                        return {"ok": False, "kind": "qemu-args",
-                                "reason": f"QEMU refused its arguments (not a KVM problem): {err.strip()[-300:]}"}  # fmt: skip
-                    return {
-                        "ok": False,
-                        "reason": f"QEMU exited ({proc.returncode}): {err.strip()[-300:]}",
-                    }
-                ser = wd / "serial.log"
-                if ser.exists() and "TB init" in ser.read_text(errors="replace"):
-                    return {
-                        "ok": True,
-                        "reason": f"guest reached init in {time.monotonic() - t:.1f} s",
-                    }
-                await asyncio.sleep(0.05)
             return {
                 "ok": False,
-                "reason": f"guest did not reach init within {timeout:.0f} s (hung)",
+                "reason": "/dev/kvm is not readable and writable by this user",
+                "attempts": [],
             }
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
-            shutil.rmtree(wd, ignore_errors=True)
+
+        async def boot(model: str) -> dict[str, Any]:
+            return await boot_once({**spec, "accel": "kvm", "cpu_model": model}, Path(workdir), timeout_s)
+
+        return await probe_cpu_models(boot)
 
     async def close_all(self) -> None:
         """The controller is gone (stdin closed): nobody will collect these guests'
@@ -455,7 +412,7 @@ async def _spawn(vm: Vm, argv: list[str]) -> None:
             stdout=stderr,
             stderr=stderr,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
     except FileNotFoundError:
         raise AgentError("qemu-missing", f"{argv[0]} not found: apt-get install qemu-system-x86") from None
