@@ -45,15 +45,20 @@ def load_vm_config(path: Path | str) -> VmConfig:
     return parse_model(p, data, registry.get(kind).vm_config).anchored(p.resolve().parent)
 
 
+# An offset from the servicing request (or a delay after a phase or the IC's re-offer):
+# within ten minutes either side, far beyond any servicing a host does.
+OffsetMs = Annotated[float, Field(ge=-600_000, le=600_000)]
+
+
 class ScheduleSpec(Strict):
     kind: Literal["fixed", "linear", "random", "adaptive", "phases", "flaky"]
-    offsets_ms: list[float] | None = Field(None, min_length=1, max_length=100_000)
-    start_ms: float | None = None
-    stop_ms: float | None = None
+    offsets_ms: list[OffsetMs] | None = Field(None, min_length=1, max_length=100_000)
+    start_ms: OffsetMs | None = None
+    stop_ms: OffsetMs | None = None
     count: int | None = Field(None, ge=1, le=100_000)
-    lo_ms: float | None = None
-    hi_ms: float | None = None
-    resolution_ms: float = Field(2.0, gt=0)
+    lo_ms: OffsetMs | None = None
+    hi_ms: OffsetMs | None = None
+    resolution_ms: float = Field(2.0, gt=0, le=60_000)
     coarse: int = Field(8, ge=2, le=1000)
     # kind: phases. Fire on servicing phases (the backend names what it can observe):
     # every phase (or these) at each delay, plus the midpoint to the next phase when
@@ -220,14 +225,14 @@ class Playbook(Strict):
     expect: dict[str, ExpectValue] = Field(
         default_factory=lambda: dict[str, ExpectValue](lost=0, duplicated=0)
     )
-    max_infra_errors: int = Field(0, ge=0)
+    max_infra_errors: int = Field(0, ge=0, le=1_000_000)
     max_infra_errors_in_a_row: int = Field(
         5, ge=1, le=1_000_000, description="stop the run after this many, the host being broken"
     )
     on_infra_error: Literal["continue", "stop"] = "continue"
     stop_on_loss: bool = False
     calibrate: bool = False
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**63 - 1)
     parallel: int = Field(
         1, ge=1, le=256, description="guests racing at once on the host, capped by its max_guests"
     )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import html
 import io
-import json
 from typing import Any
 
 import matplotlib
@@ -225,7 +224,8 @@ def render(run: dict[str, Any], summary: dict[str, Any], records: list[dict[str,
     ci = summary.get("loss_ci95", [0, 1])
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>testbed: {e(run.get("playbook", ""))}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse;font-size:12px}}
-td,th{{border:1px solid #ddd;padding:2px 6px}}pre{{background:#f5f5f5;padding:8px;font-size:11px;overflow-x:auto}}</style>
+td,th{{border:1px solid #ddd;padding:2px 6px}}pre{{background:#f5f5f5;padding:8px;font-size:11px;overflow-x:auto}}
+table.manifest th{{text-align:left;vertical-align:top;background:#fafafa}}table.nested{{margin:0}}ol{{margin:0;padding-left:1.2em}}</style>
 </head><body>
 <h1>{e(run.get("playbook", "run"))}: {e(str(run.get("strategy")))}</h1>
 <p>{summary["iterations"]} iterations; {e(counts)}.<br>
@@ -274,17 +274,30 @@ td,th{{border:1px solid #ddd;padding:2px 6px}}</style></head><body>
 
 
 def manifest_table(run: dict[str, Any]) -> str:
-    """run.json as a table: a value per row, nested settings as compact JSON in their cell."""
+    """run.json as a table: a value per row; nested settings (vm_settings, lab, expect,
+    the backend's record) as nested tables, so each setting can be read at a glance."""
+    return f'<table class="manifest">{_manifest_rows(run)}</table>'
+
+
+def _manifest_rows(d: dict[str, Any]) -> str:
     e = html.escape
     rows = []
-    for k, v in run.items():
+    for k, v in d.items():
         if v is None or v == {} or v == []:
             continue
-        text = json.dumps(v, default=str, sort_keys=True) if isinstance(v, (dict, list)) else str(v)
-        rows.append(
-            [f"<b>{e(str(k))}</b>", f"<code>{e(text)}</code>" if isinstance(v, (dict, list)) else e(text)]
-        )
-    return _table(["", ""], rows)
+        rows.append(f"<tr><th>{e(str(k))}</th><td>{_manifest_value(v)}</td></tr>")
+    return "".join(rows)
+
+
+def _manifest_value(v: Any) -> str:
+    e = html.escape
+    if isinstance(v, dict):
+        return f'<table class="nested">{_manifest_rows(v)}</table>'
+    if isinstance(v, list):
+        if all(not isinstance(x, dict | list) for x in v):
+            return e(", ".join(str(x) for x in v))
+        return "<ol>" + "".join(f"<li>{_manifest_value(x)}</li>" for x in v) + "</ol>"
+    return e(str(v))
 
 
 def _fmt(v: Any) -> str:

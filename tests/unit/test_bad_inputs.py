@@ -224,3 +224,28 @@ def test_fuzzed_bytes_give_config_errors_only(src: Path, at: float, junk: bytes,
     d.mkdir()
     (d / src.name).write_bytes(raw[:i] + junk + raw[i:])
     _load(d / src.name)
+
+
+@pytest.mark.parametrize(
+    ("line", "words"),
+    [
+        ("schedule: {kind: fixed, offsets_ms: [1e300]}", "less than or equal to 600000"),
+        ("schedule: {kind: adaptive, lo_ms: -1e9, hi_ms: 5}", "greater than or equal to -600000"),
+        (
+            "schedule: {kind: adaptive, lo_ms: 0, hi_ms: 5, resolution_ms: 1e12}",
+            "less than or equal to 60000",
+        ),
+        ("seed: -3", "greater than or equal to 0"),
+        ("max_infra_errors: 99999999999", "less than or equal to 1000000"),
+        ("iterations: 99999999999999999999", "less than or equal to 1000000"),
+    ],
+)
+def test_playbook_counts_and_durations_have_bounds_with_the_line(
+    tmp_path: Path, line: str, words: str
+) -> None:
+    (tmp_path / "vm.yaml").write_text("name: m\nbackend: mock\n")
+    p = tmp_path / "pb.yaml"
+    p.write_text(f"name: t\nvm_config: vm.yaml\n{line}\n")
+    with pytest.raises(ConfigError) as e:
+        load_playbook(p)
+    assert e.value.line == 3 and words in e.value.message, e.value

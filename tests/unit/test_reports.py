@@ -109,3 +109,16 @@ def test_delay_phase_and_time_sections_render(tmp_path: Path) -> None:
     assert "<td>save-start</td><td>0</td><td>1</td><td>lost 1</td>" in page
     md = (d / "summary.md").read_text()
     assert "| save-start | 1.0 | 0 | 1 | lost 1 |" in md and "mean seconds per iteration (all)" in md
+
+
+def test_the_manifest_shows_nested_settings_as_nested_tables() -> None:
+    from testbed.report.html import manifest_table
+
+    page = manifest_table({"playbook": "t", "vm_settings": {"name": "m", "lab": {"save_ms": 300}},
+                           "expect": {"lost": 0}, "builds": ["a", "b"], "empty": {}})  # fmt: skip
+    assert (
+        '<table class="nested"><tr><th>name</th><td>m</td></tr><tr><th>lab</th><td><table class="nested">'
+        in page
+    )
+    assert "<th>save_ms</th><td>300</td>" in page and "<td>a, b</td>" in page
+    assert "{" not in page and "&quot;" not in page and "empty" not in page  # never a JSON string

@@ -17,11 +17,14 @@ class NestedSpec(Strict):
     l1_vhd: Artifact
     user: str = "Administrator"
     password_env: str = Field(description="env var on the controller holding the L1 password")
-    memory_mb: int = Field(8192, ge=2048)
+    memory_mb: int = Field(8192, ge=2048, le=12_582_912)
     processors: int = Field(4, ge=1, le=240)
-    heartbeat_timeout_s: int = Field(600, ge=10)
+    heartbeat_timeout_s: int = Field(600, ge=10, le=86_400)
     ps_direct_timeout_s: int = Field(
-        300, ge=10, description="how long PowerShell Direct may refuse sessions after L1's heartbeat is OK"
+        300,
+        ge=10,
+        le=86_400,
+        description="how long PowerShell Direct may refuse sessions after L1's heartbeat is OK",
     )
     host_dir: str = Field(r"C:\testbed", description="testbed's folder on the L0 host (the L1 VM, its disk)")
 
@@ -41,12 +44,12 @@ class HyperVSpec(Strict):
         description="1 GiB of VTL2 address space with 512 MiB of it MMIO (petri's IncreaseVtl2Memory): debug "
         "IGVM builds need more VTL2 RAM than the host's default placement gives",
     )
-    memory_mb: int = Field(2048, ge=256)
+    memory_mb: int = Field(2048, ge=256, le=12_582_912)
     processors: int = Field(2, ge=1, le=240)
     override_version_checks: bool = True
     disable_nvme_keepalive: bool = False
     timeout_hint_secs: int = Field(60, ge=1, le=3600)
-    ic_ready_timeout_s: int = Field(300, ge=1)
+    ic_ready_timeout_s: int = Field(300, ge=1, le=86_400)
     shutdown_grace_ms: float = Field(
         10_000.0,
         ge=0,

@@ -33,7 +33,9 @@ class OpenVmmSpec(Strict):
         None, description="VTL0's disk image on the host, relayed through OpenHCL (SCSI)"
     )
     memory: str = Field("2GB", pattern=r"^\d+(\.\d+)?\s*[KMGT]?B?$", description="openvmm -m")
-    memory_mb: int = Field(2048, ge=256, description="what preflight checks is free (keep it with memory)")
+    memory_mb: int = Field(
+        2048, ge=256, le=1_048_576, description="what preflight checks is free (keep it with memory)"
+    )
     processors: int = Field(2, ge=1, le=64, description="openvmm -p")
     openhcl_cmdline: list[str] = Field(
         default_factory=list, description="each is one `-c` (OpenHCL's command line)"
@@ -54,12 +56,18 @@ class OpenVmmSpec(Strict):
         "received servicing request from host",
         description="regex of OpenHCL's COM3 line that marks its start",
     )
-    boot_timeout_s: float = Field(300.0, gt=0)
+    boot_timeout_s: float = Field(300.0, gt=0, le=86_400)
     servicing_timeout_s: float = Field(
-        120.0, gt=0, description="openvmm has no host-side servicing deadline of its own: testbed's"
+        120.0,
+        gt=0,
+        le=86_400,
+        description="openvmm has no host-side servicing deadline of its own: testbed's",
     )
     shutdown_grace_ms: float = Field(
-        5000.0, ge=0, description="at least this long for VTL0 to act on a shutdown (a systemd poweroff)"
+        5000.0,
+        ge=0,
+        le=600_000,
+        description="at least this long for VTL0 to act on a shutdown (a systemd poweroff)",
     )
 
     @model_validator(mode="after")
