@@ -44,10 +44,14 @@ def test_help_keeps_the_exit_codes_as_a_table() -> None:
     assert "``" not in r.stdout and "The ``testbed`` command line" not in r.stdout
 
 
-@pytest.mark.parametrize("command", ["run", "bisect", "report", "compare", "repro", "gc"])
+COMMANDS = ["run", "bisect", "report", "compare", "repro", "gc", "host check", "host inventory", "host prepare",
+            "image build", "image export", "image import", "vm up", "vm list", "vm down"]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_an_example(command: str) -> None:
-    r = cli(command, "--help")
-    assert f"testbed {command} " in r.stdout, r.stdout
+    r = cli(*command.split(), "--help")
+    assert f"  testbed {command}" in r.stdout, r.stdout
 
 
 @pytest.mark.parametrize("playbook", PLAYBOOKS, ids=[p.name for p in PLAYBOOKS])

@@ -49,7 +49,11 @@ def image_build(
     config: Annotated[Path, typer.Option(help="vm_config to build for")] = DEFAULT_CONFIG,
     force: Annotated[bool, typer.Option(help="rebuild even on a cache hit")] = False,
 ) -> None:
-    """Build the reference kernel + initramfs (cached by a hash of every input)."""
+    """Build the reference kernel + initramfs (cached by a hash of every input).
+
+    \b
+    testbed image build --config vm_configs/reference-linux.yaml
+    """
     from testbed.backends.qemu.image import build_image, cached_image, resolve_inputs
 
     with exit_codes():
@@ -69,7 +73,11 @@ def image_export(
     file: Annotated[Path, typer.Argument(help="archive to write, e.g. testbed-image.tar.gz")],
     config: Annotated[Path, typer.Option(help="vm_config whose image to export")] = DEFAULT_CONFIG,
 ) -> None:
-    """Write the built image (kernel, initramfs, manifest) to an archive, for hosts with no package mirror."""
+    """Write the built image (kernel, initramfs, manifest) to an archive, for hosts with no package mirror.
+
+    \b
+    testbed image export testbed-image.tar.gz
+    """
     import tarfile
 
     from testbed.backends.qemu.image import build_image
@@ -85,7 +93,11 @@ def image_export(
 def image_import(
     file: Annotated[Path, typer.Argument(help="archive written by 'testbed image export'")],
 ) -> None:
-    """Put an exported image into this machine's cache (no apt needed here afterwards)."""
+    """Put an exported image into this machine's cache (no apt needed here afterwards).
+
+    \b
+    testbed image import testbed-image.tar.gz
+    """
     import json as _json
     import tarfile
 
@@ -124,6 +136,9 @@ def vm_up(
 
     The VM lives as long as this command: the host agent kills QEMU when its
     owner goes away, so nothing is ever left running.
+
+    \b
+    testbed vm up --poweroff
     """
     from testbed.backends.qemu.backend import QemuBackend
 
@@ -156,7 +171,11 @@ def vm_up(
 
 @vm_app.command("list")
 def vm_list() -> None:
-    """VMs with a lease on this machine (running or left by a dead owner)."""
+    """VMs with a lease on this machine (running or left by a dead owner).
+
+    \b
+    testbed vm list
+    """
     t = Table("name", "qemu pid", "alive", "owner pid", "owner alive", "work dir")
     for _p, lease in leases.read_all(runtime_dir() / "leases"):
         if lease is None:
@@ -174,7 +193,11 @@ def vm_list() -> None:
 
 @vm_app.command("down")
 def vm_down(name: Annotated[str, typer.Argument(help="VM name from 'testbed vm list'")]) -> None:
-    """Kill a VM by its lease (SIGTERM, then SIGKILL) and remove the lease."""
+    """Kill a VM by its lease (SIGTERM, then SIGKILL) and remove the lease.
+
+    \b
+    testbed vm down reference-linux-myhost-4242-1
+    """
     for p, lease in leases.read_all(runtime_dir() / "leases"):
         if lease is not None and lease.name == name:
             leases.kill_group(lease.qemu_pid, lease.qemu_start)
