@@ -200,8 +200,8 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run folder with resul
 
 @app.command()
 def compare(
-    run_a: Annotated[Path, typer.Argument(help="run folder A (e.g. before the fix)")],
-    run_b: Annotated[Path, typer.Argument(help="run folder B (e.g. after the fix)")],
+    run_a: Annotated[str, typer.Argument(help="run folder A (e.g. before the fix), or RUN@HOST")],
+    run_b: Annotated[str, typer.Argument(help="run folder B (e.g. after the fix), or RUN@HOST")],
     html_out: Annotated[
         Path | None,
         typer.Option(
@@ -210,10 +210,11 @@ def compare(
     ] = None,  # fmt: skip
 ) -> None:
     """Did the fix work? Loss rates side by side with Fisher's exact test of the difference
-    (two matrix runs: cell by cell).
+    (two matrix runs: cell by cell; RUN@HOST: one host's tries of a fleet run).
 
     \b
     testbed compare runs/before runs/after --html compare.html
+    testbed compare runs/fleet@lab1 runs/fleet@lab2
     """
     results.compare(run_a, run_b, html_out)
 

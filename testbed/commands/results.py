@@ -24,19 +24,20 @@ from testbed.engine.stats import fisher_exact, summarize
 from testbed.hosts import lookup_entry, open_backend
 
 
-def compare(run_a: Path, run_b: Path, html_out: Path | None) -> None:
-    """Loss rates side by side with Fisher's exact test (two matrix runs: cell by cell)."""
+def compare(run_a: str, run_b: str, html_out: Path | None) -> None:
+    """Loss rates side by side with Fisher's exact test (two matrix runs: cell by cell;
+    ``RUN@HOST``: one host's tries of a fleet run)."""
     from testbed.engine.matrix import compare_cells, is_matrix_run
 
-    if is_matrix_run(run_a) and is_matrix_run(run_b):
+    if is_matrix_run(Path(run_a)) and is_matrix_run(Path(run_b)):
         t = Table("cell", "A lost/n", "B lost/n", "Fisher p")
-        for c in compare_cells(run_a, run_b):
+        for c in compare_cells(Path(run_a), Path(run_b)):
             t.add_row(c["cell"], f"{c['a'][0]}/{c['a'][1]}", f"{c['b'][0]}/{c['b'][1]}", f"{c['p']:.4g}")
         out.print(t)
         return
     rows = []
     for d in (run_a, run_b):
-        recs = read_results(d / "results.jsonl")
+        recs = _records(d)
         if not recs:
             fail(2, f"{d}: no results.jsonl with iterations")
         rows.append(summarize(recs))
@@ -66,6 +67,17 @@ def compare(run_a: Path, run_b: Path, html_out: Path | None) -> None:
         except OSError as e:
             fail(3, f"cannot write {html_out}: {e.strerror or e}")
         out.print(f"comparison page: {html_out}")
+
+
+def _records(arg: str) -> list[dict[str, Any]]:
+    """A run folder's records, or with ``RUN@HOST`` one host's records of a fleet run."""
+    if not Path(arg).exists() and "@" in arg:
+        folder, host = arg.split("@", 1)
+        recs = [r for r in read_results(Path(folder) / "results.jsonl") if r.get("host") == host]
+        if not recs:
+            fail(2, f"{folder}: no iterations on host {host!r}")
+        return recs
+    return read_results(Path(arg) / "results.jsonl")
 
 
 def _reload(run_dir: Path, run: dict[str, Any]) -> tuple[Playbook, VmConfig]:

@@ -10,8 +10,10 @@ keyed by host) or the kind's stated default.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,14 +22,16 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from testbed.backends import registry
+from testbed.backends.base import Backend
 from testbed.backends.commands import console, exit_codes, fail, out
-from testbed.core.config import STRATEGIES, HostEntry, HostOptions, VmConfig
+from testbed.core.config import STRATEGIES, ConfigError, HostEntry, HostOptions, VmConfig
 from testbed.core.paths import cache_dir
+from testbed.engine.fleet import FleetHost
 from testbed.engine.options import RunOptions, RunResult
 from testbed.engine.plan import RunPlan
 from testbed.engine.playbook import Playbook, load_playbook, load_vm_config
 from testbed.engine.schedule import parse_schedule
-from testbed.hosts import lookup_entry, open_backend
+from testbed.hosts import DEFAULT_INVENTORY, load_inventory, lookup_entry, open_backend
 from testbed.report import finish_run
 
 
@@ -62,31 +66,70 @@ def execute(a: RunArgs) -> None:
         fail(2, f"--strategy {a.strategy!r}: allowed: {', '.join(STRATEGIES)}")
     if a.reset is not None and a.reset not in ("cold", "snapshot"):
         fail(2, f"--reset {a.reset!r}: allowed: cold, snapshot")
+    host_opts = HostOptions(a.insecure_accept_new, a.identity)
     with exit_codes():
         pb, cfg = load_playbook(a.playbook)
         if a.vm_config is not None:
             cfg = load_vm_config(a.vm_config)
-        entry = lookup_entry(a.host or pb.host, a.inventory, kind=cfg.backend)
+        entries = host_entries(a.host or pb.host, a.inventory, cfg)
+        entry = entries[0]
         opts = options(a, entry, a.host or pb.host)
+        if len(entries) > 1:
+            opts.fleet = [
+                FleetHost(e.name, e.kind, _opener(e, cfg, host_opts), e.max_guests) for e in entries
+            ]
         kind = registry.get(entry.kind)
         plan = RunPlan(pb, cfg, opts, kind.kind, kind.capabilities, a.playbook)  # refusals come here
     if a.dry_run:
-        print_plan(plan, pb, entry)
+        print_plan(plan, pb, entries)
         raise typer.Exit(0)
-    host_opts = HostOptions(a.insecure_accept_new, a.identity)
     with exit_codes():
-        opts.backend = open_backend(entry, cfg.backend, host_opts)
-        opts.open_backend = lambda: open_backend(entry, cfg.backend, host_opts)
+        if opts.fleet is None:
+            opts.backend = open_backend(entry, cfg.backend, host_opts)
+            opts.open_backend = _opener(entry, cfg, host_opts)
         runner = make_runner(pb, cfg, opts, a.playbook)
-    console.print(
-        f"{pb.name} on {opts.backend.host} ({opts.backend.kind}): {runner.describe()}", highlight=False
-    )
+    where = ", ".join(e.name for e in entries)
+    console.print(f"{pb.name} on {where} ({entry.kind}): {runner.describe()}", highlight=False)
     result = with_progress(runner, pb.name)
-    remember_rate(entry, result)
+    if len(entries) == 1:
+        remember_rate(entry, result)
     print_summary(result.run_dir)
     if result.stopped:
         console.print(f"[bold red]stopped early:[/] {result.stopped}", highlight=False)
     raise typer.Exit(result.exit_code)
+
+
+def host_entries(spec: str, inventory: Path | None, cfg: VmConfig) -> list[HostEntry]:
+    """``--host``: one host (a URI or an inventory name), several (``a,b,c``), every host
+    of the inventory (``all``) or those with a label (``@label``). A fleet's hosts are
+    of the vm_config's kind."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if spec == "all" or spec.startswith("@"):
+        inv_path = inventory or (
+            Path(os.environ[DEFAULT_INVENTORY]) if os.environ.get(DEFAULT_INVENTORY) else None
+        )
+        if inv_path is None:
+            raise ConfigError(Path("--host"), None, f"--host {spec} names inventory hosts: give --inventory")
+        inv = load_inventory(inv_path)
+        names = [h.name for h in inv.hosts if spec == "all" or spec[1:] in h.labels]
+        if not names:
+            raise ConfigError(inv_path, None, f"--host {spec}: no host in the inventory matches")
+    entries = [lookup_entry(n, inventory, kind=cfg.backend) for n in names or [spec]]
+    if len(entries) > 1:
+        other = [e for e in entries if e.kind != cfg.backend]
+        if other:
+            raise ConfigError(Path("--host"), None, f"host {other[0].name} is of kind {other[0].kind}, the vm_config "
+                              f"of backend {cfg.backend}: a fleet runs hosts of the vm_config's kind")  # fmt: skip
+        seen = [e.name for e in entries]
+        dup = sorted({n for n in seen if seen.count(n) > 1})
+        if dup:
+            raise ConfigError(Path("--host"), None, f"host {dup[0]} is named twice")
+    return entries
+
+
+def _opener(entry: HostEntry, cfg: VmConfig, host_opts: HostOptions) -> Callable[[], Backend]:
+    """How one more backend of this host is opened (a lane's own agent and connection)."""
+    return lambda: open_backend(entry, cfg.backend, host_opts)
 
 
 def options(a: RunArgs, entry: HostEntry, host_spec: str) -> RunOptions:
@@ -195,9 +238,11 @@ def rate_for(entry: HostEntry) -> tuple[float, str]:
     )
 
 
-def print_plan(plan: RunPlan, pb: Playbook, entry: HostEntry) -> None:
+def print_plan(plan: RunPlan, pb: Playbook, entries: list[HostEntry]) -> None:
     """The dry run: what would run, refused nothing, and how long it should take."""
-    out.print(f"dry run: {pb.name} on {entry.uri} ({entry.kind}); nothing was started", highlight=False)
+    entry = entries[0]
+    where = entry.uri if len(entries) == 1 else ", ".join(e.name for e in entries)
+    out.print(f"dry run: {pb.name} on {where} ({entry.kind}); nothing was started", highlight=False)
     for c in plan.cases():
         s = plan.schedule_of(c)
         out.print(f"  case {c.name}: {plan.iterations_of(c)} tries at most, strategy {plan.strategy}, "

@@ -12,6 +12,7 @@ from typing import Any
 
 from testbed.backends.base import Backend
 from testbed.core.runfolder import read_results
+from testbed.engine.fleet import FleetHost
 from testbed.engine.playbook import ScheduleSpec
 
 
@@ -37,6 +38,9 @@ class RunOptions:
     # this machine's, when ``backend`` is None too.
     open_backend: Callable[[], Backend] | None = None
     builds: list[str] | None = None  # testbed bisect --builds: replaces the playbook's bisect builds
+    # --host a,b,c: the hosts the lanes are spread over (None: one host, from backend and
+    # open_backend); see testbed.engine.fleet.
+    fleet: list[FleetHost] | None = None
     # What the run's end writes: the summary and exit code (None: summary.json alone,
     # ``policy.conclude``); the application passes ``testbed.report.finish_run``.
     finish: Callable[[Path], tuple[dict[str, Any], int]] | None = None
@@ -58,14 +62,6 @@ class RunResult:
 
 # What the runner itself reads back from earlier iterations (the in-run grace, the
 # adaptive, flaky and bisect searches, phase midpoints, the infra streak, calibration).
-SLIM = ("iteration", "case", "planned_offset_ms", "verdict", "delivery_ms", "phase_times_ms", "arm",
-        "servicing_lag_ms", "skew_ms")  # fmt: skip
-
-
-def slim(rec: dict[str, Any]) -> dict[str, Any]:
-    return {k: rec.get(k) for k in SLIM}
-
-
 Progress = Callable[[dict[str, Any]], None]
 
 

@@ -11,6 +11,7 @@ from testbed.core.capabilities import Capabilities
 from testbed.core.config import ConfigError, VmConfig
 from testbed.engine import requirements
 from testbed.engine import schedule as sched
+from testbed.engine.fleet import split_lanes
 from testbed.engine.options import RunOptions
 from testbed.engine.playbook import BisectSpec, Case, Playbook
 from testbed.hostprog import slots
@@ -57,6 +58,8 @@ class RunPlan:
         capped by the host's ``max_guests`` (else the machine-wide slot limit), and
         refused on a backend that has not declared it can run lanes."""
         asked = self.opts.parallel or self.pb.parallel
+        if self.opts.fleet and len(self.opts.fleet) > 1:
+            return split_lanes(self.opts.fleet, asked)
         if asked == 1:
             return 1, ""
         if self.opts.backend is not None and self.opts.open_backend is None:

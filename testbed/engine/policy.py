@@ -15,6 +15,7 @@ from typing import Any
 
 from testbed.core.config import check_expectation
 from testbed.core.runfolder import read_results
+from testbed.engine.fleet import per_host
 from testbed.engine.stats import summarize
 
 
@@ -40,10 +41,19 @@ def evaluate(run: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, An
                     violations.append(f"{case or 'run'}: expected {verdict} {spec}, got {n}")
     summary["expectations"] = {"violations": violations, "ok": not violations and not measured_nothing}
     summary["measured_nothing"] = measured_nothing
-    summary["infra_errors_exceeded"] = measured_nothing or infra > int(run.get("max_infra_errors", 0))
+    # A fleet's host that left the run is said in the per-host table; its errors (the streak
+    # that drained it) do not count against max_infra_errors of the hosts that went on.
+    left = {h["name"] for h in run.get("fleet") or [] if h.get("drained")}
+    counted = infra - sum(1 for r in records if r["verdict"] == "infra-error" and r.get("host") in left)
+    every_host_left = bool(left) and left == {h["name"] for h in run["fleet"]}
+    summary["infra_errors_exceeded"] = (measured_nothing or every_host_left
+                                        or counted > int(run.get("max_infra_errors", 0)))  # fmt: skip
     summary["interrupted"] = bool(run.get("interrupted"))
     summary["parallel"] = int(run.get("parallel") or 1)
     summary["warnings"] = contention_warnings(run, summary)
+    hosts = per_host(records, run.get("fleet"))
+    if hosts is not None:
+        summary["per_host"] = hosts
     return summary
 
 

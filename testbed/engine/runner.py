@@ -16,7 +16,7 @@ import platform
 import threading
 import time
 from collections import Counter
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,12 +29,14 @@ from testbed.core.errors import InfraError
 from testbed.core.evidence import RacePlan
 from testbed.core.runfolder import ResultsWriter, read_results
 from testbed.engine import schedule as sched
+from testbed.engine.fleet import FleetHost
 from testbed.engine.grace import calibration_path, grace_for, in_run_grace, one_guest_reference
-from testbed.engine.iterate import IterationResult, iterate
-from testbed.engine.options import Progress, RunOptions, RunResult, default_run_dir, slim
+from testbed.engine.iterate import iterate
+from testbed.engine.options import Progress, RunOptions, RunResult, default_run_dir
 from testbed.engine.plan import RunPlan
 from testbed.engine.playbook import Case, Playbook
 from testbed.engine.policy import conclude
+from testbed.engine.records import record, slim, sort_results
 from testbed.engine.stats import spread
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ class Lane:
     number: int
     backend: Backend
     vm: Any = None
+    host: FleetHost | None = None  # the host it runs on (every lane has one once the run starts)
 
 
 class Runner:
@@ -62,11 +65,22 @@ class Runner:
         self.opts = opts
         self.progress = progress or (lambda _e: None)
         self.playbook_path = playbook_path
-        self.backend: Backend = opts.backend or _local_backend(cfg.backend)
-        self.plan = RunPlan(pb, cfg, opts, self.backend.kind, self.backend.capabilities, playbook_path)
+        self.fleet = opts.fleet or []
+        if self.fleet:  # many hosts: each lane opens its own backend when the run starts
+            kind = registry.get(self.fleet[0].kind)
+            caps, kind_name, host_name = kind.capabilities, kind.kind, ",".join(h.name for h in self.fleet)
+        else:
+            self.backend: Backend = opts.backend or _local_backend(cfg.backend)
+            caps, kind_name, host_name = self.backend.capabilities, self.backend.kind, self.backend.host
+            self.fleet = [FleetHost(opts.host_spec or self.backend.host, kind_name, self._opener(cfg),
+                                    opts.max_guests, first=self.backend)]  # fmt: skip
+        self.host_name = host_name
+        self.plan = RunPlan(pb, cfg, opts, kind_name, caps, playbook_path)
         self.pb, self.cfg, self.bisect = pb, self.plan.cfg, self.plan.bisect
         self.strategy, self.seed, self.reset = self.plan.strategy, self.plan.seed, self.plan.reset
         self.lanes, self.lanes_note = self.plan.lanes, self.plan.lanes_note
+        if len(self.fleet) == 1:
+            self.fleet[0].lanes = self.lanes
         self.stop_on_loss = opts.stop_on_loss if opts.stop_on_loss is not None else pb.stop_on_loss
         self.records: list[dict[str, Any]] = []
         self.interrupted = False
@@ -78,6 +92,12 @@ class Runner:
         self._in_flight: Counter[tuple[str, float | str | None]] = Counter()  # see _flight
         self._abandoned = False  # a second Ctrl-C: in-flight iterations are not recorded
         self._search_of: dict[str, dict[str, Any]] = {}  # a search arm's label -> what the record says of it
+
+    def _opener(self, cfg: VmConfig) -> Callable[[], Backend]:
+        """How one more backend of the single host is opened (a lane of its own)."""
+        if self.opts.open_backend is not None:
+            return self.opts.open_backend
+        return lambda: _local_backend(cfg.backend)
 
     # ---- what the run will do (``RunPlan``) -------------------------------------
     def cases(self) -> list[Case]:
@@ -109,8 +129,8 @@ class Runner:
             "testbed_version": __version__,
             "playbook": self.pb.name,
             "playbook_path": str(self.playbook_path.resolve()) if self.playbook_path else None,
-            "host": self.backend.host,
-            "host_kind": self.backend.kind,
+            "host": self.host_name,
+            "host_kind": self.plan.kind,
             "host_spec": self.opts.host_spec or ("local" if self.opts.backend is None else None),
             "inventory": str(self.opts.inventory.resolve()) if self.opts.inventory else None,
             "vm_config_path": str(self.opts.vm_config) if self.opts.vm_config else None,
@@ -131,6 +151,7 @@ class Runner:
             "max_infra_errors": self.pb.max_infra_errors,
             "parallel": self.lanes,
             "parallel_note": self.lanes_note or None,
+            "fleet": [h.as_dict() for h in self.fleet] if len(self.fleet) > 1 else None,
             "one_guest_reference": one_guest_reference(vm.accel) if self.lanes > 1 else None,
             "started": time.time(),
         }
@@ -160,7 +181,7 @@ class Runner:
         done = read_results(run_dir / "results.jsonl") if self.opts.resume else []
         self.records = [slim(r) for r in done]
         writer = ResultsWriter(run_dir / "results.jsonl")
-        lanes: list[Lane] = [Lane(0, self.backend)]
+        lanes: list[Lane] = []
         write_failed = False
         try:
             self.race_all(lanes, run_dir, writer, {r["iteration"] for r in done})
@@ -187,12 +208,8 @@ class Runner:
         """Open and provision the other lanes, write run.json, and race every plan."""
         started = time.monotonic()
         errors: list[BaseException] = []
-        for i in range(1, self.lanes):
-            lanes.append(Lane(i, self.opts.open_backend() if self.opts.open_backend else
-                              _local_backend(self.cfg.backend)))  # fmt: skip
-        for lane in lanes:
-            lane.vm = lane.backend.provision(self.cfg, self.strategy)
-        vm = lanes[0].vm
+        self.start_lanes(lanes)
+        vm = next(lane.vm for lane in lanes if lane.vm is not None)
         grace = grace_for(self.pb, self.cfg, vm.accel)
         run_json = run_dir / "run.json"
         manifest = self.manifest(vm, grace)
@@ -211,6 +228,25 @@ class Runner:
         if self.pb.calibrate:
             self.write_calibration(vm.accel)
 
+    def start_lanes(self, lanes: list[Lane]) -> None:
+        """Open and provision every host's lanes. In a fleet a host that cannot start is
+        drained with the reason and the others go on; alone, its failure ends the run."""
+        for h in self.fleet:
+            try:
+                for i in range(h.lanes):
+                    backend = h.first if i == 0 and h.first is not None else h.open()
+                    lane = Lane(len(lanes), backend, host=h)
+                    lanes.append(lane)
+                    lane.vm = backend.provision(self.cfg, self.strategy)
+            except InfraError as e:
+                if len(self.fleet) == 1:
+                    raise
+                h.drain(f"could not start: {e}")
+                log.error("host %s left the run: %s", h.name, h.drained)
+        if all(h.drained for h in self.fleet):
+            raise InfraError("no host of the fleet could start: " + "; ".join(f"{h.name}: {h.drained}"
+                                                                              for h in self.fleet))  # fmt: skip
+
     def tear_down(self, lanes: list[Lane], run_dir: Path, writer: ResultsWriter) -> None:
         """Every VM destroyed and backend closed, results.jsonl in iteration order, and
         run.json told how the run ended: also after Ctrl-C, an error or a full disk."""
@@ -222,12 +258,14 @@ class Runner:
                 lane.backend.destroy(lane.vm)
             lane.backend.close()
         with contextlib.suppress(OSError):  # a full disk must not hide the run's own error
-            _sort_results(run_dir / "results.jsonl")
+            sort_results(run_dir / "results.jsonl")
             rj = run_dir / "run.json"
             if rj.exists():
                 manifest = json.loads(rj.read_text())
                 manifest.update({"interrupted": self.interrupted, "finished": time.time(),
                                  "run_dir": str(run_dir), "stopped": self.stopped})  # fmt: skip
+                if len(self.fleet) > 1:
+                    manifest["fleet"] = [h.as_dict() for h in self.fleet]
                 rj.write_text(json.dumps(manifest, indent=2, default=str))
 
     def run_lanes(
@@ -281,7 +319,7 @@ class Runner:
     ) -> None:
         """Draw the next plan, race it on this lane's guest, record it; until the plans
         run out or the run is halted (a stop condition, Ctrl-C, another lane's error)."""
-        while not self._halt.is_set():
+        while not self._halt.is_set() and not (lane.host and lane.host.drained):
             if self.opts.max_duration_s and time.monotonic() - started > self.opts.max_duration_s:
                 log.warning("--max-duration reached; no new iterations start")
                 self._halt.set()
@@ -297,6 +335,8 @@ class Runner:
                 rec["grace_ms"], rec["grace_source"] = now
                 if self.lanes > 1:
                     rec["lane"] = lane.number
+                if lane.host is not None:
+                    rec["host"], rec["host_kind"] = lane.host.name, lane.host.kind
                 with self._cond:
                     if self._abandoned:
                         return
@@ -310,19 +350,30 @@ class Runner:
                     self._cond.notify_all()
 
     def check_stop(self, rec: dict[str, Any]) -> None:
-        """The playbook's stop conditions, after each recorded iteration (under the lock)."""
+        """The playbook's stop conditions, after each recorded iteration (under the lock).
+        Infrastructure errors in a row drain the host they happened on; the run stops when
+        no host is left."""
         if rec["verdict"] == "lost" and self.stop_on_loss:
             self._halt.set()
         if rec["verdict"] == "infra-error" and self.pb.on_infra_error == "stop":
             self._halt.set()
-        streak = 0  # infrastructure errors in a row, in the order they were recorded
+        host = next((h for h in self.fleet if h.name == rec.get("host")), self.fleet[0])
+        streak = 0  # infrastructure errors in a row on this host, in the order they were recorded
         for r in reversed(self.records):
+            if r.get("host", host.name) != host.name:
+                continue
             if r["verdict"] != "infra-error":
                 break
             streak += 1
-        if streak >= self.pb.max_infra_errors_in_a_row and not self.stopped:
-            self.stopped = (f"the host is broken: {streak} infrastructure errors in a row, "
-                            f"the last: {rec['reason']}")  # fmt: skip
+        if streak < self.pb.max_infra_errors_in_a_row or host.drained:
+            return
+        why = f"{streak} infrastructure errors in a row, the last: {rec['reason']}"
+        host.drain(why)
+        if len(self.fleet) > 1:
+            log.error("host %s left the run: %s", host.name, why)
+        if all(h.drained for h in self.fleet) and not self.stopped:
+            self.stopped = f"the host is broken: {why}" if len(self.fleet) == 1 else "every host left the run: " + \
+                "; ".join(f"{h.name}: {h.drained}" for h in self.fleet)  # fmt: skip
             log.error("stopping: %s", self.stopped)
             self._halt.set()
 
@@ -357,45 +408,6 @@ class Runner:
             if self.lanes == 1:
                 cal["one_guest"] = spread(self.records)
             calibration_path(accel).write_text(json.dumps(cal))
-
-
-def record(r: IterationResult, case: str, strategy: str, vm: Any, reset: str, it_dir: Path) -> dict[str, Any]:
-    """One line of results.jsonl: the plan, the numbers the evidence gives, the verdict."""
-    ev, plan = r.evidence, r.plan
-    return {
-        "iteration": plan.iteration,
-        "case": case,
-        "planned_offset_ms": plan.offset_ms,  # with shutdown_mode ic-ready: the delay after the re-offer
-        "shutdown_mode": plan.shutdown_mode,
-        "offset_ms": ev.offset_ms if plan.service else None,
-        "guest_offset_ms": ev.guest_offset_ms,
-        "ic_ready_offset_ms": ev.ic_ready_offset_ms,
-        "phase": plan.phase,
-        "arm": plan.arm,
-        "phase_to_fire_ms": ev.phase_to_fire_ms,
-        "phase_times_ms": ev.phase_times_ms() or None,
-        "skew_ms": ev.skew_ms(plan.offset_ms) if plan.service and plan.shutdown else None,
-        "servicing_lag_ms": ev.servicing_lag_ms,
-        "servicing_ms": ev.servicing_ms,
-        "delivery_ms": ev.delivery_ms,
-        "servicing_proof": ev.servicing_proof,
-        "stream": ev.stream,
-        **r.verdict.as_dict(),
-        "decision": ev.decision,
-        "ic_at_fire": ev.ic_at_fire,
-        "strategy": strategy,
-        "features": ev.features,
-        "image": plan.image or vm.record()["paravisor"],
-        "accel": vm.accel,
-        "reset": r.boot.get("reset", reset),  # what the backend used, which may differ from the ask
-        "reset_fallback": r.boot.get("reset_fallback"),  # why, when it differs
-        "boot_s": r.boot.get("wall_s"),
-        "slot_wait_s": r.boot.get("slot_wait_s"),  # waiting for another run's guest to end
-        "started": r.started,
-        "duration_s": r.duration_s,
-        "phases_s": {k.removesuffix("_s"): round(v, 4) for k, v in r.phases.items()},
-        "dir": str(it_dir),
-    }
 
 
 def _flight(case: Case, plan: RacePlan) -> tuple[str, float | str | None]:
@@ -441,23 +453,6 @@ def _join(threads: list[threading.Thread]) -> None:
     for t in threads:
         while t.is_alive():
             t.join(0.2)
-
-
-def _sort_results(path: Path) -> None:
-    """results.jsonl in iteration order (lanes finish out of order; a resume appends):
-    rewritten through a fsynced temporary file and an atomic rename, so a crash here
-    leaves the old file whole. Nothing is done when the order is already right."""
-    recs = read_results(path)
-    order = [r.get("iteration", 0) for r in recs]
-    if order == sorted(order):
-        return
-    tmp = path.with_suffix(".jsonl.sorting")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in sorted(recs, key=lambda r: r.get("iteration", 0)):
-            f.write(json.dumps(r, default=str) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _local_backend(kind: str) -> Backend:

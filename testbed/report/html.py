@@ -127,6 +127,20 @@ def flaky_section(summary: dict[str, Any]) -> str:
     return f"<h2>Flaky-window search</h2><p>{html.escape(f['answer'])}</p>{table}"
 
 
+def hosts_section(summary: dict[str, Any]) -> str:
+    """A fleet run: per host its tries, loss rate with its interval, rate and infrastructure
+    errors, whether the loss rate depends on the host, and which hosts left and why."""
+    ph = summary.get("per_host")
+    if not ph:
+        return ""
+    rows = [[html.escape(h["host"]), str(h["tries"]), str(h["lost"]), _pct(h["rate"]), _ci(h["ci95"]),
+             _fmt(h["per_min"]), str(h["infra_errors"]),
+             html.escape(h["left"]["reason"]) if h["left"] else "-"] for h in ph["hosts"]]  # fmt: skip
+    table = _table(["host", "tries", "lost", "loss rate", "Wilson 95%", "tries/min", "infra errors",
+                    "left the run"], rows)  # fmt: skip
+    return f"<h2>Per host</h2><p>{html.escape(ph['answer'])}</p>{table}"
+
+
 def bisect_section(summary: dict[str, Any]) -> str:
     """The bisection: the answer in words, and per build tested its tries, losses,
     interval and the sequential test's decision."""
@@ -240,6 +254,7 @@ Fire skew p50 {_fmt(summary["skew_ms"]["p50"])} ms, p99 {_fmt(summary["skew_ms"]
 {delay_section(summary)}
 {flaky_section(summary)}
 {bisect_section(summary)}
+{hosts_section(summary)}
 {phase_sweep_section(summary)}
 {phases_section(summary)}
 {("<h2>Timeline of lost iteration " + str(lost["iteration"]) + "</h2>" + timeline_plot(lost)) if lost else ""}

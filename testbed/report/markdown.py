@@ -101,6 +101,20 @@ def _flaky_search(s: dict[str, Any]) -> list[str]:
     )
 
 
+def _per_host(s: dict[str, Any]) -> list[str]:
+    """A fleet run: one table row per host, whether the loss rate depends on the host,
+    and which hosts left the run, when and why."""
+    ph = s.get("per_host")
+    if not ph:
+        return []
+    rows = [[h["host"], h["tries"], h["n"], h["lost"], _ci(h["ci95"]),
+             f"{h['per_min']:.1f}" if h["per_min"] else "-", h["infra_errors"],
+             f"left: {h['left']['reason']}" if h["left"] else "-"] for h in ph["hosts"]]  # fmt: skip
+    return [f"- per host: {ph['answer']}"] + _table(
+        ["host", "tries", "counted", "lost", "95%", "tries/min", "infra errors", "left the run"], rows
+    )
+
+
 def _phase_sweep(s: dict[str, Any]) -> list[str]:
     """One table row per (phase, delay) cell, with where the phase fell on average."""
     ps = s.get("phase_sweep")
@@ -181,6 +195,7 @@ def render_markdown(run: dict[str, Any], s: dict[str, Any]) -> str:
         *_stream(s),
         *_bisect(s),
         *_flaky_search(s),
+        *_per_host(s),
         *_phase_sweep(s),
         *_timing(s),
         *_conduct(run, s),

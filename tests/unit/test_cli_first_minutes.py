@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -23,16 +24,38 @@ def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
                           timeout=120, cwd=cwd, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
 
 
-def qemus() -> set[int]:
+def marked_processes(marker: str) -> set[int]:
+    """Processes that carry ``marker`` in their environment: only what the command under
+    test started (other runs on this machine may have QEMUs of their own)."""
     pids = set()
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
-                if (d / "comm").read_text().startswith("qemu-system"):
+                if marker.encode() in (d / "environ").read_bytes():
                     pids.add(int(d.name))
             except OSError:
                 pass
     return pids
+
+
+def cli_watched(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], set[int], Path]:
+    """The CLI with QEMU replaced by a script that logs every start: returns the result,
+    every process it started while it ran (but itself), and the log of QEMU starts."""
+    marker = f"TESTBED_TEST_MARK={uuid.uuid4().hex}"
+    log = tmp_path / "qemu-starts.log"
+    fake = tmp_path / "qemu-system-x86_64"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\nexit 1\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "COLUMNS": "200", marker.split("=")[0]: marker.split("=")[1],
+           "TESTBED_QEMU_BINARY": str(fake), "PATH": f"{tmp_path}:{os.environ['PATH']}"}  # fmt: skip
+    p = subprocess.Popen([sys.executable, "-m", "testbed.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, cwd=ROOT, env=env)  # fmt: skip
+    seen: set[int] = set()
+    while p.poll() is None:
+        seen |= marked_processes(marker) - {p.pid}
+        time.sleep(0.02)
+    out, err = p.communicate()
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err), seen, log
 
 
 def test_help_keeps_the_exit_codes_as_a_table() -> None:
@@ -55,14 +78,13 @@ def test_every_command_has_an_example(command: str) -> None:
 
 
 @pytest.mark.parametrize("playbook", PLAYBOOKS, ids=[p.name for p in PLAYBOOKS])
-def test_a_dry_run_prints_the_plan_and_starts_nothing(playbook: Path) -> None:
-    before = qemus()
+def test_a_dry_run_prints_the_plan_and_starts_nothing(playbook: Path, tmp_path: Path) -> None:
     t = time.monotonic()
-    r = cli("run", str(playbook), "--dry-run")
+    r, started, qemu_log = cli_watched(tmp_path, "run", str(playbook), "--dry-run")
     took = time.monotonic() - t
     assert r.returncode == 0, r.stdout + r.stderr
     assert "nothing was started" in r.stdout and "estimate:" in r.stdout and "tries at most" in r.stdout
-    assert qemus() - before == set()
+    assert started == set() and not qemu_log.exists()  # no QEMU, no agent, no process at all
     print(f"{playbook.name}: {took:.2f} s")  # the issue's target is under 2 s; bench/ has no timed test
 
 
@@ -116,3 +138,9 @@ def test_bisect_takes_a_vm_config(tmp_path: Path) -> None:
             "g,b", "--host", "mock://x", "--dry-run")  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     assert "a bisection of builds g (good) .. b (bad)" in r.stdout
+
+
+def test_the_watch_sees_what_a_real_command_starts(tmp_path: Path) -> None:
+    """The dry-run check can fail: host check starts the host agent, which asks QEMU its version."""
+    r, started, qemu_log = cli_watched(tmp_path, "host", "check")
+    assert started and qemu_log.exists(), (r.stdout, r.stderr)

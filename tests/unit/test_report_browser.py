@@ -74,7 +74,9 @@ def test_report_and_compare_render_with_their_plots_and_nothing_external(tmp_pat
     assert len(re.findall(r"<svg\b", dom)) == 2
     assert "Loss probability vs offset" in dom and "after the paravisor's servicing start" in dom
     assert re.search(r"loses from -?\d+ ± \d+ ms to \d+ ± \d+ ms after the paravisor", dom), dom[:500]
-    assert "<h2>Manifest</h2><table>" in dom and "<b>playbook</b>" in dom  # a table, not raw JSON
+    assert (
+        '<h2>Manifest</h2><table class="manifest">' in dom and "<th>playbook</th>" in dom
+    )  # a table, not raw JSON
     cdom, curls = render(cmp_page, tmp_path / "profile2")
     assert curls - background == set(), curls - background
     assert len(re.findall(r"<svg\b", cdom)) == 1 and "Fisher exact test" in cdom

@@ -17,6 +17,7 @@ from typing import Any
 
 from testbed.backends.mock.capabilities import CAPABILITIES, PHASES
 from testbed.backends.mock.config import MockVmConfig
+from testbed.core.errors import InfraError
 from testbed.core.evidence import Check, HostReport, RaceEvidence, RacePlan, TimelineEntry
 from testbed.core.verdicts import Facts, Finding, Request, Verdict, decide
 
@@ -45,12 +46,15 @@ class MockBackend:
     kind: str = "mock"
     capabilities = CAPABILITIES
     vms: list[MockVm] = field(default_factory=list)
+    races: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def preflight(self, cfg: Any = None, *, deep: bool = False) -> HostReport:
         return HostReport(self.host, [Check("mock", True, "an in-process fake VM is always ready")])
 
     def provision(self, cfg: MockVmConfig, strategy: str = "none") -> MockVm:
+        if self.host in cfg.unreachable:
+            raise InfraError(f"{self.host}: connection refused (the mock's unreachable host)")
         with self._lock:
             vm = MockVm(f"{cfg.name}-mock{len(self.vms)}", cfg, strategy)
             self.vms.append(vm)
@@ -61,6 +65,12 @@ class MockBackend:
         return {"wall_s": 0.0, "reset": reset}
 
     def race(self, vm: MockVm, plan: RacePlan, grace_ms: float) -> RaceEvidence:
+        self.races += 1
+        limit = vm.cfg.breaks_after.get(self.host)
+        if limit is not None and self.races > limit:
+            raise InfraError(
+                f"{self.host}: the host stopped answering (the mock's fault after {limit} races)"
+            )
         if vm.cfg.race_ms:
             time.sleep(vm.cfg.race_ms / 1000)
         return simulate(vm.cfg, vm.strategy, plan, grace_ms, t0=time.monotonic_ns())
