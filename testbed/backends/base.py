@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from testbed.core.capabilities import Capabilities
-from testbed.core.errors import InfraError
+from testbed.core.errors import HostGone, InfraError
 from testbed.core.evidence import Check, HostReport, RaceEvidence, RacePlan, TimelineEntry
 from testbed.core.verdicts import Verdict
 
@@ -50,10 +50,12 @@ def host_program_errors() -> Iterator[None]:
 
     try:
         yield
-    except (AgentFailure, AgentLost) as e:
-        raise InfraError(f"{type(e).__name__}: {e}") from None
+    except AgentFailure as e:
+        raise InfraError(f"AgentFailure: {e}") from None
+    except AgentLost as e:
+        raise HostGone(f"AgentLost: {e}") from None
     except TransportError as e:
-        raise InfraError(f"TransportError: {e}") from None
+        raise HostGone(f"TransportError: {e}") from None
 
 
 class VmHandle(Protocol):

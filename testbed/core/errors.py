@@ -8,3 +8,11 @@ class InfraError(Exception):
 
     Every backend turns the failures of its own machinery (agent, transport,
     WinRM, console) into this, so the engine catches one type."""
+
+
+class HostGone(InfraError):
+    """The host stopped answering: its connection was lost, or its host program died.
+
+    Distinct from a refused operation because a fleet run drains such a host at once
+    (it is not used again in the run), where an operation's failure counts toward the
+    host's streak of infrastructure errors."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.backends.base import Backend
-from testbed.core.errors import InfraError
+from testbed.core.errors import HostGone, InfraError
 from testbed.core.evidence import RaceEvidence, RacePlan
 from testbed.core.verdicts import Verdict
 
@@ -34,6 +34,7 @@ class IterationResult:
     # Where the seconds went (host clock): start (boot or restore to ready), race (with
     # servicing and the wait after it split out when known), collect, teardown.
     phases: dict[str, float] = field(default_factory=dict)
+    host_gone: bool = False  # the host stopped answering (HostGone): a fleet drains it at once
 
     @property
     def failed(self) -> bool:
@@ -63,6 +64,7 @@ def iterate(
     files: list[Path] = []
     phases: dict[str, float] = {}
     mark = t
+    host_gone = False
 
     def lap(name: str) -> None:
         nonlocal mark
@@ -79,6 +81,7 @@ def iterate(
         except InfraError as e:
             lap("start_s" if "start_s" not in phases else "race_s")
             ev = RaceEvidence.failed(backend.kind, str(e))
+            host_gone = isinstance(e, HostGone)
         verdict = Verdict.infra(ev.infra_error) if ev.infra_error else backend.classify(ev)
         if dest is not None:
             dest.mkdir(parents=True, exist_ok=True)
@@ -93,4 +96,4 @@ def iterate(
         # (a delivery, or the grace running out), on the host's clock.
         phases["servicing_s"] = ev.servicing_ms / 1000
         phases["after_servicing_s"] = max(0.0, phases["race_s"] - phases["servicing_s"])
-    return IterationResult(plan, verdict, ev, boot, t_wall, time.monotonic() - t, files, phases)
+    return IterationResult(plan, verdict, ev, boot, t_wall, time.monotonic() - t, files, phases, host_gone)

@@ -12,7 +12,7 @@ from typing import Any
 from testbed.core.runfolder import read_results
 from testbed.engine.iterate import IterationResult
 
-SLIM = ("iteration", "case", "host", "planned_offset_ms", "verdict", "delivery_ms", "phase_times_ms", "arm",
+SLIM = ("iteration", "case", "host", "host_gone", "planned_offset_ms", "verdict", "delivery_ms", "phase_times_ms", "arm",
         "servicing_lag_ms", "skew_ms")  # fmt: skip
 
 
@@ -56,6 +56,7 @@ def record(r: IterationResult, case: str, strategy: str, vm: Any, reset: str, it
         "duration_s": r.duration_s,
         "phases_s": {k.removesuffix("_s"): round(v, 4) for k, v in r.phases.items()},
         "dir": str(it_dir),
+        **({"host_gone": True} if r.host_gone else {}),
     }
 
 

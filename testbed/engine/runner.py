@@ -365,9 +365,11 @@ class Runner:
             if r["verdict"] != "infra-error":
                 break
             streak += 1
-        if streak < self.pb.max_infra_errors_in_a_row or host.drained:
+        gone = len(self.fleet) > 1 and rec.get("host_gone")  # a fleet drains a lost host at once
+        if (streak < self.pb.max_infra_errors_in_a_row and not gone) or host.drained:
             return
-        why = f"{streak} infrastructure errors in a row, the last: {rec['reason']}"
+        why = (f"it stopped answering: {rec['reason']}" if gone else
+               f"{streak} infrastructure errors in a row, the last: {rec['reason']}")  # fmt: skip
         host.drain(why)
         if len(self.fleet) > 1:
             log.error("host %s left the run: %s", host.name, why)

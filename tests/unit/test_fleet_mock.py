@@ -71,7 +71,7 @@ def test_a_host_that_stops_answering_is_drained_and_the_others_finish(tmp_path: 
     recs = records(res)
     on_b = [r for r in recs if r["host"] == "b"]
     assert [r["verdict"] for r in on_b] == ["preserved"] * 4 + ["infra-error"] * 5  # the streak, then drained
-    assert "the host stopped answering" in on_b[-1]["reason"]
+    assert "the race failed" in on_b[-1]["reason"]
     assert len(recs) == 40 and res.exit_code == 0 and res.stopped is None  # a finished the budget
     run = json.loads((res.run_dir / "run.json").read_text())
     left = {h["name"]: h for h in run["fleet"]}
@@ -160,3 +160,13 @@ def test_the_cli_runs_all_inventory_hosts_and_compares_two(tmp_path: Path) -> No
         "--dry-run",
     )
     assert r.returncode == 0 and "on h1, h2, h3 (mock)" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_host_whose_connection_is_lost_is_drained_at_once(tmp_path: Path) -> None:
+    body = "iterations: 30\nexpect: {}\nschedule: {kind: fixed, offsets_ms: [400]}\n"
+    res = fleet_run(tmp_path, "gone_after: {b: 3}\n", body, [host("a"), host("b")])
+    on_b = [r for r in records(res) if r["host"] == "b"]
+    assert [r["verdict"] for r in on_b] == ["preserved"] * 3 + ["infra-error"] and on_b[-1]["host_gone"]
+    assert len(records(res)) == 30 and res.exit_code == 0
+    left = {h["host"]: h["left"] for h in res.summary["per_host"]["hosts"]}
+    assert left["b"]["reason"].startswith("it stopped answering: ") and left["a"] is None

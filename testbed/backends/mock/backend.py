@@ -17,7 +17,7 @@ from typing import Any
 
 from testbed.backends.mock.capabilities import CAPABILITIES, PHASES
 from testbed.backends.mock.config import MockVmConfig
-from testbed.core.errors import InfraError
+from testbed.core.errors import HostGone, InfraError
 from testbed.core.evidence import Check, HostReport, RaceEvidence, RacePlan, TimelineEntry
 from testbed.core.verdicts import Facts, Finding, Request, Verdict, decide
 
@@ -68,9 +68,10 @@ class MockBackend:
         self.races += 1
         limit = vm.cfg.breaks_after.get(self.host)
         if limit is not None and self.races > limit:
-            raise InfraError(
-                f"{self.host}: the host stopped answering (the mock's fault after {limit} races)"
-            )
+            raise InfraError(f"{self.host}: the race failed (the mock's fault after {limit} races)")
+        gone = vm.cfg.gone_after.get(self.host)
+        if gone is not None and self.races > gone:
+            raise HostGone(f"{self.host}: connection lost (the mock's fault after {gone} races)")
         if vm.cfg.race_ms:
             time.sleep(vm.cfg.race_ms / 1000)
         return simulate(vm.cfg, vm.strategy, plan, grace_ms, t0=time.monotonic_ns())

@@ -41,9 +41,11 @@ class MockVmConfig(VmConfig):
     )
     paravisor: str = "mock-v1"
     race_ms: float = Field(0.0, ge=0, le=60_000)
-    # Faults, for tests of a fleet: a host (by URI) whose races fail as the host stopping
-    # answering after this many, and hosts that cannot be reached at all.
+    # Faults, for tests of a fleet, by host URI: races that fail (an operation refused)
+    # after this many, a host that stops answering (its connection lost) after this many,
+    # and hosts that cannot be reached at all.
     breaks_after: dict[str, int] = Field(default_factory=dict)
+    gone_after: dict[str, int] = Field(default_factory=dict)
     unreachable: list[str] = []
     delivery_ms: float = Field(20.0, ge=0, le=60_000)
 
