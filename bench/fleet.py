@@ -1,0 +1,96 @@
+"""Does the controller keep up with a fleet? Throughput against the ideal, CPU and memory
+per lane, at 1, 16, 64 and 256 lanes.
+
+    python bench/fleet.py [--lanes 1,16,64,256] [--race-ms 200] [--rounds 8] [--hosts 16]
+
+Every lane races the mock backend (an in-process fake VM whose race takes ``--race-ms``
+of wall time and no CPU), spread over ``--hosts`` mock hosts, all drawing from one plan
+generator (a random schedule), writing results.jsonl (fsynced per try), a folder and
+evidence per try, as a real run does. The ideal is lanes / race time: what a controller
+that costs nothing would reach. For each lane count it prints the tries per second, the
+ratio to the ideal (target: >= 0.95 at 64 lanes, >= 0.9 at 256 on 2 cores), the
+controller's CPU seconds per try, and its RSS; then the RSS slope per lane (a least-
+squares line over the lane counts). The lanes are threads: each spends its time
+blocked in the backend's call, where the GIL is released, so a thread per lane costs
+a stack and no CPU (the numbers say whether that holds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+from testbed.backends.mock.backend import MockBackend
+from testbed.engine.fleet import FleetHost
+from testbed.engine.options import RunOptions
+from testbed.engine.playbook import Playbook, ScheduleSpec, load_vm_config
+from testbed.engine.runner import Runner
+
+
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def measure(lanes: int, race_ms: float, rounds: int, hosts: int, tmp: Path) -> dict[str, float]:
+    """One run of ``lanes x rounds`` tries; its rate, CPU and RSS."""
+    cfg_path = tmp / f"mock-{lanes}.yaml"
+    cfg_path.write_text(f"name: fleet\nbackend: mock\nrace_ms: {race_ms}\n")
+    cfg = load_vm_config(cfg_path)
+    n_hosts = min(hosts, lanes)
+    per_host = -(-lanes // n_hosts)
+    fleet = [FleetHost(f"mock://h{i}", "mock", lambda i=i: MockBackend(f"mock://h{i}"), max_guests=per_host)
+             for i in range(n_hosts)]  # fmt: skip
+    n = lanes * rounds
+    pb = Playbook(name=f"fleet-{lanes}", vm_config="-", iterations=n, expect={}, parallel=min(per_host, 256),
+                  schedule=ScheduleSpec(kind="random", lo_ms=-50, hi_ms=400, count=n))  # fmt: skip
+    opts = RunOptions(out=tmp / f"run-{lanes}", fleet=fleet if n_hosts > 1 else None,
+                      backend=None if n_hosts > 1 else fleet[0].open(),
+                      open_backend=None if n_hosts > 1 else fleet[0].open, max_guests=per_host)  # fmt: skip
+    runner = Runner(pb, cfg, opts)
+    real_lanes = runner.lanes
+    cpu0, t0 = time.process_time(), time.monotonic()
+    res = runner.run()
+    wall, cpu = time.monotonic() - t0, time.process_time() - cpu0
+    tries = len(res.records)
+    ideal = real_lanes / (race_ms / 1000)
+    return {"lanes": real_lanes, "tries": tries, "per_s": tries / wall, "ideal": ideal,
+            "ratio": tries / wall / ideal, "cpu_ms_per_try": 1000 * cpu / tries, "rss_mib": rss_mib(),
+            "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
+
+
+def slope(xs: list[float], ys: list[float]) -> float:
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    den = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den if den else 0.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lanes", default="1,16,64,256", help="lane counts to measure, comma-separated")
+    ap.add_argument("--race-ms", type=float, default=200.0, help="wall time of one mock race")
+    ap.add_argument("--rounds", type=int, default=8, help="tries per lane")
+    ap.add_argument("--hosts", type=int, default=16, help="mock hosts the lanes are spread over")
+    a = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for lanes in (int(x) for x in a.lanes.split(",")):
+            rows.append(measure(lanes, a.race_ms, a.rounds, a.hosts, Path(d)))
+            r = rows[-1]
+            print(f"lanes {r['lanes']:4.0f}: {r['tries']:5.0f} tries, {r['per_s']:8.1f} tries/s, ideal "
+                  f"{r['ideal']:8.1f}, ratio {r['ratio']:.3f}, {r['cpu_ms_per_try']:.2f} ms CPU per try, "
+                  f"RSS {r['rss_mib']:.1f} MiB", flush=True)  # fmt: skip
+    if len(rows) > 1:
+        per_lane = slope([r["lanes"] for r in rows], [r["rss_mib"] for r in rows])
+        print(f"RSS slope: {1024 * per_lane:.1f} KiB per lane (least squares over {len(rows)} lane counts); "
+              f"cores: {os.cpu_count()}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
