@@ -132,6 +132,12 @@ class VmConfig(Strict):
         """Relative file paths in the config made relative to the config file's folder."""
         return self
 
+    def build_names(self) -> tuple[str, ...] | None:
+        """The paravisor builds this config can service into by name (``image:``, a
+        bisection's builds, a matrix's paravisor), when it can list them; None: not listed
+        (the backend takes what it is given, such as a path on the host)."""
+        return None
+
     def with_paravisor(self, version: str) -> Self:
         """The reference lab's paravisor image ``version`` instead of the configured one."""
         raise ValueError(f"backend {self.backend} has no lab paravisor images to choose from")

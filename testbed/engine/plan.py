@@ -43,7 +43,8 @@ class RunPlan:
         where = path or Path(self.pb.name)
         requirements.refuse_missing(need, self.caps, self.kind, where)
         if self.bisect is not None:
-            requirements.check_images(self.bisect.builds, self.caps, self.kind, where)
+            known = self.caps.images or self.cfg.build_names()
+            requirements.check_images(self.bisect.builds, known, self.kind, where)
         for c in self.cases():
             kind = (c.schedule or self.pb.schedule).kind
             if kind == "phases":

@@ -96,15 +96,17 @@ def refuse_missing(asked: list[Ask], caps: Capabilities, kind: str, path: Path |
         )
 
 
-def check_images(asked_builds: list[str], caps: Capabilities, kind: str, path: Path | None) -> None:
-    """Builds a bisection or matrix names, against the builds the backend knows (when it
-    lists them)."""
-    if not caps.images:
+def check_images(
+    asked_builds: list[str], known: tuple[str, ...] | None, kind: str, path: Path | None
+) -> None:
+    """Builds a bisection names, against the builds the backend or the vm_config lists
+    (nothing to check when neither lists them)."""
+    if not known:
         return
-    unknown = [b for b in asked_builds if b not in caps.images]
+    unknown = [b for b in asked_builds if b not in known]
     if unknown:
         raise ConfigError(
             path or Path("<playbook>"),
             line_of(path, (("bisect", "builds"), ("bisect",))),
-            f"builds {', '.join(unknown)} are not builds the {kind} backend has; it has: {', '.join(caps.images)}",
+            f"builds {', '.join(unknown)} are not builds the {kind} backend has here; it has: {', '.join(known)}",
         )

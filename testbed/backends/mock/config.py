@@ -53,6 +53,9 @@ class MockVmConfig(VmConfig):
     def shutdown_allowance_ms(self) -> float:
         return self.delivery_ms
 
+    def build_names(self) -> tuple[str, ...] | None:
+        return tuple(self.builds) or None
+
     def with_paravisor(self, version: str) -> Self:
         if self.builds and version not in self.builds:
             raise ValueError(f"unknown build {version!r}; this mock has: {', '.join(self.builds)}")

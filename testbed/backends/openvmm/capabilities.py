@@ -6,6 +6,7 @@ from testbed.core.capabilities import Capabilities
 
 CAPABILITIES = Capabilities(
     shutdown_modes=("offset", "after-ready", "none"),
+    images=(),  # service-vtl2 --igvm: a name from the vm_config's openvmm.images, or a path on the host
     gc=True,
     reasons={
         "shutdown:ic-ready": "the shutdown IC's re-negotiation after servicing is not stamped yet",
@@ -13,7 +14,6 @@ CAPABILITIES = Capabilities(
         "offsets so far; a trigger on those lines is not built yet",
         "parallel": "one openvmm process per host so far",
         "stream": "only the reference lab streams hb/TX messages beside the race",
-        "images": "service-vtl2 --igvm into another build is not wired to the race yet",
         "snapshot-reset": "openvmm has no snapshot of a running VM: every iteration boots afresh",
     },
 )

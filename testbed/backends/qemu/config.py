@@ -84,5 +84,8 @@ class QemuVmConfig(VmConfig):
         lab = LabKnobs.model_validate({**self.lab.model_dump(), **changes})  # ValueError names a bad knob
         return self.model_copy(update={"lab": lab})
 
+    def build_names(self) -> tuple[str, ...] | None:
+        return PARAVISOR_IMAGES
+
     def with_paravisor(self, version: str) -> Self:
         return self.model_copy(update={"paravisor": ParavisorSpec(version=version)})
