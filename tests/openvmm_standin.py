@@ -125,8 +125,27 @@ class Stdout:
             self.write(PROMPT)
 
 
+LEVELS = ("ERROR", "WARN", "INFO", "DEBUG", "TRACE")
+
+
+def enabled(level: str, target: str) -> bool:
+    """OPENVMM_LOG as tracing-subscriber's EnvFilter reads it: ``info,openvmm_helpers=debug``
+    (the longest matching target prefix wins; without any directive, info). Setting it to
+    only ``openvmm_helpers=debug`` drops the implicit info for everything else."""
+    spec = os.environ.get("OPENVMM_LOG", "info")
+    best, best_len = "error" if spec.strip() else "info", -1
+    for d in (x.strip() for x in spec.split(",") if x.strip()):
+        tgt, _, lvl = d.rpartition("=") if "=" in d else ("", "", d)
+        if (not tgt or target == tgt or target.startswith(tgt + "::")) and len(tgt) > best_len:
+            best, best_len = lvl, len(tgt)
+    return LEVELS.index(level) <= LEVELS.index(best.upper()) if best.upper() in LEVELS else False
+
+
 def log(level: str, target: str, message: str, **fields: Any) -> None:
-    """A tracing line as openvmm prints it (no ANSI: stderr is a pipe here)."""
+    """A tracing line as openvmm prints it (no ANSI: stderr is a pipe here), when
+    OPENVMM_LOG lets it through."""
+    if not enabled(level, target):
+        return
     up = time.monotonic() - T_START
     # &str fields print quoted ({:?}), errors and integers plain, bools as true/false
     shown = " ".join(
@@ -185,7 +204,24 @@ class StandIn:
         await self.agent.op_wait_ready(self.name, 90, incoming=True)
         self.vm = self.agent.vms[self.name]
         self.relay = self.vm.relay
+        self.relay.on_phase = self.on_lab_phase
         log("INFO", "openvmm_entry", "restoring history from " + str(self.history))
+
+    def on_lab_phase(self, name: str, _t_ns: int) -> None:
+        """The lab paravisor's servicing steps as OpenVMM and OpenHCL print them: the host's
+        openvmm_helpers lines at DEBUG (underhill.rs: after the saved state came, "reloading
+        IGVM file"; once the reload returned, "waiting for VTL0 to start"), OpenHCL's restart
+        on COM3, and VTL0's hv_utils negotiating the shutdown IC again on COM1."""
+        if name == "save-end":
+            log("DEBUG", "openvmm_helpers::underhill", "reloading IGVM file")
+        elif name == "exec":
+            log("DEBUG", "openvmm_helpers::underhill", "waiting for VTL0 to start")
+        elif name == "restore-start":
+            self.emit(
+                self.com3, "[ 0.000000] underhill_core: VTL2 restart, getting servicing state from the host\n"
+            )
+        elif name == "ic-reoffered":
+            self.emit(self.com1, "[ 0.000000] hv_utils: Shutdown IC version 3.2\n")
 
     # ---- serial ports ------------------------------------------------------------------
     async def serial(self) -> None:
@@ -248,8 +284,11 @@ class StandIn:
         image = self.fault or image
         self.svc_id += 1
         start = time.monotonic()
-        self.relay.start_servicing(self.svc_id, image, {"save_ms": self.knobs.save_ms, "restore_ms": self.knobs.restore_ms,
-                                                         "blackout_ms": self.knobs.blackout_ms})  # fmt: skip
+        log("DEBUG", "openvmm_helpers::underhill", "staging new IGVM file")
+        log("DEBUG", "openvmm_helpers::underhill", "waiting for guest to send saved state")
+        knobs = {"save_ms": self.knobs.save_ms, "restore_ms": self.knobs.restore_ms,
+                 "blackout_ms": self.knobs.blackout_ms, "attach_ms": self.knobs.vtl0_attach_ms}  # fmt: skip
+        self.relay.start_servicing(self.svc_id, image, knobs)
         while "done_ns" not in self.relay.svc and not self.vm.shutdown.done():
             await asyncio.sleep(0.002)
         if self.vm.shutdown.done():
@@ -261,6 +300,7 @@ class StandIn:
                 # The new OpenHCL reported its restore over GET: only a real restart (a
                 # new boot id from the lab paravisor) makes the device say so.
                 log("INFO", "guest_emulation_device", "restore vtl2 complete", success=True)
+                log("INFO", "guest_emulation_device", "guest reported vtl0 started successfully")
             log("INFO", "openvmm_entry::repl", "vtl2 servicing complete", duration=ms)
         else:
             log(

@@ -201,9 +201,10 @@ class OpenVmmBackend:
         shutdown = "shutdown" if plan.shutdown else None
         grace = max(grace_ms, s.shutdown_grace_ms)
         offset = None if plan.shutdown_mode == "after-ready" else float(plan.offset_ms or 0.0)
-        raw = self.call("race", timeout=s.servicing_timeout_s + grace / 1000 + 60, name=vm.name,
+        raw = self.call("race", timeout=s.servicing_timeout_s + 2 * grace / 1000 + 60, name=vm.name,
                         service_cmd=service, shutdown_cmd=shutdown, offset_ms=offset,
-                        servicing_timeout_s=s.servicing_timeout_s, grace_ms=grace)  # fmt: skip
+                        servicing_timeout_s=s.servicing_timeout_s, grace_ms=grace,
+                        mode=plan.shutdown_mode, phase=plan.phase)  # fmt: skip
         raw.update(service_cmd=service, shutdown_cmd=shutdown, grace_ms=grace, openvmm_version=vm.version,
                    servicing_timeout_s=s.servicing_timeout_s, vtl0_shutdown_pattern=s.vtl0_shutdown_pattern,
                    com3_servicing_start_pattern=s.com3_servicing_start_pattern)  # fmt: skip

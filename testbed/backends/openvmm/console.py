@@ -51,6 +51,26 @@ EVENTS = (
 )
 
 
+# The servicing phases the host can see, in the order they happen: (name, where, what).
+# "log" is openvmm's own output (its log and console); "COM3" is OpenHCL's console. The
+# openvmm_helpers lines are DEBUG (OPENVMM_LOG must enable them, as the vm_config's
+# default "info,openvmm_helpers=debug" does); the guest emulation device's and the
+# console's are INFO; OpenHCL prints its own at its default level.
+PHASES = (
+    ("staging", "log", "staging new IGVM file"),
+    ("save-wait", "log", "waiting for guest to send saved state"),
+    ("received", "COM3", "received servicing request from host"),
+    ("reload", "log", "reloading IGVM file"),
+    ("vtl0-wait", "log", "waiting for VTL0 to start"),
+    ("vtl2-restart", "COM3", "VTL2 restart, getting servicing state from the host"),
+    ("restored", "log", "restore vtl2 complete"),
+    ("vtl0-started", "log", "guest reported vtl0 started successfully"),
+    ("complete", "log", "vtl2 servicing complete"),
+)
+# VTL0's shutdown IC negotiated again after servicing: Linux hv_utils says so on COM1.
+IC_READY = ("COM1", "hv_utils: Shutdown IC version")
+
+
 @dataclass
 class ConsoleLine:
     text: str  # the line as shown, escapes and prompt removed

@@ -64,6 +64,8 @@ def evidence(raw: dict[str, Any]) -> RaceEvidence:
     # "vtl2 servicing complete" alone proves nothing.
     proof = ("restarted" if restored else "unproven") if raw.get("service_cmd") and completed else None
     timeline = [TimelineEntry(s.t_ns, s.stream, s.line.text) for s in console + _seen(raw, "COM1") + com3]
+    phases = {k: int(v) for k, v in (raw.get("phases") or {}).items() if k != "ic-ready"}
+    ic_ready = (raw.get("phases") or {}).get("ic-ready")
     return RaceEvidence(
         backend="openvmm",
         zero_ns=raw.get("t0_ns", raw.get("begin_ns")),
@@ -78,6 +80,10 @@ def evidence(raw: dict[str, Any]) -> RaceEvidence:
         message_id="shutdown-ic" if raw.get("shutdown_cmd") else None,
         guest_anchor="COM3" if anchor is not None else None,
         servicing_proof=proof,
+        phases=phases,
+        phase=raw.get("phase") if raw.get("mode") == "phase" else None,
+        phase_ns=phases.get(raw.get("phase") or "") if raw.get("mode") == "phase" else None,
+        ic_reoffered_ns=int(ic_ready) if ic_ready is not None else None,
         timeline=sorted(timeline, key=lambda e: e.t_ns),
         raw=raw,
     )
@@ -174,6 +180,9 @@ def _request(race: RaceEvidence, refused: Seen | None, fire_line: tuple[str, ...
     """What openvmm did with the shutdown: refused it (and after how long), or took it
     (it prints nothing when it does)."""
     if race.fire_ns is None:
+        missing = race.raw.get("anchor_missing")
+        if missing and race.raw.get("shutdown_cmd"):  # fired on a phase or the IC that never came
+            return "unfired", Finding(f"the shutdown's anchor ({missing}) never came, so it was never typed")
         return "none", Finding(lines=fire_line)
     if refused is None:
         return "accepted", Finding("openvmm took the shutdown without refusal", fire_line)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.backends.openvmm.console import PROMPT, event, parse
+from testbed.backends.openvmm.trigger import Race
 from testbed.core.paths import cache_dir, runtime_dir, shared_dir
 from testbed.hostprog import leases, rpc
 from testbed.hostprog.rpc import AgentError
@@ -313,45 +314,36 @@ class Driver(rpc.RpcServer):
             await asyncio.sleep(0.005)
 
     async def op_race(self, name: str, service_cmd: str | None, shutdown_cmd: str | None,
-                      offset_ms: float | None, servicing_timeout_s: float, grace_ms: float) -> dict[str, Any]:  # fmt: skip
-        """service-vtl2 at t = 0, shutdown at the planned offset (None: right after
-        servicing completes, the seed test's order), both typed here; then wait for
-        the end of servicing (or the deadline: openvmm has none of its own) and for
-        the shutdown's outcome (or the grace), and return every stamped line."""
+                      offset_ms: float | None, servicing_timeout_s: float, grace_ms: float,
+                      mode: str = "offset", phase: str | None = None) -> dict[str, Any]:  # fmt: skip
+        """service-vtl2 at t = 0 and the shutdown typed here: at the planned offset (mode
+        offset), that long after a servicing phase's line arrives (phase), after the shutdown
+        IC's re-negotiation on COM1 (ic-ready), or once servicing completed (after-ready,
+        ``offset_ms`` None); then wait for the end of servicing (or the deadline: openvmm has
+        none of its own) and for the shutdown's outcome (or the grace). Every phase is
+        stamped on arrival; every stamped line is returned."""
         vm = self.vm(name)
         c = vm.console
         start = {s.name: len(s) for s in (c.screen, c.log, vm.com1, vm.com3)}
-        out: dict[str, Any] = {"begin_ns": time.monotonic_ns()}
-        offset_ns = int(offset_ms * 1e6) if offset_ms is not None else None
+        race = Race(vm, start, shutdown_cmd, offset_ms, mode, phase)
+        out = race.out
         if service_cmd is not None:
-            if shutdown_cmd is not None and offset_ns is not None and offset_ns < 0:
-                out["fire_ns"] = c.type(shutdown_cmd)
-                await sleep_until_ns(out["fire_ns"] - offset_ns)
+            if race.before_ns is not None:
+                out["fire_ns"] = c.type(shutdown_cmd or "")
+                await sleep_until_ns(out["fire_ns"] + race.before_ns)
             out["t0_ns"] = c.type(service_cmd)
-            if shutdown_cmd is not None and offset_ns is not None and offset_ns >= 0:
-                out["fire_planned_ns"] = out["t0_ns"] + offset_ns
-                await sleep_until_ns(out["fire_planned_ns"])
-                out["fire_ns"] = c.type(shutdown_cmd)
+            await race.fire_during(servicing_timeout_s, grace_ms)
         elif shutdown_cmd is not None:
             out["t0_ns"] = out["fire_ns"] = c.type(shutdown_cmd)
-        deadline = out.get("t0_ns", out["begin_ns"]) + int(servicing_timeout_s * 1e9)
-        if service_cmd is not None:
-            while _first(vm, "servicing-complete", "servicing-failed", since=start) is None:
-                if time.monotonic_ns() > deadline:
-                    out["servicing_timeout"] = True
-                    break
-                if c.exited() is not None or _first(vm, "guest-halted", since=start) is not None:
-                    break
-                await asyncio.sleep(0.002)
-            if shutdown_cmd is not None and offset_ns is None:
-                out["fire_ns"] = c.type(shutdown_cmd)
         # The shutdown's outcome: an answer, a halt, or the grace running out.
         grace_end = time.monotonic_ns() + int(grace_ms * 1e6)
         while time.monotonic_ns() < grace_end and c.exited() is None:
-            if _first(vm, "guest-halted", since=start) is not None:
+            race.stamp()
+            if race.halted:
                 await asyncio.sleep(0.05)  # the last serial lines
                 break
             await asyncio.sleep(0.002)
+        race.stamp()
         out["end_ns"] = time.monotonic_ns()
         out["exited"] = c.exited()
         for s in (c.screen, c.log, vm.com1, vm.com3):

@@ -1,0 +1,79 @@
+"""OpenVMM answers the lab's questions: the shutdown fired on servicing phases seen live on
+openvmm's log and OpenHCL's COM3 (the stand-in prints them in openvmm's format, the
+debug ones only when OPENVMM_LOG enables them), and after the shutdown IC's
+re-negotiation on COM1 (the IC-ready anchor); through the CLI on the stand-in."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from testbed.backends.openvmm.console import PHASES
+
+pytestmark = pytest.mark.vm
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "testbed.cli", *args], capture_output=True, text=True,
+                          timeout=900, cwd=ROOT)  # fmt: skip
+
+
+def records(run: Path) -> list[dict[str, object]]:
+    return [json.loads(ln) for ln in (run / "results.jsonl").read_text().splitlines()]
+
+
+def test_a_phase_sweep_loses_inside_save_and_never_after_the_reoffer(ov_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg = ov_config(shutdown_grace_ms=1500)
+    pb = tmp_path / "phases.yaml"
+    pb.write_text(f"name: ov-phases\nvm_config: {cfg}\nstrategy: none\nreset: cold\nexpect: {{}}\n"
+                  "schedule: {kind: phases, delays_ms: [0], midpoint: false, repeat: 1}\n")  # fmt: skip
+    r = cli("run", str(pb), "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    by_phase = {str(x["phase"]): x for x in records(tmp_path / "run")}
+    assert list(by_phase) != [] and set(by_phase) == {name for name, _w, _n in PHASES}
+    assert by_phase["save-wait"]["verdict"] == "lost", by_phase["save-wait"]  # inside the save: #954
+    assert by_phase["complete"]["verdict"] == "preserved"  # after the re-offer: delivered
+    for name in ("reload", "vtl0-wait", "vtl2-restart"):  # the IC is closed: refused after waiting
+        assert by_phase[name]["verdict"] in ("rejected", "lost"), by_phase[name]
+    latency = [float(x["phase_to_fire_ms"]) for x in by_phase.values()]  # type: ignore[arg-type]
+    assert max(latency) < 20.0, latency  # the line's arrival to the shutdown typed, on the host clock
+    print(f"phase trigger latency ms: min {min(latency):.3f} max {max(latency):.3f}")
+    assert "phase sweep" in r.stdout  # the table in summary.md
+
+
+def test_ic_ready_delay_finds_the_wait_after_the_ic_came_back(ov_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    lab = tmp_path / "lab.yaml"  # the stand-in's lab: VTL0 attaches 300 ms after the IC's re-offer (#1174)
+    lab.write_text(
+        (ROOT / "vm_configs/reference-linux.yaml")
+        .read_text()
+        .replace("lab:\n", "lab:\n  vtl0_attach_ms: 300\n")
+    )
+    cfg = ov_config(env={"TESTBED_STANDIN_VM_CONFIG": str(lab)})
+    pb = tmp_path / "icr.yaml"
+    pb.write_text(f"name: ov-icr\nvm_config: {cfg}\nstrategy: pause-resume\nreset: cold\nexpect: {{}}\n"
+                  "shutdown: ic-ready\niterations: 2\nschedule: {kind: fixed, offsets_ms: [0, 700]}\n")  # fmt: skip
+    r = cli("run", str(pb), "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    recs = records(tmp_path / "run")
+    assert [x["verdict"] for x in recs] == ["lost", "preserved"], [x["reason"] for x in recs]
+    for x, d in zip(recs, (0.0, 700.0), strict=True):
+        assert abs(float(x["ic_ready_offset_ms"]) - d) < 20.0, x  # type: ignore[arg-type]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["ic_ready_delay"]["safe_delay_ms"] == 700.0
+
+
+def test_two_openvmm_processes_race_at_once(ov_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg = ov_config()
+    r = cli("run", str(ROOT / "playbooks/servicing-shutdown-ic.yaml"), "--vm-config", str(cfg), "--strategy", "none",
+            "--offsets", "150,900,150,900", "--parallel", "2", "--out", str(tmp_path / "run"))  # fmt: skip
+    assert r.returncode == 1, r.stdout + r.stderr  # the losses at 150 ms violate lost: 0
+    recs = records(tmp_path / "run")
+    assert sorted(x["lane"] for x in recs) == [0, 0, 1, 1]  # type: ignore[type-var]
+    assert [x["verdict"] for x in sorted(recs, key=lambda x: x["iteration"])] == ["lost", "preserved"] * 2  # type: ignore[arg-type, return-value]
+    spans = sorted((float(x["started"]), float(x["started"]) + float(x["duration_s"])) for x in recs)  # type: ignore[arg-type]
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False))  # really at once
