@@ -1,7 +1,7 @@
 """Does the controller keep up with a fleet? Throughput against the ideal, CPU and memory
 per lane, at 1, 16, 64 and 256 lanes.
 
-    python bench/fleet.py [--lanes 1,16,64,256] [--race-ms 200] [--rounds 8] [--hosts 16]
+    python bench/fleet.py [--lanes 1,16,64,256] [--race-ms 1000] [--rounds 6] [--hosts 16]
 
 Every lane races the mock backend (an in-process fake VM whose race takes ``--race-ms``
 of wall time and no CPU), spread over ``--hosts`` mock hosts, all drawing from one plan
@@ -74,8 +74,10 @@ def slope(xs: list[float], ys: list[float]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lanes", default="1,16,64,256", help="lane counts to measure, comma-separated")
-    ap.add_argument("--race-ms", type=float, default=200.0, help="wall time of one mock race")
-    ap.add_argument("--rounds", type=int, default=8, help="tries per lane")
+    ap.add_argument(
+        "--race-ms", type=float, default=1000.0, help="wall time of one mock race (a fast KVM race: ~1 s)"
+    )
+    ap.add_argument("--rounds", type=int, default=6, help="tries per lane")
     ap.add_argument("--hosts", type=int, default=16, help="mock hosts the lanes are spread over")
     a = ap.parse_args()
     rows = []

@@ -6,6 +6,7 @@ calibrates itself once it has seen a few deliveries."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -52,22 +53,34 @@ IN_RUN_DELIVERIES = 5  # deliveries seen before the default grace is replaced
 IN_RUN_FLOOR_MS = 500.0
 
 
+class Deliveries:
+    """The deliveries a run has seen (how many, the slowest), kept as records come in, so
+    the in-run grace costs the same on the thousandth try as on the first."""
+
+    def __init__(self, records: Iterable[dict[str, Any]] = ()) -> None:
+        self.n, self.slowest = 0, 0.0
+        for r in records:
+            self.add(r)
+
+    def add(self, rec: dict[str, Any]) -> None:
+        if rec["verdict"] in ("preserved", "delivered-before") and rec.get("delivery_ms") is not None:
+            self.n, self.slowest = self.n + 1, max(self.slowest, float(rec["delivery_ms"]))
+
+    def grace(self, default: tuple[float, str], allowance_ms: float) -> tuple[float, str]:
+        """A default grace, calibrated from what this run has seen: once it has watched
+        IN_RUN_DELIVERIES messages delivered, 3 x the slowest delivery plus the guest's
+        shutdown allowance (the baselines playbook's rule), never above the default and
+        never below IN_RUN_FLOOR_MS. A grace set in the playbook or calibrated by
+        baselines.yaml is kept as it is."""
+        if not default[1].startswith("default") or self.n < IN_RUN_DELIVERIES:
+            return default
+        grace = min(default[0], max(IN_RUN_FLOOR_MS, 3 * self.slowest + allowance_ms))
+        return grace, (f"in-run: 3 x the slowest of {self.n} deliveries ({self.slowest:.0f} ms) + "
+                       f"{allowance_ms:.0f} ms")  # fmt: skip
+
+
 def in_run_grace(
     records: list[dict[str, Any]], default: tuple[float, str], allowance_ms: float
 ) -> tuple[float, str]:
-    """A default grace, calibrated from what this run has seen: once it has watched
-    IN_RUN_DELIVERIES messages delivered, 3 x the slowest delivery plus the guest's
-    shutdown allowance (the baselines playbook's rule), never above the default and
-    never below IN_RUN_FLOOR_MS. A grace set in the playbook or calibrated by baselines.yaml is
-    kept as it is."""
-    if not default[1].startswith("default"):
-        return default
-    seen = [r["delivery_ms"] for r in records
-            if r["verdict"] in ("preserved", "delivered-before") and r.get("delivery_ms") is not None]  # fmt: skip
-    if len(seen) < IN_RUN_DELIVERIES:
-        return default
-    grace = min(default[0], max(IN_RUN_FLOOR_MS, 3 * max(seen) + allowance_ms))
-    return (
-        grace,
-        f"in-run: 3 x the slowest of {len(seen)} deliveries ({max(seen):.0f} ms) + {allowance_ms:.0f} ms",
-    )
+    """``Deliveries.grace`` over a list of records."""
+    return Deliveries(records).grace(default, allowance_ms)

@@ -30,7 +30,7 @@ from testbed.core.evidence import RacePlan
 from testbed.core.runfolder import ResultsWriter, read_results
 from testbed.engine import schedule as sched
 from testbed.engine.fleet import FleetHost
-from testbed.engine.grace import calibration_path, grace_for, in_run_grace, one_guest_reference
+from testbed.engine.grace import Deliveries, calibration_path, grace_for, one_guest_reference
 from testbed.engine.iterate import iterate
 from testbed.engine.options import Progress, RunOptions, RunResult, default_run_dir
 from testbed.engine.plan import RunPlan
@@ -91,6 +91,8 @@ class Runner:
         self._halt = threading.Event()
         self._in_flight: Counter[tuple[str, float | str | None]] = Counter()  # see _flight
         self._abandoned = False  # a second Ctrl-C: in-flight iterations are not recorded
+        self._writing = threading.Lock()  # results.jsonl's writer, apart from the run's condition
+        self._deliveries = Deliveries()  # for the in-run grace
         self._search_of: dict[str, dict[str, Any]] = {}  # a search arm's label -> what the record says of it
 
     def _opener(self, cfg: VmConfig) -> Callable[[], Backend]:
@@ -180,6 +182,7 @@ class Runner:
         (run_dir / "iterations").mkdir(parents=True, exist_ok=True)
         done = read_results(run_dir / "results.jsonl") if self.opts.resume else []
         self.records = [slim(r) for r in done]
+        self._deliveries = Deliveries(self.records)
         writer = ResultsWriter(run_dir / "results.jsonl")
         lanes: list[Lane] = []
         write_failed = False
@@ -330,7 +333,7 @@ class Runner:
             case, plan = item
             try:
                 with self._cond:
-                    now = in_run_grace(self.records, grace, self.cfg.shutdown_allowance_ms)
+                    now = self._deliveries.grace(grace, self.cfg.shutdown_allowance_ms)
                 rec = self.iteration(lane, case, plan, now[0], run_dir)
                 rec["grace_ms"], rec["grace_source"] = now
                 if self.lanes > 1:
@@ -340,10 +343,12 @@ class Runner:
                 with self._cond:
                     if self._abandoned:
                         return
-                    writer.write(rec)
                     self.records.append(slim(rec))  # the whole record is in results.jsonl
+                    self._deliveries.add(rec)
                     self.progress({"event": "iteration", "record": rec})
                     self.check_stop(rec)
+                with self._writing:  # the fsync waits for the disk without holding up the other lanes
+                    writer.write(rec)
             finally:
                 with self._cond:
                     self._in_flight[_flight(case, plan)] -= 1
@@ -391,7 +396,9 @@ class Runner:
         if "timeline" in self.pb.collect or r.verdict.kind != "preserved":
             rec["timeline"] = r.evidence.timeline_ms()
             (it_dir / "timeline.json").write_text(
-                json.dumps({"record": rec, "evidence": r.evidence.as_dict()}, indent=2, default=str)
+                # Compact: an indent makes json fall back to its Python encoder (10x slower),
+                # which a fleet's controller pays on every try; `python -m json.tool` shows it.
+                json.dumps({"record": rec, "evidence": r.evidence.as_dict()}, default=str)
             )
         return rec
 
