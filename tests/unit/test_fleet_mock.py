@@ -170,3 +170,19 @@ def test_a_host_whose_connection_is_lost_is_drained_at_once(tmp_path: Path) -> N
     assert len(records(res)) == 30 and res.exit_code == 0
     left = {h["host"]: h["left"] for h in res.summary["per_host"]["hosts"]}
     assert left["b"]["reason"].startswith("it stopped answering: ") and left["a"] is None
+
+
+def test_the_fleet_bench_prints_its_ratios_and_slope() -> None:
+    """bench/fleet.py's one short proof (its measurements are run by hand)."""
+    import re
+
+    root = Path(__file__).resolve().parents[2]
+    p = subprocess.run([sys.executable, str(root / "bench/fleet.py"), "--lanes", "1,4", "--rounds", "2",
+                        "--race-ms", "50", "--hosts", "2"], capture_output=True, text=True, timeout=120, cwd=root)  # fmt: skip
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = re.findall(
+        r"lanes +(\d+): +(\d+) tries, +[\d.]+ tries/s, ideal +([\d.]+), ratio ([\d.]+)", p.stdout
+    )
+    assert [(int(a), int(b)) for a, b, _i, _r in rows] == [(1, 2), (4, 8)], p.stdout
+    assert all(0 < float(r) <= 1.05 for *_x, r in rows) and float(rows[1][2]) == 80.0
+    assert re.search(r"RSS slope: -?[\d.]+ KiB per lane", p.stdout), p.stdout
