@@ -51,6 +51,9 @@ def evaluate(run: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, An
     summary["interrupted"] = bool(run.get("interrupted"))
     summary["parallel"] = int(run.get("parallel") or 1)
     summary["warnings"] = contention_warnings(run, summary)
+    edges = window_edges(summary.get("window"), run.get("schedule_by_case") or {}, len(records))
+    if edges:
+        summary["window_edges"] = edges
     hosts = per_host(records, run.get("fleet"))
     if hosts is not None:
         summary["per_host"] = hosts
@@ -104,3 +107,22 @@ def conclude(run_dir: Path) -> tuple[dict[str, Any], int]:
     summary = evaluate(run, records)
     (run_dir / "summary.json").write_text(json.dumps({"manifest": run, **summary}, indent=2, default=str))
     return summary, exit_code(summary)
+
+
+def window_edges(window: dict[str, Any] | None, schedules: dict[str, Any], tries: int) -> list[str]:
+    """An adaptive search's edges that did not reach its resolution, each said with how
+    far it is known and why (the budget ran out, or no try fell beyond it)."""
+    spec = next((s for s in schedules.values() if s.get("kind") == "adaptive"), None)
+    if not window or spec is None:
+        return []
+    res = float(spec.get("resolution_ms") or 0)
+    lo, hi = window["bracket_ms"]
+    out = []
+    for name, near, far in (("lower", lo, window["first_loss_ms"]), ("upper", hi, window["last_loss_ms"])):
+        if near is None:
+            out.append(f"the {name} edge is open: no try {'below' if name == 'lower' else 'above'} the losses "
+                       f"did not lose; widen lo_ms/hi_ms")  # fmt: skip
+        elif abs(far - near) > res:
+            out.append(f"the {name} edge is known to ±{abs(far - near) / 2:.1f} ms, not the {res:g} ms asked: the "
+                       f"budget of {tries} tries ran out; raise iterations")  # fmt: skip
+    return out

@@ -150,6 +150,7 @@ class Runner:
             "grace_source": grace[1],
             "expect": self.pb.expect,
             "expect_by_case": {c.name: c.expect for c in self.cases()},
+            "schedule_by_case": {c.name: (c.schedule or self.pb.schedule).model_dump() for c in self.cases()},
             "max_infra_errors": self.pb.max_infra_errors,
             "parallel": self.lanes,
             "parallel_note": self.lanes_note or None,

@@ -245,7 +245,7 @@ table.manifest th{{text-align:left;vertical-align:top;background:#fafafa}}table.
 <p>{summary["iterations"]} iterations; {e(counts)}.<br>
 Loss rate {_pct(summary.get("loss_rate"))} (Wilson 95%: {_pct(ci[0])} to {_pct(ci[1])}).
 {e(summary.get("zero_loss_bound", ""))}<br>
-Window: {e(summary["window"]["words"]) if summary.get("window") else "no loss, no window"}<br>
+Window: {e(summary["window"]["words"]) if summary.get("window") else "no loss, no window"}{"".join("; " + e(x) for x in summary.get("window_edges") or [])}<br>
 Fire skew p50 {_fmt(summary["skew_ms"]["p50"])} ms, p99 {_fmt(summary["skew_ms"]["p99"])} ms;
 {_fmt(summary.get("iterations_per_min"))} iterations/min{f"; {summary['parallel']} guests at once" if summary.get("parallel", 1) > 1 else ""}.</p>
 {"".join(f"<p style='color:#b00'><b>Warning:</b> {e(w)}</p>" for w in summary.get("warnings") or [])}

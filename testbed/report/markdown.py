@@ -39,7 +39,8 @@ def _window(s: dict[str, Any]) -> list[str]:
     if not w:
         return []
     return [f"- vulnerable window: {w['words']} (losses seen from {w['first_loss_ms']:.1f} to "
-            f"{w['last_loss_ms']:.1f} ms; the nearest tries without a loss at {w['bracket_ms']})"]  # fmt: skip
+            f"{w['last_loss_ms']:.1f} ms; the nearest tries without a loss at {w['bracket_ms']})"] + [
+        f"  - {edge}" for edge in s.get("window_edges") or []]  # fmt: skip
 
 
 def _ic_ready_delay(s: dict[str, Any]) -> list[str]:

@@ -26,6 +26,7 @@ VM = "name: m\nbackend: mock\n"
 
 
 def run(tmp_path: Path, body: str, vm: str = VM, **opts: Any) -> RunResult:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "vm.yaml").write_text(vm)
     pb_path = tmp_path / "pb.yaml"
     pb_path.write_text("name: t\nvm_config: vm.yaml\n" + body + ("" if "expect:" in body else "expect: {}\n"))
@@ -124,3 +125,35 @@ def test_the_cli_runs_a_playbook_on_a_mock_host(tmp_path: Path) -> None:
                         "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     assert "preserved 3" in r.stdout and (tmp_path / "out" / "report.html").exists()
+
+
+def test_the_window_search_closes_both_edges_from_the_phases(tmp_path: Path) -> None:
+    """The mock's window runs from its save start (6 ms) to its save end (180 ms), both
+    phases: seeded from the measured phase times, 14 tries bring both edges to 2 ms; the
+    same budget without phases (offset bisection alone) cannot, and the summary says
+    which edge and why."""
+    from testbed.engine.schedule import adaptive
+
+    vm = VM + "window: {lo_ms: 6, hi_ms: 180}\nrefuse_until_reoffer: false\n"
+    body = (
+        "iterations: 14\nschedule: {kind: adaptive, lo_ms: -100, hi_ms: 700, coarse: 8, resolution_ms: 2}\n"
+    )
+    res = run(tmp_path, body, vm)
+    lo, hi = res.summary["window"]["bracket_ms"]
+    first, last = res.summary["window"]["first_loss_ms"], res.summary["window"]["last_loss_ms"]
+    assert first - lo <= 2.0 + 1e-6 and hi - last <= 2.0 + 1e-6, res.summary["window"]
+    assert "window_edges" not in res.summary
+
+    def lost(x: float) -> str:
+        return "lost" if 6 <= x < 180 else "preserved"
+
+    seen: dict[float, str] = {}
+    for x in adaptive(-100, 700, 14, lambda x: seen.get(x), coarse=8, resolution_ms=2):
+        seen[x] = lost(x)
+    lost_at = sorted(x for x, v in seen.items() if v == "lost")
+    below = max(x for x in seen if x < lost_at[0])
+    assert lost_at[0] - below > 2  # bisection alone has not closed the lower edge in 14
+    short = run(tmp_path / "short", "iterations: 10\nschedule: {kind: adaptive, lo_ms: -100, hi_ms: 700, "
+                "coarse: 8, resolution_ms: 2}\n", VM)  # fmt: skip
+    assert any("budget of 10 tries ran out" in e for e in short.summary["window_edges"]), short.summary
+    assert "budget of 10 tries ran out" in (short.run_dir / "summary.md").read_text()
