@@ -16,7 +16,7 @@ from typing import Any
 from testbed.core.config import check_expectation
 from testbed.core.runfolder import read_results
 from testbed.engine.fleet import per_host
-from testbed.engine.stats import summarize
+from testbed.engine.stats import loss_window, summarize
 
 
 def evaluate(run: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -51,7 +51,7 @@ def evaluate(run: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, An
     summary["interrupted"] = bool(run.get("interrupted"))
     summary["parallel"] = int(run.get("parallel") or 1)
     summary["warnings"] = contention_warnings(run, summary)
-    edges = window_edges(summary.get("window"), run.get("schedule_by_case") or {}, len(records))
+    edges = window_edges(records, run.get("schedule_by_case") or {})
     if edges:
         summary["window_edges"] = edges
     hosts = per_host(records, run.get("fleet"))
@@ -109,20 +109,34 @@ def conclude(run_dir: Path) -> tuple[dict[str, Any], int]:
     return summary, exit_code(summary)
 
 
-def window_edges(window: dict[str, Any] | None, schedules: dict[str, Any], tries: int) -> list[str]:
-    """An adaptive search's edges that did not reach its resolution, each said with how
-    far it is known and why (the budget ran out, or no try fell beyond it)."""
+def window_edges(records: list[dict[str, Any]], schedules: dict[str, Any]) -> list[str]:
+    """An adaptive search's edges that did not reach its resolution, in the search's own
+    terms (the planned offsets it bisects), each said with how far it is known and why:
+    no try beyond it, losses and non-losses interleaving there (the edge is not sharp in
+    planned offsets: the servicing start moves from try to try), or the budget ran out."""
     spec = next((s for s in schedules.values() if s.get("kind") == "adaptive"), None)
+    window = loss_window(records, "planned_offset_ms")
     if not window or spec is None:
         return []
     res = float(spec.get("resolution_ms") or 0)
     lo, hi = window["bracket_ms"]
+    first, last = window["first_loss_ms"], window["last_loss_ms"]
     out = []
-    for name, near, far in (("lower", lo, window["first_loss_ms"]), ("upper", hi, window["last_loss_ms"])):
+    for name, near, far in (("lower", lo, first), ("upper", hi, last)):
         if near is None:
             out.append(f"the {name} edge is open: no try {'below' if name == 'lower' else 'above'} the losses "
                        f"did not lose; widen lo_ms/hi_ms")  # fmt: skip
-        elif abs(far - near) > res:
-            out.append(f"the {name} edge is known to ±{abs(far - near) / 2:.1f} ms, not the {res:g} ms asked: the "
-                       f"budget of {tries} tries ran out; raise iterations")  # fmt: skip
+            continue
+        width = abs(far - near)
+        if width <= res:
+            continue
+        zone = (far, far + 4 * width) if name == "lower" else (far - 4 * width, far)
+        mixed = [r for r in records if r.get("planned_offset_ms") is not None and r["verdict"] not in
+                 ("lost", "infra-error") and zone[0] < r["planned_offset_ms"] < zone[1]]  # fmt: skip
+        why = (f"tries that did not lose sit among the losses within {4 * width:.0f} ms of it (the edge is not sharp "
+               "in planned offsets: the servicing start moves from try to try)" if mixed else
+               f"the budget of {len(records)} tries ran out; raise iterations")  # fmt: skip
+        out.append(
+            f"the {name} edge is bracketed to {width:.1f} ms of planned offset, not the {res:g} ms asked: {why}"
+        )
     return out
