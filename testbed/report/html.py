@@ -6,10 +6,17 @@ import html
 import io
 from typing import Any
 
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+def _plt() -> Any:
+    """matplotlib's pyplot (headless), imported when a page is drawn: at import it costs
+    a third of a second, which every command would pay at start."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
 
 COLORS = {
     "preserved": "#2e7d32",
@@ -27,14 +34,14 @@ COLORS = {
 def _svg(fig: Any) -> str:
     buf = io.StringIO()
     fig.savefig(buf, format="svg", bbox_inches="tight")
-    plt.close(fig)
+    _plt().close(fig)
     text = buf.getvalue()
     return text[text.index("<svg") :]
 
 
 def loss_plot(records: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     anchor = (summary.get("window") or {}).get("anchor", "offset_ms")
-    fig, ax = plt.subplots(figsize=(9, 3.2))
+    fig, ax = _plt().subplots(figsize=(9, 3.2))
     for verdict, color in COLORS.items():
         pts = [
             (r.get(anchor) if r.get(anchor) is not None else r.get("planned_offset_ms"))
@@ -59,7 +66,7 @@ def loss_plot(records: list[dict[str, Any]], summary: dict[str, Any]) -> str:
 def rate_plot(curves: list[tuple[str, list[dict[str, Any]]]], xlabel: str) -> str:
     """Loss probability vs offset, one line per curve (an anchor, or a run of a
     comparison), each bucket's Wilson 95% interval as a band."""
-    fig, ax = plt.subplots(figsize=(9, 3.0))
+    fig, ax = _plt().subplots(figsize=(9, 3.0))
     palette = ["#c62828", "#1565c0", "#6a1b9a", "#ef6c00"]
     for i, (label, rows) in enumerate(curves):
         if not rows:
@@ -90,7 +97,7 @@ def delay_plot(curve: dict[str, Any]) -> str:
     """Loss rate vs the delay after the IC's re-offer, with Wilson 95% bands."""
     pts = curve["curve"]
     xs = [p["delay_ms"] for p in pts]
-    fig, ax = plt.subplots(figsize=(9, 3.0))
+    fig, ax = _plt().subplots(figsize=(9, 3.0))
     ax.fill_between(xs, [p["ci95"][0] for p in pts], [p["ci95"][1] for p in pts], color="#c62828", alpha=0.15,
                     label="Wilson 95%")  # fmt: skip
     ax.plot(xs, [p["rate"] for p in pts], "o-", color="#c62828", label="loss rate")
@@ -164,7 +171,7 @@ def phase_sweep_section(summary: dict[str, Any]) -> str:
     if not ps:
         return ""
     at = {t["phase"]: t for t in ps["timeline"]}
-    fig, ax = plt.subplots(figsize=(9, 3.4))
+    fig, ax = _plt().subplots(figsize=(9, 3.4))
     for t in ps["timeline"]:
         ax.axvspan(t["mean_ms"] - t["sd_ms"], t["mean_ms"] + t["sd_ms"], color="#90a4ae", alpha=0.2)
         ax.axvline(t["mean_ms"], color="#607d8b", lw=0.8)
@@ -214,7 +221,7 @@ def timeline_plot(record: dict[str, Any]) -> str:
     tl = record.get("timeline") or []
     if not tl:
         return ""
-    fig, ax = plt.subplots(figsize=(9, 0.35 * len(tl) + 1))
+    fig, ax = _plt().subplots(figsize=(9, 0.35 * len(tl) + 1))
     for i, (t, label) in enumerate(tl):
         ax.plot([t], [i], "o", color="#c62828" if "MSG" in label or "shutdown" in label else "#37474f")
         ax.annotate(label[:80], (t, i), xytext=(6, -3), textcoords="offset points", fontsize=7)
