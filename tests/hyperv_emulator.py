@@ -1,7 +1,10 @@
 """An emulated Hyper-V host for the tests: Testbed.psm1's functions, answered by VMs of
 the reference lab (real QEMU guests, serviced and shut down through the lab).
 
-Hyper-V's view is derived from the lab's evidence the way a real host would
+With ``guest="model"`` there is no QEMU: the race is timed for real on this process's
+clock, following what the uploaded Testbed.psm1 does (read from its text), and the guest
+is Hyper-V's (a shutdown fired during servicing is held and delivered after it). With
+the lab, Hyper-V's view is derived from the lab's evidence the way a real host would
 show it: ReloadManagementVtl returns 4096 and a job whose state follows the
 paravisor's servicing report; InitiateShutdown returns 0 while the IC is OK and
 32775 (invalid state) otherwise; the VM's end becomes event 18504 (shut down
@@ -13,10 +16,14 @@ injected on demand. This file is test support, not product code.
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
+import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from importlib import resources
 from typing import Any
 
 from testbed.backends.qemu.backend import QemuBackend, QemuVm
@@ -26,8 +33,216 @@ from testbed.core.evidence import RacePlan
 
 SERVICE_MS = 5.0  # where the emulated race's Stopwatch is when servicing is requested
 INVALID_STATE = 32775
+JOB_STARTED = 4096
 WORKER_LOG = "Microsoft-Windows-Hyper-V-Worker-Admin"
 COM3_MIN_BUILD = 27653  # the additional-COM-ports code path (petri's check)
+# A file's DACL is at most 64 KiB (ACL.AclSize is a WORD). An ACCESS_ALLOWED_ACE for a VM's
+# SID (NT VIRTUAL MACHINE\<GUID> = S-1-5-83-1-a-b-c-d, 28 bytes) takes 4 + 4 + 28 = 36 bytes,
+# after the 8-byte ACL header: about 1,800 VMs fill the ACL of a file every VM is granted on.
+ACL_MAX_BYTES = 65535
+ACL_HEADER_BYTES = 8
+VM_ACE_BYTES = 36
+# What icacls prints when the ACL cannot take one more ACE (ERROR_ALLOTTED_SPACE_EXCEEDED).
+ACL_FULL = "No more memory is available for security information updates."
+
+
+# ---- what the uploaded Testbed.psm1 does, read from its text ------------------------------
+# The emulated host answers the module's functions itself, so where the answer depends on
+# how the module is written (which thread calls what, what it reads, which file it grants
+# on), it reads that from the module the controller uploaded, parsed with
+# tree-sitter-powershell: the emulated host then behaves as the real one would with that
+# module, and an old module fails here as it would on Windows.
+
+
+@dataclass(frozen=True)
+class Psm1Facts:
+    race_concurrent: bool  # Invoke-TestbedRace gives the servicing call and the shot a thread each
+    reads_shutdown_job: bool  # reads .Job of InitiateShutdown's result (it has no Job out parameter)
+    igvm_acl_per_vm: bool  # icacls grants the VM on its own copy of the IGVM, not the shared file
+    com3_by_wmi: bool  # COM3 through Msvm_SerialPortSettingData, not Set-VMComPort -Number 3
+
+
+def _parse(text: str) -> tuple[Any, bytes]:
+    import tree_sitter as ts
+    import tree_sitter_powershell as tsp
+
+    src = text.encode()
+    return ts.Parser(ts.Language(tsp.language())).parse(src).root_node, src
+
+
+def _walk(n: Any) -> Iterator[Any]:
+    yield n
+    for c in n.children:
+        yield from _walk(c)
+
+
+def _text(n: Any, src: bytes) -> str:
+    return src[n.start_byte : n.end_byte].decode()
+
+
+def _command_name(cmd: Any, src: bytes) -> str:
+    """A command's name, also behind the call operator (``& icacls.exe ...``)."""
+    for c in cmd.children:
+        if c.type == "command_name":
+            return _text(c, src)
+        if c.type == "command_name_expr":
+            return next((_text(n, src) for n in c.children if n.type == "command_name"), "")
+    return ""
+
+
+def _method_name(cmd: Any, src: bytes) -> str:
+    """The -MethodName of an Invoke-CimMethod command ('' if none)."""
+    el = next((c for c in cmd.children if c.type == "command_elements"), None)
+    parts = [c for c in (el.children if el is not None else []) if c.type != "command_argument_sep"]
+    for i, p in enumerate(parts[:-1]):
+        if p.type == "command_parameter" and _text(p, src).lstrip("-").rstrip(":").lower() == "methodname":
+            return _text(parts[i + 1], src).strip("'\"")
+    return ""
+
+
+def _functions(root: Any, src: bytes) -> dict[str, Any]:
+    out = {}
+    for n in _walk(root):
+        if n.type == "function_statement":
+            out[next(_text(c, src) for c in n.children if c.type == "function_name")] = n
+    return out
+
+
+def _runspace_scripts(root: Any, src: bytes) -> list[Any]:
+    """Script blocks that run on a runspace of their own: module-level ``$script:X = { }``
+    whose variable is handed to ``.AddScript(...)`` somewhere in the module."""
+    added = {
+        _text(v, src).lower()
+        for n in _walk(root)
+        if n.type == "invokation_expression" and _member(n, src) == "addscript"
+        for v in _walk(n)
+        if v.type == "variable"
+    }
+    blocks = []
+    for n in _walk(root):
+        if n.type != "assignment_expression":
+            continue
+        left = next((c for c in n.children if c.type == "left_assignment_expression"), None)
+        var = next((v for v in _walk(left) if v.type == "variable"), None) if left is not None else None
+        if var is None or _text(var, src).lower() not in added:
+            continue
+        blocks += [b for b in _walk(n) if b.type == "script_block_expression"][:1]
+    return blocks
+
+
+def _member(n: Any, src: bytes) -> str:
+    """The method an invokation_expression calls (lower case), '' for a static type call."""
+    name = next((c for c in n.children if c.type == "member_name"), None)
+    return _text(name, src).lower() if name is not None else ""
+
+
+def _inside(n: Any, blocks: list[Any]) -> bool:
+    return any(b.start_byte <= n.start_byte and n.end_byte <= b.end_byte for b in blocks)
+
+
+def _events(
+    n: Any, src: bytes, fns: dict[str, Any], runspace: list[Any], seen: frozenset[str]
+) -> Iterator[str]:
+    """What a function does, in order, as seen from its caller's thread: 'begin'/'end' (a
+    runspace started / waited for), 'service'/'shot' (the WMI call made on this thread),
+    'service@runspace'/'shot@runspace' (made by a runspace script). Calls into the module's
+    own functions are followed."""
+    if n.type == "command":
+        name = _command_name(n, src)
+        if name == "Invoke-CimMethod":
+            kind = {"ReloadManagementVtl": "service", "InitiateShutdown": "shot"}.get(_method_name(n, src))
+            if kind:
+                yield kind + ("@runspace" if _inside(n, runspace) else "")
+        elif name in fns and name not in seen:
+            yield from _events(fns[name], src, fns, runspace, seen | {name})
+    if n.type == "invokation_expression":
+        m = _member(n, src)
+        if m == "begininvoke":
+            yield "begin"
+        elif m in ("endinvoke", "invoke"):
+            yield "end"
+    for c in n.children:
+        yield from _events(c, src, fns, runspace, seen)
+
+
+def race_concurrent(text: str) -> bool:
+    """Does Invoke-TestbedRace start a runspace for one of the two calls before the other
+    is made on its own thread, so that neither waits for the other to return?"""
+    root, src = _parse(text)
+    fns = _functions(root, src)
+    runspace = _runspace_scripts(root, src)
+    scripted = {e for b in runspace for e in _events(b, src, fns, runspace, frozenset())}
+    if "Invoke-TestbedRace" not in fns:
+        return False
+    seq = list(_events(fns["Invoke-TestbedRace"], src, fns, runspace, frozenset({"Invoke-TestbedRace"})))
+    for mine, other in (("shot", "service@runspace"), ("service", "shot@runspace")):
+        if other not in scripted:
+            continue
+        for i, e in enumerate(seq):
+            if e == "begin" and mine in seq[i + 1 :]:
+                j = seq.index(mine, i + 1)
+                if "end" not in seq[i + 1 : j]:
+                    return True
+    return False
+
+
+def reads_shutdown_job(text: str) -> bool:
+    """Does the module read ``.Job`` of InitiateShutdown's result? Under Set-StrictMode -Version
+    3 that throws: InitiateShutdown has no Job out parameter (Msvm_ShutdownComponent)."""
+    root, src = _parse(text)
+    for n in _walk(root):
+        if n.type != "assignment_expression":
+            continue
+        cmds = [c for c in _walk(n) if c.type == "command" and _command_name(c, src) == "Invoke-CimMethod"]
+        if not cmds or _method_name(cmds[0], src) != "InitiateShutdown":
+            continue
+        var = _text(next(v for v in _walk(n) if v.type == "variable"), src).lower()
+        block = n.parent
+        while block is not None and block.type != "script_block":
+            block = block.parent
+        for m in _walk(block if block is not None else root):
+            if m.type == "member_access" and m.start_byte > n.end_byte:
+                obj = m.children[0]
+                name = next((c for c in m.children if c.type == "member_name"), None)
+                if obj.type == "variable" and _text(obj, src).lower() == var and name is not None \
+                        and _text(name, src).lower() == "job":  # fmt: skip
+                    return True
+    return False
+
+
+def igvm_acl_per_vm(text: str) -> bool:
+    """Does New-TestbedVm grant the VM on a per-VM copy of the IGVM (removed with the VM's
+    folder), rather than on the shared cached file (where every grant stays forever)?"""
+    root, src = _parse(text)
+    fn = _functions(root, src).get("New-TestbedVm")
+    if fn is None:
+        return False
+    copied = set()
+    granted = []
+    for c in _walk(fn):
+        if c.type != "command":
+            continue
+        name = _command_name(c, src)
+        el = next((x for x in c.children if x.type == "command_elements"), None)
+        args = [x for x in (el.children if el is not None else []) if x.type != "command_argument_sep"]
+        if name == "Copy-Item":
+            for i, a in enumerate(args[:-1]):
+                if a.type == "command_parameter" and _text(a, src).lower() == "-destination":
+                    copied.add(_text(args[i + 1], src).lower())
+        if name == "icacls.exe" and args:
+            granted.append(_text(args[0], src).lower())
+    return bool(granted) and all(g in copied and g != "$igvmpath" for g in granted)
+
+
+def com3_by_wmi(text: str) -> bool:
+    code = "\n".join(ln.split("#", 1)[0] for ln in text.splitlines())
+    return "Msvm_SerialPortSettingData" in code and not re.search(r"Set-VMComPort\b[^\n]*-Number\s+3", code)
+
+
+def psm1_facts(text: str) -> Psm1Facts:
+    return Psm1Facts(
+        race_concurrent(text), reads_shutdown_job(text), igvm_acl_per_vm(text), com3_by_wmi(text)
+    )
 
 
 @dataclass(frozen=True)
@@ -40,6 +255,14 @@ class HostProfile:
     edition: str  # client | server
     execution_policy: str  # the machine default: Restricted on client SKUs
     additional_com_ports: bool = False  # EnableAdditionalComPorts = 1 (where the build has it)
+    gpo_policy: str | None = None  # an execution policy set by Group Policy (wins over every other scope)
+    oem_codepage: int = 437  # what Windows PowerShell 5.1 writes to a redirected stdout (SSH, local)
+
+    @property
+    def serial_ports(self) -> int:
+        """Msvm_SerialPortSettingData instances of a new Gen2 VM: COM1 and COM2, and COM3
+        only where the build has the additional COM ports and the key is set."""
+        return 3 if self.build >= COM3_MIN_BUILD and self.additional_com_ports else 2
 
 
 PROFILES = {
@@ -49,6 +272,10 @@ PROFILES = {
         HostProfile("win11-25h2", 26200, "client", "Restricted"),
         HostProfile("server-2025", 26100, "server", "RemoteSigned"),
         HostProfile("win11-26h1", 28000, "client", "Restricted", additional_com_ports=True),
+        # A domain host whose Group Policy sets RemoteSigned (a German one: OEM code page 850).
+        HostProfile(
+            "server-2025-gpo", 26100, "server", "RemoteSigned", gpo_policy="RemoteSigned", oem_codepage=850
+        ),
     )
 }
 
@@ -64,6 +291,9 @@ class HvFaults:
     worker_terminated: bool = False  # the VM's worker process dies: 14070, in the VMMS log
     com1_unreadable: bool = False  # the COM1 pipe never accepts the reader
     checkpoint_refused: bool = False  # Checkpoint-VM fails (a host or VM type without checkpoints)
+    # InitiateShutdown returns 4096 (Method Parameters Checked - Job Started), as its ValueMap
+    # allows; the method has no Job out parameter, so there is no job to read or poll.
+    shutdown_returns_4096: bool = False
 
 
 @dataclass
@@ -72,7 +302,7 @@ class HvVm:
     name: str
     owner: str
     path: str
-    lab: QemuVm
+    lab: QemuVm | None  # None: a modeled guest (no QEMU)
     com1_pipe: str
     com3_pipe: str
     state: str = "Off"
@@ -81,9 +311,25 @@ class HvVm:
 
 
 class EmulatedHyperV:
+    """``guest="lab"``: each VM is a reference-lab QEMU guest (tests marked ``vm``).
+    ``guest="model"``: no QEMU; the race is timed for real on this process's clock the way
+    the uploaded module times it (``service_call_ms``: how long ReloadManagementVtl's WMI
+    call takes to return, ``job_ms`` until its job completes, ``shutdown_call_ms`` for
+    InitiateShutdown), and the guest is Hyper-V's: a shutdown fired inside servicing is
+    held and delivered once servicing is done."""
+
     def __init__(self, lab_cfg: VmConfig, strategy: str = "none", *, profile: HostProfile = PROFILES["server-2025"],
-                 files: dict[str, bytes] | None = None, network: bool = True) -> None:  # fmt: skip
+                 files: dict[str, bytes] | None = None, network: bool = True, guest: str = "lab") -> None:  # fmt: skip
         self.lab_cfg = lab_cfg
+        self.guest = guest
+        self.service_call_ms = 1.5
+        self.job_ms = 50.0
+        self.shutdown_call_ms = 1.0
+        self.inherited_aces = 4  # ACEs a file in the cache starts with (SYSTEM, Administrators, ...)
+        # Serial ports of a new VM when not what the profile says (EnableAdditionalComPorts set
+        # but VMMS not restarted; an ARM64 host, whose Hyper-V has no COM3).
+        self.serial_ports: int | None = None
+        self.acl: dict[str, list[str]] = {}  # path -> the VM accounts granted on it by icacls
         # False for a nested L1 VM: its adapter is on no switch, and a share opened in a
         # remote session there is a second hop (no credentials to pass on).
         self.network = network
@@ -121,9 +367,27 @@ class EmulatedHyperV:
 
     def close(self) -> None:
         for v in list(self.vms.values()):
-            self.lab.destroy(v.lab)
+            if v.lab is not None:
+                self.lab.destroy(v.lab)
         self.vms.clear()
         self.lab.close()
+
+    def module_facts(self) -> Psm1Facts:
+        """What the module the controller uploaded does (the newest Testbed-*.psm1 in the
+        host's files; the packaged one when nothing was uploaded)."""
+        text = next((self.files[k].decode(errors="replace") for k in reversed(list(self.files))
+                     if "\\modules\\Testbed-" in k and k.endswith(".psm1")), None)  # fmt: skip
+        if text is None:
+            text = (resources.files("testbed.backends.hyperv") / "Testbed.psm1").read_text()
+        return psm1_facts(text)
+
+    def _grant(self, path: str, account: str) -> None:
+        """icacls PATH /grant ACCOUNT: one more ACE, unless the ACL is full."""
+        aces = self.acl.setdefault(path, [])
+        size = ACL_HEADER_BYTES + VM_ACE_BYTES * (self.inherited_aces + len(aces) + 1)
+        if size > ACL_MAX_BYTES:
+            raise RuntimeError(f"icacls could not grant {account} on {path} (exit 1): {path}: {ACL_FULL}")
+        aces.append(account)
 
     # ---- the module's functions --------------------------------------------------------
     def preflight(self) -> dict[str, Any]:
@@ -165,17 +429,38 @@ class EmulatedHyperV:
         for p in (IgvmPath, VhdPath):
             if p not in self.files:
                 raise RuntimeError(f"New-VM : Cannot find path '{p}' because it does not exist.")
-        if Com3Pipe and not (self.build >= COM3_MIN_BUILD and self.profile.additional_com_ports):
-            # Set-VMComPort's [ValidateRange(1, 2)], unless the build has the additional
-            # COM ports code path and EnableAdditionalComPorts = 1.
-            raise RuntimeError("Set-VMComPort : Cannot validate argument on parameter 'Number'. The 3 argument is "
-                               "greater than the maximum allowed range of 2. Supply an argument that is less than "
-                               "or equal to 2 and then try the command again.")  # fmt: skip
+        facts = self.module_facts()
+        ports = self.serial_ports if self.serial_ports is not None else HostProfile(
+            self.profile.name, self.build, self.profile.edition, self.profile.execution_policy,
+            self.profile.additional_com_ports).serial_ports  # fmt: skip
+        com3, note = bool(Com3Pipe), ""
+        if Com3Pipe and ports < 3:
+            if facts.com3_by_wmi:  # the module counts the VM's Msvm_SerialPortSettingData and goes without
+                com3, note = False, f"COM3 is not offered on this host: a new VM has {ports} serial ports " \
+                                    "(Msvm_SerialPortSettingData)"  # fmt: skip
+            else:
+                # Set-VMComPort's [ValidateRange(1, 2)], unless the build has the additional
+                # COM ports code path and EnableAdditionalComPorts = 1.
+                raise RuntimeError("Set-VMComPort : Cannot validate argument on parameter 'Number'. The 3 argument "
+                                   "is greater than the maximum allowed range of 2. Supply an argument that is less "
+                                   "than or equal to 2 and then try the command again.")  # fmt: skip
         vm_id = str(uuid.uuid4())
-        lab = self.lab.provision(self.lab_cfg, self.strategy)
+        # The worker runs as NT VIRTUAL MACHINE\<id>, which icacls grants on the IGVM file.
+        account = "NT VIRTUAL MACHINE\\" + vm_id.upper() + ":R"
+        if facts.igvm_acl_per_vm:  # a copy in the VM's folder: its ACE goes with the folder
+            copy = VmDir + "\\igvm.bin"
+            self.files[copy] = self.files[IgvmPath]
+            self._grant(copy, account)
+        else:  # the shared cached file: every VM leaves its ACE there for good
+            self._grant(IgvmPath, account)
+        lab = self.lab.provision(self.lab_cfg, self.strategy) if self.guest == "lab" else None
         with self._lock:
-            self.vms[vm_id] = HvVm(vm_id, Name, f"testbed-owner={Owner}", VmDir, lab, Com1Pipe, Com3Pipe)
-        return {"Name": Name, "VmId": vm_id}
+            self.vms[vm_id] = HvVm(
+                vm_id, Name, f"testbed-owner={Owner}", VmDir, lab, Com1Pipe, Com3Pipe if com3 else ""
+            )
+        if not facts.com3_by_wmi:  # the old module answered Name and VmId only
+            return {"Name": Name, "VmId": vm_id}
+        return {"Name": Name, "VmId": vm_id, "Com3": com3, "Com3Note": note}
 
     def new_l1_vm(self, Name: str, VhdPath: str, VmDir: str, Owner: str, MemoryMB: int = 8192,  # noqa: N803
                   ProcessorCount: int = 4, HeartbeatTimeoutSecs: int = 600) -> Any:  # noqa: N803  # fmt: skip
@@ -195,7 +480,7 @@ class EmulatedHyperV:
 
     def start_vm(self, VmId: str, IcReadyTimeoutSecs: int = 300) -> Any:  # noqa: N803
         v = self._vm(VmId)
-        ready = self.lab.start(v.lab, reset="snapshot")
+        ready = self.lab.start(v.lab, reset="snapshot") if v.lab is not None else {"wall_s": 0.0}
         v.state = "Running"
         ic = self.faults.ic_status or "OK"
         return {"VmId": VmId, "State": "Running", "Ic": ic, "ReadyMs": int(ready["wall_s"] * 1000)}
@@ -213,7 +498,8 @@ class EmulatedHyperV:
         if not v.checkpoint:
             raise RuntimeError(f"Get-VMSnapshot : Hyper-V was unable to find a checkpoint named 'testbed-ic-ok' "
                                f"for '{v.name}'.")  # fmt: skip
-        self.lab.destroy(v.lab)  # Stop-VM -TurnOff, if it was still running
+        if v.lab is not None:
+            self.lab.destroy(v.lab)  # Stop-VM -TurnOff, if it was still running
         v.state = "Off"
         return self.start_vm(VmId, IcReadyTimeoutSecs)
 
@@ -227,6 +513,14 @@ class EmulatedHyperV:
         v = self._vm(VmId)
         self.races.append({"VmId": VmId, "OffsetMs": OffsetMs, "Options": Options,
                            "TimeoutHintSecs": TimeoutHintSecs, "Service": Service, "Shutdown": Shutdown})  # fmt: skip
+        facts = self.module_facts()
+        if Shutdown and self.faults.shutdown_returns_4096 and facts.reads_shutdown_job:
+            # Set-StrictMode -Version 3: reading an out parameter the method does not have.
+            raise RuntimeError(
+                "The property 'Job' cannot be found on this object. Verify that the property exists."
+            )
+        if v.lab is None:
+            return self._model_race(v, facts, OffsetMs, Service, Shutdown, AfterReady, Com1Pipe)
         started = datetime.now(UTC)
         ic = self.faults.ic_at_race or self.faults.ic_status or "OK"
         reload_fails = self.faults.reload_return is not None
@@ -263,7 +557,8 @@ class EmulatedHyperV:
             out["ServiceDoneMs"] = ms(svc["done_ns"]) if "done_ns" in svc else ms(res["end_ns"])
         if Shutdown:
             if lab_shutdown and res.get("fire_ns") is not None:
-                out.update(FireMs=ms(res["fire_ns"]), FireReturn=0, IcAtFire="OK")
+                rv = JOB_STARTED if self.faults.shutdown_returns_4096 else 0
+                out.update(FireMs=ms(res["fire_ns"]), FireReturn=rv, IcAtFire="OK")
             elif self.faults.shutdown_job_fails:  # accepted as a job, which then fails: nothing was sent
                 out.update(FireMs=SERVICE_MS + OffsetMs, FireReturn=4096, IcAtFire=ic, FireJobDone=True,
                            FireJobState=10, FireJobErrorCode=32768,
@@ -360,8 +655,12 @@ class EmulatedHyperV:
     def remove_vm(self, VmId: str, VmDir: str = "") -> Any:  # noqa: N803
         with self._lock:
             v = self.vms.pop(VmId, None)
+        for path in [p for p in self.files if VmDir and p.startswith(VmDir + "\\")]:
+            del self.files[path]  # Remove-Item -Recurse of the VM's folder (a per-VM IGVM copy too)
+            self.acl.pop(path, None)
         if v is not None:
-            self.lab.destroy(v.lab)
+            if v.lab is not None:
+                self.lab.destroy(v.lab)
             return {"VmId": VmId, "Removed": True}
         for name, l1 in list(self.l1.items()):
             if l1["VmId"] == VmId:
@@ -377,6 +676,135 @@ class EmulatedHyperV:
     def adopt(self, name: str, owner: str) -> str:
         """A VM left behind by another (dead) testbed process, for the gc test."""
         vm_id = str(uuid.uuid4())
-        lab = self.lab.provision(self.lab_cfg, self.strategy)
+        lab = self.lab.provision(self.lab_cfg, self.strategy) if self.guest == "lab" else None
         self.vms[vm_id] = HvVm(vm_id, name, f"testbed-owner={owner}", rf"C:\testbed\vms\{name}", lab, "", "")
         return vm_id
+
+    # ---- the modeled guest: the race timed for real, as the uploaded module times it --------
+    def _model_race(self, v: HvVm, facts: Psm1Facts, offset: float, service: bool, shutdown: bool,
+                    after_ready: bool, com1_pipe: str) -> dict[str, Any]:  # fmt: skip
+        clock = _Clock()
+        started = datetime.now(UTC)
+        ic = self.faults.ic_at_race or self.faults.ic_status or "OK"
+        t = _timed(clock, facts.race_concurrent, offset, service, shutdown and not after_ready,
+                   self.service_call_ms, self.shutdown_call_ms)  # fmt: skip
+        out: dict[str, Any] = {"VmId": v.vm_id, "IcBefore": ic, "OffsetMs": offset, "StartedUtc": started.isoformat(),
+                               "StartMs": 0.0, "FireMs": None, "FireReturnedMs": None, "FireReturn": None,
+                               "ServiceMs": None, "ServiceReturnedMs": None, "ServiceReturn": None,
+                               "ServiceError": "", "JobDone": None, "JobState": None, "JobErrorCode": None,
+                               "ServiceDoneMs": None, "IcAtFire": None}  # fmt: skip
+        done = None
+        if service:
+            rv = self.faults.reload_return if self.faults.reload_return is not None else JOB_STARTED
+            out.update(ServiceMs=t.service_ms, ServiceReturnedMs=t.service_returned_ms, ServiceReturn=rv)
+            if rv == JOB_STARTED:
+                done = max(t.service_returned_ms or 0.0, (t.service_ms or 0.0) + self.job_ms)
+                clock.sleep_until(done)
+                out.update(JobDone=True, JobState=7, JobErrorCode=0, ServiceDoneMs=done)
+        if shutdown and after_ready:
+            t.fire_ms, t.fire_returned_ms = clock.call_at(clock.ms(), self.shutdown_call_ms)
+        delivered = None
+        if shutdown and t.fire_ms is not None:
+            ok = ic == "OK"
+            rv = (JOB_STARTED if self.faults.shutdown_returns_4096 else 0) if ok else INVALID_STATE
+            out.update(FireMs=t.fire_ms, FireReturnedMs=t.fire_returned_ms, FireReturn=rv, IcAtFire=ic)
+            if ok:  # Hyper-V holds a message posted during servicing and delivers it after
+                held = done is not None and t.service_ms is not None and t.fire_ms >= t.service_ms
+                delivered = (max(t.fire_ms, done) if held and done is not None else t.fire_ms) + 1.0
+        off = delivered + 5.0 if delivered is not None else None
+        out["GraceSkipped"] = shutdown and out["FireReturn"] not in (None, 0, JOB_STARTED)
+        out.update(OffMs=off, EndMs=off if off is not None else clock.ms(), Running=off is None,
+                   IcAfter="" if off is not None else "OK", Com3=[], Com1Error="", Com3Error="")  # fmt: skip
+        line = "hv_utils: Shutdown request received - graceful shutdown initiated"
+        out["Com1"] = [{"Ms": delivered, "Line": line}] if delivered is not None and com1_pipe else []
+        v.events = []
+        if off is not None:
+            v.events.append({"Id": 18504, "Log": WORKER_LOG, "TimeUtc": (started + timedelta(milliseconds=off)).isoformat(),
+                             "Message": f"'{v.vm_id}' was shut down using the Shutdown Integration Component"})  # fmt: skip
+            v.state = "Off"
+        return out
+
+
+class _Clock:
+    """The race's Stopwatch: ms since it started, a sleep that ends by spinning (as the
+    module's waits do), and a modeled WMI call."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def ms(self) -> float:
+        return (time.perf_counter() - self.t0) * 1000.0
+
+    def sleep_until(self, at_ms: float) -> None:
+        """As the module waits: sleep to 20 ms before (a sleep may overshoot), then spin."""
+        left = at_ms - self.ms() - 20.0
+        if left > 0:
+            time.sleep(left / 1000.0)
+        while self.ms() < at_ms:
+            pass
+
+    def call_at(
+        self, at_ms: float, call_ms: float, before: Callable[[float], None] | None = None
+    ) -> tuple[float, float]:
+        """A WMI call made at ``at_ms`` that takes ``call_ms`` to return: (made, returned)."""
+        self.sleep_until(at_ms)
+        t = self.ms()
+        if before is not None:
+            before(t)
+        time.sleep(call_ms / 1000.0)
+        return t, self.ms()
+
+
+@dataclass
+class _Timed:
+    service_ms: float | None = None
+    service_returned_ms: float | None = None
+    fire_ms: float | None = None
+    fire_returned_ms: float | None = None
+
+
+def _timed(clock: _Clock, concurrent: bool, offset: float, service: bool, by_offset: bool, service_call_ms: float,
+           shutdown_call_ms: float) -> _Timed:  # fmt: skip
+    """When each call was made and returned, on ``clock``. ``concurrent`` (the module gives
+    each call a thread): the call that leads is made at once, the other at the leader's
+    actual time + |offset| while the leader may still be in flight. Otherwise (one thread)
+    each call must return before the next wait begins, as the old module did."""
+    t = _Timed()
+    if not service:
+        if by_offset:
+            t.fire_ms, t.fire_returned_ms = clock.call_at(max(offset, 0.0), shutdown_call_ms)
+        return t
+    if not by_offset:
+        t.service_ms, t.service_returned_ms = clock.call_at(clock.ms(), service_call_ms)
+        return t
+    if not concurrent:
+        if offset < 0:
+            t.fire_ms, t.fire_returned_ms = clock.call_at(clock.ms(), shutdown_call_ms)
+            t.service_ms, t.service_returned_ms = clock.call_at(t.fire_ms - offset, service_call_ms)
+        else:
+            t.service_ms, t.service_returned_ms = clock.call_at(clock.ms(), service_call_ms)
+            t.fire_ms, t.fire_returned_ms = clock.call_at(t.service_ms + offset, shutdown_call_ms)
+        return t
+    at: list[float] = []
+
+    def made(when: float) -> None:  # stamped before the call, as the runspace does
+        t.service_ms = when
+
+    def servicing() -> None:  # the runspace: spins until its start time is set, then makes its call
+        while not at:
+            time.sleep(0)  # runnable all along, as the runspace's spin (a blocked thread wakes late)
+        _, t.service_returned_ms = clock.call_at(at[0], service_call_ms, made)
+
+    th = threading.Thread(target=servicing, daemon=True)
+    th.start()
+    if offset < 0:  # the shot leads; servicing starts |offset| after the shot's actual time
+        t.fire_ms, t.fire_returned_ms = clock.call_at(
+            clock.ms(), shutdown_call_ms, lambda fired: at.append(fired - offset)
+        )
+    else:
+        at.append(clock.ms())
+        while t.service_ms is None:  # the race spins for the call's actual start, as the module does
+            time.sleep(0)
+        t.fire_ms, t.fire_returned_ms = clock.call_at(t.service_ms + offset, shutdown_call_ms)
+    th.join()
+    return t

@@ -5,8 +5,13 @@ WinRM message encryption (pyspnego as the acceptor, MS-WSMV 2.2.9.1.1), and cmd.
 fixed scripts of testbed.transport.powershell, from an emulated host (files and the
 Testbed module's functions) that answers as Windows PowerShell 5.1 would (one-element
 arrays unwrapped, dates as \\/Date(ms)\\/); anything else is an error, as PowerShell
-would give one. ``serve_unix`` offers the same host to a fake ``powershell`` executable
-on an SSH server's PATH.
+would give one. As Windows does, it hands a command's stdin to its console, where
+``$input`` never sees it, unless the command was started with WINRS_CONSOLEMODE_STDIN
+FALSE; it writes each shell's streams in the shell's code page (WINRS_CODEPAGE, else
+the host's OEM one); under a Group Policy execution policy, ``Set-ExecutionPolicy
+-Scope Process`` writes its ExecutionPolicyOverride record. ``serve_unix`` offers the
+same host to a fake ``powershell`` executable (for an SSH server's PATH, or run
+locally) that writes in the host's OEM code page.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
+import fnmatch
 import hashlib
 import json
 import os
@@ -47,6 +53,20 @@ ACT = {
 CMD_LIMIT = 8191
 B64 = re.compile(r"FromBase64String\('([A-Za-z0-9+/=]*)'\)")
 POLICY = re.compile(r"-executionpolicy\s+(\S+)", re.I)
+# The short script that runs a long one sent on stdin: the script's base64 lines joined.
+STDIN_SCRIPT = re.compile(r"FromBase64String\(\s*-join\s+\$l\[1\.\.\$n\]\s*\)")
+# Set-ExecutionPolicy -Scope Process under a Group Policy: the cmdlet sets it, sees that the
+# effective policy is still the GPO's, and throws a statement-terminating error record.
+POLICY_OVERRIDE_ID = "ExecutionPolicyOverride,Microsoft.PowerShell.Commands.SetExecutionPolicyCommand"
+POLICY_OVERRIDE = ("Set-ExecutionPolicy : Windows PowerShell updated your execution policy successfully, but the "
+                   "setting is overridden by a policy defined at a more specific scope. Due to the override, your "
+                   "shell will retain its current effective execution policy of {policy}.")  # fmt: skip
+# try { Set-ExecutionPolicy ... } catch { if ($_.FullyQualifiedErrorId -notlike 'PATTERN') { throw } }
+TOLERATED = re.compile(
+    r"try\s*\{\s*Set-ExecutionPolicy[^}]*\}\s*catch\s*\{\s*if\s*\(\s*\$_\.FullyQualifiedErrorId\s+-notlike\s+"
+    r"'([^']+)'\s*\)\s*\{\s*throw\s*\}\s*\}",
+    re.I,
+)
 # .NET Framework 4.x: the assembly each namespace's types live in (what Add-Type must
 # reference). Windows PowerShell 5.1's Add-Type references only these by default.
 NAMESPACE_ASSEMBLY = {
@@ -103,6 +123,11 @@ def clixml_error(message: str) -> str:
             f'<S S="Error">{esc}_x000D__x000A_</S></Objs>')  # fmt: skip
 
 
+def codec(codepage: int) -> str:
+    """Python's name for a Windows code page (65001 is UTF-8)."""
+    return "utf-8" if codepage == 65001 else f"cp{codepage}"
+
+
 def ps51_json(obj: Any) -> str:
     """ConvertTo-Json as Windows PowerShell 5.1 writes it: dates as \\/Date(ms)\\/, and a
     one-element array written by a function's pipeline comes out as the element."""
@@ -136,6 +161,13 @@ class EmulatedHost:
     scripts_seen: list[str] = field(default_factory=list)
     stdin_uploads: int = 0
     execution_policy: str = "RemoteSigned"  # the machine's (a client SKU: Restricted)
+    gpo_policy: str | None = None  # set by Group Policy: wins over the command line and every scope
+    set_policy_error: tuple[str, str] | None = (
+        None  # (FullyQualifiedErrorId, message): Set-ExecutionPolicy fails so
+    )
+    oem_codepage: int = 437  # what powershell.exe writes to a redirected stdout (the SSH and local routes)
+    stdin_stall_s: float = 0.0  # the fake powershell takes this long before it reads an upload's stdin
+    stdin_seen: list[bytes] = field(default_factory=list)  # what each script's $input carried
     compiles_add_type: set[str] = field(default_factory=lambda: {"Invoke-TestbedRace"})  # who calls Add-Type
     direct_not_ready: dict[str, int] = field(default_factory=dict)  # VM -> PowerShell Direct refusals left
 
@@ -158,6 +190,35 @@ class EmulatedHost:
             return "Invoke-Command : The credential is invalid."
         return ""
 
+    def _from_stdin(self, script: str, stdin: bytes, policy: str | None) -> tuple[int, str, str]:
+        """The short script that reads a long one from stdin: its first line is the number
+        of base64 lines of the script, the rest is piped into it (the caller's stdin)."""
+        self.stdin_seen.append(stdin)
+        lines = stdin.split(b"\r\n")
+        if lines and lines[-1] == b"":
+            lines = lines[:-1]
+        if not lines or not lines[0].strip().isdigit():
+            return 1, "", clixml_error('Cannot convert value "" to type "System.Int32".')
+        n = int(lines[0])
+        inner = base64.b64decode(b"".join(lines[1 : n + 1])).decode("utf-8")
+        rest = b"".join(x + b"\r\n" for x in lines[n + 1 :])
+        return self.powershell(inner, rest, policy)
+
+    def _set_policy_records(self, script: str) -> list[tuple[str, str]]:
+        """The error records ``Set-ExecutionPolicy -Scope Process`` writes on this host."""
+        if self.set_policy_error is not None:
+            return [self.set_policy_error]
+        if self.gpo_policy and self.gpo_policy.lower() != "bypass":
+            return [(POLICY_OVERRIDE_ID, POLICY_OVERRIDE.format(policy=self.gpo_policy))]
+        return []
+
+    @staticmethod
+    def _tolerated(script: str, fqid: str) -> bool:
+        """Caught by the script's own try/catch, which rethrows whatever its -notlike pattern
+        does not match (PowerShell's wildcard match, case-insensitive)."""
+        m = TOLERATED.search(script)
+        return m is not None and fnmatch.fnmatchcase(fqid.lower(), m.group(1).lower())
+
     def powershell(self, script: str, stdin: bytes = b"", policy: str | None = None) -> tuple[int, str, str]:
         """(exit code, stdout, stderr) of one of testbed's fixed scripts, with its stdin;
         ``policy`` is the process's -ExecutionPolicy, when the command line gave one."""
@@ -167,6 +228,11 @@ class EmulatedHost:
             return 1, "", clixml_error("ParserError: " + "; ".join(bad))
         if script.strip() == "'testbed-ready'":  # PowerShell Direct's readiness probe
             return 0, "testbed-ready\r\n", ""
+        if script.strip() == "[Console]::OutputEncoding.CodePage":
+            return 0, f"{self.oem_codepage}\r\n", ""
+        if STDIN_SCRIPT.search(script):
+            return self._from_stdin(script, stdin, policy)
+        self.stdin_seen.append(stdin)
         m = B64.search(script)
         if not m:
             return 1, "", clixml_error(f"stand-in: unrecognised script: {script[:80]!r}")
@@ -178,11 +244,17 @@ class EmulatedHost:
         if "Invoke-Command -VMName $a.vm" in script:
             return self.vms[a["vm"]][2].powershell(a["script"])  # a remote session: L1's own machine policy
         if "Import-Module -Force $a.module" in script:
-            if (
-                "Set-ExecutionPolicy -Scope Process -ExecutionPolicy Bypass"
-                in script.split("Import-Module")[0]
-            ):
-                policy = "Bypass"
+            before = script.split("Import-Module")[0]
+            records = []
+            if "Set-ExecutionPolicy -Scope Process -ExecutionPolicy Bypass" in before:
+                records = self._set_policy_records(before)
+                if not records or records[0][0] == POLICY_OVERRIDE_ID:  # else it failed: nothing was set
+                    policy = "Bypass"
+            if self.gpo_policy:  # Group Policy wins over -ExecutionPolicy and the Process scope
+                policy = self.gpo_policy
+            untolerated = [msg for fqid, msg in records if not self._tolerated(before, fqid)]
+            if untolerated:  # each error record fails the call; the script went on, so did the import
+                return 0, "", clixml_error("; ".join(untolerated))
             if (policy or self.execution_policy).lower() in ("restricted", "allsigned"):
                 return 1, "", clixml_error(
                     f"Import-Module : File {a['module']} cannot be loaded because running scripts is disabled on "
@@ -265,6 +337,8 @@ class StandIn:
         self.command_fn: dict[str, str] = {}
         self.pending: dict[str, tuple[str, bytearray]] = {}  # commands waiting for their stdin
         self.policies: dict[str, str | None] = {}  # each command's -ExecutionPolicy
+        self.console_mode: dict[str, bool] = {}  # each command's WINRS_CONSOLEMODE_STDIN
+        self.shell_codepage: dict[str, int] = {}  # each shell's WINRS_CODEPAGE
         self.sends = 0
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         if tls is not None:
@@ -391,6 +465,8 @@ class StandIn:
         if action == "create":
             sid = str(uuid.uuid4()).upper()
             self.shells.add(sid)
+            cp = root.findtext(".//w:OptionSet/w:Option[@Name='WINRS_CODEPAGE']", "", NS).strip()
+            self.shell_codepage[sid] = int(cp) if cp.isdigit() else self.host.oem_codepage
             return 200, self.envelope(msg_id, (
                 f'<x:ResourceCreated xmlns:x="http://schemas.xmlsoap.org/ws/2004/09/transfer"><a:ReferenceParameters>'
                 f'<w:SelectorSet><w:Selector Name="ShellId">{sid}</w:Selector></w:SelectorSet>'
@@ -406,6 +482,11 @@ class StandIn:
             line = f"{cmd} {args}".strip()
             self.host.max_command_seen = max(self.host.max_command_seen, len(line))
             cid = str(uuid.uuid4()).upper()
+            # pywinrm's default is TRUE: stdin then goes to the process's console input, not
+            # to a pipe, and powershell.exe's $input sees none of it (Ansible streams a file
+            # with FALSE for that reason).
+            mode = root.findtext(".//w:OptionSet/w:Option[@Name='WINRS_CONSOLEMODE_STDIN']", "TRUE", NS)
+            self.console_mode[cid] = mode.strip().upper() != "FALSE"
             if len(line) > CMD_LIMIT:
                 self.commands[cid] = (1, "", "The command line is too long.\r\n")
             else:
@@ -437,8 +518,10 @@ class StandIn:
             rc, out, err = self.commands.pop(cid, (1, "", "no such command"))
             if self.faults.malformed_clixml or (fn and fn == self.faults.malformed_on):
                 err, rc = '#< CLIXML\r\n<Objs><S S="Error">broken', 1
+            enc = codec(self.shell_codepage.get(shell, self.host.oem_codepage))
             streams = "".join(
-                f'<rsp:Stream Name="{n}" CommandId="{cid}">{base64.b64encode(v.encode()).decode()}</rsp:Stream>'
+                f'<rsp:Stream Name="{n}" CommandId="{cid}">{base64.b64encode(v.encode(enc, "replace")).decode()}'
+                "</rsp:Stream>"
                 for n, v in (("stdout", out), ("stderr", err)) if v
             )  # fmt: skip
             return 200, self.envelope(msg_id, (
@@ -455,7 +538,8 @@ class StandIn:
             self.pending[cid][1].extend(base64.b64decode(stream.text or ""))
             if stream.get("End") == "true":
                 script, data = self.pending.pop(cid)
-                self.commands[cid] = self.host.powershell(script, bytes(data), self.policies.get(cid))
+                piped = b"" if self.console_mode.get(cid, True) else bytes(data)
+                self.commands[cid] = self.host.powershell(script, piped, self.policies.get(cid))
             return 200, self.envelope(msg_id, "<rsp:SendResponse/>")
         if action == "signal":
             return 200, self.envelope(msg_id, "<rsp:SignalResponse/>")
@@ -480,8 +564,9 @@ def running(host: EmulatedHost, **kw: Any) -> Iterator[StandIn]:
 
 FAKE_POWERSHELL = """#!{python}
 # testbed's tests: powershell.exe as Windows OpenSSH would run it, answered by the
-# emulated host of the test process over a Unix socket.
-import base64, json, socket, sys
+# emulated host of the test process over a Unix socket. Windows PowerShell 5.1 writes a
+# redirected stdout and stderr in the console's output code page (the OEM one).
+import base64, json, socket, sys, time
 args = sys.argv[1:]
 if len(" ".join(["powershell"] + args)) > 8191:
     sys.stderr.write("The command line is too long.\\r\\n"); sys.exit(1)
@@ -490,12 +575,16 @@ if "-encodedcommand" not in low:
     sys.stderr.write("fake powershell: only -EncodedCommand\\n"); sys.exit(1)
 script = base64.b64decode(args[low.index("-encodedcommand") + 1]).decode("utf-16-le")
 policy = args[low.index("-executionpolicy") + 1] if "-executionpolicy" in low else None
+if "process {{" in script:  # an upload: a host slow to take its stdin
+    time.sleep({stall!r})
 s = socket.socket(socket.AF_UNIX)
 s.connect({sock!r})
 stdin = base64.b64encode(sys.stdin.buffer.read()).decode()
 s.sendall(json.dumps({{"script": script, "stdin": stdin, "policy": policy}}).encode() + b"\\n")
 r = json.loads(s.makefile().readline())
-sys.stdout.write(r["stdout"]); sys.stderr.write(r["stderr"]); sys.exit(r["rc"])
+sys.stdout.buffer.write(r["stdout"].encode(r["codec"], "replace"))
+sys.stderr.buffer.write(r["stderr"].encode(r["codec"], "replace"))
+sys.exit(r["rc"])
 """
 
 
@@ -514,14 +603,15 @@ def serve_unix(host: EmulatedHost, directory: str) -> Iterator[str]:
             rc, out, err = host.powershell(
                 req["script"], base64.b64decode(req.get("stdin", "")), req.get("policy")
             )
-            self.wfile.write(json.dumps({"rc": rc, "stdout": out, "stderr": err}).encode() + b"\n")
+            reply = {"rc": rc, "stdout": out, "stderr": err, "codec": codec(host.oem_codepage)}
+            self.wfile.write(json.dumps(reply).encode() + b"\n")
 
     server = socketserver.ThreadingUnixStreamServer(sock, H)
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
     exe = os.path.join(bindir, "powershell")
     with open(exe, "w") as f:
-        f.write(FAKE_POWERSHELL.format(python=sys.executable, sock=sock))
+        f.write(FAKE_POWERSHELL.format(python=sys.executable, sock=sock, stall=host.stdin_stall_s))
     os.chmod(exe, 0o755)
     try:
         yield bindir

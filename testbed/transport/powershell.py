@@ -8,8 +8,10 @@ Scripts go as ``powershell -EncodedCommand`` (UTF-16LE, base64), which cmd.exe
 limits to 8191 characters, so files (the module, artifacts) are streamed on stdin
 as base64 lines and hash-checked on the host, and each call is a short fixed
 script plus its parameters as base64 JSON: user values are data inside a single-quoted base64 literal, never
-PowerShell syntax. Results come back as JSON; error records (CLIXML on stderr)
-and non-zero exits become typed errors with the host's message.
+PowerShell syntax; a call too long for one command line goes on stdin to a short
+fixed script instead. Results come back as JSON; error records (CLIXML on stderr)
+and non-zero exits become typed errors with the host's message. Stdin is streamed
+a line at a time, with a timeout per line, never held whole nor timed per file.
 """
 
 from __future__ import annotations
@@ -20,20 +22,26 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from tenacity import Retrying, before_sleep_log, retry_if_exception_type, stop_after_delay, wait_fixed
 
 from testbed.transport.base import TransportError
-from testbed.transport.clixml import ClixmlError, error_messages
+from testbed.transport.clixml import ClixmlError, error_messages, output_codec
 
 log = logging.getLogger(__name__)
 
 PS_DIRECT_POLL_S = 5.0  # between PowerShell Direct readiness probes
 CMD_LIMIT = 8191  # cmd.exe's command-line limit, which -EncodedCommand lives within
+CHUNK_TIMEOUT_S = 120.0  # the host must take each stdin line (48 KiB of a file) within this
+CALL_TIMEOUT_S = 900.0  # and answer within this once its stdin has ended
 FUNCTION = re.compile(r"^[A-Z][A-Za-z]+-Testbed[A-Za-z0-9]+$")
 
 
@@ -99,8 +107,12 @@ FILE_HASH = _ARGS + (
 )
 # The process's execution policy is set here too, not only on powershell.exe's command
 # line: inside PowerShell Direct (nested) the session is L1's, under L1's own policy.
+# Where Group Policy sets a policy, Set-ExecutionPolicy still sets the Process scope but
+# then throws ExecutionPolicyOverride (the GPO's policy stays the effective one): that one
+# error record, and no other, is expected there (RemoteSigned still loads a local module).
 CALL = _ARGS + (
-    "Set-ExecutionPolicy -Scope Process -ExecutionPolicy Bypass -Force\n"
+    "try {{ Set-ExecutionPolicy -Scope Process -ExecutionPolicy Bypass -Force -ErrorAction Stop }}\n"
+    "catch {{ if ($_.FullyQualifiedErrorId -notlike 'ExecutionPolicyOverride,*') {{ throw }} }}\n"
     "Import-Module -Force $a.module\n"
     "$p = @{{}}; $a.params.psobject.Properties | ForEach-Object {{ $p[$_.Name] = $_.Value }}\n"
     "$r = & $a.function @p\n"
@@ -108,6 +120,17 @@ CALL = _ARGS + (
 )
 # Answers with its own text: PowerShell Direct's readiness probe (runs inside L1).
 READY_PROBE = "'testbed-ready'\n"
+# The code page powershell.exe writes a redirected stdout and stderr in (digits only).
+CODEPAGE_PROBE = "[Console]::OutputEncoding.CodePage\n"
+# A script too long for the command line, sent on stdin: the first line is the number of
+# base64 lines of the (UTF-8) script, then those lines, then the caller's own stdin, which
+# is piped into the script (its $input, as if it had been started with it).
+STDIN_SCRIPT = (
+    "$l = @($input)\n"
+    "$n = [int]$l[0]\n"
+    "$s = [Text.Encoding]::UTF8.GetString([Convert]::FromBase64String(-join $l[1..$n]))\n"
+    "@($l | Select-Object -Skip ($n + 1)) | & ([scriptblock]::Create($s))\n"
+)
 # PowerShell Direct (nested Hyper-V): the inner script is an argument of the script
 # block, so it reaches the L1 VM as data. The L1 password comes on stdin (the first
 # line of $input), never in the command: a command line is visible to process auditing
@@ -151,13 +174,14 @@ class PowerShellRunner:
 
     def execute(self, argv: list[str], stdin: Iterable[bytes] = ()) -> tuple[int, str, str]:
         """(exit code, stdout, stderr) of ``powershell ... -EncodedCommand B64`` on the host,
-        with ``stdin`` (lines, CR LF terminated) fed to it."""
+        with ``stdin`` (lines, CR LF terminated, read one at a time) fed to it."""
         raise NotImplementedError
 
     def _checked(self, argv: list[str], stdin: Iterable[bytes] = ()) -> str:
         length = len(" ".join(argv))
-        if length > CMD_LIMIT:
-            raise ValueError(f"script too long for one command line ({length} > {CMD_LIMIT}): upload it")
+        if length > CMD_LIMIT:  # run() never builds one: a typed error, never a crash
+            raise PowerShellError(f"{self.name}: a command line of {length} characters (cmd.exe takes {CMD_LIMIT})",
+                                  0, [])  # fmt: skip
         rc, stdout, stderr = self.execute(argv, stdin)
         try:
             records = error_messages(stderr)
@@ -169,8 +193,13 @@ class PowerShellRunner:
         return stdout
 
     def run(self, script: str, stdin: Iterable[bytes] = ()) -> str:
-        """Run a script; returns stdout. Raises PowerShellError or TransportError."""
-        return self._checked(encoded_argv(script), stdin)
+        """Run a script; returns stdout. Raises PowerShellError or TransportError. A script
+        too long for cmd.exe's command line goes on stdin to STDIN_SCRIPT instead."""
+        argv = encoded_argv(script)
+        if len(" ".join(argv)) > CMD_LIMIT:
+            log.debug("%s: a %d-character script goes on stdin", self.name, len(script))
+            argv, stdin = encoded_argv(STDIN_SCRIPT), _script_on_stdin(script, stdin)
+        return self._checked(argv, stdin)
 
     def run_json(self, template: str, args: dict[str, Any], stdin: Iterable[bytes] = ()) -> Any:
         out = self.run(template.format(b64=b64json(args)), stdin).strip()
@@ -188,23 +217,23 @@ class PowerShellRunner:
     def file_sha256(self, remote_path: str) -> str:
         return str(self.run_json(FILE_HASH, {"path": remote_path})["sha256"])
 
-    def upload(self, data: bytes, remote_path: str) -> bool:
-        """Put a file on the host; skipped when the host's copy has the same sha256, and
-        the host checks the hash before the file takes its name."""
-        want = hashlib.sha256(data).hexdigest()
+    def upload(self, data: bytes | Path, remote_path: str, sha256: str | None = None) -> bool:
+        """Put a file on the host (bytes, or a local file read as it is sent); skipped when
+        the host's copy has the same sha256, and the host checks the hash before the file
+        takes its name."""
+        want = sha256 or sha256_of(data)
         if self.file_sha256(remote_path) == want:
             return False
         got = self._transfer(data, remote_path, want)
         if got != want:
             raise TransportError(f"{self.name}: upload of {remote_path} came out as {got}")
-        log.info("%s: uploaded %s (%d bytes)", self.name, remote_path, len(data))
+        size = len(data) if isinstance(data, bytes) else data.stat().st_size
+        log.info("%s: uploaded %s (%d bytes)", self.name, remote_path, size)
         return True
 
-    def _transfer(self, data: bytes, remote_path: str, sha256: str) -> str:
+    def _transfer(self, data: bytes | Path, remote_path: str, sha256: str) -> str:
         """Stream the file as base64 lines on stdin; returns the sha256 the host saw."""
-        n = self.line_bytes
-        # An empty file is one empty line: stdin must still end, or the host waits for it.
-        lines = [base64.b64encode(data[i : i + n]) + b"\r\n" for i in range(0, len(data), n)] or [b"\r\n"]
+        lines = _base64_lines(data, self.line_bytes)
         return str(
             self.run_json(STREAM_UPLOAD, {"path": remote_path, "sha256": sha256}, stdin=lines)["sha256"]
         )
@@ -213,38 +242,193 @@ class PowerShellRunner:
         pass
 
 
-class LocalPowerShell(PowerShellRunner):
+def sha256_of(data: bytes | Path) -> str:
+    h = hashlib.sha256()
+    for chunk in _chunks(data, 1 << 20):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _chunks(data: bytes | Path, n: int) -> Iterator[bytes]:
+    if isinstance(data, bytes):
+        yield from (data[i : i + n] for i in range(0, len(data), n))
+        return
+    with open(data, "rb") as f:
+        while chunk := f.read(n):
+            yield chunk
+
+
+def _base64_lines(data: bytes | Path, n: int) -> Iterator[bytes]:
+    """An empty file is one empty line: stdin must still end, or the host waits for it."""
+    empty = True
+    for chunk in _chunks(data, n):
+        empty = False
+        yield base64.b64encode(chunk) + b"\r\n"
+    if empty:
+        yield b"\r\n"
+
+
+def _script_on_stdin(script: str, stdin: Iterable[bytes]) -> Iterator[bytes]:
+    """STDIN_SCRIPT's input: the line count, the script's base64 lines, the caller's stdin."""
+    b64 = base64.b64encode(script.encode("utf-8"))
+    lines = [b64[i : i + 65536] for i in range(0, len(b64), 65536)]
+    yield str(len(lines)).encode() + b"\r\n"
+    yield from (line + b"\r\n" for line in lines)
+    yield from stdin
+
+
+class _Feeder(threading.Thread):
+    """Writes stdin one line at a time, noting when each was taken."""
+
+    def __init__(self, write: Callable[[bytes], Any], close: Callable[[], Any], lines: Iterable[bytes]) -> None:  # fmt: skip
+        super().__init__(daemon=True)
+        self.write, self.close, self.lines = write, close, lines
+        self.sent, self.last = 0, time.monotonic()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            for line in self.lines:
+                try:
+                    self.write(line)
+                except OSError:  # the command stopped reading (it ended): its answer says why
+                    return
+                self.sent += 1
+                self.last = time.monotonic()
+            self.close()
+        except BaseException as e:  # reading the local file failed: reported by feed()
+            self.error = e
+
+
+def feed(name: str, write: Callable[[bytes], Any], close: Callable[[], Any], lines: Iterable[bytes],
+         chunk_timeout_s: float, abort: Callable[[], Any]) -> None:  # fmt: skip
+    """Feed ``lines`` to a command; a line the host has not taken ``chunk_timeout_s`` after
+    the one before aborts the command (a timeout per line, not per file)."""
+    f = _Feeder(write, close, lines)
+    f.start()
+    while f.is_alive():
+        f.join(0.05)
+        if f.is_alive() and time.monotonic() - f.last > chunk_timeout_s:
+            abort()
+            f.join(5)
+            raise TransportError(f"{name}: the host took no stdin for {chunk_timeout_s:.0f} s (line {f.sent + 1})")  # fmt: skip
+    if f.error is not None:
+        raise TransportError(f"{name}: reading what to send failed: {f.error}") from None
+
+
+class _PipedPowerShell(PowerShellRunner):
+    """A route where powershell.exe writes to a pipe (SSH, local), in its console's output
+    code page: the OEM one (437, 850, ...) unless set. Asked once, then decoded with it
+    (WinRM opens its shell with code page 65001, UTF-8)."""
+
+    chunk_timeout_s = CHUNK_TIMEOUT_S
+    timeout_s = CALL_TIMEOUT_S
+    _codec: str | None = None
+
+    def _raw(self, argv: list[str], stdin: Iterable[bytes]) -> tuple[int, bytes, bytes]:
+        raise NotImplementedError
+
+    def execute(self, argv: list[str], stdin: Iterable[bytes] = ()) -> tuple[int, str, str]:
+        if self._codec is None:
+            rc, out, _err = self._raw(encoded_argv(CODEPAGE_PROBE), ())
+            page = out.decode("ascii", "replace").strip()
+            self._codec = output_codec(page) if rc == 0 and page.isdigit() else "utf-8"
+            log.debug("%s: output code page %s (%s)", self.name, page, self._codec)
+        rc, out, err = self._raw(argv, stdin)
+        return rc, out.decode(self._codec, "replace"), err.decode(self._codec, "replace")
+
+
+class LocalPowerShell(_PipedPowerShell):
     """testbed running on the Hyper-V host itself: ``powershell.exe`` (5.1) or ``pwsh``."""
 
-    def __init__(self, exe: str | None = None) -> None:
+    def __init__(self, exe: str | None = None, *, chunk_timeout_s: float = CHUNK_TIMEOUT_S,
+                 timeout_s: float = CALL_TIMEOUT_S) -> None:  # fmt: skip
         found = exe or shutil.which("powershell") or shutil.which("pwsh")
         if not found:
             raise TransportError("no powershell or pwsh on PATH: the local Hyper-V route needs Windows")
         self.exe = found
         self.name = f"local {os.path.basename(found)}"
+        self.chunk_timeout_s, self.timeout_s = chunk_timeout_s, timeout_s
 
-    def execute(self, argv: list[str], stdin: Iterable[bytes] = ()) -> tuple[int, str, str]:
+    def _raw(self, argv: list[str], stdin: Iterable[bytes]) -> tuple[int, bytes, bytes]:
         try:
-            p = subprocess.run([self.exe, *argv[1:]], input=b"".join(stdin), capture_output=True, timeout=900)
-        except (OSError, subprocess.TimeoutExpired) as e:
+            p = subprocess.Popen([self.exe, *argv[1:]], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE)  # fmt: skip
+        except OSError as e:
             raise TransportError(f"{self.name}: {e}") from None
-        return p.returncode, p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace")
+        assert p.stdin is not None and p.stdout is not None and p.stderr is not None
+        out: list[bytes] = []
+        err: list[bytes] = []
+        readers = [threading.Thread(target=lambda f=f, b=b: b.append(f.read()), daemon=True)
+                   for f, b in ((p.stdout, out), (p.stderr, err))]  # fmt: skip
+        for t in readers:
+            t.start()
+        try:
+            stdin_pipe = p.stdin
+            feed(self.name, lambda b: (stdin_pipe.write(b), stdin_pipe.flush()), stdin_pipe.close, stdin,
+                 self.chunk_timeout_s, p.kill)  # fmt: skip
+            rc = p.wait(timeout=self.timeout_s)
+        except subprocess.TimeoutExpired:
+            raise TransportError(f"{self.name}: no answer {self.timeout_s:.0f} s after its input") from None
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for t in readers:
+            t.join()
+        return rc, b"".join(out), b"".join(err)
 
 
-class SshPowerShell(PowerShellRunner):
+class SshPowerShell(_PipedPowerShell):
     """A Windows host with OpenSSH (as LISA reaches its Hyper-V hosts): the same scripts
-    as an SSH exec of ``powershell -EncodedCommand`` (base64 needs no quoting)."""
+    as an SSH exec of ``powershell -EncodedCommand`` (base64 needs no quoting), on a
+    channel of the transport's connection."""
 
-    def __init__(self, transport: Any) -> None:
+    def __init__(self, transport: Any, *, chunk_timeout_s: float = CHUNK_TIMEOUT_S,
+                 timeout_s: float = CALL_TIMEOUT_S) -> None:  # fmt: skip
         self.transport = transport
         self.name = f"{transport.name} (powershell)"
+        self.chunk_timeout_s, self.timeout_s = chunk_timeout_s, timeout_s
 
-    def execute(self, argv: list[str], stdin: Iterable[bytes] = ()) -> tuple[int, str, str]:
-        r = self.transport.run(argv, input=b"".join(stdin) or None, timeout=900)
-        return r.rc, r.stdout, r.stderr
+    def _raw(self, argv: list[str], stdin: Iterable[bytes]) -> tuple[int, bytes, bytes]:
+        import paramiko
+
+        try:
+            t = self.transport.client.get_transport()
+            chan = t.open_session()
+            try:
+                chan.exec_command(shlex.join(argv))
+                feed(self.name, chan.sendall, chan.shutdown_write, stdin, self.chunk_timeout_s, chan.close)
+                return _ssh_answer(self.name, chan, self.timeout_s)
+            finally:
+                chan.close()
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise TransportError(f"{self.name}: connection lost: {e}") from None
 
     def close(self) -> None:
         self.transport.close()
+
+
+def _ssh_answer(name: str, chan: Any, timeout_s: float) -> tuple[int, bytes, bytes]:
+    """Both streams of an SSH channel until the command exits (buffered by paramiko while
+    stdin was sent), within ``timeout_s``."""
+    out, err = bytearray(), bytearray()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = False
+        while chan.recv_ready():
+            out += chan.recv(65536)
+            got = True
+        while chan.recv_stderr_ready():
+            err += chan.recv_stderr(65536)
+            got = True
+        if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
+            break
+        if time.monotonic() > deadline:
+            raise TransportError(f"{name}: no answer {timeout_s:.0f} s after its input")
+        if not got:
+            time.sleep(0.01)
+    return chan.recv_exit_status(), bytes(out), bytes(err)
 
 
 class PowerShellDirect(PowerShellRunner):
@@ -305,10 +489,10 @@ class PowerShellDirect(PowerShellRunner):
         args = self._args(src=src_on_outer, dest=remote_path, sha256=sha256)
         return str(self.outer.run_json(COPY_TO_VM, args, self._password_line())["sha256"])
 
-    def _transfer(self, data: bytes, remote_path: str, sha256: str) -> str:
+    def _transfer(self, data: bytes | Path, remote_path: str, sha256: str) -> str:
         """Stage the file on L0 (by hash), then copy it into the VM, where it is hashed again."""
         staged = rf"{self.staging_dir}\{sha256}"
-        self.outer.upload(data, staged)
+        self.outer.upload(data, staged, sha256)
         return self._copy(staged, remote_path, sha256)
 
     def close(self) -> None:

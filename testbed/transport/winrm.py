@@ -113,26 +113,34 @@ class WinRmPowerShell(PowerShellRunner):
 
     def _command(self, p: Protocol, argv: list[str], stdin: Iterable[bytes]) -> tuple[bytes, bytes, int]:
         """One command (its own powershell.exe) in the run's warm shell; stdin goes as
-        WS-Man Send messages, the last with End. Keeping the shell open saves its Create
+        WS-Man Send messages, the last with End, read from ``stdin`` one line at a time
+        (a multi-GB upload is never held whole). Keeping the shell open saves its Create
         and Delete exchanges on every call (5-6 exchanges become 3-4). A shell the host
         has dropped (idle timeout, WinRM restart) refuses the command before it starts:
-        then, and only then, a new shell is opened and the command sent to it (logged)."""
+        then, and only then, a new shell is opened and the command sent to it (logged).
+
+        With stdin, the command is started with WINRS_CONSOLEMODE_STDIN=FALSE (as Ansible's
+        put_file does): pywinrm's default TRUE hands the stream to the process's console
+        input, and powershell.exe's ``$input`` pipeline never sees it."""
+        lines = iter(stdin)
+        first = next(lines, None)
+        console = first is None
         if self._shell is None:
             self._shell = _open_shell(p)
         try:
-            cmd = p.run_command(self._shell, argv[0], argv[1:])
+            cmd = p.run_command(self._shell, argv[0], argv[1:], console_mode_stdin=console)
         except WSManFaultError as e:
             if e.wsman_fault_code != SHELL_NOT_FOUND:
                 raise
             log.warning("%s: the host dropped the WinRM shell (%s); opening a new one", self.name, e.reason)
             self._shell = _open_shell(p)
-            cmd = p.run_command(self._shell, argv[0], argv[1:])
+            cmd = p.run_command(self._shell, argv[0], argv[1:], console_mode_stdin=console)
         shell = self._shell
         try:
-            pending: bytes | None = None
-            for line in stdin:
-                if pending is not None:
-                    p.send_command_input(shell, cmd, pending)
+            pending = first
+            for line in lines:
+                assert pending is not None
+                p.send_command_input(shell, cmd, pending)
                 pending = line
             if pending is not None:
                 p.send_command_input(shell, cmd, pending, end=True)

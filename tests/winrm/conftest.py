@@ -48,19 +48,33 @@ def hyperv_cfg(tmp: Path, ref_cfg: VmConfig) -> VmConfig:
     return cfg.model_copy(update={"hyperv": hv})
 
 
-@pytest.fixture
-def hv_lab(tmp_path: Path, ref_cfg: VmConfig, monkeypatch: pytest.MonkeyPatch,
-           request: pytest.FixtureRequest) -> Iterator[HvLab]:  # fmt: skip
-    """An emulated host of a profile (``indirect`` parameter; default Windows 11 26H1: a
-    client SKU, execution policy Restricted, COM3 available)."""
+def _emulated(tmp_path: Path, ref_cfg: VmConfig, monkeypatch: pytest.MonkeyPatch, profile_name: str,
+              guest: str) -> Iterator[HvLab]:  # fmt: skip
     (tmp_path / "ntlm-users").write_text(f"{USER.replace(chr(92), ':')}:{PASSWORD}\n")
     monkeypatch.setenv("NTLM_USER_FILE", str(tmp_path / "ntlm-users"))
-    profile = PROFILES[getattr(request, "param", "win11-26h1")]
-    emulator = EmulatedHyperV(ref_cfg, "none", profile=profile)
+    profile = PROFILES[profile_name]
+    emulator = EmulatedHyperV(ref_cfg, "none", profile=profile, guest=guest)
     host = EmulatedHost(files=emulator.files, functions=emulator.functions(),
-                        execution_policy=profile.execution_policy)  # fmt: skip
+                        execution_policy=profile.execution_policy, gpo_policy=profile.gpo_policy,
+                        oem_codepage=profile.oem_codepage)  # fmt: skip
     try:
         with running(host, auth="ntlm", user=USER, password=PASSWORD) as s:
             yield HvLab(emulator, host, s, hyperv_cfg(tmp_path, ref_cfg))
     finally:
         emulator.close()
+
+
+@pytest.fixture
+def hv_lab(tmp_path: Path, ref_cfg: VmConfig, monkeypatch: pytest.MonkeyPatch,
+           request: pytest.FixtureRequest) -> Iterator[HvLab]:  # fmt: skip
+    """An emulated host of a profile (``indirect`` parameter; default Windows 11 26H1: a
+    client SKU, execution policy Restricted, COM3 available) whose VMs are lab guests."""
+    yield from _emulated(tmp_path, ref_cfg, monkeypatch, getattr(request, "param", "win11-26h1"), "lab")
+
+
+@pytest.fixture
+def hv_model(tmp_path: Path, ref_cfg: VmConfig, monkeypatch: pytest.MonkeyPatch,
+             request: pytest.FixtureRequest) -> Iterator[HvLab]:  # fmt: skip
+    """The same host with modeled guests: no QEMU, the race timed for real as the uploaded
+    module times it (not a ``vm`` test)."""
+    yield from _emulated(tmp_path, ref_cfg, monkeypatch, getattr(request, "param", "win11-26h1"), "model")

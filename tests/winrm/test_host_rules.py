@@ -68,9 +68,9 @@ def call_script() -> str:
 def test_restricted_policy_refuses_the_module_unless_bypassed() -> None:
     host = EmulatedHost(files={MODULE: b"function Get-TestbedX {}"}, functions={"Get-TestbedX": lambda: {"ok": True}},
                         execution_policy="Restricted")  # fmt: skip
-    old_call = call_script().replace(
-        "Set-ExecutionPolicy -Scope Process -ExecutionPolicy Bypass -Force\n", ""
-    )
+    lines = call_script().splitlines(keepends=True)
+    old_call = "".join(ln for ln in lines if "ExecutionPolicy" not in ln)  # no process scope set
+    assert len(lines) - len(old_call.splitlines()) == 2
     rc, _out, err = host.powershell(old_call)  # the old script, and no -ExecutionPolicy: a Windows 11 client
     assert rc == 1 and "running scripts is disabled on this system" in err
     assert host.powershell(old_call, policy="Bypass")[0] == 0  # powershell.exe -ExecutionPolicy Bypass
@@ -110,3 +110,43 @@ def test_the_race_with_a_serial_pipe_compiles_the_module_add_type() -> None:
     assert rc == 1 and "CS0234" in err
     host.files[MODULE] = SOURCE.encode()
     assert host.powershell(powershell.CALL.format(b64=b64))[0] == 0
+
+
+def test_a_group_policy_execution_policy_is_tolerated_and_nothing_else() -> None:
+    """Item 7: with an execution policy set by Group Policy, ``Set-ExecutionPolicy -Scope
+    Process`` writes the ExecutionPolicyOverride error record (the GPO's policy stays the
+    effective one), and every error record fails a call. That one record is expected; a
+    GPO of RemoteSigned still loads the local module. Any other record still fails."""
+    from winrm_standin import POLICY_OVERRIDE_ID  # type: ignore[import-not-found]
+
+    host = EmulatedHost(files={MODULE: b"function Get-TestbedX {}"}, functions={"Get-TestbedX": lambda: {"ok": True}},
+                        execution_policy="RemoteSigned", gpo_policy="RemoteSigned")  # fmt: skip
+    with running(host) as s:
+        p = WinRmPowerShell(s.endpoint, s.user, s.password, auth="basic")
+        assert p.invoke(MODULE, "Get-TestbedX", {}) == {"ok": True}
+        # Nothing else is swallowed: another failure of Set-ExecutionPolicy still fails the call.
+        host.set_policy_error = ("System.UnauthorizedAccessException,Microsoft.PowerShell.Commands."
+                                 "SetExecutionPolicyCommand", "Set-ExecutionPolicy : Access to the registry key is "
+                                 "denied.")  # fmt: skip
+        with pytest.raises(powershell.PowerShellError, match="Access to the registry key is denied"):
+            p.invoke(MODULE, "Get-TestbedX", {})
+        # A GPO that forbids scripts wins over Bypass: refused, with the host's words.
+        host.set_policy_error, host.gpo_policy = None, "AllSigned"
+        with pytest.raises(powershell.PowerShellError, match="running scripts is disabled"):
+            p.invoke(MODULE, "Get-TestbedX", {})
+        p.close()
+    # The check can fail: a script that sets the process scope without expecting the record.
+    host.gpo_policy = "RemoteSigned"
+    lines = call_script().splitlines(keepends=True)
+    plain = [ln for ln in lines if "ExecutionPolicy" not in ln]
+    plain.insert(2, "Set-ExecutionPolicy -Scope Process -ExecutionPolicy Bypass -Force\n")
+    rc, _out, err = host.powershell("".join(plain), policy="Bypass")
+    assert "overridden by a policy defined at a more specific scope" in err
+    assert POLICY_OVERRIDE_ID.startswith("ExecutionPolicyOverride,")
+
+
+def test_the_stdin_script_and_the_codepage_probe_parse() -> None:
+    """The fixed scripts without a {b64} parameter parse too."""
+    parser = ts.Parser(ts.Language(tsp.language()))
+    for script in (powershell.STDIN_SCRIPT, powershell.CODEPAGE_PROBE, powershell.READY_PROBE):
+        assert not parser.parse(script.encode()).root_node.has_error, script

@@ -221,3 +221,83 @@ def test_event_properties_are_read_element_by_element() -> None:
     assert "Set-StrictMode -Version 3.0" in code
     assert not re.search(r"\.Properties\.Value\b", code)
     assert "$_.Properties | ForEach-Object { [string]$_.Value }" in code
+
+
+# ---- what the race, the shutdown, the IGVM and COM3 code does (tree-sitter facts) ------------
+# The emulated host answers the module's functions itself, so these facts are read from the
+# module's text (tests/hyperv_emulator.py::psm1_facts, which the emulated host uses too).
+# Each check is also shown failing on a module written the old way.
+
+OLD_RACE = """
+function Invoke-TestbedRace {
+    param([string]$VmId, [double]$OffsetMs = 0)
+    $clock = [Diagnostics.Stopwatch]::StartNew()
+    $fire = {
+        $t = $clock.Elapsed.TotalMilliseconds
+        $r = Invoke-CimMethod -InputObject $shutdownIc -MethodName InitiateShutdown -Arguments @{ Force = $false; Reason = 'testbed' }
+        if ($r.ReturnValue -eq 4096) { $script:FireJob = $r.Job }
+    }
+    $r = Invoke-CimMethod -InputObject $guestSvc -MethodName ReloadManagementVtl -Arguments @{ VmId = $VmId }
+    while ($clock.Elapsed.TotalMilliseconds -lt $OffsetMs) { }
+    & $fire
+}
+"""
+
+
+def test_the_race_starts_the_servicing_call_on_its_own_runspace_before_firing() -> None:
+    """Item 1: ReloadManagementVtl is made by a runspace script (its own thread), started
+    (BeginInvoke) before the shot is fired on the race's thread and not waited for
+    (EndInvoke) until after it, so a shot at a small offset lands while the call is in
+    flight. The old race called it synchronously, then waited for the offset."""
+    from hyperv_emulator import race_concurrent  # type: ignore[import-not-found]
+
+    assert race_concurrent(SOURCE.decode())
+    assert not race_concurrent(OLD_RACE)
+    # Waiting for the runspace before firing would serialise them again: caught too.
+    serial = SOURCE.decode().replace(
+        "# The timed section: the shot, on this thread; servicing, on the runspace's.",
+        "$null = $servicing.PowerShell.EndInvoke($servicing.Handle)",
+        1,
+    )
+    assert serial != SOURCE.decode() and not race_concurrent(serial)
+
+
+def test_initiate_shutdown_is_not_read_for_a_job_it_does_not_have() -> None:
+    """Item 5: InitiateShutdown(Force, Reason) has no Job out parameter; ``$r.Job`` on its
+    result throws under Set-StrictMode -Version 3 when it returns 4096."""
+    from hyperv_emulator import reads_shutdown_job  # type: ignore[import-not-found]
+
+    assert "Set-StrictMode -Version 3.0" in SOURCE.decode()
+    assert not reads_shutdown_job(SOURCE.decode())
+    assert reads_shutdown_job(OLD_RACE)
+
+
+OLD_GRANT = """
+function New-TestbedVm {
+    param([string]$IgvmPath, [string]$VmDir)
+    $account = 'NT VIRTUAL MACHINE\\' + $id + ':R'
+    $null = & icacls.exe $IgvmPath /grant $account
+}
+"""
+
+
+def test_the_vm_is_granted_on_its_own_copy_of_the_igvm() -> None:
+    """Item 6: icacls grants each VM on a copy of the IGVM in the VM's folder (removed with
+    it, as petri copies the IGVM per VM), never on the shared cached file."""
+    from hyperv_emulator import igvm_acl_per_vm  # type: ignore[import-not-found]
+
+    assert igvm_acl_per_vm(SOURCE.decode())
+    assert not igvm_acl_per_vm(OLD_GRANT)
+
+
+def test_com3_is_set_through_wmi_not_set_vmcomport() -> None:
+    """Item 9: Set-VMComPort documents -Number 1 and 2; COM3 is the VM's third
+    Msvm_SerialPortSettingData, set through ModifyResourceSettings (petri's way), after
+    counting that the host offers it."""
+    from hyperv_emulator import com3_by_wmi  # type: ignore[import-not-found]
+
+    code = code_lines()
+    assert com3_by_wmi(SOURCE.decode())
+    assert not re.search(r"Set-VMComPort\b[^\n]*-Number\s+3", code)
+    assert "ModifyResourceSettings" in code and ".Count -lt 3" in code
+    assert not com3_by_wmi(SOURCE.decode() + '\nSet-VMComPort -VM $vm -Number 3 -Path "\\\\.\\pipe\\x"\n')

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from winrm_standin import EmulatedHost, StandIn, make_test_ca, ps51_json, running  # type: ignore[import-not-found]
+from winrm_standin import B64, EmulatedHost, StandIn, make_test_ca, ps51_json, running  # type: ignore[import-not-found]
 
 from testbed.transport.base import TransportError
 from testbed.transport.clixml import error_messages
@@ -38,8 +40,11 @@ def test_uploads_stream_on_stdin_under_the_command_line_limit(standin: StandIn) 
     module = ("# Testbed.psm1 stand-in\n" + "function Get-TestbedX { 'x' }\n" * 2000).encode()
     assert len(encoded_command(module.decode())) > CMD_LIMIT  # too big for one command line
     p = ps(standin)
-    with pytest.raises(ValueError, match="too long"):
+    # A script that long goes on stdin to a short fixed script (the host ran it: the stand-in
+    # answers only testbed's own scripts), never onto an over-long command line.
+    with pytest.raises(PowerShellError, match='unrecognised script: "# Testbed.psm1 stand-in'):
         p.run(module.decode())
+    assert 0 < standin.host.max_command_seen <= CMD_LIMIT
     assert p.upload(module, MODULE) is True
     assert standin.host.files[MODULE] == module
     assert 0 < standin.host.max_command_seen <= CMD_LIMIT  # every call respected cmd.exe's limit
@@ -211,3 +216,104 @@ def test_a_shell_the_host_dropped_is_reopened_before_the_command_runs(
     assert len(standin.host.calls) == calls + 1  # ran exactly once
     assert [r.getMessage() for r in caplog.records if "dropped the WinRM shell" in r.getMessage()]
     assert standin.requests.count("create") == 2
+
+
+# ---- pywinrm's floor (item 2) ---------------------------------------------------------------
+# From pywinrm's CHANGELOG.md (diyan/pywinrm, commit e8bb574, "Add WSManFaultError (#382)"):
+# "### Version 0.5.0 ... Added `WSManFaultError` which contains WSManFault specific information
+# when receiving a 500 WSMan fault response" (its wsman_fault_code among them); v0.4.3's
+# winrm/exceptions.py has no WSManFault at all.
+NAMES_SINCE = {"0.5.0": ("winrm.exceptions.WSManFaultError", "WSManFaultError.wsman_fault_code")}
+
+
+def test_the_pywinrm_floor_has_the_names_the_transport_uses() -> None:
+    import inspect
+    import re
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+    from winrm.exceptions import WSManFaultError
+
+    root = Path(__file__).resolve().parents[2]
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    (req,) = [Requirement(d) for d in deps if Requirement(d).name == "pywinrm"]
+    floors = [Version(s.version) for s in req.specifier if s.operator == ">="]
+    assert floors and min(floors) >= Version("0.5.0"), (
+        f"pyproject allows {req}: WSManFaultError is from 0.5.0"
+    )
+    source = (root / "testbed" / "transport" / "winrm.py").read_text()
+    assert (
+        re.search(r"from winrm\.exceptions import .*WSManFaultError", source) and "wsman_fault_code" in source
+    )
+    assert "wsman_fault_code" in inspect.signature(WSManFaultError.__init__).parameters
+
+
+# ---- console-mode stdin (item 3) --------------------------------------------------------------
+def test_streamed_stdin_is_sent_with_console_mode_off(standin: StandIn) -> None:
+    """pywinrm's run_command defaults to WINRS_CONSOLEMODE_STDIN=TRUE: the stdin then goes
+    to the process's console, and powershell.exe's $input stays empty (the stand-in does as
+    Windows does). A command whose stdin is streamed must say FALSE, as Ansible's put_file
+    does; a command without stdin keeps the default."""
+    p = ps(standin)
+    data = os.urandom(100_000)
+    assert p.upload(data, r"C:\testbed\cache\x.bin") is True
+    assert standin.host.files[r"C:\testbed\cache\x.bin"] == data
+    modes = list(standin.console_mode.values())
+    assert modes == [True, False], modes  # the hash probe (no stdin), then the upload
+
+
+# ---- over-long command lines (item 4) -----------------------------------------------------------
+# What a CI runner's VM names and cached artifacts look like (a VM name is the vm_config's
+# name, the controller's host name, its pid and a stamp).
+RUNNER = "ci-hyperv-runner-0042.lab.example.com"
+VM_NAME = f"hyperv-openhcl-{RUNNER}-123456-12345678"
+SHA = "9f2c" * 16
+
+
+def new_vm_args(host_dir: str, cmdline: str) -> dict[str, Any]:
+    return {"name": VM_NAME, "igvm_path": rf"{host_dir}\cache\{SHA}\openhcl-x64.bin",
+            "vhd_path": rf"{host_dir}\cache\{SHA}\ubuntu-24.04-vtl0.vhdx", "vm_dir": rf"{host_dir}\vms\{VM_NAME}",
+            "owner": f"{RUNNER}:123456:1700000000", "memory_mb": 2048, "processors": 2, "firmware_cmdline": cmdline,
+            "com1_pipe": f"{VM_NAME}-com1", "com3_pipe": f"{VM_NAME}-com3"}  # fmt: skip
+
+
+def test_a_long_call_travels_on_stdin_not_the_command_line(standin: StandIn) -> None:
+    """A New-TestbedVm call with a 1,300-character firmware command line is ~8,800
+    characters as -EncodedCommand: over cmd.exe's 8191 (the stand-in refuses it as Windows
+    does). It goes on stdin to a short fixed script instead; never an uncaught ValueError."""
+    from testbed.backends.hyperv.module import HostModule
+
+    seen: dict[str, Any] = {}
+    standin.host.functions["New-TestbedVm"] = lambda **kw: (
+        seen.update(kw) or {"Name": kw["Name"], "VmId": "1" * 32}
+    )
+    cmdline = " ".join(f"OPENHCL_OPT_{i}=value{i}" for i in range(60))[:1300]
+    assert len(cmdline) == 1300
+    m = HostModule(ps(standin))
+    vm = m.new_vm(**new_vm_args(r"C:\testbed", cmdline))
+    assert vm.vm_id == "1" * 32 and seen["FirmwareCommandLine"] == cmdline
+    assert 0 < standin.host.max_command_seen <= CMD_LIMIT
+
+
+def test_a_nested_call_too_long_for_l0s_command_line_travels_on_stdin(standin: StandIn) -> None:
+    """Nested: the L1 call is wrapped for PowerShell Direct (base64 inside base64), so a
+    400-character firmware command line already makes ~8,900 characters on L0 (~7,000
+    with none); it goes on stdin, after which the L1 password still arrives as the
+    inner script's first line."""
+    from testbed.backends.hyperv.module import HostModule
+    from testbed.transport.powershell import PowerShellDirect
+
+    l1 = EmulatedHost(functions={"New-TestbedVm": lambda **kw: {"Name": kw["Name"], "VmId": "2" * 32,
+                                                                "Cmdline": kw["FirmwareCommandLine"]}})  # fmt: skip
+    l1_name = f"testbed-l1-{RUNNER}-123456"
+    standin.host.vms[l1_name] = ("Administrator", "l1 pass", l1)
+    direct = PowerShellDirect(ps(standin), l1_name, "Administrator", "l1 pass", r"C:\testbed\staging")
+    cmdline = ("OPENHCL_TEST_CONFIG=SERVICING_SAVE_STUCK " * 12)[:400]
+    m = HostModule(direct, r"C:\testbed")
+    vm = m.new_vm(**new_vm_args(r"C:\testbed", cmdline))
+    assert vm.vm_id == "2" * 32 and vm.model_extra == {"Cmdline": cmdline}
+    assert 0 < standin.host.max_command_seen <= CMD_LIMIT
+    assert not any(
+        b"l1 pass" in base64.b64decode(x) for s in standin.host.scripts_seen for x in B64.findall(s)
+    )

@@ -4,12 +4,14 @@
 # call passes its parameters as data (named parameters built from base64 JSON by
 # testbed.transport.powershell), never as spliced PowerShell. Every function returns
 # one object that testbed serializes with ConvertTo-Json. Windows PowerShell 5.1
-# compatible: no ternary, no null-coalescing, no pipeline chain operators, no Start-Job.
+# compatible: no ternary, no null-coalescing, no pipeline chain operators, no Start-Job
+# (a new powershell.exe): the race's second thread is an in-process runspace.
 #
 # Facts used here (see CONTEXT.md): WMI namespace root\virtualization\v2;
 # ReloadManagementVtl returns 4096 with an Msvm_ConcreteJob (JobState 7 = completed);
 # Options 0x1 = override version checks, 0x10 = disable NVMe keepalive;
-# Msvm_ComputerSystem.EnabledState 2 = running, 3 = off.
+# Msvm_ShutdownComponent.InitiateShutdown(Force, Reason) returns a status and has no Job
+# out parameter; Msvm_ComputerSystem.EnabledState 2 = running, 3 = off.
 
 Set-StrictMode -Version 3.0
 $ErrorActionPreference = 'Stop'
@@ -85,6 +87,44 @@ namespace Testbed {
     }
 }
 '@
+}
+
+# ReloadManagementVtl's own runspace (an in-process thread; see Start-TestbedServicing).
+# It makes its CIM session first, says Ready, waits until Sync.ServiceAt on the race's
+# Stopwatch (-1: not set yet), then stamps the call's start (ServiceMs) and return
+# (ServiceReturnedMs) on that Stopwatch. Any failure is kept in Sync.ServiceError.
+$script:ServicingScript = {
+    param($Sync, $Clock, $Namespace, $VmId, $Options, $TimeoutHintSecs)
+    Set-StrictMode -Version 3.0
+    $ErrorActionPreference = 'Stop'
+    try {
+        $svc = Get-CimInstance -Namespace $Namespace -ClassName Msvm_VirtualSystemGuestManagementService
+        $Sync.Ready = $true
+        # Spun, not slept: after a leading shot the start may be only a few ms away.
+        while ($Sync.ServiceAt -lt 0) { if ($Sync.Abort) { return } }
+        $sleep = [int]($Sync.ServiceAt - $Clock.Elapsed.TotalMilliseconds - 20)
+        if ($sleep -gt 0) { Start-Sleep -Milliseconds $sleep }
+        while ($Clock.Elapsed.TotalMilliseconds -lt $Sync.ServiceAt) { }
+        $Sync.ServiceMs = $Clock.Elapsed.TotalMilliseconds
+        $r = Invoke-CimMethod -InputObject $svc -MethodName ReloadManagementVtl -Arguments @{ VmId = $VmId; Options = [uint32]$Options; TimeoutHintSecs = [uint32]$TimeoutHintSecs }
+        $Sync.ServiceReturnedMs = $Clock.Elapsed.TotalMilliseconds
+        $Sync.ServiceReturn = [int]$r.ReturnValue
+        if ($r.ReturnValue -eq 4096) { $Sync.ServiceJob = $r.Job }
+    } catch {
+        $Sync.ServiceError = $_.Exception.Message
+    } finally {
+        $Sync.Done = $true
+    }
+}
+
+function Complete-TestbedCimCall {
+    # A Msvm method's result that must succeed: 0 is done, 4096 a job that must complete.
+    param([Parameter(Mandatory = $true)]$Result, [Parameter(Mandatory = $true)][string]$Method)
+    $rv = [int]$Result.ReturnValue
+    if ($rv -eq $script:JobStarted) {
+        $j = Wait-TestbedJob -JobPath $Result.Job -TimeoutSeconds 60
+        if ($j.JobState -ne $script:JobCompleted) { throw "$Method job ended in state $($j.JobState), error $($j.ErrorCode)" }
+    } elseif ($rv -ne 0) { throw "$Method returned $rv" }
 }
 
 function Test-TestbedVmId {
@@ -247,19 +287,26 @@ function New-TestbedVm {
         [string]$Com3Pipe = '',
         [bool]$IncreaseVtl2Memory = $false
     )
-    New-TestbedOwnedVm -Name $Name -ParentVhd $VhdPath -VmDir $VmDir -DiskName 'vtl0.vhdx' -Owner $Owner -MemoryMB $MemoryMB -ProcessorCount $ProcessorCount -OpenHcl $true -Configure {
+    # COM3 is probed, not assumed: Com3 in the answer says whether it was set, Com3Note why not.
+    $script:Com3Set = $false
+    $script:Com3Note = ''
+    $created = New-TestbedOwnedVm -Name $Name -ParentVhd $VhdPath -VmDir $VmDir -DiskName 'vtl0.vhdx' -Owner $Owner -MemoryMB $MemoryMB -ProcessorCount $ProcessorCount -OpenHcl $true -Configure {
         param($vm)
         Set-VMFirmware -VM $vm -EnableSecureBoot Off
         # The worker runs as the VM's own account, which must read the IGVM file (petri
         # grants it with icacls); the path and the account are arguments, never spliced.
+        # As petri does, the VM gets its own copy in its folder and the grant is on that: a
+        # grant on the shared cached file would outlive the VM, one ACE per VM, until the
+        # file's ACL is full (64 KiB, about 1,800 VMs). The copy goes with the folder.
+        $igvm = Join-Path $VmDir 'igvm.bin'
+        Copy-Item -Path $IgvmPath -Destination $igvm -Force
         $account = 'NT VIRTUAL MACHINE\' + $vm.Id.ToString().ToUpper() + ':R'
-        $null = & icacls.exe $IgvmPath /grant $account
-        if ($LASTEXITCODE -ne 0) { throw "icacls could not grant $account on $IgvmPath (exit $LASTEXITCODE)" }
+        $null = & icacls.exe $igvm /grant $account
+        if ($LASTEXITCODE -ne 0) { throw "icacls could not grant $account on $igvm (exit $LASTEXITCODE)" }
         if ($Com1Pipe) { Set-VMComPort -VM $vm -Number 1 -Path "\\.\pipe\$Com1Pipe" }
-        if ($Com3Pipe) { Set-VMComPort -VM $vm -Number 3 -Path "\\.\pipe\$Com3Pipe" }
         $vssd = Get-TestbedVmSettings -VmId $vm.Id.ToString()
         $vssd.GuestFeatureSet = 0x201
-        $vssd.FirmwareFile = $IgvmPath
+        $vssd.FirmwareFile = $igvm
         $vssd.FirmwareParameters = [Text.Encoding]::UTF8.GetBytes($FirmwareCommandLine)
         $vssd.VMBusMessageRedirection = 1
         $vssd.TurnOffOnGuestRestart = $true
@@ -273,11 +320,24 @@ function New-TestbedVm {
         $svc = Get-CimInstance -Namespace $script:Namespace -ClassName Msvm_VirtualSystemManagementService
         $text = $vssd | ConvertTo-CimEmbeddedString
         $r = Invoke-CimMethod -InputObject $svc -MethodName ModifySystemSettings -Arguments @{ SystemSettings = $text }
-        if ($r.ReturnValue -eq $script:JobStarted) {
-            $j = Wait-TestbedJob -JobPath $r.Job -TimeoutSeconds 60
-            if ($j.JobState -ne $script:JobCompleted) { throw "ModifySystemSettings job ended in state $($j.JobState), error $($j.ErrorCode)" }
-        } elseif ($r.ReturnValue -ne 0) { throw "ModifySystemSettings returned $($r.ReturnValue)" }
+        Complete-TestbedCimCall -Result $r -Method ModifySystemSettings
+        if ($Com3Pipe) {
+            # COM3 as petri sets it: the VM's third Msvm_SerialPortSettingData, through
+            # ModifyResourceSettings (Set-VMComPort documents -Number 1 and 2 only). A VM with
+            # two (ARM64 hosts; EnableAdditionalComPorts set but VMMS not restarted) is made
+            # without COM3, and the answer says why: counted, never indexed past.
+            $ports = @(Get-CimAssociatedInstance -InputObject $vssd -ResultClassName Msvm_SerialPortSettingData)
+            if ($ports.Count -lt 3) {
+                $script:Com3Note = "COM3 is not offered on this host: a new VM has $($ports.Count) serial ports (Msvm_SerialPortSettingData)"
+            } else {
+                $ports[2].Connection = @("\\.\pipe\$Com3Pipe")
+                $r = Invoke-CimMethod -InputObject $svc -MethodName ModifyResourceSettings -Arguments @{ ResourceSettings = @($ports[2] | ConvertTo-CimEmbeddedString) }
+                Complete-TestbedCimCall -Result $r -Method ModifyResourceSettings
+                $script:Com3Set = $true
+            }
+        }
     }
+    [pscustomobject]@{ Name = $created.Name; VmId = $created.VmId; Com3 = $script:Com3Set; Com3Note = $script:Com3Note }
 }
 
 function New-TestbedL1Vm {
@@ -383,13 +443,80 @@ function Wait-TestbedJob {
     }
 }
 
+function Start-TestbedServicing {
+    # ReloadManagementVtl's runspace: its own thread in this process, sharing the race's
+    # Stopwatch and Sync table. Started, and waited for until it is ready to make its call,
+    # before the timed section; it makes the call once Sync.ServiceAt is set.
+    param(
+        [Parameter(Mandatory = $true)]$Sync,
+        [Parameter(Mandatory = $true)]$Clock,
+        [Parameter(Mandatory = $true)][string]$VmId,
+        [int]$Options = 0,
+        [int]$TimeoutHintSecs = 60,
+        [int]$ReadyTimeoutSecs = 60
+    )
+    $ps = [PowerShell]::Create()
+    $null = $ps.AddScript($script:ServicingScript.ToString()).AddArgument($Sync).AddArgument($Clock).AddArgument($script:Namespace).AddArgument($VmId).AddArgument($Options).AddArgument($TimeoutHintSecs)
+    $handle = $ps.BeginInvoke()
+    $watch = [Diagnostics.Stopwatch]::StartNew()
+    while (-not $Sync.Ready -and -not $Sync.Done -and $watch.Elapsed.TotalSeconds -lt $ReadyTimeoutSecs) { Start-Sleep -Milliseconds 5 }
+    if (-not $Sync.Ready) {
+        $Sync.Abort = $true
+        $ps.Dispose()
+        throw "the servicing runspace was not ready after $($watch.Elapsed.TotalSeconds) s: $($Sync.ServiceError)"
+    }
+    [pscustomobject]@{ PowerShell = $ps; Handle = $handle }
+}
+
+function Wait-TestbedServicing {
+    # The servicing runspace's end (its call returned or threw), up to TimeoutSecs: a call
+    # that has not returned by then is reported as such, never waited for without end.
+    param([Parameter(Mandatory = $true)]$Servicing, [Parameter(Mandatory = $true)]$Sync, [int]$TimeoutSecs = 90)
+    if ($Servicing.Handle.AsyncWaitHandle.WaitOne([TimeSpan]::FromSeconds($TimeoutSecs))) {
+        $null = $Servicing.PowerShell.EndInvoke($Servicing.Handle)
+    } else {
+        $Sync.Abort = $true
+        if (-not $Sync.ServiceError) { $Sync.ServiceError = "ReloadManagementVtl did not return within $TimeoutSecs s" }
+    }
+}
+
+function Invoke-TestbedShot {
+    # InitiateShutdown at AtMs on the race's Stopwatch (Windows sleeps in timer ticks, 15.6 ms
+    # by default: sleep to 20 ms before, then spin), its start and return stamped. With
+    # ServiceAfterMs >= 0 servicing is to follow that long after the shot's actual time: set
+    # before the call, which may take longer than that. InitiateShutdown(Force, Reason) has no
+    # Job out parameter: its 4096 leaves nothing to poll, and $r.Job would throw under
+    # StrictMode; a Job is read only if the result has one.
+    param(
+        [Parameter(Mandatory = $true)]$Ic,
+        [Parameter(Mandatory = $true)]$Clock,
+        [double]$AtMs = 0,
+        $Sync = $null,
+        [double]$ServiceAfterMs = -1
+    )
+    $sleep = [int]($AtMs - $Clock.Elapsed.TotalMilliseconds - 20)
+    if ($sleep -gt 0) { Start-Sleep -Milliseconds $sleep }
+    while ($Clock.Elapsed.TotalMilliseconds -lt $AtMs) { }
+    $t = $Clock.Elapsed.TotalMilliseconds
+    if ($ServiceAfterMs -ge 0) { $Sync.ServiceAt = $t + $ServiceAfterMs }
+    $r = Invoke-CimMethod -InputObject $Ic -MethodName InitiateShutdown -Arguments @{ Force = $false; Reason = 'testbed' }
+    $returned = $Clock.Elapsed.TotalMilliseconds
+    $out = $r.PSObject.Properties['Job']
+    $job = $null
+    if ([int]$r.ReturnValue -eq $script:JobStarted -and $null -ne $out) { $job = $out.Value }
+    [pscustomobject]@{ FireMs = $t; FireReturnedMs = $returned; FireReturn = [int]$r.ReturnValue; Job = $job }
+}
+
 function Invoke-TestbedRace {
-    # The race, timed on the host with one Stopwatch: servicing (ReloadManagementVtl) at
-    # ServiceMs, the shutdown through the IC (InitiateShutdown, which returns a status)
-    # at ServiceMs + OffsetMs (before it when negative), then the job is polled and the VM
-    # watched until it is off or GraceMs after the later of the two. The IC state is
-    # sampled before and after the timed section, never inside it. COM1 (VTL0) and COM3
-    # (OpenHCL) lines carry the same clock.
+    # The race, timed on the host with one Stopwatch. ReloadManagementVtl is made on a
+    # runspace of its own and InitiateShutdown on this thread, so neither call waits for the
+    # other to return: with OffsetMs >= 0 the shot is fired at the servicing call's actual
+    # start + OffsetMs, also while that call is still in flight; with OffsetMs < 0 servicing
+    # is requested -OffsetMs after the shot's actual time, also while InitiateShutdown is.
+    # Each call's start and return are stamped. Then the jobs are polled and the VM watched
+    # until it is off or GraceMs after the later of the two. The IC state is sampled before
+    # and after the timed section, never inside it. COM1 (VTL0) and COM3 (OpenHCL) lines
+    # carry the same clock.
     param(
         [Parameter(Mandatory = $true)][string]$VmId,
         [double]$OffsetMs = 0,
@@ -405,7 +532,6 @@ function Invoke-TestbedRace {
     )
     $id = Test-TestbedVmId -VmId $VmId
     $vm = Get-TestbedComputerSystem -VmId $id
-    $guestSvc = Get-CimInstance -Namespace $script:Namespace -ClassName Msvm_VirtualSystemGuestManagementService
     $shutdownIc = Get-CimAssociatedInstance -InputObject $vm -ResultClassName Msvm_ShutdownComponent
     $clock = [Diagnostics.Stopwatch]::StartNew()
     $tails = @{}
@@ -415,91 +541,103 @@ function Invoke-TestbedRace {
     }
     $icBefore = Get-TestbedIcState -ComputerSystem $vm
     $result = [ordered]@{ VmId = $id; IcBefore = $icBefore; OffsetMs = $OffsetMs; StartedUtc = [DateTime]::UtcNow.ToString('o'); StartMs = $clock.Elapsed.TotalMilliseconds }
-    $result.FireMs = $null; $result.FireReturn = $null; $result.ServiceMs = $null; $result.ServiceReturn = $null
-    $result.FireJobState = $null
-    $result.JobDone = $null; $result.JobState = $null; $result.JobErrorCode = $null; $result.ServiceDoneMs = $null
-    $fire = {
-        $result.IcAtFire = $icBefore
-        $t = $clock.Elapsed.TotalMilliseconds
-        $r = Invoke-CimMethod -InputObject $shutdownIc -MethodName InitiateShutdown -Arguments @{ Force = $false; Reason = 'testbed' }
-        $result.FireMs = $t
-        $result.FireReturnedMs = $clock.Elapsed.TotalMilliseconds
-        $result.FireReturn = [int]$r.ReturnValue
-        # 4096: a job was started; it may still fail, so it is polled after the race.
-        if ($r.ReturnValue -eq $script:JobStarted) { $script:FireJob = $r.Job }
-    }
-    $script:FireJob = $null
+    $result.FireMs = $null; $result.FireReturnedMs = $null; $result.FireReturn = $null; $result.IcAtFire = $null
+    $result.FireJobDone = $null; $result.FireJobState = $null; $result.FireJobErrorCode = $null; $result.FireJobErrorDescription = ''
+    $result.ServiceMs = $null; $result.ServiceReturnedMs = $null; $result.ServiceReturn = $null; $result.ServiceError = ''
+    $result.JobDone = $null; $result.JobState = $null; $result.JobErrorCode = $null; $result.JobErrorDescription = ''; $result.ServiceDoneMs = $null
+    $sync = [hashtable]::Synchronized(@{
+            Ready = $false; Done = $false; Abort = $false; ServiceAt = -1.0; ServiceMs = $null; ServiceReturnedMs = $null
+            ServiceReturn = $null; ServiceJob = $null; ServiceError = ''
+        })
+    $servicing = $null
+    $shot = $null
     $byOffset = ($Shutdown -and -not $AfterReady)
-    if ($byOffset -and $OffsetMs -lt 0) {
-        & $fire
-        while ($clock.Elapsed.TotalMilliseconds -lt $result.FireMs - $OffsetMs) { }
-    }
-    $job = $null
-    if ($Service) {
-        $result.ServiceMs = $clock.Elapsed.TotalMilliseconds
-        $r = Invoke-CimMethod -InputObject $guestSvc -MethodName ReloadManagementVtl -Arguments @{ VmId = $id; Options = [uint32]$Options; TimeoutHintSecs = [uint32]$TimeoutHintSecs }
-        $result.ServiceReturnedMs = $clock.Elapsed.TotalMilliseconds
-        $result.ServiceReturn = [int]$r.ReturnValue
-        if ($r.ReturnValue -eq $script:JobStarted) { $job = $r.Job }
-    }
-    if ($byOffset -and $OffsetMs -ge 0) {
-        $target = $OffsetMs
-        if ($null -ne $result.ServiceMs) { $target = $result.ServiceMs + $OffsetMs }
-        # Windows sleeps in timer ticks (15.6 ms by default): sleep to 20 ms before, then spin.
-        $sleep = [int]($target - $clock.Elapsed.TotalMilliseconds - 20)
-        if ($sleep -gt 0) { Start-Sleep -Milliseconds $sleep }
-        while ($clock.Elapsed.TotalMilliseconds -lt $target) { }
-        & $fire
-    }
-    if ($null -ne $job) {
-        $j = Wait-TestbedJob -JobPath $job -TimeoutSeconds ($TimeoutHintSecs + 30)
-        $result.JobDone = $j.Done
-        $result.JobState = $j.JobState
-        $result.JobErrorCode = $j.ErrorCode
-        $result.JobErrorDescription = $j.ErrorDescription
-        $result.ServiceDoneMs = $clock.Elapsed.TotalMilliseconds
-    }
-    if ($Shutdown -and $AfterReady) {
-        # The seed test's order: the IC must come back to OK after servicing, then fire.
-        $deadline = $clock.Elapsed.TotalMilliseconds + 1000 * $IcReadyTimeoutSecs
-        while ($clock.Elapsed.TotalMilliseconds -lt $deadline) {
-            $icBefore = Get-TestbedIcState -ComputerSystem $vm
-            if ($icBefore -eq 'OK') { break }
+    try {
+        if ($Service) { $servicing = Start-TestbedServicing -Sync $sync -Clock $clock -VmId $id -Options $Options -TimeoutHintSecs $TimeoutHintSecs }
+        # The timed section: the shot, on this thread; servicing, on the runspace's.
+        if ($byOffset -and $OffsetMs -lt 0) {
+            $lead = -1.0
+            if ($Service) { $lead = -$OffsetMs }
+            $shot = Invoke-TestbedShot -Ic $shutdownIc -Clock $clock -AtMs 0 -Sync $sync -ServiceAfterMs $lead
+        } elseif ($Service) {
+            $sync.ServiceAt = $clock.Elapsed.TotalMilliseconds
+        }
+        if ($byOffset -and $OffsetMs -ge 0) {
+            $at = $OffsetMs
+            if ($Service) {
+                while ($null -eq $sync.ServiceMs -and -not $sync.Done) { }  # the call's actual start
+                if ($null -ne $sync.ServiceMs) { $at = $sync.ServiceMs + $OffsetMs }
+            }
+            $shot = Invoke-TestbedShot -Ic $shutdownIc -Clock $clock -AtMs $at
+        }
+        if ($Service) {
+            Wait-TestbedServicing -Servicing $servicing -Sync $sync -TimeoutSecs ($TimeoutHintSecs + 30)
+            $result.ServiceMs = $sync.ServiceMs
+            $result.ServiceReturnedMs = $sync.ServiceReturnedMs
+            $result.ServiceReturn = $sync.ServiceReturn
+            $result.ServiceError = [string]$sync.ServiceError
+            if ($null -ne $sync.ServiceJob) {
+                $j = Wait-TestbedJob -JobPath $sync.ServiceJob -TimeoutSeconds ($TimeoutHintSecs + 30)
+                $result.JobDone = $j.Done
+                $result.JobState = $j.JobState
+                $result.JobErrorCode = $j.ErrorCode
+                $result.JobErrorDescription = $j.ErrorDescription
+                $result.ServiceDoneMs = $clock.Elapsed.TotalMilliseconds
+            }
+        }
+        if ($Shutdown -and $AfterReady) {
+            # The seed test's order: the IC must come back to OK after servicing, then fire.
+            $deadline = $clock.Elapsed.TotalMilliseconds + 1000 * $IcReadyTimeoutSecs
+            while ($clock.Elapsed.TotalMilliseconds -lt $deadline) {
+                $icBefore = Get-TestbedIcState -ComputerSystem $vm
+                if ($icBefore -eq 'OK') { break }
+                Start-Sleep -Milliseconds 50
+            }
+            $shot = Invoke-TestbedShot -Ic $shutdownIc -Clock $clock -AtMs 0
+        }
+        if ($null -ne $shot) {
+            $result.IcAtFire = $icBefore
+            $result.FireMs = $shot.FireMs
+            $result.FireReturnedMs = $shot.FireReturnedMs
+            $result.FireReturn = $shot.FireReturn
+            if ($null -ne $shot.Job) {
+                $fj = Wait-TestbedJob -JobPath $shot.Job -TimeoutSeconds 60
+                $result.FireJobDone = $fj.Done
+                $result.FireJobState = $fj.JobState
+                $result.FireJobErrorCode = $fj.ErrorCode
+                $result.FireJobErrorDescription = $fj.ErrorDescription
+            }
+        }
+        $from = $clock.Elapsed.TotalMilliseconds
+        $result.OffMs = $null
+        # A refused request (neither 0 nor 4096, or a job of its own that failed) posted
+        # nothing: once the servicing job is over there is nothing to wait for.
+        $accepted = ($result.FireReturn -eq 0 -or ($result.FireReturn -eq $script:JobStarted -and ($null -eq $result.FireJobState -or $result.FireJobState -eq $script:JobCompleted)))
+        $wait = $GraceMs
+        if ($Shutdown -and $null -ne $result.FireReturn -and -not $accepted) { $wait = 0 }
+        $result.GraceSkipped = ($wait -eq 0)
+        while ($clock.Elapsed.TotalMilliseconds -lt $from + $wait) {
+            $state = (Get-CimInstance -InputObject $vm).EnabledState
+            if ($state -eq $script:StateOff) { $result.OffMs = $clock.Elapsed.TotalMilliseconds; break }
             Start-Sleep -Milliseconds 50
         }
-        & $fire
-    }
-    if ($null -ne $script:FireJob) {
-        $fj = Wait-TestbedJob -JobPath $script:FireJob -TimeoutSeconds 60
-        $result.FireJobDone = $fj.Done
-        $result.FireJobState = $fj.JobState
-        $result.FireJobErrorCode = $fj.ErrorCode
-        $result.FireJobErrorDescription = $fj.ErrorDescription
-    }
-    $from = $clock.Elapsed.TotalMilliseconds
-    $result.OffMs = $null
-    # A refused request (neither 0 nor a completed 4096 job) posted nothing: once the
-    # servicing job is over there is nothing to wait for.
-    $accepted = ($result.FireReturn -eq 0 -or ($result.FireReturn -eq $script:JobStarted -and $result.FireJobState -eq $script:JobCompleted))
-    $wait = $GraceMs
-    if ($Shutdown -and $null -ne $result.FireReturn -and -not $accepted) { $wait = 0 }
-    $result.GraceSkipped = ($wait -eq 0)
-    while ($clock.Elapsed.TotalMilliseconds -lt $from + $wait) {
-        $state = (Get-CimInstance -InputObject $vm).EnabledState
-        if ($state -eq $script:StateOff) { $result.OffMs = $clock.Elapsed.TotalMilliseconds; break }
-        Start-Sleep -Milliseconds 50
-    }
-    $result.EndMs = $clock.Elapsed.TotalMilliseconds
-    $result.Running = ($null -eq $result.OffMs)
-    $result.IcAfter = ''
-    if ($result.Running) { $result.IcAfter = Get-TestbedIcState -ComputerSystem $vm }
-    foreach ($name in @('Com1', 'Com3')) {
-        $result[$name] = @()
-        $result[$name + 'Error'] = ''
-        if ($tails.ContainsKey($name)) {
-            $result[$name] = @($tails[$name].Lines() | ForEach-Object { [pscustomobject]@{ Ms = $_[0]; Line = $_[1] } })
-            $result[$name + 'Error'] = $tails[$name].Error
-            $tails[$name].Close()
+        $result.EndMs = $clock.Elapsed.TotalMilliseconds
+        $result.Running = ($null -eq $result.OffMs)
+        $result.IcAfter = ''
+        if ($result.Running) { $result.IcAfter = Get-TestbedIcState -ComputerSystem $vm }
+        foreach ($name in @('Com1', 'Com3')) {
+            $result[$name] = @()
+            $result[$name + 'Error'] = ''
+            if ($tails.ContainsKey($name)) {
+                $result[$name] = @($tails[$name].Lines() | ForEach-Object { [pscustomobject]@{ Ms = $_[0]; Line = $_[1] } })
+                $result[$name + 'Error'] = $tails[$name].Error
+            }
+        }
+    } finally {
+        foreach ($tail in $tails.Values) { $tail.Close() }
+        if ($null -ne $servicing) {
+            $sync.Abort = $true
+            $servicing.PowerShell.Dispose()
         }
     }
     [pscustomobject]$result

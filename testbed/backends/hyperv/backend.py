@@ -10,7 +10,6 @@ session is never a lost message.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,11 +30,14 @@ from testbed.core.errors import InfraError
 from testbed.core.evidence import Check, HostReport, RaceEvidence, RacePlan
 from testbed.core.verdicts import Verdict
 from testbed.hostprog import leases
-from testbed.transport.powershell import PowerShellDirect, PowerShellError, PowerShellRunner
+from testbed.transport.powershell import PowerShellDirect, PowerShellError, PowerShellRunner, sha256_of
 
 log = logging.getLogger(__name__)
 
-MIN_BUILD = 26100  # Windows 11 24H2 / Server 2025: OpenHCL development support
+# Build 26100: Windows 11 24H2, which the OpenVMM guide says works for OpenHCL development
+# (it recommends 26H1, build 28000+); Server 2025 shares the build but the guide does not
+# name it as a development host.
+MIN_BUILD = 26100
 COM3_MIN_BUILD = 27653  # the additional-COM-ports code path (petri's check; the guide says 26H1, 28000+)
 EVENT_SETTLE_MS = 3000  # how long the event log may lag the VM going off
 
@@ -62,6 +64,7 @@ class HyperVVm:
     com3_pipe: str = ""
     accel: str = "hyperv"
     last: dict[str, Any] = field(default_factory=dict)
+    com3_note: str = ""  # why COM3 was not set on the VM, where the host did not offer it
     checkpointed: bool = False  # the VM is kept between iterations and restored to IC OK
     reset_fallback: str = ""  # why the snapshot reset is not used (the host refused a checkpoint)
 
@@ -70,7 +73,7 @@ class HyperVVm:
         return self.cfg.hyperv
 
     def record(self) -> dict[str, Any]:
-        return {
+        rec: dict[str, Any] = {
             "vm": self.name,
             "vm_id": self.vm_id,
             "host": self.host,
@@ -85,6 +88,9 @@ class HyperVVm:
             "image_hash": self.igvm_sha256,
             "accel_reason": "Hyper-V host",
         }
+        if self.com3_note:  # COM3 was asked for and the host's VM did not have it
+            rec["com3_note"] = self.com3_note
+        return rec
 
 
 class HyperVBackend:
@@ -150,7 +156,8 @@ class HyperVBackend:
                 "OS build",
                 p.build >= MIN_BUILD,
                 f"build {p.build} (OpenHCL needs {MIN_BUILD}+)",
-                "update the host to Windows 11 24H2 / Server 2025 or newer",
+                "update the host to Windows 11 24H2 (build 26100) or newer; the OpenVMM guide recommends 26H1 "
+                "(build 28000+)",
             ),  # fmt: skip
             Check("COM3 (OpenHCL log)", True, com3),
             Check(
@@ -169,14 +176,13 @@ class HyperVBackend:
         if a.path:
             local = (base / a.path) if not os.path.isabs(a.path) else Path(a.path)
             try:
-                data = local.read_bytes()
+                digest = sha256_of(local)  # read in chunks: a multi-GB VHDX is never held whole
             except OSError as e:
                 raise InfraError(f"artifact {a.path}: {e}") from None
-            digest = hashlib.sha256(data).hexdigest()
             if a.sha256 and a.sha256.lower() != digest:
                 raise InfraError(f"artifact {local} has sha256 {digest}, the vm_config says {a.sha256}")
             remote = rf"{host.host_dir}\cache\{digest}\{a.file_name}"
-            host.upload(data, remote)
+            host.upload(local, remote, digest)
             return remote, digest
         assert a.sha256 is not None
         sha = a.sha256.lower()
@@ -290,6 +296,11 @@ class HyperVBackend:
                                      com3_pipe=vm.com3_pipe, increase_vtl2_memory=s.increase_vtl2_memory)  # fmt: skip
         vm.vm_id = created.vm_id
         vm.running = True
+        if (
+            vm.com3_pipe and created.com3 is False
+        ):  # probed on the VM: the anchor is unavailable, never guessed
+            log.warning("%s: %s; the guest-side servicing anchor is unavailable", vm.name, created.com3_note)
+            vm.com3, vm.com3_pipe, vm.com3_note = False, "", created.com3_note
         return self.module.start_vm(vm.vm_id, s.ic_ready_timeout_s)
 
     def _restore(self, vm: HyperVVm) -> StartedVm:
@@ -346,7 +357,8 @@ class HyperVBackend:
         race = vm.last["race"]
         files = {
             "com1.log": "".join(f"{e['Ms']:10.1f} {e['Line']}\n" for e in race["Com1"]),
-            "com3.log": "".join(f"{e['Ms']:10.1f} {e['Line']}\n" for e in race["Com3"]),
+            "com3.log": (f"# {vm.com3_note}\n" if vm.com3_note else "")
+            + "".join(f"{e['Ms']:10.1f} {e['Line']}\n" for e in race["Com3"]),
             "events.json": json.dumps(vm.last["events"], indent=2),
             "race.json": json.dumps(race, indent=2),
         }

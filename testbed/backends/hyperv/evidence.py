@@ -43,12 +43,16 @@ SERVICING_CODES = {
 }
 ACCEPTED = (0, JOB_STARTED)  # InitiateShutdown / ReloadManagementVtl: done, or job started
 # The ValueMap the Msvm_* methods share for their return value (as documented for
-# InitiateShutdown, RequestStateChange, ...), so a reason says what a code means.
+# InitiateShutdown, RequestStateChange, ...), so a reason says what a code means;
+# 32779-32782 are InitiateShutdown's own (Msvm_ShutdownComponent).
 RETURN_CODES = {
     0: "Completed with No Error", 4096: "Method Parameters Checked - Job Started", 32768: "Failed",
     32769: "Access Denied", 32770: "Not Supported", 32771: "Status is unknown", 32772: "Timeout",
     32773: "Invalid parameter", 32774: "System is in use", 32775: "Invalid state for this operation",
     32776: "Incorrect data type", 32777: "System is not available", 32778: "Out of memory",
+    32779: "File not found", 32780: "The system is not ready",
+    32781: "The machine is locked and cannot be shut down without the force option",
+    32782: "A system shutdown is in progress",
 }  # fmt: skip
 # The VM went off because the guest shut down: through the IC (18504) or by itself (18508).
 # 18502 (turned off) is the host pulling the plug, never a delivery. Whether the guest
@@ -87,6 +91,8 @@ def servicing_failure(race: dict[str, Any], event_ms: dict[int, float]) -> str |
     before VTL0 started, so at boot it says nothing about servicing)."""
     if race.get("ServiceMs") is None:
         return None
+    if race.get("ServiceError"):  # the call threw, or had not returned by TimeoutHintSecs + 30 s
+        return f"ReloadManagementVtl failed on the host: {race['ServiceError']}"
     rv = race.get("ServiceReturn")
     if rv not in ACCEPTED:
         return f"ReloadManagementVtl returned {returned(rv)}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from importlib import resources
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -61,6 +62,8 @@ class ArtifactPath(HostOutput):
 class CreatedVm(HostOutput):
     name: str
     vm_id: str
+    com3: bool | None = None  # New-TestbedVm: COM3 was set (False: not offered, com3_note says why)
+    com3_note: str = ""
 
 
 class StartedVm(HostOutput):
@@ -85,7 +88,9 @@ def _listify(v: Any) -> Any:
 
 
 class RaceOutcome(HostOutput):
-    """``Invoke-TestbedRace``: every time is ms on the race's one host Stopwatch."""
+    """``Invoke-TestbedRace``: every time is ms on the race's one host Stopwatch. The two
+    WMI calls run on their own threads; each is stamped when it was made (``service_ms``,
+    ``fire_ms``) and when it returned (``service_returned_ms``, ``fire_returned_ms``)."""
 
     vm_id: str
     ic_before: str
@@ -95,14 +100,16 @@ class RaceOutcome(HostOutput):
     service_ms: float | None = None
     service_returned_ms: float | None = None
     service_return: int | None = None
+    service_error: str = ""  # ReloadManagementVtl threw, or had not returned by TimeoutHintSecs + 30 s
     job_done: bool | None = None
     job_state: int | None = None
     job_error_code: int | None = None
     job_error_description: str = ""
     service_done_ms: float | None = None
     fire_ms: float | None = None
+    fire_returned_ms: float | None = None
     fire_return: int | None = None
-    fire_job_done: bool | None = None  # InitiateShutdown returned 4096: its job, polled
+    fire_job_done: bool | None = None  # InitiateShutdown returned 4096 with a Job (it documents none): polled
     fire_job_state: int | None = None
     fire_job_error_code: int | None = None
     fire_job_error_description: str = ""
@@ -163,9 +170,9 @@ class HostModule:
         digest = hashlib.sha256(module_source()).hexdigest()[:12]
         return rf"{self.host_dir}\modules\Testbed-{digest}.psm1"
 
-    def upload(self, data: bytes, remote: str) -> bool:
+    def upload(self, data: bytes | Path, remote: str, sha256: str | None = None) -> bool:
         try:
-            return self.runner.upload(data, remote)
+            return self.runner.upload(data, remote, sha256)
         except (PowerShellError, TransportError) as e:
             raise HostModuleError("upload", self.name, f"{remote}: {e}") from None
 

@@ -34,6 +34,7 @@ def evidence(
         "guest_anchor_ms": anchor,
         "ic_event_ms": times.ic_ms,
         "event_ms": sorted(times.first.items()),
+        "in_flight": _in_flight(outcome),
     }
     return RaceEvidence(
         backend="hyperv",
@@ -42,6 +43,9 @@ def evidence(
         service_started_ns=_ns(anchor) if outcome.service_ms is not None else None,
         service_done_ns=_ns(outcome.service_done_ms) if outcome.service_ms is not None else None,
         fire_ns=_ns(outcome.fire_ms),
+        # The plan, from the actual times the host stamped when each call was made (each on
+        # its own thread): the servicing call's start + offset. For a negative offset the shot
+        # leads and servicing follows it, so the skew is then how late servicing followed.
         fire_planned_ns=_ns(outcome.service_ms + outcome.offset_ms)
         if outcome.service_ms is not None and outcome.fire_ms is not None
         else None,
@@ -99,10 +103,27 @@ def _timeline(outcome: RaceOutcome) -> list[TimelineEntry]:
     timeline = [TimelineEntry(_ns_of(x.ms), "COM1", x.line) for x in outcome.com1]
     timeline += [TimelineEntry(_ns_of(x.ms), "COM3", x.line) for x in outcome.com3]
     for when, label in ((outcome.service_ms, "ReloadManagementVtl"), (outcome.fire_ms, "InitiateShutdown"),
+                        (outcome.service_returned_ms, f"ReloadManagementVtl returned {outcome.service_return}"),
+                        (outcome.fire_returned_ms, f"InitiateShutdown returned {outcome.fire_return}"),
                         (outcome.service_done_ms, "servicing job done"), (outcome.off_ms, "VM off")):  # fmt: skip
         if when is not None:
             timeline.append(TimelineEntry(_ns_of(when), "host", label))
     return sorted(timeline, key=lambda e: e.t_ns)
+
+
+def _in_flight(outcome: RaceOutcome) -> str | None:
+    """Which call the other one was made during: "servicing" (the shot landed while
+    ReloadManagementVtl had not returned), "shutdown" (servicing was requested while
+    InitiateShutdown had not), None (neither, or one of them was not made)."""
+    s0, s1 = outcome.service_ms, outcome.service_returned_ms
+    f0, f1 = outcome.fire_ms, outcome.fire_returned_ms
+    if s0 is None or f0 is None:
+        return None
+    if s0 <= f0 and (s1 is None or f0 < s1):
+        return "servicing"
+    if f0 <= s0 and (f1 is None or s0 < f1):
+        return "shutdown"
+    return None
 
 
 def _decision(outcome: RaceOutcome) -> str | None:
