@@ -27,6 +27,16 @@ from testbed.engine.runner import Runner
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def leftovers() -> dict[str, list[str]]:
+    """Work dirs, leases and sockets in the runtime dir, by kind."""
+    rt = runtime_dir()
+    return {
+        "vm work dirs": sorted(tree(rt / "vms")),
+        "leases": sorted(p for p in tree(rt / "leases") if p.endswith(".json")),
+        "sockets": sorted(str(p) for p in rt.rglob("*.sock")) if rt.exists() else [],
+    }
+
+
 def rss_kib(pid: int | str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -106,6 +116,7 @@ def main() -> None:
         print(f"{done:6d} iterations | controller RSS {c_rss / 1024:7.1f} MiB fds {c_fd:4d} | "
               f"{len(ag)} agent(s) RSS {a_rss / 1024:7.1f} MiB fds {a_fd:4d}", flush=True)  # fmt: skip
 
+    before = leftovers()  # a machine's runtime dir may hold other runs' folders: only this run's count
     with tempfile.TemporaryDirectory() as tmp:
         res = Runner(pb, cfg, RunOptions(out=Path(tmp) / "run", seed=11), progress=on_event).run()
         print(f"verdicts {dict(sorted((k, v) for k, v in res.summary['counts'].items() if v))}, "
@@ -116,12 +127,8 @@ def main() -> None:
             verdict = "flat" if dev <= 5 else "NOT flat"
             print(f"{who}: RSS slope {k:+.2f} % per 1000 iterations after warm-up, largest deviation "
                   f"{dev:.2f} % ({verdict}, goal within 5 %); fds {fd_samples[who][0]} -> {fd_samples[who][-1]}")  # fmt: skip
-    rt = runtime_dir()
-    left = {
-        "vm work dirs": sorted(tree(rt / "vms")),
-        "leases": sorted(p for p in tree(rt / "leases") if p.endswith(".json")),
-        "sockets": sorted(str(p) for p in rt.rglob("*.sock")) if rt.exists() else [],
-    }
+    after = leftovers()
+    left = {k: sorted(set(v) - set(before[k])) for k, v in after.items()}  # what this run left, not others
     qemus = [d.name for d in Path("/proc").iterdir() if d.name.isdigit() and _is_qemu(d)]
     grown = sorted({p for p in tree(cache_dir()) if not p.startswith("grace-calibration")} - cache_before)
     print(f"left behind: {len(qemus)} QEMU, " + ", ".join(f"{len(v)} {k}" for k, v in left.items())
