@@ -38,6 +38,9 @@ CONNECT_TIMEOUT_S = 10.0
 KEEPALIVE_S = 5
 
 
+AGENT_EXIT_WAIT_S = 30.0  # how long closing a host program waits for its exit status
+
+
 class HostKeyError(TransportError):
     """The host's key is unknown or does not match known_hosts."""
 
@@ -226,9 +229,14 @@ class SshTransport:
         chan = stdout.channel
 
         def close() -> None:
+            """The agent's stdin closed, then its exit awaited, but not forever: a remote
+            program that lingers (or a descendant that keeps the session's pipes) must not
+            hang the controller; the channel is closed after AGENT_EXIT_WAIT_S regardless."""
             try:
                 chan.shutdown_write()
-                chan.recv_exit_status()
+                if not chan.status_event.wait(AGENT_EXIT_WAIT_S):
+                    log.warning("%s: the host program did not exit within %.0f s of its stdin closing; "
+                                "closing the channel", self.name, AGENT_EXIT_WAIT_S)  # fmt: skip
             except (OSError, EOFError, paramiko.SSHException):
                 pass
             chan.close()
