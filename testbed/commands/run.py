@@ -10,6 +10,7 @@ keyed by host) or the kind's stated default.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections import Counter
@@ -255,17 +256,10 @@ def print_plan(plan: RunPlan, pb: Playbook, entries: list[HostEntry]) -> None:
         dims = ", ".join(f"{k} ({len(v)})" for k, v in pb.matrix.dimensions.items())
         out.print(f"  matrix: {dims}: every cell runs the plan above", highlight=False)
     per_min, source = rate_for(entry)
-    total = plan.total() * (_cells(pb) if pb.matrix else 1)
+    total = plan.total() * (math.prod(len(v) for v in pb.matrix.dimensions.values()) if pb.matrix else 1)
     minutes = total / per_min / max(1, plan.lanes)
     out.print(f"  estimate: {total} tries in about {_duration(minutes)} at {per_min:.1f} tries/min ({source})",
               highlight=False)  # fmt: skip
-
-
-def _cells(pb: Playbook) -> int:
-    n = 1
-    for v in pb.matrix.dimensions.values() if pb.matrix else ():
-        n *= len(v)
-    return n
 
 
 def describe_schedule(s: Any) -> str:
