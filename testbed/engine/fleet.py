@@ -24,6 +24,12 @@ from testbed.engine.estimators import fisher_exact, wilson
 from testbed.hostprog import slots
 
 
+def guest_limit(max_guests: int | None) -> int:
+    """Guests a host runs at once: its inventory's max_guests, else the machine-wide slot
+    limit (TESTBED_MAX_GUESTS, 2). One rule for a run on one host and for a fleet's hosts."""
+    return max_guests or slots.max_guests()
+
+
 @dataclass
 class FleetHost:
     """One host of a run: its name as the user gave it, its kind, how to open one more of
@@ -40,7 +46,7 @@ class FleetHost:
 
     def lanes_for(self, asked: int) -> int:
         """Lanes on this host: what the run asks, capped by the host's guest limit."""
-        return max(1, min(asked, self.max_guests or slots.max_guests()))
+        return max(1, min(asked, guest_limit(self.max_guests)))
 
     def drain(self, reason: str) -> None:
         if self.drained is None:

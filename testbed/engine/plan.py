@@ -11,10 +11,9 @@ from testbed.core.capabilities import Capabilities
 from testbed.core.config import ConfigError, VmConfig
 from testbed.engine import requirements
 from testbed.engine import schedule as sched
-from testbed.engine.fleet import split_lanes
+from testbed.engine.fleet import guest_limit, split_lanes
 from testbed.engine.options import RunOptions
 from testbed.engine.playbook import BisectSpec, Case, Playbook
-from testbed.hostprog import slots
 
 
 class RunPlan:
@@ -66,7 +65,7 @@ class RunPlan:
         if self.opts.backend is not None and self.opts.open_backend is None:
             raise ConfigError(path or Path(self.pb.name), None,
                               f"parallel {asked}: this caller gave one backend and no way to open more")  # fmt: skip
-        limit = self.opts.max_guests or slots.max_guests()
+        limit = guest_limit(self.opts.max_guests)
         if asked > limit:
             return limit, f"parallel {asked} capped to {limit}, the host's max_guests"
         return asked, ""
