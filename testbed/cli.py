@@ -4,6 +4,7 @@ QEMU's ``image`` and ``vm``, in the kind's package, mounted through the registry
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import signal
 import sys
@@ -324,6 +325,11 @@ def host_prepare(
 
 
 def main() -> None:
+    """The entry point. ``kill -USR1 <pid>`` prints every thread's stack to stderr and the
+    run goes on: a run that seems hung can say where it waits (the tests do this before
+    killing a command that overran its timeout)."""
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         app()
     except KeyboardInterrupt:

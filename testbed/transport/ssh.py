@@ -8,13 +8,14 @@ changed state on the host is never retried blindly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import posixpath
 import shlex
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 from urllib.parse import urlparse
@@ -39,6 +40,8 @@ KEEPALIVE_S = 5
 
 
 AGENT_EXIT_WAIT_S = 30.0  # how long closing a host program waits for its exit status
+REQUEST_DEADLINE_S = 30.0  # a channel or an SFTP session opened, a program started
+TRANSFER_FLOOR_BPS = 256 * 1024  # the slowest link a transfer's deadline allows for
 
 
 class HostKeyError(TransportError):
@@ -93,15 +96,53 @@ class SshTransport:
     @property
     def sftp(self) -> paramiko.SFTPClient:
         """One SFTP session per connection: opening one costs round trips on a slow link."""
-        client = self.client
+        self.client  # noqa: B018 (connects if needed)
         if self._sftp is None:
-            self._sftp = client.open_sftp()
+            with self._deadline("opening SFTP", REQUEST_DEADLINE_S):
+                try:
+                    self._sftp = self.client.open_sftp()
+                except (paramiko.SSHException, OSError, EOFError) as e:
+                    raise TransportError(f"{self.name}: cannot open SFTP: {e}") from None
         return self._sftp
 
     @staticmethod
     def _alive(c: paramiko.SSHClient) -> bool:
         t = c.get_transport()
         return t is not None and t.is_active()
+
+    @contextlib.contextmanager
+    def _deadline(self, what: str, seconds: float | None) -> Iterator[None]:
+        """Some paramiko waits have no timeout of their own (a channel request, an SFTP
+        reply, an exit status that never comes): past ``seconds`` the connection is
+        dropped (logged), the wait ends with an error, and it becomes a TransportError
+        that says so. The next call connects afresh."""
+        client = self._client
+        if seconds is None or client is None:
+            yield
+            return
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            log.warning(
+                "%s: %s got no answer within %.0f s; dropping the connection", self.name, what, seconds
+            )
+            t = client.get_transport()
+            if t is not None:
+                t.close()
+
+        timer = threading.Timer(seconds, expire)
+        timer.daemon = True
+        timer.start()
+        late = TransportError(f"{self.name}: {what} got no answer within {seconds:.0f} s")
+        try:
+            yield
+        except (paramiko.SSHException, OSError, EOFError, TransportError) as e:
+            raise (late if expired.is_set() else e) from None
+        finally:
+            timer.cancel()
+        if expired.is_set():  # it ended only because the connection was dropped (-1, no status)
+            raise late
 
     def _connect(self) -> paramiko.SSHClient:
         try:
@@ -172,27 +213,40 @@ class SshTransport:
     ) -> CommandResult:
         """argv is quoted with shlex for the remote shell: every argument arrives verbatim."""
         command = shlex.join(argv)
+        self.client  # noqa: B018 (connects if needed)
         try:
-            stdin, stdout, stderr = self.client.exec_command(command, timeout=timeout)
-            try:
-                if input:
-                    stdin.write(input)
-                # Closed here, never left to the garbage collector: a ChannelStdinFile
-                # whose __del__ runs on paramiko's transport thread while it closes the
-                # channel (holding the channel's lock) deadlocks that thread, and every
-                # later exec on the connection waits for it forever.
-                stdin.close()
-                out = OutputCollector(on_output)
-                t = threading.Thread(target=out.pump, args=("stderr", stderr))
-                t.start()
-                out.pump("stdout", stdout)
-                t.join()
-                rc = stdout.channel.recv_exit_status()
-            finally:
-                for f in (stdin, stdout, stderr):
-                    f.close()
+            with self._deadline(f"`{argv[0]}`", timeout + REQUEST_DEADLINE_S if timeout else None):
+                return self._run(argv, command, input, timeout, on_output)
         except (paramiko.SSHException, OSError, EOFError) as e:
             raise TransportError(f"{self.name}: connection lost during {argv[0]}: {e}") from None
+
+    def _run(
+        self,
+        argv: list[str],
+        command: str,
+        input: bytes | None,
+        timeout: float | None,
+        on_output: Callable[[str, str], None] | None,
+    ) -> CommandResult:
+        """One command, its output pumped (stderr on a thread of its own), its exit status."""
+        stdin, stdout, stderr = self.client.exec_command(command, timeout=timeout)
+        try:
+            if input:
+                stdin.write(input)
+            # Closed here, never left to the garbage collector: a ChannelStdinFile
+            # whose __del__ runs on paramiko's transport thread while it closes the
+            # channel (holding the channel's lock) deadlocks that thread, and every
+            # later exec on the connection waits for it forever.
+            stdin.close()
+            out = OutputCollector(on_output)
+            t = threading.Thread(target=out.pump, args=("stderr", stderr))
+            t.start()
+            out.pump("stdout", stdout)
+            t.join()
+            rc = stdout.channel.recv_exit_status()
+        finally:
+            for f in (stdin, stdout, stderr):
+                f.close()
         return out.result(argv, rc)
 
     # ---- files ---------------------------------------------------------------------
@@ -205,26 +259,31 @@ class SshTransport:
         if have and have[0] == want:
             return False
         try:
-            self.sftp.put(str(local), remote + ".part")
-            self.sftp.posix_rename(remote + ".part", remote)
-        except (paramiko.SSHException, OSError) as e:
+            with self._deadline(f"the upload of {local.name}", _transfer_s(local.stat().st_size)):
+                self.sftp.put(str(local), remote + ".part")
+                self.sftp.posix_rename(remote + ".part", remote)
+        except (paramiko.SSHException, OSError, EOFError) as e:
             raise TransportError(f"{self.name}: upload of {local.name} failed: {e}") from None
         return True
 
     def get(self, remote: str, local: Path) -> None:
         local.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.sftp.get(remote, str(local))
-        except (paramiko.SSHException, OSError) as e:
+            size = self.sftp.stat(remote).st_size or 0
+            with self._deadline(f"the download of {remote}", _transfer_s(size)):
+                self.sftp.get(remote, str(local))
+        except (paramiko.SSHException, OSError, EOFError) as e:
             raise TransportError(f"{self.name}: download of {remote} failed: {e}") from None
 
     # ---- agent and clock --------------------------------------------------------------
     def open_agent(self, argv: list[str]) -> tuple[IO[bytes], IO[bytes], Callable[[], None]]:
         """An exec channel without a PTY: sshd sends no SIGHUP when it drops, so
         the agent itself kills its QEMU when its stdin closes."""
+        self.client  # noqa: B018 (connects if needed)
         try:
-            stdin, stdout, _stderr = self.client.exec_command(shlex.join(argv))
-        except (paramiko.SSHException, OSError) as e:
+            with self._deadline(f"starting {argv[-1]}", REQUEST_DEADLINE_S):
+                stdin, stdout, _stderr = self.client.exec_command(shlex.join(argv))
+        except (paramiko.SSHException, OSError, EOFError) as e:
             raise TransportError(f"{self.name}: cannot start the host agent: {e}") from None
         chan = stdout.channel
 
@@ -261,3 +320,8 @@ class SshTransport:
             self._client.close()
             self._client = None
             self._sftp = None
+
+
+def _transfer_s(size: int) -> float:
+    """How long a transfer of ``size`` bytes may take before it is called stuck."""
+    return REQUEST_DEADLINE_S + size / TRANSFER_FLOOR_BPS

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from clirun import run_cli  # type: ignore[import-not-found]
 from ruamel.yaml import YAML
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,8 +105,7 @@ def test_prepare_a_clean_debian_host_twice_then_check_it(tmp_path: Path) -> None
                        f"    identity_file: {host.key}\n    known_hosts: {host.known_hosts}\n")  # fmt: skip
         runs = []
         for _ in range(2):
-            r = subprocess.run([sys.executable, "-m", "testbed.cli", "host", "prepare", "fresh", "--inventory",
-                                str(inv)], capture_output=True, text=True, timeout=1500)  # fmt: skip
+            r = run_cli("host", "prepare", "fresh", "--inventory", str(inv), timeout=1500)
             assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
             row = next(
                 ln for ln in r.stdout.splitlines() if ln.strip().startswith("│ fresh") or " fresh " in ln
@@ -114,8 +114,7 @@ def test_prepare_a_clean_debian_host_twice_then_check_it(tmp_path: Path) -> None
         (ok1, changed1, unreachable1, failed1), (ok2, changed2, unreachable2, failed2) = runs
         assert changed1 > 0 and failed1 == 0 and unreachable1 == 0
         assert changed2 == 0 and failed2 == 0, "a second run must change nothing"
-        r = subprocess.run([sys.executable, "-m", "testbed.cli", "host", "check", "fresh", "--inventory", str(inv)],
-                           capture_output=True, text=True, timeout=300)  # fmt: skip
+        r = run_cli("host", "check", "fresh", "--inventory", str(inv), timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "host: qemu" in r.stdout
         # ...and a suite runs on the prepared host: a short race over SSH gives the lab's verdicts.

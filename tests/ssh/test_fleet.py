@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from clirun import communicate  # type: ignore[import-not-found]
 
 pytestmark = pytest.mark.vm
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,7 +54,7 @@ def _records(out: Path) -> list[dict[str, object]]:
 def test_one_window_hunt_over_two_hosts(two_hosts: tuple[Path, list[object]], tmp_path: Path) -> None:
     inv, _hosts = two_hosts
     p = _run(inv, tmp_path / "run")
-    out, err = p.communicate(timeout=900)
+    out, err = communicate(p, 900)
     assert p.returncode == 0, out + err  # window-hunt expects losses (strategy none): it finds the window
     recs = _records(tmp_path / "run")
     assert {r["host"] for r in recs} == {"h1", "h2"} and len(recs) == 24
@@ -79,7 +80,7 @@ def test_a_host_killed_mid_run_is_drained_and_the_other_finishes(
         except ProcessLookupError:
             pass
     killed_at = len(_records(out_dir))
-    out, err = p.communicate(timeout=900)
+    out, err = communicate(p, 900)
     recs = _records(out_dir)  # every line is valid JSON
     assert len(recs) == 24 and sorted(r["iteration"] for r in recs) == list(range(24)), out + err
     on_h2 = [r for r in recs if r["host"] == "h2"]

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from clirun import run_cli  # type: ignore[import-not-found]
 
 from testbed.core.config import ConfigError
 from testbed.hosts import load_inventory
@@ -26,9 +26,7 @@ def inventory(tmp_path: Path, sshd, extra: str = "") -> Path:  # type: ignore[no
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "testbed.cli", *args], capture_output=True, text=True, timeout=300
-    )
+    return run_cli(*args, timeout=300)
 
 
 def test_host_check_runs_on_the_remote_host(sshd, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

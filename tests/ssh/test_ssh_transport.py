@@ -86,3 +86,21 @@ def test_put_skips_when_hash_matches_and_get_round_trips(sshd, tmp_path: Path) -
     finally:
         t.close()
     assert hashlib.sha256((tmp_path / "back").read_bytes()).digest() == hashlib.sha256(b"changed").digest()
+
+
+def test_a_wait_paramiko_would_never_end_is_cut_at_its_deadline(sshd, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A program that closes its output and keeps running: its output ends at once, its exit
+    status would come only when it exits. Past the deadline the connection is dropped and the
+    call fails as a transport error; the next call works on a new connection."""
+    import time
+
+    from testbed.transport import ssh
+
+    monkeypatch.setattr(ssh, "REQUEST_DEADLINE_S", 1.0)
+    t = transport(sshd)
+    t0 = time.monotonic()
+    with pytest.raises(ssh.TransportError, match="got no answer within 2 s"):
+        t.run(["sh", "-c", "exec >&- 2>&-; sleep 30"], timeout=1)
+    assert time.monotonic() - t0 < 10
+    assert t.run(["echo", "back"]).check().stdout.strip() == "back"
+    t.close()

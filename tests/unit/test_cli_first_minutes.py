@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -148,3 +149,22 @@ def test_the_watch_sees_what_a_real_command_starts(tmp_path: Path) -> None:
     """The dry-run check can fail: host check starts the host agent, which asks QEMU its version."""
     r, started, qemu_log = cli_watched(tmp_path, "host", "check")
     assert started and qemu_log.exists(), (r.stdout, r.stderr)
+
+
+def test_sigusr1_prints_every_threads_stack_and_the_run_goes_on(tmp_path: Path) -> None:
+    """A run that seems hung can say where it waits; the tests' CLI helper relies on it."""
+    (tmp_path / "vm.yaml").write_text("name: m\nbackend: mock\nrace_ms: 400\n")
+    (tmp_path / "pb.yaml").write_text(
+        "name: slow\nvm_config: vm.yaml\niterations: 6\nexpect: {}\nschedule: {kind: fixed, offsets_ms: [400]}\n"
+    )
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "testbed.cli", "run", str(tmp_path / "pb.yaml"), "--out", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (out / "results.jsonl").exists() and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGUSR1)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 0, stdout + stderr
+    assert "Current thread" in stderr or "Thread 0x" in stderr, stderr[-2000:]
+    assert 'File "' in stderr and len((out / "results.jsonl").read_text().splitlines()) == 6

@@ -62,11 +62,18 @@ class Image:
         return self.manifest["key"]
 
 
+TOOL_TIMEOUT_S = 600  # apt-cache, apt-get download, dpkg-deb: none should wait without end
+
+
 def _run(cmd: list[str], cwd: Path | None = None) -> str:
     try:
-        p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+        p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False, timeout=TOOL_TIMEOUT_S)
     except FileNotFoundError:
         raise ImageBuildError(f"{cmd[0]} not found: apt-get install {_provider(cmd[0])}") from None
+    except subprocess.TimeoutExpired:
+        raise ImageBuildError(
+            f"{' '.join(cmd)} did not finish within {TOOL_TIMEOUT_S} s (apt lock, mirror?)"
+        ) from None
     if p.returncode != 0:
         raise ImageBuildError(f"{' '.join(cmd)} failed ({p.returncode}): {p.stderr.strip()[-800:]}")
     return p.stdout
