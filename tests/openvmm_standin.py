@@ -211,7 +211,7 @@ class StandIn:
         """The lab paravisor's servicing steps as OpenVMM and OpenHCL print them: the host's
         openvmm_helpers lines at DEBUG (underhill.rs: after the saved state came, "reloading
         IGVM file"; once the reload returned, "waiting for VTL0 to start"), OpenHCL's restart
-        on COM3, and VTL0's hv_utils negotiating the shutdown IC again on COM1."""
+        on COM3, and OpenHCL's shutdown IC client negotiating with the host again on COM3."""
         if name == "save-end":
             log("DEBUG", "openvmm_helpers::underhill", "reloading IGVM file")
         elif name == "exec":
@@ -220,8 +220,9 @@ class StandIn:
             self.emit(
                 self.com3, "[ 0.000000] underhill_core: VTL2 restart, getting servicing state from the host\n"
             )
-        elif name == "ic-reoffered":
-            self.emit(self.com1, "[ 0.000000] hv_utils: Shutdown IC version 3.2\n")
+        elif name == "ic-reoffered":  # OpenHCL's channel to the host's shutdown IC, open again
+            self.emit(self.com3, "[ 0.000000] hyperv_ic_guest::shutdown: INFO version negotiated "
+                      "framework_version=30000 message_version=30002\n")  # fmt: skip
 
     # ---- serial ports ------------------------------------------------------------------
     async def serial(self) -> None:

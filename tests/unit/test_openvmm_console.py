@@ -57,3 +57,16 @@ def test_a_lone_prompt_is_a_line_at_once() -> None:
 @pytest.mark.parametrize("raw", ["\x1b[?25l\x1b[1Gopenvmm> \x1b[K", "\x1b]0;openvmm\x07openvmm> "])
 def test_cursor_and_title_escapes_are_removed(raw: str) -> None:
     assert clean(raw) == ""
+
+
+def test_the_ic_ready_anchor_is_openhcls_shutdown_ic_renegotiating_on_com3() -> None:
+    """Not VTL0's hv_utils line (OpenHCL restores VTL0's channel without a new negotiation),
+    and not the GET device's "version negotiated" that every VTL2 boot prints first."""
+    from testbed.backends.openvmm.trigger import MATCHERS
+
+    rx = next(m for name, where, m in MATCHERS if name == "ic-ready" and where == "COM3")
+    assert rx.search("[20.1] hyperv_ic_guest::shutdown: INFO version negotiated framework_version=30000")
+    assert not rx.search("[19.8] guest_emulation_transport::process_loop: INFO [GET] version negotiated")
+    assert not rx.search("[ 5.0] hv_utils: Shutdown IC version 3.2")
+    phases = [name for name, _, _ in MATCHERS]
+    assert phases[-1] == "ic-ready" and len(set(phases)) == len(phases)

@@ -67,8 +67,13 @@ PHASES = (
     ("vtl0-started", "log", "guest reported vtl0 started successfully"),
     ("complete", "log", "vtl2 servicing complete"),
 )
-# VTL0's shutdown IC negotiated again after servicing: Linux hv_utils says so on COM1.
-IC_READY = ("COM1", "hv_utils: Shutdown IC version")
+# The shutdown IC open again after servicing. With --vmbus-redirect (testbed's launch)
+# VTL0's channel is served by OpenHCL, which restores it with its negotiated version (VTL0
+# is not asked again, so hv_utils prints nothing on COM1); what reopens is OpenHCL's own
+# channel to the host's IC: hyperv_ic_guest's "version negotiated" on COM3 (openvmm
+# vm/devices/hyperv_ic_guest/src/shutdown.rs, INFO). "[GET] version negotiated", printed
+# earlier by every VTL2 boot, is another device's and does not match. A regex.
+IC_READY = ("COM3", r"hyperv_ic_guest::shutdown\b.*\bversion negotiated")
 
 
 @dataclass

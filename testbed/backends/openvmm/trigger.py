@@ -10,11 +10,17 @@ ships in the driver's zipapp.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import Any
 
 from testbed.backends.openvmm.console import IC_READY, PHASES, event, parse
 from testbed.hostprog.timing import sleep_until_ns
+
+# Each phase's line (its text, verbatim), then the IC-ready anchor's (a regex): (name, where, rx).
+MATCHERS = [(name, at, re.compile(re.escape(text))) for name, at, text in PHASES] + [
+    ("ic-ready", IC_READY[0], re.compile(IC_READY[1]))
+]
 
 
 class Race:
@@ -51,8 +57,8 @@ class Race:
             new = s.since(self.pos[s.name])
             self.pos[s.name] += len(new)
             for t, ln in new:
-                for name, at, needle in (*PHASES, ("ic-ready", *IC_READY)):
-                    if at == where and needle in ln and (name not in seen or t < seen[name]):
+                for name, at, rx in MATCHERS:
+                    if at == where and rx.search(ln) and (name not in seen or t < seen[name]):
                         if name != "ic-ready" or "t0_ns" in self.out:
                             seen[name] = t
                 if where == "log":
