@@ -46,6 +46,24 @@ VM_ACE_BYTES = 36
 ACL_FULL = "No more memory is available for security information updates."
 
 
+# The modeled servicing, as OpenHCL prints it on COM3 and as the host's shutdown IC shows it:
+# (fraction of the job's duration after the servicing call's start, the line). The IC's
+# channel is closed (by the save) at IC_CLOSE and open again at IC_REOPEN of the job, when
+# ``servicing_closes_ic`` (VMBus redirection: OpenHCL's own channel to the host's IC).
+OPENHCL_LINES = (
+    (0.04, "[  12.100000] underhill_core::dispatch: INFO received servicing request from host"),
+    (0.08, "[  12.110000] underhill_core::dispatch: INFO stopping VM"),
+    (0.50, "[   0.700000] underhill_core::worker: INFO VTL2 restart, getting servicing state from the host"),
+    (
+        0.55,
+        "[   0.710000] underhill_core::worker: INFO received servicing state from host saved_state_len=0x4000",
+    ),
+    (0.80, "[   0.900000] underhill_core::dispatch: INFO resuming VM blackout_time_ms=0x120"),
+)
+IC_CLOSE, IC_REOPEN = 0.10, 1.10
+CIM_SAMPLE_MS = 3.0  # one Get-CimInstance of the IC's state or of a job, modeled
+
+
 # ---- what the uploaded Testbed.psm1 does, read from its text ------------------------------
 # The emulated host answers the module's functions itself, so where the answer depends on
 # how the module is written (which thread calls what, what it reads, which file it grants
@@ -234,6 +252,39 @@ def igvm_acl_per_vm(text: str) -> bool:
     return bool(granted) and all(g in copied and g != "$igvmpath" for g in granted)
 
 
+def function_parameters(text: str) -> dict[str, dict[str, tuple[str, ...] | None]]:
+    """Each function's declared parameters (lower case) and, for a ValidateSet, its values:
+    what PowerShell binds a call's named arguments against."""
+    root, src = _parse(text)
+    out: dict[str, dict[str, tuple[str, ...] | None]] = {}
+    for name, fn in _functions(root, src).items():
+        block = next((n for n in _walk(fn) if n.type == "param_block"), None)
+        params: dict[str, tuple[str, ...] | None] = {}
+        for sp in [n for n in _walk(block) if n.type == "script_parameter"] if block is not None else []:
+            var = next(c for c in sp.children if c.type == "variable")
+            allowed = None
+            for at in (a for a in _walk(sp) if a.type == "attribute"):
+                if _text(at, src).lower().startswith("[validateset("):
+                    args = [a for a in _walk(at) if a.type == "attribute_argument"]
+                    allowed = tuple(_text(a, src).strip("'\"") for a in args)
+            params[_text(var, src).lstrip("$").lower()] = allowed
+        out[name] = params
+    return out
+
+
+def binding_error(params: dict[str, tuple[str, ...] | None], given: dict[str, Any]) -> str | None:
+    """PowerShell's refusal of named arguments a function does not declare, or of a value
+    outside a ValidateSet (case-insensitive, as PowerShell compares); None when they bind."""
+    for k, v in given.items():
+        if k.lower() not in params:
+            return f"A parameter cannot be found that matches parameter name '{k}'."
+        allowed = params[k.lower()]
+        if allowed is not None and str(v).lower() not in {a.lower() for a in allowed}:
+            return (f"Cannot validate argument on parameter '{k}'. The argument \"{v}\" does not belong to the "
+                    f"set \"{','.join(allowed)}\" specified by the ValidateSet attribute.")  # fmt: skip
+    return None
+
+
 def com3_by_wmi(text: str) -> bool:
     code = "\n".join(ln.split("#", 1)[0] for ln in text.splitlines())
     return "Msvm_SerialPortSettingData" in code and not re.search(r"Set-VMComPort\b[^\n]*-Number\s+3", code)
@@ -324,6 +375,12 @@ class EmulatedHyperV:
         self.guest = guest
         self.service_call_ms = 1.5
         self.job_ms = 50.0
+        # The modeled servicing (guest="model"): the IC's channel closed by the save and open
+        # again after it (VMBus redirection), and the IGVM files (by name) whose OpenHCL loses
+        # a request taken before that close (#954, before the fix in #962).
+        self.servicing_closes_ic = False
+        self.lossy_builds: tuple[str, ...] = ()
+        self.vm_igvm: dict[str, str] = {}  # VM id -> the IGVM path it boots
         self.shutdown_call_ms = 1.0
         self.inherited_aces = 4  # ACEs a file in the cache starts with (SYSTEM, Administrators, ...)
         # Serial ports of a new VM when not what the profile says (EnableAdditionalComPorts set
@@ -454,6 +511,7 @@ class EmulatedHyperV:
         else:  # the shared cached file: every VM leaves its ACE there for good
             self._grant(IgvmPath, account)
         lab = self.lab.provision(self.lab_cfg, self.strategy) if self.guest == "lab" else None
+        self.vm_igvm[vm_id] = IgvmPath
         with self._lock:
             self.vms[vm_id] = HvVm(
                 vm_id, Name, f"testbed-owner={Owner}", VmDir, lab, Com1Pipe, Com3Pipe if com3 else ""
@@ -509,10 +567,18 @@ class EmulatedHyperV:
 
     def race(self, VmId: str, OffsetMs: float = 0, Options: int = 0, TimeoutHintSecs: int = 60,  # noqa: N803
              Service: bool = True, Shutdown: bool = True, AfterReady: bool = False, GraceMs: float = 5000,  # noqa: N803
-             IcReadyTimeoutSecs: int = 120, Com1Pipe: str = "", Com3Pipe: str = "") -> Any:  # noqa: N803  # fmt: skip
+             IcReadyTimeoutSecs: int = 120, Com1Pipe: str = "", Com3Pipe: str = "", FireAfter: str = "request",  # noqa: N803
+             AnchorPort: str = "", AnchorPattern: str = "") -> Any:  # noqa: N803  # fmt: skip
         v = self._vm(VmId)
-        self.races.append({"VmId": VmId, "OffsetMs": OffsetMs, "Options": Options,
+        self.races.append({"VmId": VmId, "OffsetMs": OffsetMs, "Options": Options, "FireAfter": FireAfter,
                            "TimeoutHintSecs": TimeoutHintSecs, "Service": Service, "Shutdown": Shutdown})  # fmt: skip
+        anchored = Shutdown and Service and not AfterReady and FireAfter != "request"
+        if anchored and FireAfter == "line" and not ({"Com1": Com1Pipe, "Com3": Com3Pipe}.get(AnchorPort)):
+            raise RuntimeError(f"a shot after a {AnchorPort} line needs that port's pipe (Com1Pipe/Com3Pipe)")
+        if anchored and v.lab is not None:
+            raise RuntimeError(
+                "test support: the lab-guest emulation does not model anchored shots (guest='model')"
+            )
         facts = self.module_facts()
         if Shutdown and self.faults.shutdown_returns_4096 and facts.reads_shutdown_job:
             # Set-StrictMode -Version 3: reading an out parameter the method does not have.
@@ -520,7 +586,10 @@ class EmulatedHyperV:
                 "The property 'Job' cannot be found on this object. Verify that the property exists."
             )
         if v.lab is None:
-            return self._model_race(v, facts, OffsetMs, Service, Shutdown, AfterReady, Com1Pipe)
+            anchor = (FireAfter, AnchorPattern) if anchored else None
+            return self._model_race(
+                v, facts, OffsetMs, Service, Shutdown, AfterReady, Com1Pipe, Com3Pipe, anchor
+            )
         started = datetime.now(UTC)
         ic = self.faults.ic_at_race or self.faults.ic_status or "OK"
         reload_fails = self.faults.reload_return is not None
@@ -682,17 +751,26 @@ class EmulatedHyperV:
 
     # ---- the modeled guest: the race timed for real, as the uploaded module times it --------
     def _model_race(self, v: HvVm, facts: Psm1Facts, offset: float, service: bool, shutdown: bool,
-                    after_ready: bool, com1_pipe: str) -> dict[str, Any]:  # fmt: skip
+                    after_ready: bool, com1_pipe: str, com3_pipe: str = "",
+                    anchor: tuple[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+        """The race timed for real. With ``anchor`` (FireAfter, AnchorPattern) the shot
+        follows the anchor as Wait-TestbedAnchor finds it: a COM3 line at its arrival, the
+        job's end or the IC's return to OK at the end of the sample that saw it."""
         clock = _Clock()
         started = datetime.now(UTC)
         ic = self.faults.ic_at_race or self.faults.ic_status or "OK"
-        t = _timed(clock, facts.race_concurrent, offset, service, shutdown and not after_ready,
-                   self.service_call_ms, self.shutdown_call_ms)  # fmt: skip
         out: dict[str, Any] = {"VmId": v.vm_id, "IcBefore": ic, "OffsetMs": offset, "StartedUtc": started.isoformat(),
                                "StartMs": 0.0, "FireMs": None, "FireReturnedMs": None, "FireReturn": None,
                                "ServiceMs": None, "ServiceReturnedMs": None, "ServiceReturn": None,
                                "ServiceError": "", "JobDone": None, "JobState": None, "JobErrorCode": None,
-                               "ServiceDoneMs": None, "IcAtFire": None}  # fmt: skip
+                               "ServiceDoneMs": None, "IcAtFire": None, "FireAfter": "request", "AnchorMs": None,
+                               "AnchorResolutionMs": None, "AnchorMissing": "", "FirePlannedMs": None,
+                               "IcTransitions": []}  # fmt: skip
+        if anchor is not None:
+            t = self._anchored(clock, out, anchor, offset)
+        else:
+            t = _timed(clock, facts.race_concurrent, offset, service, shutdown and not after_ready,
+                       self.service_call_ms, self.shutdown_call_ms)  # fmt: skip
         done = None
         if service:
             rv = self.faults.reload_return if self.faults.reload_return is not None else JOB_STARTED
@@ -705,16 +783,21 @@ class EmulatedHyperV:
             t.fire_ms, t.fire_returned_ms = clock.call_at(clock.ms(), self.shutdown_call_ms)
         delivered = None
         if shutdown and t.fire_ms is not None:
-            ok = ic == "OK"
+            ic_then = self._ic_at(t.fire_ms - (t.service_ms or 0.0)) if t.service_ms is not None else "OK"
+            ok = ic == "OK" and ic_then == "OK"
             rv = (JOB_STARTED if self.faults.shutdown_returns_4096 else 0) if ok else INVALID_STATE
-            out.update(FireMs=t.fire_ms, FireReturnedMs=t.fire_returned_ms, FireReturn=rv, IcAtFire=ic)
-            if ok:  # Hyper-V holds a message posted during servicing and delivers it after
+            out.update(FireMs=t.fire_ms, FireReturnedMs=t.fire_returned_ms, FireReturn=rv,
+                       IcAtFire=ic if ic != "OK" else ic_then)  # fmt: skip
+            if ok and not self._lost(
+                v, t
+            ):  # Hyper-V holds a message posted during servicing, delivers it after
                 held = done is not None and t.service_ms is not None and t.fire_ms >= t.service_ms
                 delivered = (max(t.fire_ms, done) if held and done is not None else t.fire_ms) + 1.0
         off = delivered + 5.0 if delivered is not None else None
         out["GraceSkipped"] = shutdown and out["FireReturn"] not in (None, 0, JOB_STARTED)
         out.update(OffMs=off, EndMs=off if off is not None else clock.ms(), Running=off is None,
-                   IcAfter="" if off is not None else "OK", Com3=[], Com1Error="", Com3Error="")  # fmt: skip
+                   IcAfter="" if off is not None else "OK", Com1Error="", Com3Error="")  # fmt: skip
+        out["Com3"] = self._com3(t.service_ms) if com3_pipe else []
         line = "hv_utils: Shutdown request received - graceful shutdown initiated"
         out["Com1"] = [{"Ms": delivered, "Line": line}] if delivered is not None and com1_pipe else []
         v.events = []
@@ -723,6 +806,77 @@ class EmulatedHyperV:
                              "Message": f"'{v.vm_id}' was shut down using the Shutdown Integration Component"})  # fmt: skip
             v.state = "Off"
         return out
+
+    # ---- the modeled servicing: OpenHCL's lines, the IC, the loss window ----------------------
+    def _ic_at(self, since_service_ms: float) -> str:
+        """The shutdown IC's state that long after the servicing call's start."""
+        if not self.servicing_closes_ic:
+            return "OK"
+        return "No Contact" if IC_CLOSE * self.job_ms <= since_service_ms < IC_REOPEN * self.job_ms else "OK"
+
+    def _lost(self, v: HvVm, t: _Timed) -> bool:
+        """A build without the fix loses a request taken between OpenHCL's receipt of the
+        servicing request and its channel's close (the #954 window)."""
+        if not self.lossy_builds or t.service_ms is None or t.fire_ms is None:
+            return False
+        igvm = self.vm_igvm.get(v.vm_id, "")
+        if not any(igvm.endswith(name) for name in self.lossy_builds):
+            return False
+        since = t.fire_ms - t.service_ms
+        return OPENHCL_LINES[0][0] * self.job_ms <= since < IC_CLOSE * self.job_ms
+
+    def _com3(self, service_ms: float | None) -> list[dict[str, Any]]:
+        if service_ms is None:
+            return []
+        return [{"Ms": service_ms + f * self.job_ms, "Line": text} for f, text in OPENHCL_LINES]
+
+    def _anchored(self, clock: _Clock, out: dict[str, Any], anchor: tuple[str, str], offset: float) -> _Timed:
+        """Servicing on its own thread, the shot ``offset`` after the anchor on this one."""
+        kind, pattern = anchor
+        t = _Timed()
+        th = threading.Thread(target=lambda: setattr(t, "service_returned_ms",
+                                                     clock.call_at(clock.ms(), self.service_call_ms,
+                                                                   lambda m: setattr(t, "service_ms", m))[1]),
+                              daemon=True)  # fmt: skip
+        th.start()
+        while t.service_ms is None:
+            time.sleep(0)
+        s0 = t.service_ms
+        out["FireAfter"] = kind
+        at: float | None = None
+        resolution = 0.0
+        if kind == "line":
+            rx = re.compile(pattern)
+            at = next((s0 + f * self.job_ms for f, text in OPENHCL_LINES if rx.search(text)), None)
+            if at is not None:
+                clock.sleep_until(at)  # the reader thread stamps the line on arrival
+        else:  # sampled back to back: the anchor is seen at the end of the sample after it happened
+            prev = clock.ms()
+            transitions: list[dict[str, Any]] = []
+            deadline = s0 + self.job_ms * 3 + 1000
+            while clock.ms() < deadline:
+                clock.sleep_until(clock.ms() + CIM_SAMPLE_MS)
+                now = clock.ms()
+                if kind == "job-done" and now - s0 >= self.job_ms:
+                    at, resolution = now, now - prev
+                    break
+                if kind == "ic-ready":
+                    state = self._ic_at(now - s0)
+                    if not transitions or transitions[-1]["State"] != state:
+                        transitions.append({"Ms": now, "State": state})
+                    left = any(x["State"] != "OK" for x in transitions)
+                    if state == "OK" and (left or now - s0 >= self.job_ms):
+                        at, resolution = now, now - prev
+                        break
+                prev = now
+            out["IcTransitions"] = transitions
+        th.join()
+        if at is None:
+            out["AnchorMissing"] = f"servicing was over and the {kind} anchor had not come"
+            return t
+        out.update(AnchorMs=at, AnchorResolutionMs=resolution, FirePlannedMs=at + offset)
+        t.fire_ms, t.fire_returned_ms = clock.call_at(at + offset, self.shutdown_call_ms)
+        return t
 
 
 class _Clock:

@@ -20,6 +20,7 @@ import base64
 import contextlib
 import datetime as dt
 import fnmatch
+import functools
 import hashlib
 import json
 import os
@@ -35,6 +36,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from hyperv_emulator import binding_error, function_parameters  # type: ignore[import-not-found]
 
 NS = {
     "s": "http://www.w3.org/2003/05/soap-envelope",
@@ -71,13 +74,18 @@ TOLERATED = re.compile(
 # reference). Windows PowerShell 5.1's Add-Type references only these by default.
 NAMESPACE_ASSEMBLY = {
     "System": "System", "System.Collections": "mscorlib", "System.Collections.Generic": "mscorlib",
-    "System.Diagnostics": "System", "System.IO": "mscorlib", "System.IO.Pipes": "System.Core",
+    "System.Diagnostics": "System", "System.IO": "mscorlib", "System.Text.RegularExpressions": "System", "System.IO.Pipes": "System.Core",
     "System.Linq": "System.Core", "System.Text": "mscorlib", "System.Threading": "mscorlib",
     "System.Threading.Tasks": "mscorlib", "System.Runtime.InteropServices": "mscorlib",
     "System.Management": "System.Management", "System.Net.Http": "System.Net.Http",
     "System.Xml.Linq": "System.Xml.Linq", "System.Management.Automation": "System.Management.Automation",
 }  # fmt: skip
 ADD_TYPE_DEFAULT = {"mscorlib", "System", "System.Management.Automation"}
+
+
+@functools.lru_cache(maxsize=8)
+def _parameters(module: bytes) -> dict[str, dict[str, tuple[str, ...] | None]]:
+    return function_parameters(module.decode(errors="replace"))  # type: ignore[no-any-return]
 
 
 def parse_errors(script: str) -> list[str]:
@@ -278,6 +286,16 @@ class EmulatedHost:
                 problems = add_type_problems(self.files[a["module"]].decode(errors="replace"))
                 if problems:
                     return 1, "", clixml_error("Add-Type : " + " ".join(problems))
+            declared = _parameters(self.files[a["module"]]).get(a["function"])
+            if declared is None:  # the uploaded module does not define it
+                return (
+                    1,
+                    "",
+                    clixml_error(f"The term '{a['function']}' is not recognized as a name of a cmdlet"),
+                )
+            refusal = binding_error(declared, a["params"])
+            if refusal:  # ParameterBindingException: the function never runs
+                return 1, "", clixml_error(f"{a['function']} : {refusal}")
             self.calls.append((a["function"], a["params"]))
             try:
                 return 0, ps51_json(fn(**a["params"])), ""

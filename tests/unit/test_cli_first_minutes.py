@@ -90,16 +90,12 @@ def test_a_dry_run_prints_the_plan_and_starts_nothing(playbook: Path, tmp_path: 
 
 
 def test_a_dry_run_refuses_what_the_host_cannot_do_with_the_line() -> None:
-    r = cli(
-        "run", str(ROOT / "playbooks/phase-sweep.yaml"), "--dry-run", "--host", "winrms://tester@127.0.0.1:1"
-    )
+    r = cli("run", str(ROOT / "playbooks/stream.yaml"), "--dry-run", "--host", "winrms://tester@127.0.0.1:1")
     assert r.returncode == 2
     said = " ".join(r.stderr.split())
-    line = next(i for i, ln in enumerate((ROOT / "playbooks/phase-sweep.yaml").read_text().splitlines(), 1)
-                if ln.startswith("schedule:"))  # fmt: skip
-    assert (
-        f"phase-sweep.yaml:{line}:" in said and "the hyperv backend cannot fire on servicing phases" in said
-    )
+    line = next(i for i, ln in enumerate((ROOT / "playbooks/stream.yaml").read_text().splitlines(), 1)
+                if ln.startswith("stream:"))  # fmt: skip
+    assert f"stream.yaml:{line}:" in said and "the hyperv backend cannot stream messages" in said, said
 
 
 @pytest.mark.parametrize(

@@ -122,21 +122,26 @@ def test_ic_ready_needs_delays_and_servicing(tmp_path: Path) -> None:
 
 
 def test_a_backend_without_the_shutdown_mode_refuses_the_run_before_it_starts(tmp_path: Path) -> None:
-    from testbed.backends.hyperv.backend import HyperVBackend
+    """The out-of-tree table backend fires at offsets only (every in-tree kind has every mode)."""
+    import sys
+
+    from testbed.core.config import HostEntry
     from testbed.engine.options import RunOptions
     from testbed.engine.runner import Runner
-    from testbed.transport.powershell import PowerShellRunner
+
+    sys.path.insert(0, str(ROOT / "tests" / "plugins_site"))
+    from tablebackend import TableBackend  # type: ignore[import-not-found]
 
     pb, cfg = load_playbook(ROOT / "playbooks" / "ic-ready-delay.yaml")
-    backend = HyperVBackend(PowerShellRunner())  # never called: the refusal comes first
+    backend = TableBackend(HostEntry(name="t", uri="table://1", kind="table"))  # never called
     path = ROOT / "playbooks" / "ic-ready-delay.yaml"
     with pytest.raises(
-        ConfigError, match="shutdown 'ic-ready': the hyperv backend cannot fire the shutdown a delay"
+        ConfigError, match="shutdown 'ic-ready': the table backend cannot fire the shutdown a delay"
     ) as e:
         Runner(pb, cfg, RunOptions(out=tmp_path / "r", backend=backend), playbook_path=path)
     line = next(i for i, ln in enumerate(path.read_text().splitlines(), 1) if ln.startswith("shutdown:"))
     assert (e.value.path, e.value.line) == (path, line)  # the key that asked, with the backend's reason
-    assert "not stamped on the host clock" in e.value.message
+    assert "a table has no IC to wait for" in e.value.message
 
 
 def test_phase_schedules_are_refused_where_phases_cannot_be_seen(tmp_path: Path) -> None:
@@ -147,10 +152,10 @@ def test_phase_schedules_are_refused_where_phases_cannot_be_seen(tmp_path: Path)
     from testbed.transport.powershell import PowerShellRunner
 
     pb, cfg = load_playbook(ROOT / "playbooks" / "phase-sweep.yaml")
-    with pytest.raises(
-        ConfigError, match="the hyperv backend cannot fire on servicing phases .*: Hyper-V shows"
-    ):
-        Runner(pb, cfg, RunOptions(out=tmp_path / "r", backend=HyperVBackend(PowerShellRunner())))
+    hv = Runner(pb, cfg, RunOptions(out=tmp_path / "r", backend=HyperVBackend(PowerShellRunner())))
+    assert {p.phase for p in hv.plans(hv.cases()[0], 0)} == {
+        "received", "stopping", "vtl2-restart", "state-received", "resuming", "job-done"
+    }  # fmt: skip
     bad = pb.model_copy(update={"schedule": pb.schedule.model_copy(update={"phases": ["quiesce"]})})
     qemu = QemuBackend.__new__(QemuBackend)  # the refusal needs no agent: nothing is started
     qemu.kind, qemu.host = "qemu", "local"

@@ -29,7 +29,7 @@ def german_host(**kw: object) -> EmulatedHost:
     def fail() -> None:
         raise RuntimeError(f"Get-VMSnapshot : {GERMAN.replace('„', '').replace('“', '')}")
 
-    return EmulatedHost(files={MODULE: b"m"}, oem_codepage=850, functions={
+    return EmulatedHost(files={MODULE: b"function Get-TestbedPreflight {}\nfunction Restore-TestbedVm {}\n"}, oem_codepage=850, functions={
         "Get-TestbedPreflight": lambda: {"Edition": "Rechenzentrum", "Note": "Größe: 4 GiB"},
         "Restore-TestbedVm": fail}, **kw)  # type: ignore[arg-type]  # fmt: skip
 

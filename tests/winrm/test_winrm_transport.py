@@ -19,6 +19,11 @@ from testbed.transport.powershell import FILE_HASH as FILE_HASH_PROBE
 from testbed.transport.winrm import WinRmAuthError, WinRmPowerShell
 
 MODULE = r"C:\testbed\cache\Testbed-0123.psm1"
+# The functions these tests call, declared as PowerShell binds them (the stand-in refuses an
+# argument the uploaded module does not declare, as PowerShell does).
+FAKE_MODULE = (
+    b"function Get-TestbedPreflight { param($VmName, $Count) }\nfunction Stop-TestbedVm { param($Name) }\n"
+)
 
 
 @pytest.fixture
@@ -60,7 +65,7 @@ def test_uploads_stream_on_stdin_under_the_command_line_limit(standin: StandIn) 
 
 def test_invoke_passes_parameters_as_data(standin: StandIn) -> None:
     p = ps(standin)
-    p.upload(b"function Get-TestbedPreflight {}", MODULE)
+    p.upload(FAKE_MODULE, MODULE)
     awkward = 'it\'s "quoted"; $(Remove-Item C:\\ -Recurse) `n'
     out = p.invoke(MODULE, "Get-TestbedPreflight", {"VmName": awkward, "Count": 3})
     assert out["HyperV"] is True and out["Echo"] == {"VmName": awkward, "Count": 3}
@@ -71,7 +76,7 @@ def test_invoke_passes_parameters_as_data(standin: StandIn) -> None:
 
 def test_powershell_error_records_become_typed_errors(standin: StandIn) -> None:
     p = ps(standin)
-    p.upload(b"m", MODULE)
+    p.upload(FAKE_MODULE, MODULE)
     with pytest.raises(PowerShellError, match='unable to find a virtual machine with name "vm1"') as e:
         p.invoke(MODULE, "Stop-TestbedVm", {"Name": "vm1"})
     assert e.value.exit_code == 1 and e.value.records
@@ -97,7 +102,7 @@ def test_dropped_connection_mid_receive_is_a_transport_error(standin: StandIn) -
     p = ps(standin)
     standin.faults.drop_receive = True
     with pytest.raises(TransportError):
-        p.upload(b"x", MODULE)
+        p.upload(FAKE_MODULE, MODULE)
 
 
 def test_clixml_parsing() -> None:
@@ -125,7 +130,7 @@ def test_ntlm_with_message_encryption(tmp_path: Path, monkeypatch: pytest.Monkey
     host = EmulatedHost(functions={"Get-TestbedPreflight": lambda: {"HyperV": True}})
     with running(host, auth="ntlm") as s:
         p = WinRmPowerShell(s.endpoint, r"LAB\tester", "s3cret pass", auth="ntlm")
-        p.upload(b"module", MODULE)
+        p.upload(FAKE_MODULE, MODULE)
         assert p.invoke(MODULE, "Get-TestbedPreflight", {}) == {"HyperV": True}
         assert s.encrypted_requests >= 7  # create once; command, receive, signal for each call: all sealed
         with pytest.raises(WinRmAuthError):
@@ -138,13 +143,13 @@ def test_https_with_a_test_ca(tmp_path: Path) -> None:
     with running(host, tls=ctx) as s:
         assert s.endpoint.startswith("https://")
         good = WinRmPowerShell(s.endpoint, s.user, s.password, auth="basic", ca_bundle=ca_file)
-        good.upload(b"m", MODULE)
+        good.upload(FAKE_MODULE, MODULE)
         assert good.invoke(MODULE, "Get-TestbedPreflight", {}) == {"HyperV": True}
         with pytest.raises(TransportError, match="CERTIFICATE_VERIFY_FAILED"):
             WinRmPowerShell(s.endpoint, s.user, s.password, auth="basic").run("'x'")  # system CAs: refused
         insecure = WinRmPowerShell(s.endpoint, s.user, s.password, auth="basic", verify_tls=False)
         assert insecure.run_json(FILE_HASH_PROBE, {"path": MODULE}) == {
-            "sha256": hashlib.sha256(b"m").hexdigest()
+            "sha256": hashlib.sha256(FAKE_MODULE).hexdigest()
         }
 
 
@@ -181,7 +186,7 @@ def test_connection_setup_is_retried_and_logged_but_a_command_is_not(
     caplog.clear()
     standin.faults.drop_on = "Get-TestbedPreflight"
     p = ps(standin)
-    p.upload(b"m", MODULE)
+    p.upload(FAKE_MODULE, MODULE)
     commands = standin.requests.count("command")
     with pytest.raises(TransportError):
         p.invoke(MODULE, "Get-TestbedPreflight", {})
@@ -192,7 +197,7 @@ def test_one_warm_shell_per_connection(standin: StandIn) -> None:
     """The shell is created once and deleted at close: a call without stdin costs three
     exchanges (command, receive, signal), not five."""
     p = ps(standin)
-    p.upload(b"m", MODULE)
+    p.upload(FAKE_MODULE, MODULE)
     before = len(standin.requests)
     for _ in range(4):
         p.invoke(MODULE, "Get-TestbedPreflight", {})
@@ -208,7 +213,7 @@ def test_a_shell_the_host_dropped_is_reopened_before_the_command_runs(
     """An idle timeout or a WinRM restart on the host: the command is refused before it
     starts (invalid selectors), so a new shell is opened and the command runs once."""
     p = ps(standin)
-    p.upload(b"m", MODULE)
+    p.upload(FAKE_MODULE, MODULE)
     standin.shells.clear()  # the host forgot the shell
     caplog.set_level("WARNING")
     calls = len(standin.host.calls)

@@ -49,6 +49,7 @@ using System.Collections.Generic;
 using System.Diagnostics;
 using System.IO;
 using System.IO.Pipes;
+using System.Text.RegularExpressions;
 using System.Threading;
 namespace Testbed {
     // Reads one serial pipe on its own thread, stamping each line with the race's clock.
@@ -61,6 +62,10 @@ namespace Testbed {
         private readonly string name;
         private volatile bool closed;
         private NamedPipeClientStream pipe;
+        private Regex watch;
+        private double watchAfter;
+        private double watchMs = -1;
+        private readonly ManualResetEvent matched = new ManualResetEvent(false);
         public string Error = "";
         public PipeTail(string name, Stopwatch clock, int connectMs) {
             this.clock = clock;
@@ -76,12 +81,27 @@ namespace Testbed {
                     var r = new StreamReader(pipe);
                     string line;
                     while (!closed && (line = r.ReadLine()) != null) {
-                        lock (lines) { lines.Add(new object[] { clock.Elapsed.TotalMilliseconds, line }); }
+                        double ms = clock.Elapsed.TotalMilliseconds;
+                        lock (lines) { lines.Add(new object[] { ms, line }); Check(ms, line); }
                     }
                 } catch (Exception e) { Error = e.Message; Thread.Sleep(50); }
                 finally { if (pipe != null) { pipe.Dispose(); } }
             }
         }
+        // The shot's anchor: the first line matching pattern that arrives at or after
+        // afterMs (lines already read count too), stamped by this reader thread on arrival.
+        public void Watch(string pattern, double afterMs) {
+            lock (lines) {
+                watch = new Regex(pattern);
+                watchAfter = afterMs;
+                foreach (var l in lines) { Check((double)l[0], (string)l[1]); }
+            }
+        }
+        private void Check(double ms, string line) {
+            if (watch != null && watchMs < 0 && ms >= watchAfter && watch.IsMatch(line)) { watchMs = ms; matched.Set(); }
+        }
+        // The anchor line's time, or -1 if it has not come within timeoutMs.
+        public double WaitMatch(int timeoutMs) { return matched.WaitOne(timeoutMs) ? watchMs : -1; }
         public object[] Lines() { lock (lines) { return lines.ToArray(); } }
         public void Close() { closed = true; }
     }
@@ -507,6 +527,69 @@ function Invoke-TestbedShot {
     [pscustomobject]@{ FireMs = $t; FireReturnedMs = $returned; FireReturn = [int]$r.ReturnValue; Job = $job }
 }
 
+function Test-TestbedServicingOver {
+    # Whether servicing is over: its runspace's call returned (or failed) and the job it
+    # started, if any, is in a final state.
+    param([Parameter(Mandatory = $true)]$Sync)
+    if (-not $Sync.Done) { return $false }
+    if ($null -eq $Sync.ServiceJob) { return $true }
+    $script:JobFinished -contains [int](Get-CimInstance -InputObject $Sync.ServiceJob).JobState
+}
+
+function Wait-TestbedAnchor {
+    # When the shot's anchor came, on the race's Stopwatch, while servicing runs on its
+    # runspace. 'line': the first line of the watched serial port that matches (stamped by
+    # its reader thread on arrival: no polling error). 'job-done': the servicing job seen in
+    # a final state (sampled back to back; ResolutionMs is the gap between the last two
+    # samples). 'ic-ready': the shutdown IC read OK after it had read anything else since
+    # the request (or, if it never left OK, once servicing is over); its states are sampled
+    # back to back and every change kept in Transitions, so the stamp is at most
+    # ResolutionMs late. Missing says why no anchor came: servicing ended GraceMs ago or
+    # the deadline passed.
+    param(
+        [Parameter(Mandatory = $true)][string]$Kind,
+        [Parameter(Mandatory = $true)]$Sync,
+        [Parameter(Mandatory = $true)]$Clock,
+        [Parameter(Mandatory = $true)]$Vm,
+        $Tail = $null,
+        [double]$GraceMs = 5000,
+        [double]$DeadlineMs = 120000
+    )
+    $out = [ordered]@{ Ms = $null; ResolutionMs = $null; Missing = ''; Transitions = @() }
+    $transitions = New-Object System.Collections.ArrayList
+    $over = $null
+    $last = $null
+    $left = $false
+    $prev = $Clock.Elapsed.TotalMilliseconds
+    while ($null -eq $out.Ms) {
+        $t0 = $Clock.Elapsed.TotalMilliseconds
+        if ($Kind -eq 'line') {
+            $ms = $Tail.WaitMatch(20)
+            if ($ms -ge 0) { $out.Ms = $ms; $out.ResolutionMs = 0.0; break }
+        }
+        if ($null -eq $over -and (Test-TestbedServicingOver -Sync $Sync)) {
+            $over = $Clock.Elapsed.TotalMilliseconds
+            if ($Kind -eq 'job-done') { $out.Ms = $over; $out.ResolutionMs = $over - $prev; break }
+        }
+        if ($Kind -eq 'ic-ready') {
+            $state = Get-TestbedIcState -ComputerSystem $Vm
+            $t1 = $Clock.Elapsed.TotalMilliseconds
+            if ($state -ne $last) { $null = $transitions.Add([pscustomobject]@{ Ms = $t1; State = $state }); $last = $state }
+            if ($state -ne 'OK') { $left = $true }
+            elseif ($left -or $null -ne $over) { $out.Ms = $t1; $out.ResolutionMs = $t1 - $prev; break }
+        }
+        $now = $Clock.Elapsed.TotalMilliseconds
+        if ($null -ne $over -and $now -gt $over + $GraceMs) {
+            $out.Missing = "servicing was over $([int]$GraceMs) ms ago and the $Kind anchor had not come"
+            break
+        }
+        if ($now -gt $DeadlineMs) { $out.Missing = "the $Kind anchor had not come by $([int]$DeadlineMs) ms"; break }
+        $prev = $t0
+    }
+    $out.Transitions = @($transitions)
+    [pscustomobject]$out
+}
+
 function Invoke-TestbedRace {
     # The race, timed on the host with one Stopwatch. ReloadManagementVtl is made on a
     # runspace of its own and InitiateShutdown on this thread, so neither call waits for the
@@ -528,7 +611,10 @@ function Invoke-TestbedRace {
         [double]$GraceMs = 5000,
         [int]$IcReadyTimeoutSecs = 120,
         [string]$Com1Pipe = '',
-        [string]$Com3Pipe = ''
+        [string]$Com3Pipe = '',
+        [ValidateSet('request', 'line', 'job-done', 'ic-ready')][string]$FireAfter = 'request',
+        [string]$AnchorPort = '',  # Com1 or Com3, for FireAfter 'line'
+        [string]$AnchorPattern = ''
     )
     $id = Test-TestbedVmId -VmId $VmId
     $vm = Get-TestbedComputerSystem -VmId $id
@@ -549,9 +635,15 @@ function Invoke-TestbedRace {
             Ready = $false; Done = $false; Abort = $false; ServiceAt = -1.0; ServiceMs = $null; ServiceReturnedMs = $null
             ServiceReturn = $null; ServiceJob = $null; ServiceError = ''
         })
+    $result.FireAfter = $FireAfter; $result.AnchorMs = $null; $result.AnchorResolutionMs = $null
+    $result.AnchorMissing = ''; $result.FirePlannedMs = $null; $result.IcTransitions = @()
     $servicing = $null
     $shot = $null
-    $byOffset = ($Shutdown -and -not $AfterReady)
+    $byOffset = ($Shutdown -and -not $AfterReady -and $FireAfter -eq 'request')
+    $byAnchor = ($Shutdown -and -not $AfterReady -and $FireAfter -ne 'request')
+    if ($byAnchor -and $FireAfter -eq 'line' -and -not ($AnchorPort -in @('Com1', 'Com3') -and $tails.ContainsKey($AnchorPort))) {
+        throw "a shot after a $AnchorPort line needs that port's pipe (Com1Pipe/Com3Pipe)"
+    }
     try {
         if ($Service) { $servicing = Start-TestbedServicing -Sync $sync -Clock $clock -VmId $id -Options $Options -TimeoutHintSecs $TimeoutHintSecs }
         # The timed section: the shot, on this thread; servicing, on the runspace's.
@@ -560,7 +652,23 @@ function Invoke-TestbedRace {
             if ($Service) { $lead = -$OffsetMs }
             $shot = Invoke-TestbedShot -Ic $shutdownIc -Clock $clock -AtMs 0 -Sync $sync -ServiceAfterMs $lead
         } elseif ($Service) {
+            if ($byAnchor -and $FireAfter -eq 'line') { $tails[$AnchorPort].Watch($AnchorPattern, $clock.Elapsed.TotalMilliseconds) }
             $sync.ServiceAt = $clock.Elapsed.TotalMilliseconds
+        }
+        if ($byAnchor -and $Service) {
+            # The shot OffsetMs after an anchor that comes while (or just after) servicing runs.
+            $tail = $null
+            if ($AnchorPort) { $tail = $tails[$AnchorPort] }
+            $anchor = Wait-TestbedAnchor -Kind $FireAfter -Sync $sync -Clock $clock -Vm $vm -Tail $tail -GraceMs $GraceMs -DeadlineMs ($clock.Elapsed.TotalMilliseconds + 1000 * ($TimeoutHintSecs + $IcReadyTimeoutSecs))
+            $result.AnchorMs = $anchor.Ms
+            $result.AnchorResolutionMs = $anchor.ResolutionMs
+            $result.AnchorMissing = $anchor.Missing
+            $result.IcTransitions = $anchor.Transitions
+            if ($null -ne $anchor.Ms) {
+                $result.FirePlannedMs = $anchor.Ms + $OffsetMs
+                if ($FireAfter -eq 'ic-ready') { $icBefore = 'OK' }
+                $shot = Invoke-TestbedShot -Ic $shutdownIc -Clock $clock -AtMs $result.FirePlannedMs
+            }
         }
         if ($byOffset -and $OffsetMs -ge 0) {
             $at = $OffsetMs

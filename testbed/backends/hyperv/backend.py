@@ -23,7 +23,9 @@ from testbed.backends.hyperv import evidence as hv_evidence
 from testbed.backends.hyperv import options
 from testbed.backends.hyperv.capabilities import CAPABILITIES
 from testbed.backends.hyperv.config import HyperVSpec, HyperVVmConfig
-from testbed.backends.hyperv.module import CreatedVm, HostModule, Preflight, StartedVm
+from testbed.backends.hyperv.module import Anchor, CreatedVm, HostModule, Preflight, StartedVm
+from testbed.backends.hyperv.phases import JOB_DONE, NAMES
+from testbed.backends.hyperv.phases import patterns as phase_patterns
 from testbed.backends.hyperv.race_evidence import evidence
 from testbed.core.config import Artifact
 from testbed.core.errors import InfraError
@@ -322,6 +324,7 @@ class HyperVBackend:
         assert vm.vm_id is not None
         s = vm.spec
         grace = max(grace_ms, s.shutdown_grace_ms)
+        anchor = self._anchor(vm, plan)
         race = self.module.race(
             vm.vm_id,
             offset_ms=float(plan.offset_ms or 0.0),
@@ -337,14 +340,37 @@ class HyperVBackend:
             ic_ready_timeout_s=s.ic_ready_timeout_s,
             com1_pipe=vm.com1_pipe,
             com3_pipe=vm.com3_pipe,
+            anchor=anchor,
         )
         # A VM that went off has an event saying how; give the log a moment to have it.
         events = self.module.events(
             vm.vm_id, race.started_utc, settle_ms=0 if race.running else EVENT_SETTLE_MS
         )
-        ev = evidence(race, events, s, grace, plan.shutdown)
+        followed = plan.phase if plan.shutdown_mode == "phase" else None
+        ev = evidence(race, events, s, grace, plan.shutdown, phase=followed)
         vm.last = ev.raw
         return ev
+
+    @staticmethod
+    def _anchor(vm: HyperVVm, plan: RacePlan) -> Anchor | None:
+        """What the shot follows, for a phase or the IC-ready anchor (None: the servicing
+        call's start, or the seed test's order). A COM3 phase on a VM without COM3 cannot
+        be fired: the iteration is an infra-error that says why, never a shot at a guess."""
+        if not plan.shutdown or not plan.service:
+            return None
+        if plan.shutdown_mode == "ic-ready":
+            return Anchor("ic-ready")
+        if plan.shutdown_mode != "phase":
+            return None
+        if plan.phase == JOB_DONE:
+            return Anchor("job-done")
+        pattern = phase_patterns(vm.spec.com3_phase_patterns).get(plan.phase or "")
+        if pattern is None:
+            raise InfraError(f"Hyper-V shows no servicing phase {plan.phase!r} (it shows {', '.join(NAMES)})")
+        if not vm.com3_pipe:
+            why = vm.com3_note or "com3 is off in the vm_config, or this host offers no COM3"
+            raise InfraError(f"phase {plan.phase!r} is OpenHCL's COM3 line, and {vm.name} has no COM3: {why}")
+        return Anchor("line", "Com3", pattern)
 
     def classify(self, ev: RaceEvidence) -> Verdict:
         return hv_evidence.classify(ev)

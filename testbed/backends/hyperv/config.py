@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Self
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from testbed.backends.hyperv.phases import PHASES
 from testbed.core.config import Artifact, Pattern, Strict, VmConfig
 
 
@@ -70,10 +71,24 @@ class HyperVSpec(Strict):
     com3_servicing_start_pattern: Pattern | None = Field(
         None, description="regex of OpenHCL's COM3 line that marks the start of its save (guest anchor)"
     )
+    com3_phase_patterns: dict[str, Pattern] = Field(
+        default_factory=dict,
+        description="a COM3 phase's line as a regex, where an OpenHCL build words it differently from "
+        "testbed.backends.hyperv.phases (keys: received, stopping, vtl2-restart, state-received, resuming)",
+    )
     host_dir: str = Field(
         r"C:\testbed", description="testbed's folder on the Hyper-V host (inside L1 when nested)"
     )
     nested: NestedSpec | None = None
+
+    @field_validator("com3_phase_patterns")
+    @classmethod
+    def _known_phases(cls, v: dict[str, str]) -> dict[str, str]:
+        known = [name for name, where, _text in PHASES if where == "Com3"]
+        unknown = sorted(set(v) - set(known))
+        if unknown:
+            raise ValueError(f"no COM3 phase {', '.join(unknown)}; the COM3 phases are {', '.join(known)}")
+        return v
 
 
 class HyperVVmConfig(VmConfig):

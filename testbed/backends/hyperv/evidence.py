@@ -167,6 +167,8 @@ def _request(race: dict[str, Any]) -> tuple[Request, Finding]:
     was called, and the job it started (a job that failed after 4096 took nothing to
     the guest)."""
     if race.get("FireMs") is None:
+        if race.get("AnchorMissing"):  # fired after a phase or the IC's return, which never came
+            return "unfired", Finding(f"the shot was never fired: {race['AnchorMissing']}")
         return "none", NOTHING
     fire_line = (f"host InitiateShutdown at {race['FireMs']:.1f} ms returned {race.get('FireReturn')}; "
                  f"shutdown IC was {race.get('IcAtFire')!r}",)  # fmt: skip

@@ -9,9 +9,10 @@ absorbed here: a one-element array arrives unwrapped, an empty one as nothing.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_pascal
@@ -83,8 +84,25 @@ class SerialLine(HostOutput):
     line: str
 
 
+class IcSample(HostOutput):
+    """The shutdown IC read ``state`` at ``ms`` (a change from the sample before)."""
+
+    ms: float
+    state: str
+
+
 def _listify(v: Any) -> Any:
     return [] if v is None else v if isinstance(v, list) else [v]
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """What ``Invoke-TestbedRace`` fires after: ``line`` (the first line of ``port``
+    matching ``pattern``, a .NET regex), ``job-done`` or ``ic-ready``."""
+
+    kind: Literal["line", "job-done", "ic-ready"]
+    port: str = ""
+    pattern: str = ""
 
 
 class RaceOutcome(HostOutput):
@@ -122,8 +140,17 @@ class RaceOutcome(HostOutput):
     com3: list[SerialLine] = []
     com1_error: str = ""
     com3_error: str = ""
+    # A shot after an anchor (FireAfter line, job-done or ic-ready): when the anchor came,
+    # how late its stamp may be (the gap between two samples; 0 for a line, stamped on
+    # arrival), why it never came, and the shot's plan (anchor + offset).
+    fire_after: str = "request"
+    anchor_ms: float | None = None
+    anchor_resolution_ms: float | None = None
+    anchor_missing: str = ""
+    fire_planned_ms: float | None = None
+    ic_transitions: list[IcSample] = []  # the shutdown IC's state changes while waiting for ic-ready
 
-    @field_validator("com1", "com3", mode="before")
+    @field_validator("com1", "com3", "ic_transitions", mode="before")
     @classmethod
     def _lists(cls, v: Any) -> Any:
         return _listify(v)
@@ -246,11 +273,17 @@ class HostModule:
 
     def race(self, vm_id: str, *, offset_ms: float, options: int, timeout_hint_secs: int, service: bool,
              shutdown: bool, after_ready: bool, grace_ms: float, ic_ready_timeout_s: int, com1_pipe: str,
-             com3_pipe: str) -> RaceOutcome:  # fmt: skip
+             com3_pipe: str, anchor: Anchor | None = None) -> RaceOutcome:  # fmt: skip
+        """``anchor``: fire ``offset_ms`` after it instead of after the servicing call's start."""
+        extra: dict[str, Any] = {}
+        if anchor is not None:
+            extra["FireAfter"] = anchor.kind
+            if anchor.kind == "line":
+                extra.update(AnchorPort=anchor.port, AnchorPattern=anchor.pattern)
         return self._one("Invoke-TestbedRace", RaceOutcome, VmId=vm_id, OffsetMs=offset_ms, Options=options,
                          TimeoutHintSecs=timeout_hint_secs, Service=service, Shutdown=shutdown,
                          AfterReady=after_ready, GraceMs=grace_ms, IcReadyTimeoutSecs=ic_ready_timeout_s,
-                         Com1Pipe=com1_pipe, Com3Pipe=com3_pipe)  # fmt: skip
+                         Com1Pipe=com1_pipe, Com3Pipe=com3_pipe, **extra)  # fmt: skip
 
     def events(self, vm_id: str, since_utc: str, settle_ms: int = 0) -> list[WorkerEvent]:
         return self._many(

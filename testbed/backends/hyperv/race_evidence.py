@@ -14,18 +14,27 @@ from datetime import datetime
 from testbed.backends.hyperv.config import HyperVSpec
 from testbed.backends.hyperv.evidence import ACCEPTED, GUEST_SHUTDOWN_EVENTS, JOB_COMPLETED, POWER_OFF_EVENTS
 from testbed.backends.hyperv.module import RaceOutcome, WorkerEvent
+from testbed.backends.hyperv.phases import JOB_DONE
+from testbed.backends.hyperv.phases import patterns as phase_patterns
 from testbed.core.evidence import RaceEvidence, TimelineEntry
 
 
 def evidence(
-    outcome: RaceOutcome, events: list[WorkerEvent], spec: HyperVSpec, grace_ms: float, fired: bool
+    outcome: RaceOutcome,
+    events: list[WorkerEvent],
+    spec: HyperVSpec,
+    grace_ms: float,
+    fired: bool,
+    phase: str | None = None,
 ) -> RaceEvidence:
     """The race in the engine's terms, on the host's clock (the race's Stopwatch, in
-    ns). The host's own answer (PascalCase, as on the wire) is kept whole in ``raw``."""
+    ns). The host's own answer (PascalCase, as on the wire) is kept whole in ``raw``;
+    ``phase`` is the one the shot followed, if it followed one."""
     anchor = _guest_anchor_ms(outcome, spec)
     zero = outcome.service_ms if outcome.service_ms is not None else outcome.start_ms
     times = _event_times(outcome, events)
     timeline = _timeline(outcome)
+    phases = _phases(outcome, spec)
     raw = {
         "race": outcome.model_dump(by_alias=True),
         "events": [e.model_dump(by_alias=True) for e in events],
@@ -35,6 +44,7 @@ def evidence(
         "ic_event_ms": times.ic_ms,
         "event_ms": sorted(times.first.items()),
         "in_flight": _in_flight(outcome),
+        "anchor_missing": outcome.anchor_missing,
     }
     return RaceEvidence(
         backend="hyperv",
@@ -44,11 +54,10 @@ def evidence(
         service_done_ns=_ns(outcome.service_done_ms) if outcome.service_ms is not None else None,
         fire_ns=_ns(outcome.fire_ms),
         # The plan, from the actual times the host stamped when each call was made (each on
-        # its own thread): the servicing call's start + offset. For a negative offset the shot
-        # leads and servicing follows it, so the skew is then how late servicing followed.
-        fire_planned_ns=_ns(outcome.service_ms + outcome.offset_ms)
-        if outcome.service_ms is not None and outcome.fire_ms is not None
-        else None,
+        # its own thread): the servicing call's start + offset, or the anchor's stamp +
+        # offset for a shot after a phase or the IC. For a negative offset the shot leads
+        # and servicing follows it, so the skew is then how late servicing followed.
+        fire_planned_ns=_planned_ns(outcome),
         ended_ns=_ns(outcome.off_ms if outcome.off_ms is not None else times.off_ms),
         ended=not outcome.running,
         ic_at_fire=outcome.ic_at_fire,
@@ -58,9 +67,39 @@ def evidence(
         # Hyper-V reports a completed job, not a restart: where COM3 is read and the
         # vm_config names OpenHCL's start line, that line after the request proves it.
         servicing_proof=_servicing_proof(outcome, spec),
+        phases=phases,
+        phase=phase,
+        phase_ns=phases.get(phase) if phase is not None else None,
+        ic_reoffered_ns=_ns(outcome.anchor_ms) if outcome.fire_after == "ic-ready" else None,
         timeline=timeline,
         raw=raw,
     )
+
+
+def _planned_ns(outcome: RaceOutcome) -> int | None:
+    if outcome.fire_ms is None:
+        return None
+    if outcome.fire_planned_ms is not None:
+        return _ns(outcome.fire_planned_ms)
+    return _ns(outcome.service_ms + outcome.offset_ms) if outcome.service_ms is not None else None
+
+
+def _phases(outcome: RaceOutcome, spec: HyperVSpec) -> dict[str, int]:
+    """Each phase's first mark after the servicing request, on the race's clock (ns): a
+    COM3 line's arrival, or the job seen over (the anchor's stamp when the shot followed
+    it, else the coarser time the race's own poll saw it)."""
+    if outcome.service_ms is None:
+        return {}
+    out: dict[str, int] = {}
+    for name, pattern in phase_patterns(spec.com3_phase_patterns).items():
+        rx = re.compile(pattern)
+        at = next((x.ms for x in outcome.com3 if x.ms >= outcome.service_ms and rx.search(x.line)), None)
+        if at is not None:
+            out[name] = _ns_of(at)
+    done = outcome.anchor_ms if outcome.fire_after == JOB_DONE else outcome.service_done_ms
+    if done is not None:
+        out[JOB_DONE] = _ns_of(done)
+    return out
 
 
 def _guest_anchor_ms(outcome: RaceOutcome, spec: HyperVSpec) -> float | None:
@@ -105,9 +144,13 @@ def _timeline(outcome: RaceOutcome) -> list[TimelineEntry]:
     for when, label in ((outcome.service_ms, "ReloadManagementVtl"), (outcome.fire_ms, "InitiateShutdown"),
                         (outcome.service_returned_ms, f"ReloadManagementVtl returned {outcome.service_return}"),
                         (outcome.fire_returned_ms, f"InitiateShutdown returned {outcome.fire_return}"),
-                        (outcome.service_done_ms, "servicing job done"), (outcome.off_ms, "VM off")):  # fmt: skip
+                        (outcome.service_done_ms, "servicing job done"), (outcome.off_ms, "VM off"),
+                        (outcome.anchor_ms, f"anchor ({outcome.fire_after}) seen")):  # fmt: skip
         if when is not None:
             timeline.append(TimelineEntry(_ns_of(when), "host", label))
+    timeline += [
+        TimelineEntry(_ns_of(x.ms), "host", f"shutdown IC {x.state}") for x in outcome.ic_transitions
+    ]
     return sorted(timeline, key=lambda e: e.t_ns)
 
 

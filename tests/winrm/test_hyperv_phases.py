@@ -1,0 +1,135 @@
+"""Hyper-V answers the lab's questions, through the CLI, over real pywinrm against the
+WS-Man stand-in: a phase sweep on OpenHCL's COM3 lines, the IC-ready delay curve and the
+flaky-window search. The emulated host's guests are modeled (no QEMU): servicing takes
+``job_ms``, OpenHCL prints its lines on COM3 at fixed points of it, the IC's channel is
+closed by the save and open again after the restore (VMBus redirection), and the IGVM
+build named lossy drops a request taken between OpenHCL's receipt of the servicing
+request and that close (#954). What is fired, and when, is decided by the uploaded
+Testbed.psm1's parameters and the backend, never by the emulator.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import PASSWORD, HvLab  # type: ignore[import-not-found]
+from hyperv_emulator import IC_CLOSE, IC_REOPEN, OPENHCL_LINES  # type: ignore[import-not-found]
+from typer.testing import CliRunner
+
+from testbed.backends.hyperv.phases import NAMES
+from testbed.cli import app
+
+ROOT = Path(__file__).resolve().parents[2]
+JOB_MS = 400.0
+
+
+def modeled(hv: HvLab, tmp_path: Path, lossy: bool = True) -> Path:
+    """The emulated host set up as above, and a vm_config for it (COM3 on: 26H1)."""
+    hv.emulator.job_ms = JOB_MS
+    hv.emulator.servicing_closes_ic = True
+    hv.emulator.lossy_builds = ("openhcl.bin",) if lossy else ()
+    spec = hv.cfg.hyperv  # type: ignore[attr-defined]
+    cfg = tmp_path / "hv.yaml"
+    cfg.write_text(f"name: hv-model\nbackend: hyperv\nhyperv:\n  igvm: {{path: {spec.igvm.path}}}\n"
+                   f"  vtl0_vhd: {{path: {spec.vtl0_vhd.path}}}\n  shutdown_grace_ms: 300\n  ic_ready_timeout_s: 30\n")  # fmt: skip
+    return cfg
+
+
+def cli(hv: HvLab, *args: str) -> Any:
+    port = hv.standin.server.server_address[1]
+    env = {"TESTBED_WINRM_PASSWORD": PASSWORD, "COLUMNS": "250"}
+    return CliRunner().invoke(app, [*args, "--host", f"winrm://LAB%5Ctester@127.0.0.1:{port}"], env=env)
+
+
+def records(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(ln) for ln in (out / "results.jsonl").read_text().splitlines()]
+
+
+def test_a_phase_sweep_fires_on_openhcls_com3_lines_and_prints_its_table(
+    hv_model: HvLab, tmp_path: Path
+) -> None:
+    cfg = modeled(hv_model, tmp_path)
+    out = tmp_path / "run"
+    r = cli(
+        hv_model, "run", str(ROOT / "playbooks/phase-sweep.yaml"), "--vm-config", str(cfg), "--out", str(out)
+    )
+    assert r.exit_code == 0, r.output
+    recs = records(out)
+    by_phase: dict[str, list[dict[str, Any]]] = {}
+    for rec in recs:
+        by_phase.setdefault(str(rec["phase"]), []).append(rec)
+    assert set(by_phase) == set(NAMES), set(by_phase)
+    # The sweep's delays (0 and 2 ms) after each phase; its midpoints lie between phases.
+    at_phase = {name: [x for x in xs if float(x["phase_to_fire_ms"]) < 3.0] for name, xs in by_phase.items()}
+    assert all(len(xs) == 6 for xs in at_phase.values()), {k: len(v) for k, v in at_phase.items()}
+    # Inside the #954 window (OpenHCL has the request, its channel is not closed yet): lost.
+    assert {x["verdict"] for x in at_phase["received"] + at_phase["stopping"]} == {"lost"}
+    # The IC's channel closed by the save until after the job: the host refuses the request.
+    for name in ("vtl2-restart", "state-received", "resuming", "job-done"):
+        assert {x["verdict"] for x in by_phase[name]} == {"rejected"}, (name, by_phase[name])
+    # Each shot came within 2 ms of its line's arrival + delay, on the host's Stopwatch.
+    latency = [abs(float(x["skew_ms"])) for x in recs if x["skew_ms"] is not None]
+    assert len(latency) == len(recs) and max(latency) < 2.0, latency
+    line_at = {name: f * JOB_MS for f, name in zip([f for f, _ in OPENHCL_LINES], NAMES, strict=False)}
+    for name, at in line_at.items():  # the phase's time from the servicing request, as the host saw it
+        got = [x["phase_times_ms"][name] for x in recs]
+        assert all(abs(g - at) < 5.0 for g in got), (name, got, at)
+    table = r.output[r.output.index("per phase") :] if "per phase" in r.output else r.output
+    assert all(name in table for name in NAMES), r.output
+
+
+def test_the_ic_ready_delay_curve_fires_after_the_ics_return_to_ok(hv_model: HvLab, tmp_path: Path) -> None:
+    cfg = modeled(hv_model, tmp_path, lossy=False)
+    out = tmp_path / "run"
+    r = cli(hv_model, "run", str(ROOT / "playbooks/ic-ready-delay.yaml"), "--vm-config", str(cfg),
+            "--iterations", "8", "--out", str(out))  # fmt: skip
+    assert r.exit_code == 0, r.output
+    recs = records(out)
+    assert {x["verdict"] for x in recs} == {"preserved"}, [x["verdict"] for x in recs]
+    races = [json.loads((Path(x["dir"]) / "race.json").read_text()) for x in recs]
+    for race in races:
+        states = [s["State"] for s in race["IcTransitions"]]
+        assert states[-2:] == ["No Contact", "OK"], states  # it left OK with the save, came back after
+        back = race["AnchorMs"] - race["ServiceMs"]
+        assert IC_REOPEN * JOB_MS <= back < IC_REOPEN * JOB_MS + 3 * race["AnchorResolutionMs"] + 5
+        assert 0 < race["AnchorResolutionMs"] < 20  # sampled back to back: the stamp's resolution
+    delays = sorted({float(x["offset_ms"]) for x in recs if x["offset_ms"] is not None})
+    assert len(delays) == 8
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["preserved"] == 8
+
+
+def test_a_shot_before_the_ic_closes_is_lost_on_the_lossy_build_and_held_on_the_fixed_one(
+    hv_model: HvLab, tmp_path: Path
+) -> None:
+    """The same offsets, two builds: the model's loss is the build's, not the harness's."""
+    at = (OPENHCL_LINES[0][0] + IC_CLOSE) / 2 * JOB_MS  # between the receipt and the close
+    verdicts = {}
+    for lossy in (True, False):
+        cfg = modeled(hv_model, tmp_path, lossy=lossy)
+        out = tmp_path / f"run-{lossy}"
+        pb = tmp_path / "pb.yaml"
+        pb.write_text(f"name: two-builds\nvm_config: {cfg}\niterations: 3\nexpect: {{}}\n"
+                      f"schedule: {{kind: fixed, offsets_ms: [{at}]}}\n")  # fmt: skip
+        r = cli(hv_model, "run", str(pb), "--out", str(out))
+        assert r.exit_code == 0, r.output
+        verdicts[lossy] = {x["verdict"] for x in records(out)}
+    assert verdicts == {True: {"lost"}, False: {"preserved"}}
+
+
+@pytest.mark.parametrize("hv_model", ["server-2025"], indirect=True)
+def test_a_com3_phase_on_a_host_without_com3_is_an_infra_error_that_says_why(
+    hv_model: HvLab, tmp_path: Path
+) -> None:
+    cfg = modeled(hv_model, tmp_path)
+    pb = tmp_path / "pb.yaml"
+    pb.write_text(f"name: no-com3\nvm_config: {cfg}\nexpect: {{}}\nmax_infra_errors_in_a_row: 1\n"
+                  "schedule: {kind: phases, delays_ms: [0], midpoint: false, repeat: 1}\n")  # fmt: skip
+    out = tmp_path / "run"
+    r = cli(hv_model, "run", str(pb), "--out", str(out))
+    first = records(out)[0]
+    assert first["verdict"] == "infra-error" and "has no COM3" in first["reason"], first
+    assert r.exit_code == 3, r.output
