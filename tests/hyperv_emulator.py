@@ -394,6 +394,7 @@ class EmulatedHyperV:
         self.profile = profile
         self.build = profile.build
         self.allow_firmware = True
+        self.free_memory_mb = 30000
         self.hyperv_enabled = True
         self.files: dict[str, bytes] = files if files is not None else {}
         self.remote_store: dict[str, bytes] = {}  # what URLs and shares serve
@@ -451,7 +452,7 @@ class EmulatedHyperV:
         return {
             "Build": self.build, "Edition": self.profile.edition, "HyperV": self.hyperv_enabled,
             "HyperVFix": "Install-WindowsFeature -Name Hyper-V -IncludeManagementTools -Restart",
-            "AllowFirmwareLoadFromFile": self.allow_firmware, "FreeMemoryMB": 30000,
+            "AllowFirmwareLoadFromFile": self.allow_firmware, "FreeMemoryMB": self.free_memory_mb,
             "OpenHclSupported": self.build >= 26100, "PowerShell": "5.1",
             "Com3Build": self.build >= COM3_MIN_BUILD, "Com3Key": self.profile.additional_com_ports,
             "Com3Supported": self.build >= COM3_MIN_BUILD and self.profile.additional_com_ports,
@@ -573,8 +574,16 @@ class EmulatedHyperV:
         self.races.append({"VmId": VmId, "OffsetMs": OffsetMs, "Options": Options, "FireAfter": FireAfter,
                            "TimeoutHintSecs": TimeoutHintSecs, "Service": Service, "Shutdown": Shutdown})  # fmt: skip
         anchored = Shutdown and Service and not AfterReady and FireAfter != "request"
+        if FireAfter != "request" and Shutdown and not AfterReady and (not Service or OffsetMs < 0):
+            raise RuntimeError(
+                f"a shot after a servicing anchor ({FireAfter}) needs servicing and OffsetMs >= 0"
+            )
         if anchored and FireAfter == "line" and not ({"Com1": Com1Pipe, "Com3": Com3Pipe}.get(AnchorPort)):
-            raise RuntimeError(f"a shot after a {AnchorPort} line needs that port's pipe (Com1Pipe/Com3Pipe)")
+            raise RuntimeError(
+                "a shot after a serial line needs AnchorPort Com1 or Com3 and that port's pipe"
+            )
+        if anchored and FireAfter == "line":
+            re.compile(AnchorPattern)  # [regex]$AnchorPattern (.NET), before anything starts
         if anchored and v.lab is not None:
             raise RuntimeError(
                 "test support: the lab-guest emulation does not model anchored shots (guest='model')"

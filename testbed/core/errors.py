@@ -10,6 +10,12 @@ class InfraError(Exception):
     WinRM, console) into this, so the engine catches one type."""
 
 
+class HostFull(InfraError):
+    """The host has no room for one more guest of this run (its free memory, a licence):
+    a lane beyond the first that meets it is not started, and the run goes on with the
+    lanes it has, saying why."""
+
+
 class HostGone(InfraError):
     """The host stopped answering: its connection was lost, or its host program died.
 

@@ -25,7 +25,7 @@ from testbed import __version__
 from testbed.backends import registry
 from testbed.backends.base import Backend
 from testbed.core.config import HostOptions, VmConfig, stable_hash
-from testbed.core.errors import InfraError
+from testbed.core.errors import HostFull, InfraError
 from testbed.core.evidence import RacePlan
 from testbed.core.runfolder import ResultsWriter, read_results
 from testbed.engine import schedule as sched
@@ -241,7 +241,15 @@ class Runner:
                     backend = h.first if i == 0 and h.first is not None else h.open()
                     lane = Lane(len(lanes), backend, host=h)
                     lanes.append(lane)
-                    lane.vm = backend.provision(self.cfg, self.strategy)
+                    try:
+                        lane.vm = backend.provision(self.cfg, self.strategy)
+                    except HostFull as e:
+                        if i == 0:
+                            raise
+                        lanes.pop()
+                        backend.close()
+                        self.cap_lanes(h, i, str(e))
+                        break
             except InfraError as e:
                 if len(self.fleet) == 1:
                     raise
@@ -250,6 +258,14 @@ class Runner:
         if all(h.drained for h in self.fleet):
             raise InfraError("no host of the fleet could start: " + "; ".join(f"{h.name}: {h.drained}"
                                                                               for h in self.fleet))  # fmt: skip
+
+    def cap_lanes(self, host: FleetHost, lanes: int, why: str) -> None:
+        """Fewer lanes on ``host`` than asked: it has no room for another guest."""
+        note = f"{host.name}: {lanes} of {host.lanes} lanes, {why}"
+        log.warning("lanes capped: %s", note)
+        self.lanes -= host.lanes - lanes
+        host.lanes = lanes
+        self.lanes_note = "; ".join(x for x in (self.lanes_note, note) if x)
 
     def tear_down(self, lanes: list[Lane], run_dir: Path, writer: ResultsWriter) -> None:
         """Every VM destroyed and backend closed, results.jsonl in iteration order, and

@@ -11,6 +11,7 @@ Testbed.psm1's parameters and the backend, never by the emulator.
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,9 @@ def modeled(hv: HvLab, tmp_path: Path, lossy: bool = True) -> Path:
     return cfg
 
 
-def cli(hv: HvLab, *args: str) -> Any:
+def cli(hv: HvLab, *args: str, env: dict[str, str] | None = None) -> Any:
     port = hv.standin.server.server_address[1]
-    env = {"TESTBED_WINRM_PASSWORD": PASSWORD, "COLUMNS": "250"}
+    env = {"TESTBED_WINRM_PASSWORD": PASSWORD, "COLUMNS": "250", **(env or {})}
     return CliRunner().invoke(app, [*args, "--host", f"winrm://LAB%5Ctester@127.0.0.1:{port}"], env=env)
 
 
@@ -133,3 +134,31 @@ def test_a_com3_phase_on_a_host_without_com3_is_an_infra_error_that_says_why(
     first = records(out)[0]
     assert first["verdict"] == "infra-error" and "has no COM3" in first["reason"], first
     assert r.exit_code == 3, r.output
+
+
+def test_parallel_2_races_two_vms_at_once_and_memory_caps_a_third(hv_model: HvLab, tmp_path: Path) -> None:
+    """Two lanes, each its own VM (name, pipes, folder, checkpoint), racing at the same time;
+    a third does not fit the host's free memory, so the run goes on with two and says so."""
+    cfg = modeled(hv_model, tmp_path, lossy=False)
+    hv_model.emulator.free_memory_mb = 2 * (2048 + 512) + 100  # room for two VMs of 2048 MB
+    pb = tmp_path / "pb.yaml"
+    pb.write_text(f"name: two-at-once\nvm_config: {cfg}\niterations: 8\nexpect: {{lost: 0}}\n"
+                  "schedule: {kind: fixed, offsets_ms: [20, 500]}\n")  # fmt: skip
+    out = tmp_path / "run"
+    r = cli(hv_model, "run", str(pb), "--parallel", "3", "--out", str(out), env={"TESTBED_MAX_GUESTS": "4"})
+    assert r.exit_code == 0, r.output
+    run = json.loads((out / "run.json").read_text())
+    assert (
+        run["parallel"] == 2 and "2 of 3 lanes" in run["parallel_note"] and "MB free" in run["parallel_note"]
+    )
+    races = [json.loads((Path(x["dir"]) / "race.json").read_text()) for x in records(out)]
+    assert len({x["VmId"] for x in races}) == 2  # a VM per lane, each restored from its own checkpoint
+    spans = sorted((datetime.fromisoformat(x["StartedUtc"]), x["EndMs"]) for x in races)
+    overlapping = sum(
+        1
+        for (a, a_ms), (b, _) in zip(spans, spans[1:], strict=False)
+        if (b - a).total_seconds() * 1000 < a_ms
+    )
+    assert overlapping >= 1, spans  # the lanes raced at the same time
+    assert {x["verdict"] for x in records(out)} == {"preserved"}
+    assert hv_model.emulator.vms == {}  # both removed at the end

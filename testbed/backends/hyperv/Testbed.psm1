@@ -67,6 +67,7 @@ namespace Testbed {
         private double watchMs = -1;
         private readonly ManualResetEvent matched = new ManualResetEvent(false);
         public string Error = "";
+        public volatile bool Connected;
         public PipeTail(string name, Stopwatch clock, int connectMs) {
             this.clock = clock;
             this.name = name;
@@ -77,6 +78,7 @@ namespace Testbed {
                 try {
                     pipe = new NamedPipeClientStream(".", name, PipeDirection.In);
                     pipe.Connect(250);
+                    Connected = true;
                     Error = "";
                     var r = new StreamReader(pipe);
                     string line;
@@ -85,11 +87,12 @@ namespace Testbed {
                         lock (lines) { lines.Add(new object[] { ms, line }); Check(ms, line); }
                     }
                 } catch (Exception e) { Error = e.Message; Thread.Sleep(50); }
-                finally { if (pipe != null) { pipe.Dispose(); } }
+                finally { Connected = false; if (pipe != null) { pipe.Dispose(); } }
             }
         }
         // The shot's anchor: the first line matching pattern that arrives at or after
         // afterMs (lines already read count too), stamped by this reader thread on arrival.
+        // Called once per race (each race is its own process and PipeTail).
         public void Watch(string pattern, double afterMs) {
             lock (lines) {
                 watch = new Regex(pattern);
@@ -575,7 +578,7 @@ function Wait-TestbedAnchor {
             $state = Get-TestbedIcState -ComputerSystem $Vm
             $t1 = $Clock.Elapsed.TotalMilliseconds
             if ($state -ne $last) { $null = $transitions.Add([pscustomobject]@{ Ms = $t1; State = $state }); $last = $state }
-            if ($state -ne 'OK') { $left = $true }
+            if ($state -ne 'OK') { if ($null -ne $Sync.ServiceMs) { $left = $true } }  # left since the request
             elseif ($left -or $null -ne $over) { $out.Ms = $t1; $out.ResolutionMs = $t1 - $prev; break }
         }
         $now = $Clock.Elapsed.TotalMilliseconds
@@ -641,8 +644,18 @@ function Invoke-TestbedRace {
     $shot = $null
     $byOffset = ($Shutdown -and -not $AfterReady -and $FireAfter -eq 'request')
     $byAnchor = ($Shutdown -and -not $AfterReady -and $FireAfter -ne 'request')
-    if ($byAnchor -and $FireAfter -eq 'line' -and -not ($AnchorPort -in @('Com1', 'Com3') -and $tails.ContainsKey($AnchorPort))) {
-        throw "a shot after a $AnchorPort line needs that port's pipe (Com1Pipe/Com3Pipe)"
+    if ($byAnchor -and -not $Service) { throw "a shot after a servicing anchor ($FireAfter) needs servicing (Service)" }
+    if ($byAnchor -and $OffsetMs -lt 0) { throw "a shot after an anchor ($FireAfter) is fired a delay after it: OffsetMs $OffsetMs < 0" }
+    if ($byAnchor -and $FireAfter -eq 'line') {
+        if (-not ($AnchorPort -in @('Com1', 'Com3') -and $tails.ContainsKey($AnchorPort))) {
+            throw "a shot after a serial line needs AnchorPort Com1 or Com3 and that port's pipe (got '$AnchorPort')"
+        }
+        if (-not $AnchorPattern) { throw 'a shot after a serial line needs its AnchorPattern' }
+        $null = [regex]$AnchorPattern  # a pattern .NET cannot parse fails here, before anything is started
+        # Lines are read only while the pipe is connected: the early ones must not be missed.
+        $wait = [Diagnostics.Stopwatch]::StartNew()
+        while (-not $tails[$AnchorPort].Connected -and $wait.ElapsedMilliseconds -lt 2000) { Start-Sleep -Milliseconds 10 }
+        if (-not $tails[$AnchorPort].Connected) { throw "the $AnchorPort pipe did not connect within 2 s: $($tails[$AnchorPort].Error)" }
     }
     try {
         if ($Service) { $servicing = Start-TestbedServicing -Sync $sync -Clock $clock -VmId $id -Options $Options -TimeoutHintSecs $TimeoutHintSecs }

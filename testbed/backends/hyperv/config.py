@@ -88,6 +88,11 @@ class HyperVSpec(Strict):
         unknown = sorted(set(v) - set(known))
         if unknown:
             raise ValueError(f"no COM3 phase {', '.join(unknown)}; the COM3 phases are {', '.join(known)}")
+        python_only = [k for k, rx in v.items() if "(?P" in rx]
+        if python_only:  # the host matches them with .NET's Regex
+            raise ValueError(
+                f"{', '.join(python_only)}: the host matches with .NET's Regex, which has no (?P...) groups: use a plain group (...)"
+            )
         return v
 
 
