@@ -415,6 +415,7 @@ class EmulatedHyperV:
             "Start-TestbedVm": self.start_vm,
             "Get-TestbedIcStatus": self.ic_status,
             "Invoke-TestbedRace": self.race,
+            "Set-TestbedServicingIgvm": self.set_servicing_igvm,
             "Get-TestbedEvents": self.events,
             "Get-TestbedVmState": self.vm_state,
             "Remove-TestbedVm": self.remove_vm,
@@ -442,6 +443,8 @@ class EmulatedHyperV:
     def _grant(self, path: str, account: str) -> None:
         """icacls PATH /grant ACCOUNT: one more ACE, unless the ACL is full."""
         aces = self.acl.setdefault(path, [])
+        if account in aces:  # icacls merges the rights into the account's ACE: no second ACE
+            return
         size = ACL_HEADER_BYTES + VM_ACE_BYTES * (self.inherited_aces + len(aces) + 1)
         if size > ACL_MAX_BYTES:
             raise RuntimeError(f"icacls could not grant {account} on {path} (exit 1): {path}: {ACL_FULL}")
@@ -561,6 +564,21 @@ class EmulatedHyperV:
             self.lab.destroy(v.lab)  # Stop-VM -TurnOff, if it was still running
         v.state = "Off"
         return self.start_vm(VmId, IcReadyTimeoutSecs)
+
+    def set_servicing_igvm(self, VmId: str, VmDir: str, IgvmPath: str) -> Any:  # noqa: N803
+        """Copy-Item over the VM's own firmware file, then icacls: the next servicing loads it."""
+        self._vm(VmId)
+        own = VmDir + "\\igvm.bin"
+        if own not in self.files:
+            raise RuntimeError(
+                f"the VM's firmware file {own} is not there (a VM made by New-TestbedVm has it)"
+            )
+        if IgvmPath not in self.files:
+            raise RuntimeError(f"Copy-Item : Cannot find path '{IgvmPath}' because it does not exist.")
+        self.files[own] = self.files[IgvmPath]
+        self._grant(own, "NT VIRTUAL MACHINE\\" + VmId.upper() + ":R")
+        self.vm_igvm[VmId] = IgvmPath
+        return {"VmId": VmId, "Sha256": hashlib.sha256(self.files[own]).hexdigest()}
 
     def ic_status(self, VmId: str) -> Any:  # noqa: N803
         self._vm(VmId)

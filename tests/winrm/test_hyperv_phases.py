@@ -162,3 +162,56 @@ def test_parallel_2_races_two_vms_at_once_and_memory_caps_a_third(hv_model: HvLa
     assert overlapping >= 1, spans  # the lanes raced at the same time
     assert {x["verdict"] for x in records(out)} == {"preserved"}
     assert hv_model.emulator.vms == {}  # both removed at the end
+
+
+def test_a_bisection_over_three_igvm_builds_names_the_bad_one(hv_model: HvLab, tmp_path: Path) -> None:
+    """Each try services into a build of hyperv.images (the VM's firmware file overwritten,
+    hash-checked); the third build loses what it takes before its channel closes."""
+    modeled(hv_model, tmp_path, lossy=False)
+    hv_model.emulator.lossy_builds = ("openhcl-r3.bin",)
+    images = ""
+    for r in ("r1", "r2", "r3"):
+        (tmp_path / f"openhcl-{r}.bin").write_bytes(f"IGVM build {r}\n".encode() * 64)
+        images += f"    {r}: {{path: openhcl-{r}.bin}}\n"
+    spec = hv_model.cfg.hyperv  # type: ignore[attr-defined]
+    (tmp_path / "hv-builds.yaml").write_text(
+        f"name: hv-builds\nbackend: hyperv\nhyperv:\n  igvm: {{path: openhcl-r1.bin}}\n"
+        f"  vtl0_vhd: {{path: {spec.vtl0_vhd.path}}}\n  shutdown_grace_ms: 300\n  images:\n{images}"
+    )
+    pb = tmp_path / "bisect.yaml"
+    pb.write_text("name: hv-bisect\nvm_config: hv-builds.yaml\niterations: 60\nexpect: {}\n"
+                  "schedule: {kind: fixed, offsets_ms: [20, 30]}\n"
+                  "bisect: {builds: [r1, r2, r3], p0: 0.01, p1: 0.5, alpha: 0.05, beta: 0.05, max_per_build: 20}\n")  # fmt: skip
+    out = tmp_path / "run"
+    r = cli(hv_model, "bisect", str(pb), "--out", str(out))
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["bisect"]["answer"].startswith("first bad build: r3 "), summary["bisect"]
+    recs = records(out)
+    assert {x["image"] for x in recs} >= {"r3"} and {x["verdict"] for x in recs if x["image"] == "r3"} == {
+        "lost"
+    }
+    copies = [c for c in hv_model.host.calls if c[0] == "Set-TestbedServicingIgvm"]
+    assert copies and all(c[1]["IgvmPath"].endswith(("openhcl-r1.bin", "openhcl-r2.bin", "openhcl-r3.bin"))
+                          for c in copies)  # fmt: skip
+    assert all(len(set(aces)) == len(aces) for aces in hv_model.emulator.acl.values())  # no ACE twice
+
+
+def test_a_matrix_over_the_servicing_options_and_timeout_hint(hv_model: HvLab, tmp_path: Path) -> None:
+    """ReloadManagementVtl's Options bits and TimeoutHintSecs as matrix dimensions: each
+    cell's races reach the host with that cell's values."""
+    cfg = modeled(hv_model, tmp_path, lossy=False)
+    pb = tmp_path / "matrix.yaml"
+    pb.write_text(f"name: hv-flags\nvm_config: {cfg}\niterations: 2\nexpect: {{}}\n"
+                  "schedule: {kind: fixed, offsets_ms: [500]}\n"
+                  "matrix:\n  dimensions:\n    lab.disable_nvme_keepalive: [0, 1]\n    lab.timeout_hint_secs: [15, 60]\n")  # fmt: skip
+    out = tmp_path / "run"
+    r = cli(hv_model, "run", str(pb), "--out", str(out))
+    assert r.exit_code == 0, r.output
+    sent = {(x["Options"], x["TimeoutHintSecs"]) for x in hv_model.emulator.races}
+    assert sent == {(0x1, 15), (0x1, 60), (0x11, 15), (0x11, 60)}, sent  # 0x1 override version checks
+    assert len(hv_model.emulator.races) == 8
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(pb.read_text().replace("[15, 60]", "[15, 0]"))
+    r = cli(hv_model, "run", str(bad), "--out", str(tmp_path / "bad"))
+    assert r.exit_code == 2 and "timeout_hint_secs" in r.output, r.output

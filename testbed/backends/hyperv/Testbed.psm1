@@ -411,6 +411,27 @@ function Wait-TestbedIcReady {
     [pscustomobject]@{ VmId = $id; State = (Get-VM -Id $id).State.ToString(); Ic = $status; ReadyMs = $watch.ElapsedMilliseconds }
 }
 
+function Set-TestbedServicingIgvm {
+    # The IGVM the next ReloadManagementVtl loads: the VM's own firmware file (its copy in
+    # its folder, made by New-TestbedVm) overwritten with a build from the cache, as petri
+    # does: Hyper-V does not support changing FirmwareFile while the VM runs, and servicing
+    # reads the file anew. The VM's read grant is given again (an overwrite may not keep it).
+    # The file's hash comes back as proof of what the next servicing loads.
+    param(
+        [Parameter(Mandatory = $true)][string]$VmId,
+        [Parameter(Mandatory = $true)][string]$VmDir,
+        [Parameter(Mandatory = $true)][string]$IgvmPath
+    )
+    $id = Test-TestbedVmId -VmId $VmId
+    $igvm = Join-Path $VmDir 'igvm.bin'
+    if (-not (Test-Path -LiteralPath $igvm)) { throw "the VM's firmware file $igvm is not there (a VM made by New-TestbedVm has it)" }
+    Copy-Item -LiteralPath $IgvmPath -Destination $igvm -Force
+    $account = 'NT VIRTUAL MACHINE\' + $id.ToUpper() + ':R'
+    $null = & icacls.exe $igvm /grant $account
+    if ($LASTEXITCODE -ne 0) { throw "icacls could not grant $account on $igvm (exit $LASTEXITCODE)" }
+    [pscustomobject]@{ VmId = $id; Sha256 = (Get-FileHash -LiteralPath $igvm -Algorithm SHA256).Hash.ToLower() }
+}
+
 function Start-TestbedVm {
     param([Parameter(Mandatory = $true)][string]$VmId, [int]$IcReadyTimeoutSecs = 300)
     $id = Test-TestbedVmId -VmId $VmId

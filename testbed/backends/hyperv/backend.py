@@ -25,9 +25,8 @@ from testbed.backends.hyperv import evidence as hv_evidence
 from testbed.backends.hyperv import options
 from testbed.backends.hyperv.capabilities import CAPABILITIES
 from testbed.backends.hyperv.config import HyperVSpec, HyperVVmConfig
-from testbed.backends.hyperv.module import Anchor, CreatedVm, HostModule, Preflight, StartedVm
-from testbed.backends.hyperv.phases import JOB_DONE, NAMES
-from testbed.backends.hyperv.phases import patterns as phase_patterns
+from testbed.backends.hyperv.module import CreatedVm, HostModule, Preflight, StartedVm
+from testbed.backends.hyperv.phases import anchor_for
 from testbed.backends.hyperv.race_evidence import evidence
 from testbed.core.config import Artifact
 from testbed.core.errors import HostFull, InfraError
@@ -76,6 +75,7 @@ class HyperVVm:
     com3_note: str = ""  # why COM3 was not set on the VM, where the host did not offer it
     checkpointed: bool = False  # the VM is kept between iterations and restored to IC OK
     reset_fallback: str = ""  # why the snapshot reset is not used (the host refused a checkpoint)
+    firmware_sha256: str = ""  # the build in the VM's firmware file: what the next servicing loads
 
     @property
     def spec(self) -> HyperVSpec:
@@ -114,6 +114,7 @@ class HyperVBackend:
         self._kept: dict[str, HyperVVm] = {}  # checkpointed VMs, removed by close
         self.host_info: Preflight | None = None
         self._held_mb = 0  # free memory this backend's VM holds against the run's other lanes
+        self._builds: dict[str, tuple[str, str]] = {}  # build name -> (path in the host's cache, sha256)
 
     def close(self) -> None:
         for kept in list(self._kept.values()):
@@ -326,6 +327,7 @@ class HyperVBackend:
                                      firmware_cmdline=s.firmware_cmdline, com1_pipe=vm.com1_pipe,
                                      com3_pipe=vm.com3_pipe, increase_vtl2_memory=s.increase_vtl2_memory)  # fmt: skip
         vm.vm_id = created.vm_id
+        vm.firmware_sha256 = vm.igvm_sha256  # New-TestbedVm copied the boot build into its folder
         vm.running = True
         if (
             vm.com3_pipe and created.com3 is False
@@ -348,12 +350,11 @@ class HyperVBackend:
 
     def race(self, vm: HyperVVm, plan: RacePlan, grace_ms: float) -> RaceEvidence:
         """One iteration, timed on the host; returns the evidence ``classify`` reads."""
-        if plan.image is not None:
-            raise InfraError("servicing into another IGVM image is not supported by the Hyper-V backend yet")
         assert vm.vm_id is not None
+        self._servicing_build(vm, plan.image)
         s = vm.spec
         grace = max(grace_ms, s.shutdown_grace_ms)
-        anchor = self._anchor(vm, plan)
+        anchor = anchor_for(plan, s.com3_phase_patterns, vm.com3_pipe, vm.com3_note, vm.name)
         race = self.module.race(
             vm.vm_id,
             offset_ms=float(plan.offset_ms or 0.0),
@@ -380,26 +381,30 @@ class HyperVBackend:
         vm.last = ev.raw
         return ev
 
-    @staticmethod
-    def _anchor(vm: HyperVVm, plan: RacePlan) -> Anchor | None:
-        """What the shot follows, for a phase or the IC-ready anchor (None: the servicing
-        call's start, or the seed test's order). A COM3 phase on a VM without COM3 cannot
-        be fired: the iteration is an infra-error that says why, never a shot at a guess."""
-        if not plan.shutdown or not plan.service:
-            return None
-        if plan.shutdown_mode == "ic-ready":
-            return Anchor("ic-ready")
-        if plan.shutdown_mode != "phase":
-            return None
-        if plan.phase == JOB_DONE:
-            return Anchor("job-done")
-        pattern = phase_patterns(vm.spec.com3_phase_patterns).get(plan.phase or "")
-        if pattern is None:
-            raise InfraError(f"Hyper-V shows no servicing phase {plan.phase!r} (it shows {', '.join(NAMES)})")
-        if not vm.com3_pipe:
-            why = vm.com3_note or "com3 is off in the vm_config, or this host offers no COM3"
-            raise InfraError(f"phase {plan.phase!r} is OpenHCL's COM3 line, and {vm.name} has no COM3: {why}")
-        return Anchor("line", "Com3", pattern)
+    def _servicing_build(self, vm: HyperVVm, image: str | None) -> None:
+        """Put the build this servicing loads into the VM's firmware file, when it is not
+        there already: ``image`` (a name of hyperv.images), else the build the VM booted.
+        A checkpoint restore does not touch the file, so what is in it is tracked."""
+        if image is None:
+            path, sha = vm.igvm_path, vm.igvm_sha256
+        else:
+            build = vm.spec.images.get(image)
+            if build is None:
+                raise InfraError(
+                    f"no build {image!r} in hyperv.images (it has: {', '.join(vm.spec.images) or 'none'})"
+                )
+            if image not in self._builds:  # brought into the host's cache once (hash-checked)
+                self._builds[image] = self.artifact(build, Path.cwd())
+            path, sha = self._builds[image]
+        if sha == vm.firmware_sha256:
+            return
+        assert vm.vm_id is not None
+        put = self.module.set_servicing_igvm(vm.vm_id, vm.vm_dir, path)
+        if put.sha256 != sha:
+            raise InfraError(
+                f"the firmware file of {vm.name} has sha256 {put.sha256} after copying {path}, not {sha}"
+            )
+        vm.firmware_sha256 = sha
 
     def classify(self, ev: RaceEvidence) -> Verdict:
         return hv_evidence.classify(ev)

@@ -11,11 +11,11 @@ CAPABILITIES = Capabilities(
     # after the shutdown IC reads OK again (sampled back to back on the host).
     shutdown_modes=("offset", "after-ready", "ic-ready", "phase", "none"),
     phases=servicing_phases,
+    images=(),  # the vm_config's hyperv.images: the VM's firmware file overwritten before servicing
     parallel=True,  # a VM per lane (own name, pipes, folder, checkpoint), capped by free memory
     snapshot_reset=True,  # a checkpoint at IC OK, restored per iteration
     gc=True,
     reasons={
         "stream": "only the reference lab streams hb/TX messages beside the race",
-        "images": "servicing into another IGVM build is not wired to the race yet (one IGVM per vm_config)",
     },
 )

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal, Self
+from typing import Any, ClassVar, Literal, Self
 
 from pydantic import Field, field_validator
 
@@ -71,6 +72,12 @@ class HyperVSpec(Strict):
     com3_servicing_start_pattern: Pattern | None = Field(
         None, description="regex of OpenHCL's COM3 line that marks the start of its save (guest anchor)"
     )
+    images: dict[str, Artifact] = Field(
+        default_factory=dict,
+        description="OpenHCL builds by name (IGVM files, hash-checked artifacts): what a bisection, a matrix's "
+        "paravisor dimension or image: services into; the VM's firmware file is overwritten with the build "
+        "before ReloadManagementVtl, as petri does",
+    )
     com3_phase_patterns: dict[str, Pattern] = Field(
         default_factory=dict,
         description="a COM3 phase's line as a regex, where an OpenHCL build words it differently from "
@@ -100,10 +107,46 @@ class HyperVVmConfig(VmConfig):
     backend: Literal["hyperv"] = "hyperv"
     hyperv: HyperVSpec
 
+    # ReloadManagementVtl's parameters a playbook's lab: section or a matrix's lab.<knob>
+    # dimension may vary: Options bit 0x1 (override version checks) and 0x10 (disable NVMe
+    # keepalive; petri has no MANA keepalive bit on Hyper-V), and TimeoutHintSecs (the
+    # paravisor's save deadline).
+    KNOBS: ClassVar[tuple[str, ...]] = (
+        "override_version_checks",
+        "disable_nvme_keepalive",
+        "timeout_hint_secs",
+    )
+
+    @classmethod
+    def knob_names(cls) -> tuple[str, ...]:
+        return cls.KNOBS
+
+    def with_lab(self, over: Mapping[str, Any]) -> Self:
+        changes = {k: v for k, v in over.items() if v is not None and k in self.KNOBS}
+        if not changes:
+            return self
+        spec = HyperVSpec.model_validate(
+            {**self.hyperv.model_dump(), **changes}
+        )  # ValueError names a bad value
+        return self.model_copy(update={"hyperv": spec})
+
+    def build_names(self) -> tuple[str, ...] | None:
+        return tuple(self.hyperv.images) or None
+
+    def with_paravisor(self, version: str) -> Self:
+        """Boot the build ``version`` of ``images`` (a matrix's ``boot->into``)."""
+        build = self.hyperv.images.get(version)
+        if build is None:
+            raise ValueError(
+                f"no build {version!r} in hyperv.images (it has: {', '.join(self.hyperv.images) or 'none'})"
+            )
+        return self.model_copy(update={"hyperv": self.hyperv.model_copy(update={"igvm": build})})
+
     def anchored(self, base: Path) -> Self:
         """Artifact paths relative to the vm_config file (as a user writes them)."""
         hv = self.hyperv
-        update: dict[str, object] = {"igvm": hv.igvm.anchored(base), "vtl0_vhd": hv.vtl0_vhd.anchored(base)}
+        update: dict[str, object] = {"igvm": hv.igvm.anchored(base), "vtl0_vhd": hv.vtl0_vhd.anchored(base),
+                                     "images": {k: a.anchored(base) for k, a in hv.images.items()}}  # fmt: skip
         if hv.nested is not None:
             update["nested"] = hv.nested.model_copy(update={"l1_vhd": hv.nested.l1_vhd.anchored(base)})
         return self.model_copy(update={"hyperv": hv.model_copy(update=update)})

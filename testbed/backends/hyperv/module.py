@@ -171,6 +171,11 @@ class OwnedVm(HostOutput):
     path: str = ""
 
 
+class ServicingIgvm(HostOutput):
+    vm_id: str
+    sha256: str  # of the VM's firmware file after the copy: what the next servicing loads
+
+
 class Removed(HostOutput):
     vm_id: str
     removed: bool
@@ -288,6 +293,11 @@ class HostModule:
     def events(self, vm_id: str, since_utc: str, settle_ms: int = 0) -> list[WorkerEvent]:
         return self._many(
             "Get-TestbedEvents", WorkerEvent, VmId=vm_id, SinceUtc=since_utc, SettleMs=settle_ms
+        )
+
+    def set_servicing_igvm(self, vm_id: str, vm_dir: str, igvm_path: str) -> ServicingIgvm:
+        return self._one(
+            "Set-TestbedServicingIgvm", ServicingIgvm, VmId=vm_id, VmDir=vm_dir, IgvmPath=igvm_path
         )
 
     def remove_vm(self, vm_id: str, vm_dir: str = "") -> Removed:

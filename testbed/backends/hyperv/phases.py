@@ -19,6 +19,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from testbed.backends.hyperv.module import Anchor
+from testbed.core.errors import InfraError
+from testbed.core.evidence import RacePlan
+
 JOB_DONE = "job-done"
 # (name, where its mark is seen, OpenHCL's text: a .NET regex as written, plain text here)
 PHASES: tuple[tuple[str, str, str], ...] = (
@@ -41,3 +45,26 @@ def servicing_phases(strategy: str) -> list[str]:
 def patterns(overrides: Mapping[str, str]) -> dict[str, str]:
     """Each COM3 phase's pattern: OpenHCL's text unless the vm_config overrides it."""
     return {name: overrides.get(name, text) for name, where, text in PHASES if where == "Com3"}
+
+
+def anchor_for(
+    plan: RacePlan, overrides: Mapping[str, str], com3_pipe: str, com3_note: str, vm_name: str
+) -> Anchor | None:
+    """What the shot follows, for a phase or the IC-ready anchor (None: the servicing
+    call's start, or the seed test's order). A COM3 phase on a VM without COM3 cannot be
+    fired: the iteration is an infra-error that says why, never a shot at a guess."""
+    if not plan.shutdown or not plan.service:
+        return None
+    if plan.shutdown_mode == "ic-ready":
+        return Anchor("ic-ready")
+    if plan.shutdown_mode != "phase":
+        return None
+    if plan.phase == JOB_DONE:
+        return Anchor("job-done")
+    pattern = patterns(overrides).get(plan.phase or "")
+    if pattern is None:
+        raise InfraError(f"Hyper-V shows no servicing phase {plan.phase!r} (it shows {', '.join(NAMES)})")
+    if not com3_pipe:
+        why = com3_note or "com3 is off in the vm_config, or this host offers no COM3"
+        raise InfraError(f"phase {plan.phase!r} is OpenHCL's COM3 line, and {vm_name} has no COM3: {why}")
+    return Anchor("line", "Com3", pattern)
