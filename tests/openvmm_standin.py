@@ -49,6 +49,28 @@ if os.environ.get("TESTBED_STANDIN_CACHE_DIR"):  # over SSH: the lab image of th
 
 PROMPT = "openvmm> "
 VERSION = "openvmm 0.1.0 (testbed stand-in)"
+# service-vtl2's flags (openvmm_entry repl.rs); a stand-in for an older build lists fewer
+# in TESTBED_STANDIN_SERVICE_FLAGS (the vm_config's openvmm.env reaches it).
+SERVICE_FLAGS = ("-u", "--user-mode-only", "-n", "--nvme-keepalive", "--mana-keepalive")
+
+
+def service_args_error(args: list[str]) -> str | None:
+    """What clap says of service-vtl2's arguments (None: they parse)."""
+    known = os.environ.get("TESTBED_STANDIN_SERVICE_FLAGS")
+    flags = set(known.split(",")) if known else set(SERVICE_FLAGS)
+    i = 0
+    while i < len(args):
+        if args[i] == "--igvm":
+            if i + 1 >= len(args):
+                return "a value is required for '--igvm <PATH>' but none was supplied"
+            i += 2
+            continue
+        if args[i] not in flags:
+            return f"unexpected argument '{args[i]}' found"
+        i += 1
+    return None
+
+
 T_START = time.monotonic()
 BOOL_FLAGS = {"--hv", "--vtl2", "--vmbus-redirect", "--help", "-h", "--version", "-V"}
 VALUE_FLAGS = {"--igvm", "-m", "--memory", "-p", "--processors", "--vmbus-com1-serial", "--vmbus-com2-serial",
@@ -339,7 +361,12 @@ class StandIn:
             panic(f"called `Result::unwrap()` on an `Err` value: {e}")
         cmd, args = words[0], words[1:]
         if cmd == "service-vtl2":
-            if self.servicing is not None and not self.servicing.done():
+            bad = service_args_error(args)
+            if bad:  # clap refuses the command line; the command does not run
+                self.out.write(
+                    f"error: {bad}\n\nUsage: service-vtl2 [OPTIONS]\n\nFor more information, try '--help'.\n"
+                )
+            elif self.servicing is not None and not self.servicing.done():
                 self.out.write("state change already in progress\n")
             else:
                 self.servicing = asyncio.ensure_future(self.service(args))

@@ -11,10 +11,11 @@ keys the reports read, and what the capabilities promise.
 from __future__ import annotations
 
 from testbed.backends.base import Backend, VmHandle, host_program_errors
+from testbed.backends.memory import MemoryHold
 from testbed.backends.registry import BackendKind
 from testbed.core.capabilities import CAPABILITIES, SHUTDOWN_MODES, Capabilities
 from testbed.core.config import Artifact, ConfigError, HostEntry, HostOptions, Pattern, Strict, VmConfig
-from testbed.core.errors import InfraError
+from testbed.core.errors import HostFull, HostGone, InfraError
 from testbed.core.evidence import Check, HostReport, RaceEvidence, RacePlan, TimelineEntry
 from testbed.core.verdicts import VERDICTS, Facts, Finding, Request, Servicing, Verdict, decide
 from testbed.hostprog.client import HostProgram
@@ -33,10 +34,13 @@ __all__ = [
     "Finding",
     "ConfigError",
     "HostEntry",
+    "HostFull",
+    "HostGone",
     "HostOptions",
     "HostProgram",
     "HostReport",
     "InfraError",
+    "MemoryHold",
     "Pattern",
     "RaceEvidence",
     "RacePlan",

@@ -130,3 +130,30 @@ def test_openvmm_suite_passes_through_the_plugin(ov_config, pytester: pytest.Pyt
     )  # fmt: skip
     print(r.stdout.str()[-6000:])  # on a failure, the suite's own report says which test and why
     r.assert_outcomes(passed=3)
+
+
+def test_service_flags_are_a_matrix_dimension_and_a_build_without_one_says_so(
+    ov_config, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """lab.nvme_keepalive and lab.mana_keepalive as matrix dimensions: each cell types its
+    flags; an openvmm build whose console lacks --mana-keepalive refuses the command (clap),
+    and those cells are infra-errors that name the flag, never a servicing verdict."""
+    cfg = ov_config(env={"TESTBED_STANDIN_SERVICE_FLAGS": "-u,--user-mode-only,-n,--nvme-keepalive"})
+    pb = tmp_path / "flags.yaml"
+    pb.write_text(f"name: ov-flags\nvm_config: {cfg}\nstrategy: pause-resume\niterations: 1\nexpect: {{}}\n"
+                  "reset: cold\nschedule: {kind: fixed, offsets_ms: [900]}\n"
+                  "matrix:\n  dimensions:\n    lab.nvme_keepalive: [0, 1]\n    lab.mana_keepalive: [0, 1]\n")  # fmt: skip
+    r = cli("run", str(pb), "--out", str(tmp_path / "run"))
+    cells = json.loads((tmp_path / "run" / "matrix.json").read_text())["matrix"]["cells"]
+    by = {(c["values"]["lab.nvme_keepalive"], c["values"]["lab.mana_keepalive"]): c for c in cells}
+    for (nvme, mana), c in by.items():
+        cell = tmp_path / "run" / c["dir"]
+        recs = [json.loads(ln) for ln in (cell / "results.jsonl").read_text().splitlines()]
+        console = (Path(recs[0]["dir"]) / "console.log").read_text()
+        assert ("service-vtl2 -n" in console) == bool(nvme), console[-800:]
+        if mana:
+            assert recs[0]["verdict"] == "infra-error" and "--mana-keepalive" in recs[0]["reason"], recs[0]
+            assert "lacks the flag" in recs[0]["reason"]
+        else:
+            assert recs[0]["verdict"] == "preserved", recs[0]
+    assert r.returncode == 3, r.stdout[-2000:] + r.stderr[-2000:]  # infra-errors: not a product verdict

@@ -186,3 +186,24 @@ def test_the_fleet_bench_prints_its_ratios_and_slope() -> None:
     assert [(int(a), int(b)) for a, b, _i, _r in rows] == [(1, 2), (4, 8)], p.stdout
     assert all(0 < float(r) <= 1.05 for *_x, r in rows) and float(rows[1][2]) == 80.0
     assert re.search(r"RSS slope: -?[\d.]+ KiB per lane", p.stdout), p.stdout
+
+
+def test_lanes_hold_their_vms_memory_against_each_other() -> None:
+    """Each lane's backend holds its VM's share of what the host reported free; the one
+    that does not fit is HostFull, and a closed lane gives its share back."""
+    import pytest
+
+    from testbed.backends.memory import MemoryHold
+    from testbed.core.errors import HostFull
+
+    a, b, c = MemoryHold("h"), MemoryHold("h"), MemoryHold("h")
+    a.take(5000, 2000)
+    b.take(5000, 2000)
+    with pytest.raises(HostFull, match="5000 MB free on h, 4000 MB held by this run's other VMs"):
+        c.take(5000, 2000)
+    b.release()
+    c.take(5000, 2000)
+    MemoryHold("other").take(2500, 2000)  # another host's memory is its own
+    MemoryHold("h").take(None, 10**9)  # a host that did not say: nothing held, nothing refused
+    a.release()
+    c.release()

@@ -42,6 +42,7 @@ BACKEND_API = (
     "testbed.backends.commands",
     "testbed.backends.registry",
     "testbed.backends.api",
+    "testbed.backends.memory",
 )
 
 

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +27,9 @@ from testbed.backends.hyperv.config import HyperVSpec, HyperVVmConfig
 from testbed.backends.hyperv.module import CreatedVm, HostModule, Preflight, StartedVm
 from testbed.backends.hyperv.phases import anchor_for
 from testbed.backends.hyperv.race_evidence import evidence
+from testbed.backends.memory import MemoryHold
 from testbed.core.config import Artifact
-from testbed.core.errors import HostFull, InfraError
+from testbed.core.errors import InfraError
 from testbed.core.evidence import Check, HostReport, RaceEvidence, RacePlan
 from testbed.core.verdicts import Verdict
 from testbed.hostprog import leases
@@ -44,9 +44,6 @@ MIN_BUILD = 26100
 COM3_MIN_BUILD = 27653  # the additional-COM-ports code path (petri's check; the guide says 26H1, 28000+)
 EVENT_SETTLE_MS = 3000  # how long the event log may lag the VM going off
 VM_OVERHEAD_MB = 512  # a VM's worker process and VTL2 beside its memory_mb (preflight's own margin)
-# Free host memory held by this process's VMs, per host: the lanes of a run share a host.
-_reserved: dict[str, int] = {}
-_reserved_lock = threading.Lock()
 _vm_numbers = itertools.count(1)
 
 
@@ -113,15 +110,13 @@ class HyperVBackend:
         self._l1: tuple[CreatedVm, str] | None = None  # the L1 VM and its folder on L0
         self._kept: dict[str, HyperVVm] = {}  # checkpointed VMs, removed by close
         self.host_info: Preflight | None = None
-        self._held_mb = 0  # free memory this backend's VM holds against the run's other lanes
+        self.memory = MemoryHold(self.host)  # its VM's share of the host's free memory, against other lanes
         self._builds: dict[str, tuple[str, str]] = {}  # build name -> (path in the host's cache, sha256)
 
     def close(self) -> None:
         for kept in list(self._kept.values()):
             self._remove(kept)
-        with _reserved_lock:
-            _reserved[self.host] = _reserved.get(self.host, 0) - self._held_mb
-            self._held_mb = 0
+        self.memory.release()
         if self._l1 is not None:
             l1, vm_dir = self._l1
             try:
@@ -230,7 +225,8 @@ class HyperVBackend:
             raise InfraError(
                 "host not ready: " + "; ".join(f"{c.name}: {c.detail} (fix: {c.fix})" for c in bad)
             )
-        self._reserve_memory(spec.memory_mb + VM_OVERHEAD_MB)
+        assert self.host_info is not None
+        self.memory.take(self.host_info.free_memory_mb, spec.memory_mb + VM_OVERHEAD_MB)
         if strategy != "none":
             log.info(
                 "strategy %r does not apply on Hyper-V: the host's own preservation is what is tested",
@@ -244,21 +240,6 @@ class HyperVBackend:
         name = f"{cfg.name}-{socket.gethostname()}-{os.getpid()}-{next(_vm_numbers)}"
         vm_dir = rf"{self.module.host_dir}\vms\{name}"
         return HyperVVm(name, cfg, "hyperv-host", self.host, igvm, vhd, vm_dir, com3, igvm_sha256)
-
-    def _reserve_memory(self, need_mb: int) -> None:
-        """Hold ``need_mb`` of the host's free memory (as preflight read it) for this
-        backend's VM, against the other lanes of this run on the same host: every lane
-        provisions before any VM starts, so each sees the same free memory. HostFull when
-        there is no room: the run goes on with the lanes it has."""
-        assert self.host_info is not None
-        with _reserved_lock:
-            taken = _reserved.get(self.host, 0)
-            room = self.host_info.free_memory_mb - taken
-            if room < need_mb:
-                raise HostFull(f"{self.host_info.free_memory_mb} MB free on {self.host}, {taken} MB held by this "
-                               f"run's other VMs, and one more needs {need_mb} MB")  # fmt: skip
-            _reserved[self.host] = taken + need_mb
-        self._held_mb += need_mb
 
     def _nested_up(self, cfg: HyperVVmConfig, base: Path) -> None:
         assert cfg.hyperv.nested is not None

@@ -11,6 +11,7 @@ builds), and turns the driver's answers into evidence.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.backends.base import host_program_errors
+from testbed.backends.memory import MemoryHold
 from testbed.backends.openvmm import evidence
 from testbed.backends.openvmm.capabilities import CAPABILITIES
 from testbed.backends.openvmm.config import OpenVmmSpec, OpenVmmVmConfig
@@ -35,6 +37,8 @@ log = logging.getLogger(__name__)
 DRIVER = "testbed.backends.openvmm.hostside"
 # Flags every launch uses; a build without one of them is refused before anything starts.
 REQUIRED_FLAGS = ("--hv", "--vtl2", "--igvm", "--vmbus-redirect", "--vmbus-com1-serial")
+VM_OVERHEAD_MB = 512  # openvmm and VTL2 beside memory_mb (the host driver's preflight margin)
+_vm_numbers = itertools.count(1)
 
 
 @dataclass
@@ -109,12 +113,15 @@ class OpenVmmBackend:
         self.transport: Transport = transport or LocalTransport()
         self.host = self.transport.name
         self.driver = HostProgram(self.transport, DRIVER)
+        self.free_memory_mb: int | None = None  # as the last preflight read it
+        self.memory = MemoryHold(self.host)  # its VM's share of the host's free memory, against other lanes
 
     def call(self, op: str, timeout: float = 120.0, **args: Any) -> dict[str, Any]:
         with host_program_errors():
             return self.driver.call(op, timeout=timeout, **args)
 
     def close(self) -> None:
+        self.memory.release()
         self.driver.close()
 
     def __enter__(self) -> OpenVmmBackend:
@@ -140,6 +147,7 @@ class OpenVmmBackend:
                 Check("host driver", False, str(e), "check the host URI, SSH access and python3")
             )
             return rep
+        self.free_memory_mb = host.get("free_memory_mb")
         rep.checks += [Check(c["name"], c["ok"], c["detail"], c["fix"]) for c in host["checks"]
                        if spec is not None or c["name"] != "IGVM"]  # fmt: skip
         if spec is not None:
@@ -163,8 +171,10 @@ class OpenVmmBackend:
             raise InfraError(
                 "host not ready: " + "; ".join(f"{c.name}: {c.detail} (fix: {c.fix})" for c in bad)
             )
+        self.memory.take(self.free_memory_mb, cfg.openvmm.memory_mb + VM_OVERHEAD_MB)
         p = self.call("probe", timeout=90, binary=cfg.openvmm.binary)
-        name = f"{cfg.name}-{socket.gethostname()}-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
+        # Unique per VM of this process (lanes provision at the same millisecond).
+        name = f"{cfg.name}-{socket.gethostname()}-{os.getpid()}-{next(_vm_numbers)}"
         if strategy != "none":
             log.info(
                 "strategy %r: openvmm's own preservation is what is tested (a stand-in reads it)", strategy

@@ -7,7 +7,8 @@ files into its cache); nothing here is uploaded.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal, Self
 
 from pydantic import Field, model_validator
 
@@ -80,3 +81,16 @@ class OpenVmmSpec(Strict):
 class OpenVmmVmConfig(VmConfig):
     backend: Literal["openvmm"] = "openvmm"
     openvmm: OpenVmmSpec
+
+    @classmethod
+    def knob_names(cls) -> tuple[str, ...]:
+        """service-vtl2's flags, as a playbook's lab: knobs and a matrix's lab.<flag> (0/1):
+        user_mode_only (-u), nvme_keepalive (-n), mana_keepalive (--mana-keepalive)."""
+        return tuple(ServiceFlags.model_fields)
+
+    def with_lab(self, over: Mapping[str, Any]) -> Self:
+        changes = {k: v for k, v in over.items() if v is not None and k in ServiceFlags.model_fields}
+        if not changes:
+            return self
+        flags = ServiceFlags.model_validate({**self.openvmm.service.model_dump(), **changes})
+        return self.model_copy(update={"openvmm": self.openvmm.model_copy(update={"service": flags})})

@@ -48,6 +48,9 @@ EVENTS = (
     ("phase:vtl0-wait", "waiting for VTL0 to start"),
     ("phase:restore-done", "restore vtl2 complete"),
     ("console-panic", "failed to enable raw console mode"),
+    # clap refusing a typed command's arguments (a flag this build's console lacks): the
+    # command did not run. Checked last: only a line no other event names.
+    ("console-refused", "error: unexpected argument"),
 )
 
 

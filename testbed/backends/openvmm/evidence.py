@@ -149,6 +149,11 @@ def _broken(first: Callable[..., Seen | None], console: list[Seen], zero: int | 
     panic = first("console-panic")
     if panic is not None:
         return Finding("openvmm's console panicked (no terminal?)", (panic.show(zero),))
+    refused = first("console-refused")
+    if refused is not None:  # a flag of openvmm.service (or a matrix's lab.<flag>) this build lacks
+        return Finding(f"openvmm's console refused a typed command, so it never ran: {refused.line.text} "
+                       "(this openvmm build lacks the flag: drop it from openvmm.service or the matrix)",
+                       (refused.show(zero),) + fire_line)  # fmt: skip
     no_ic = first("no-shutdown-ic")
     if no_ic is not None:
         return Finding("openvmm has no shutdown IC (is --hv set?)", (no_ic.show(zero),))

@@ -244,7 +244,7 @@ class Driver(rpc.RpcServer):
                              f"{free} MB free, need {memory_mb + 512}" if free is not None else "unknown",
                              "stop other VMs or lower openvmm.memory_mb"))  # fmt: skip
         checks.append(_check("python", sys.version_info >= (3, 9), sys.version.split()[0], "python >= 3.9"))
-        return {"checks": checks}
+        return {"checks": checks, "free_memory_mb": free}
 
     async def op_exists(self, path: str) -> dict[str, Any]:
         return {"exists": os.path.exists(path)}
