@@ -91,7 +91,6 @@ class Runner:
         self._halt = threading.Event()
         self._in_flight: Counter[tuple[str, float | str | None]] = Counter()  # see _flight
         self._abandoned = False  # a second Ctrl-C: in-flight iterations are not recorded
-        self._writing = threading.Lock()  # results.jsonl's writer, apart from the run's condition
         self._deliveries = Deliveries()  # for the in-run grace
         self._search_of: dict[str, dict[str, Any]] = {}  # a search arm's label -> what the record says of it
 
@@ -364,8 +363,7 @@ class Runner:
                     self._deliveries.add(rec)
                     self.progress({"event": "iteration", "record": rec})
                     self.check_stop(rec)
-                with self._writing:  # the fsync waits for the disk without holding up the other lanes
-                    writer.write(rec)
+                writer.write(rec)  # thread-safe, and one fsync covers lanes that finish together
             finally:
                 with self._cond:
                     self._in_flight[_flight(case, plan)] -= 1
