@@ -78,6 +78,8 @@ def parse_entry(path: Path, data: Any, where: tuple[int | str, ...] = ()) -> Hos
         raise ConfigError(path, node_line(root, (*where, "kind")),
                           f"unknown host kind {kind!r}; allowed: {', '.join(registry.names())}")  # fmt: skip
     entry = parse_model(path, data, registry.get(kind).host_entry)
+    if entry.vm_config is not None and not os.path.isabs(entry.vm_config):
+        entry = entry.model_copy(update={"vm_config": str((path.parent / entry.vm_config).resolve())})
     problem = _scheme_problem(entry)
     if problem:
         raise ConfigError(path, node_line(root, (*where, "uri")), f"uri: {problem}")

@@ -75,12 +75,13 @@ def execute(a: RunArgs) -> None:
         entries = host_entries(a.host or pb.host, a.inventory, cfg)
         entry = entries[0]
         opts = options(a, entry, a.host or pb.host)
+        cfgs = fleet_configs(entries, cfg, pb) if len(entries) > 1 else {entry.name: cfg}
         if len(entries) > 1:
-            opts.fleet = [
-                FleetHost(e.name, e.kind, _opener(e, cfg, host_opts), e.max_guests) for e in entries
-            ]
-        kind = registry.get(entry.kind)
-        plan = RunPlan(pb, cfg, opts, kind.kind, kind.capabilities, a.playbook)  # refusals come here
+            opts.fleet = [FleetHost(e.name, e.kind, _opener(e, cfgs[e.name], host_opts), e.max_guests,
+                                    cfg=cfgs[e.name]) for e in entries]  # fmt: skip
+        for e in entries[::-1]:  # each kind's refusals, the first host's plan kept
+            kind = registry.get(e.kind)
+            plan = RunPlan(pb, cfgs[e.name], opts, kind.kind, kind.capabilities, a.playbook)
     if a.dry_run:
         print_plan(plan, pb, entries)
         raise typer.Exit(0)
@@ -117,15 +118,37 @@ def host_entries(spec: str, inventory: Path | None, cfg: VmConfig) -> list[HostE
             raise ConfigError(inv_path, None, f"--host {spec}: no host in the inventory matches")
     entries = [lookup_entry(n, inventory, kind=cfg.backend) for n in names or [spec]]
     if len(entries) > 1:
-        other = [e for e in entries if e.kind != cfg.backend]
+        other = [e for e in entries if e.kind != cfg.backend and e.vm_config is None]
         if other:
             raise ConfigError(Path("--host"), None, f"host {other[0].name} is of kind {other[0].kind}, the vm_config "
-                              f"of backend {cfg.backend}: a fleet runs hosts of the vm_config's kind")  # fmt: skip
+                              f"of backend {cfg.backend}: name its own vm_config in the inventory (vm_config:) "
+                              "for a fleet of mixed kinds")  # fmt: skip
         seen = [e.name for e in entries]
         dup = sorted({n for n in seen if seen.count(n) > 1})
         if dup:
             raise ConfigError(Path("--host"), None, f"host {dup[0]} is named twice")
     return entries
+
+
+def fleet_configs(entries: list[HostEntry], cfg: VmConfig, pb: Playbook) -> dict[str, VmConfig]:
+    """Each fleet host's vm_config: its inventory's own (of its kind), else the playbook's.
+    A fleet of mixed kinds runs one playbook; a matrix varies one vm_config, so it is
+    refused there."""
+    out: dict[str, VmConfig] = {}
+    for e in entries:
+        own = load_vm_config(Path(e.vm_config)) if e.vm_config is not None else cfg
+        if own.backend != e.kind:
+            raise ConfigError(Path(e.vm_config or "--host"), None, f"host {e.name} is of kind {e.kind}; its "
+                              f"vm_config is for backend {own.backend}")  # fmt: skip
+        try:  # the playbook's lab: knobs that this kind has
+            out[e.name] = own.with_lab({k: v for k, v in pb.lab.items() if k in own.knob_names()})
+        except ValueError as err:
+            raise ConfigError(Path(e.vm_config or "--host"), None, f"host {e.name}: lab: {err}") from None
+    if pb.matrix is not None and len({c.backend for c in out.values()}) > 1:
+        raise ConfigError(
+            Path("--host"), None, "a matrix runs on hosts of one kind: its cells vary one vm_config"
+        )
+    return out
 
 
 def _opener(entry: HostEntry, cfg: VmConfig, host_opts: HostOptions) -> Callable[[], Backend]:

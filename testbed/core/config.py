@@ -291,6 +291,11 @@ class HostEntry(Strict):
         description="guests this host runs at once (a run's parallel lanes are capped by it; "
         "default: the host's TESTBED_MAX_GUESTS, 2)",
     )
+    vm_config: str | None = Field(
+        None,
+        description="the vm_config this host runs in a fleet (relative to the inventory file): how one "
+        "playbook runs on hosts of different kinds, each with a vm_config of its own kind",
+    )
 
     @field_validator("uri")
     @classmethod

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from testbed.backends.base import Backend
+from testbed.core.config import VmConfig
 from testbed.engine.estimators import fisher_exact, wilson
 from testbed.hostprog import slots
 
@@ -43,6 +44,7 @@ class FleetHost:
     drained_at: float | None = None  # wall clock
     lanes: int = 0
     first: Backend | None = field(default=None, repr=False)  # an already-open backend for its first lane
+    cfg: VmConfig | None = field(default=None, repr=False)  # its own vm_config (a fleet of mixed kinds)
 
     def lanes_for(self, asked: int) -> int:
         """Lanes on this host: what the run asks, capped by the host's guest limit."""
@@ -54,7 +56,8 @@ class FleetHost:
 
     def as_dict(self) -> dict[str, object]:
         return {"name": self.name, "kind": self.kind, "lanes": self.lanes, "max_guests": self.max_guests,
-                "drained": self.drained, "drained_at": self.drained_at}  # fmt: skip
+                "drained": self.drained, "drained_at": self.drained_at,
+                "vm_config": self.cfg.name if self.cfg is not None else None}  # fmt: skip
 
 
 def split_lanes(hosts: list[FleetHost], asked: int) -> tuple[int, str]:

@@ -241,7 +241,7 @@ class Runner:
                     lane = Lane(len(lanes), backend, host=h)
                     lanes.append(lane)
                     try:
-                        lane.vm = backend.provision(self.cfg, self.strategy)
+                        lane.vm = backend.provision(h.cfg or self.cfg, self.strategy)
                     except HostFull as e:
                         if i == 0:
                             raise

@@ -77,3 +77,47 @@ def test_two_openvmm_processes_race_at_once(ov_config, tmp_path: Path) -> None: 
     assert [x["verdict"] for x in sorted(recs, key=lambda x: x["iteration"])] == ["lost", "preserved"] * 2  # type: ignore[arg-type, return-value]
     spans = sorted((float(x["started"]), float(x["started"]) + float(x["duration_s"])) for x in recs)  # type: ignore[arg-type]
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False))  # really at once
+
+
+def test_over_ssh_a_phase_sweep_and_the_ic_ready_delay_through_the_cli(
+    ov_config, standin_bin: Path, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """The same questions of an OpenVMM host reached over a real sshd (the stand-in on the
+    host's PATH, the host driver uploaded as a zipapp): the sweep loses inside the save
+    and not after the re-offer, the IC-ready curve has its safe delay, nothing is left."""
+    from sshd import run_sshd  # type: ignore[import-not-found]
+
+    from testbed.core.paths import cache_dir
+
+    lab = tmp_path / "lab.yaml"
+    lab.write_text(
+        (ROOT / "vm_configs/reference-linux.yaml")
+        .read_text()
+        .replace("lab:\n", "lab:\n  vtl0_attach_ms: 300\n")
+    )
+    cfg = ov_config(name="ov-sweep", binary="openvmm", shutdown_grace_ms=1500)
+    late = ov_config(
+        name="ov-late", binary="openvmm", env={"TESTBED_STANDIN_VM_CONFIG": str(lab)}
+    )  # #1174's gap
+    env = {"PATH": f"{standin_bin}:/usr/bin:/bin", "TESTBED_STANDIN_CACHE_DIR": str(cache_dir())}
+    with run_sshd(tmp_path / "sshd", env=env) as s:
+        inv = tmp_path / "hosts.yaml"
+        inv.write_text(f"hosts:\n  - {{name: ov, uri: '{s.uri}', kind: openvmm, identity_file: '{s.key}', "
+                       f"known_hosts: '{s.known_hosts}'}}\n")  # fmt: skip
+        sweep = tmp_path / "sweep.yaml"
+        sweep.write_text(f"name: ov-ssh-phases\nvm_config: {cfg}\nstrategy: none\nreset: cold\nexpect: {{}}\n"
+                         "schedule: {kind: phases, phases: [save-wait, complete], delays_ms: [0], midpoint: false, "
+                         "repeat: 1}\n")  # fmt: skip
+        r = cli("run", str(sweep), "--host", "ov", "--inventory", str(inv), "--out", str(tmp_path / "sweep"))
+        assert r.returncode == 0, r.stdout + r.stderr
+        by_phase = {str(x["phase"]): x["verdict"] for x in records(tmp_path / "sweep")}
+        assert by_phase == {"save-wait": "lost", "complete": "preserved"}, by_phase
+        icr = tmp_path / "icr.yaml"
+        icr.write_text(f"name: ov-ssh-icr\nvm_config: {late}\nstrategy: pause-resume\nreset: cold\nexpect: {{}}\n"
+                       "shutdown: ic-ready\niterations: 2\nschedule: {kind: fixed, offsets_ms: [0, 700]}\n")  # fmt: skip
+        r = cli("run", str(icr), "--host", "ov", "--inventory", str(inv), "--out", str(tmp_path / "icr"))
+        assert r.returncode == 0, r.stdout + r.stderr
+        summary = json.loads((tmp_path / "icr" / "summary.json").read_text())
+        assert summary["ic_ready_delay"]["safe_delay_ms"] == 700.0, summary["ic_ready_delay"]
+    left = subprocess.run(["pgrep", "-f", "openvmm_standin|qemu-system"], capture_output=True, text=True)
+    assert left.stdout.strip() == "", left.stdout

@@ -215,3 +215,33 @@ def test_a_matrix_over_the_servicing_options_and_timeout_hint(hv_model: HvLab, t
     bad.write_text(pb.read_text().replace("[15, 60]", "[15, 0]"))
     r = cli(hv_model, "run", str(bad), "--out", str(tmp_path / "bad"))
     assert r.exit_code == 2 and "timeout_hint_secs" in r.output, r.output
+
+
+def test_one_playbook_on_a_fleet_of_mixed_kinds(hv_model: HvLab, tmp_path: Path) -> None:
+    """A Hyper-V host and a mock host in one run, each with the vm_config of its kind named
+    in the inventory: both race, every record says its host and kind."""
+    cfg = modeled(hv_model, tmp_path, lossy=False)
+    (tmp_path / "mock.yaml").write_text("name: mk\nbackend: mock\nrace_ms: 50\n")
+    port = hv_model.standin.server.server_address[1]
+    inv = tmp_path / "hosts.yaml"
+    inv.write_text(f"hosts:\n  - {{name: hv, uri: 'winrm://LAB%5Ctester@127.0.0.1:{port}', kind: hyperv, "
+                   f"vm_config: {cfg.name}}}\n  - {{name: mk, uri: 'mock://one', kind: mock, vm_config: mock.yaml}}\n")  # fmt: skip
+    pb = tmp_path / "pb.yaml"
+    pb.write_text(f"name: mixed\nvm_config: {cfg}\niterations: 12\nexpect: {{}}\n"
+                  "schedule: {kind: fixed, offsets_ms: [20, 500]}\n")  # fmt: skip
+    env = {"TESTBED_WINRM_PASSWORD": PASSWORD, "COLUMNS": "250"}
+    out = tmp_path / "run"
+    r = CliRunner().invoke(
+        app, ["run", str(pb), "--host", "hv,mk", "--inventory", str(inv), "--out", str(out)], env=env
+    )
+    assert r.exit_code == 0, r.output
+    recs = records(out)
+    assert {(x["host"], x["host_kind"]) for x in recs} == {("hv", "hyperv"), ("mk", "mock")}, recs[:2]
+    assert len(recs) == 12
+    fleet = json.loads((out / "run.json").read_text())["fleet"]
+    assert {h["name"]: h["vm_config"] for h in fleet} == {"hv": "hv-model", "mk": "mk"}
+    inv.write_text(inv.read_text().replace(", vm_config: mock.yaml", ""))
+    r = CliRunner().invoke(
+        app, ["run", str(pb), "--host", "hv,mk", "--inventory", str(inv), "--dry-run"], env=env
+    )
+    assert r.exit_code == 2 and "name its own vm_config in the inventory" in r.output, r.output
