@@ -91,7 +91,8 @@ def execute(a: RunArgs) -> None:
             opts.open_backend = _opener(entry, cfg, host_opts)
         runner = make_runner(pb, cfg, opts, a.playbook)
     where = ", ".join(e.name for e in entries)
-    console.print(f"{pb.name} on {where} ({entry.kind}): {runner.describe()}", highlight=False)
+    kinds = ", ".join(dict.fromkeys(e.kind for e in entries))
+    console.print(f"{pb.name} on {where} ({kinds}): {runner.describe()}", highlight=False)
     result = with_progress(runner, pb.name)
     if len(entries) == 1:
         remember_rate(entry, result)
@@ -266,7 +267,8 @@ def print_plan(plan: RunPlan, pb: Playbook, entries: list[HostEntry]) -> None:
     """The dry run: what would run, refused nothing, and how long it should take."""
     entry = entries[0]
     where = entry.uri if len(entries) == 1 else ", ".join(e.name for e in entries)
-    out.print(f"dry run: {pb.name} on {where} ({entry.kind}); nothing was started", highlight=False)
+    kinds = ", ".join(dict.fromkeys(e.kind for e in entries))
+    out.print(f"dry run: {pb.name} on {where} ({kinds}); nothing was started", highlight=False)
     for c in plan.cases():
         s = plan.schedule_of(c)
         out.print(f"  case {c.name}: {plan.iterations_of(c)} tries at most, strategy {plan.strategy}, "

@@ -69,7 +69,10 @@ def evidence(
         servicing_proof=_servicing_proof(outcome, spec),
         phases=phases,
         phase=phase,
-        phase_ns=phases.get(phase) if phase is not None else None,
+        # The host's own stamp of the line the shot followed (its .NET match), else ours.
+        phase_ns=(_ns(outcome.anchor_ms) if outcome.anchor_ms is not None else phases.get(phase))
+        if phase is not None
+        else None,
         ic_reoffered_ns=_ns(outcome.anchor_ms) if outcome.fire_after == "ic-ready" else None,
         timeline=timeline,
         raw=raw,
