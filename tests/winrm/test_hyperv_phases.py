@@ -245,3 +245,17 @@ def test_one_playbook_on_a_fleet_of_mixed_kinds(hv_model: HvLab, tmp_path: Path)
         app, ["run", str(pb), "--host", "hv,mk", "--inventory", str(inv), "--dry-run"], env=env
     )
     assert r.exit_code == 2 and "name its own vm_config in the inventory" in r.output, r.output
+
+
+def test_the_flaky_window_search_gives_its_answer(hv_model: HvLab, tmp_path: Path) -> None:
+    """playbooks/flaky-window.yaml on Hyper-V: time buckets and the host's phase arms, one
+    budget; the lossy build's window (OpenHCL has the request, its channel is still open)
+    is the answer."""
+    cfg = modeled(hv_model, tmp_path)
+    out = tmp_path / "run"
+    r = cli(hv_model, "run", str(ROOT / "playbooks/flaky-window.yaml"), "--vm-config", str(cfg),
+            "--iterations", "120", "--out", str(out))  # fmt: skip
+    assert r.exit_code == 0, r.output
+    answer = json.loads((out / "summary.json").read_text())["flaky_search"]["answer"]
+    assert answer.startswith("window found"), answer
+    assert any(arm in answer for arm in ("received", "stopping", "[19, 88)", "[-50, 19)")), answer
