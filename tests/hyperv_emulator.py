@@ -861,14 +861,8 @@ class EmulatedHyperV:
         """Servicing on its own thread, the shot ``offset`` after the anchor on this one."""
         kind, pattern = anchor
         t = _Timed()
-        th = threading.Thread(target=lambda: setattr(t, "service_returned_ms",
-                                                     clock.call_at(clock.ms(), self.service_call_ms,
-                                                                   lambda m: setattr(t, "service_ms", m))[1]),
-                              daemon=True)  # fmt: skip
-        th.start()
-        while t.service_ms is None:
-            time.sleep(0)
-        s0 = t.service_ms
+        th = _servicing_runspace(clock, t, self.service_call_ms, [clock.ms()])
+        s0 = _started(t)
         out["FireAfter"] = kind
         at: float | None = None
         resolution = 0.0
@@ -967,25 +961,38 @@ def _timed(clock: _Clock, concurrent: bool, offset: float, service: bool, by_off
             t.fire_ms, t.fire_returned_ms = clock.call_at(t.service_ms + offset, shutdown_call_ms)
         return t
     at: list[float] = []
-
-    def made(when: float) -> None:  # stamped before the call, as the runspace does
-        t.service_ms = when
-
-    def servicing() -> None:  # the runspace: spins until its start time is set, then makes its call
-        while not at:
-            time.sleep(0)  # runnable all along, as the runspace's spin (a blocked thread wakes late)
-        _, t.service_returned_ms = clock.call_at(at[0], service_call_ms, made)
-
-    th = threading.Thread(target=servicing, daemon=True)
-    th.start()
+    th = _servicing_runspace(clock, t, service_call_ms, at)
     if offset < 0:  # the shot leads; servicing starts |offset| after the shot's actual time
         t.fire_ms, t.fire_returned_ms = clock.call_at(
             clock.ms(), shutdown_call_ms, lambda fired: at.append(fired - offset)
         )
     else:
         at.append(clock.ms())
-        while t.service_ms is None:  # the race spins for the call's actual start, as the module does
-            time.sleep(0)
-        t.fire_ms, t.fire_returned_ms = clock.call_at(t.service_ms + offset, shutdown_call_ms)
+        t.fire_ms, t.fire_returned_ms = clock.call_at(_started(t) + offset, shutdown_call_ms)
     th.join()
     return t
+
+
+def _servicing_runspace(clock: _Clock, t: _Timed, call_ms: float, at: list[float]) -> threading.Thread:
+    """ReloadManagementVtl's runspace: spins until its start time is in ``at``, then makes
+    its call, stamped in ``t`` when made (before the call, as the runspace does) and when
+    it returned."""
+
+    def made(when: float) -> None:
+        t.service_ms = when
+
+    def servicing() -> None:
+        while not at:
+            time.sleep(0)  # runnable all along, as the runspace's spin (a blocked thread wakes late)
+        _, t.service_returned_ms = clock.call_at(at[0], call_ms, made)
+
+    th = threading.Thread(target=servicing, daemon=True)
+    th.start()
+    return th
+
+
+def _started(t: _Timed) -> float:
+    """The servicing call's actual start, spun for as the module does."""
+    while t.service_ms is None:
+        time.sleep(0)
+    return t.service_ms

@@ -96,11 +96,11 @@ class SshTransport:
     @property
     def sftp(self) -> paramiko.SFTPClient:
         """One SFTP session per connection: opening one costs round trips on a slow link."""
-        self.client  # noqa: B018 (connects if needed)
+        client = self.client  # a reconnect forgets the old session
         if self._sftp is None:
             with self._deadline("opening SFTP", REQUEST_DEADLINE_S):
                 try:
-                    self._sftp = self.client.open_sftp()
+                    self._sftp = client.open_sftp()
                 except (paramiko.SSHException, OSError, EOFError) as e:
                     raise TransportError(f"{self.name}: cannot open SFTP: {e}") from None
         return self._sftp
@@ -115,11 +115,12 @@ class SshTransport:
         """Some paramiko waits have no timeout of their own (a channel request, an SFTP
         reply, an exit status that never comes): past ``seconds`` the connection is
         dropped (logged), the wait ends with an error, and it becomes a TransportError
-        that says so. The next call connects afresh."""
-        client = self._client
-        if seconds is None or client is None:
+        that says so. The next call connects afresh. It connects first if needed (the
+        connection has its own timeouts)."""
+        if seconds is None:
             yield
             return
+        client = self.client
         expired = threading.Event()
 
         def expire() -> None:
@@ -213,7 +214,6 @@ class SshTransport:
     ) -> CommandResult:
         """argv is quoted with shlex for the remote shell: every argument arrives verbatim."""
         command = shlex.join(argv)
-        self.client  # noqa: B018 (connects if needed)
         try:
             with self._deadline(f"`{argv[0]}`", timeout + REQUEST_DEADLINE_S if timeout else None):
                 return self._run(argv, command, input, timeout, on_output)
@@ -279,7 +279,6 @@ class SshTransport:
     def open_agent(self, argv: list[str]) -> tuple[IO[bytes], IO[bytes], Callable[[], None]]:
         """An exec channel without a PTY: sshd sends no SIGHUP when it drops, so
         the agent itself kills its QEMU when its stdin closes."""
-        self.client  # noqa: B018 (connects if needed)
         try:
             with self._deadline(f"starting {argv[-1]}", REQUEST_DEADLINE_S):
                 stdin, stdout, _stderr = self.client.exec_command(shlex.join(argv))

@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Literal, Self
 
 from pydantic import Field, field_validator
 
-from testbed.backends.hyperv.phases import PHASES
+from testbed.backends.hyperv.phases import COM3
 from testbed.core.config import Artifact, Pattern, Strict, VmConfig
 
 
@@ -91,10 +91,9 @@ class HyperVSpec(Strict):
     @field_validator("com3_phase_patterns")
     @classmethod
     def _known_phases(cls, v: dict[str, str]) -> dict[str, str]:
-        known = [name for name, where, _text in PHASES if where == "Com3"]
-        unknown = sorted(set(v) - set(known))
+        unknown = sorted(set(v) - set(COM3))
         if unknown:
-            raise ValueError(f"no COM3 phase {', '.join(unknown)}; the COM3 phases are {', '.join(known)}")
+            raise ValueError(f"no COM3 phase {', '.join(unknown)}; the COM3 phases are {', '.join(COM3)}")
         python_only = [k for k, rx in v.items() if "(?P" in rx]
         if python_only:  # the host matches them with .NET's Regex
             raise ValueError(
@@ -127,7 +126,7 @@ class HyperVVmConfig(VmConfig):
             return self
         spec = HyperVSpec.model_validate(
             {**self.hyperv.model_dump(), **changes}
-        )  # ValueError names a bad value
+        )  # ValueError names a bad one
         return self.model_copy(update={"hyperv": spec})
 
     def build_names(self) -> tuple[str, ...] | None:

@@ -34,6 +34,7 @@ PHASES: tuple[tuple[str, str, str], ...] = (
     (JOB_DONE, "host", ""),
 )
 NAMES = tuple(name for name, _where, _text in PHASES)
+COM3 = {name: text for name, where, text in PHASES if where == "Com3"}  # the phases a COM3 line marks
 
 
 def servicing_phases(strategy: str) -> list[str]:
@@ -44,7 +45,7 @@ def servicing_phases(strategy: str) -> list[str]:
 
 def patterns(overrides: Mapping[str, str]) -> dict[str, str]:
     """Each COM3 phase's pattern: OpenHCL's text unless the vm_config overrides it."""
-    return {name: overrides.get(name, text) for name, where, text in PHASES if where == "Com3"}
+    return {name: overrides.get(name, text) for name, text in COM3.items()}
 
 
 def anchor_for(

@@ -26,6 +26,7 @@ from testbed.backends.memory import MemoryHold
 from testbed.backends.openvmm import evidence
 from testbed.backends.openvmm.capabilities import CAPABILITIES
 from testbed.backends.openvmm.config import OpenVmmSpec, OpenVmmVmConfig
+from testbed.backends.openvmm.hostside import VM_OVERHEAD_MB
 from testbed.core.errors import InfraError
 from testbed.core.evidence import Check, HostReport, RaceEvidence, RacePlan
 from testbed.core.verdicts import Verdict
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 DRIVER = "testbed.backends.openvmm.hostside"
 # Flags every launch uses; a build without one of them is refused before anything starts.
 REQUIRED_FLAGS = ("--hv", "--vtl2", "--igvm", "--vmbus-redirect", "--vmbus-com1-serial")
-VM_OVERHEAD_MB = 512  # openvmm and VTL2 beside memory_mb (the host driver's preflight margin)
 _vm_numbers = itertools.count(1)
 
 

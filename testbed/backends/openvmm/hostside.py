@@ -41,6 +41,7 @@ from testbed.hostprog.rpc import AgentError
 from testbed.hostprog.timing import sleep_until_ns
 
 QUIT_WAIT_S = 5.0  # `quit` waits behind a stuck servicing: kill after this
+VM_OVERHEAD_MB = 512  # openvmm and VTL2 beside memory_mb: what preflight and a lane's memory hold add
 
 
 class Stamped:
@@ -240,8 +241,8 @@ class Driver(rpc.RpcServer):
                              "put the OpenHCL IGVM file there (the host playbook caches it)"))  # fmt: skip
         checks.append(_whp_check())
         free = _free_memory_mb()
-        checks.append(_check("free memory", free is None or free >= memory_mb + 512,
-                             f"{free} MB free, need {memory_mb + 512}" if free is not None else "unknown",
+        checks.append(_check("free memory", free is None or free >= memory_mb + VM_OVERHEAD_MB,
+                             f"{free} MB free, need {memory_mb + VM_OVERHEAD_MB}" if free is not None else "unknown",
                              "stop other VMs or lower openvmm.memory_mb"))  # fmt: skip
         checks.append(_check("python", sys.version_info >= (3, 9), sys.version.split()[0], "python >= 3.9"))
         return {"checks": checks, "free_memory_mb": free}
