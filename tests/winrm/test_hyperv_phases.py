@@ -64,7 +64,9 @@ def test_a_phase_sweep_fires_on_openhcls_com3_lines_and_prints_its_table(
         by_phase.setdefault(str(rec["phase"]), []).append(rec)
     assert set(by_phase) == set(NAMES), set(by_phase)
     # The sweep's delays (0 and 2 ms) after each phase; its midpoints lie between phases.
-    at_phase = {name: [x for x in xs if x["planned_offset_ms"] in (0.0, 2.0)] for name, xs in by_phase.items()}
+    at_phase = {
+        name: [x for x in xs if x["planned_offset_ms"] in (0.0, 2.0)] for name, xs in by_phase.items()
+    }
     assert all(len(xs) == 6 for xs in at_phase.values()), {k: len(v) for k, v in at_phase.items()}
     # Inside the #954 window (OpenHCL has the request, its channel is not closed yet): lost.
     assert {x["verdict"] for x in at_phase["received"] + at_phase["stopping"]} == {"lost"}
@@ -77,7 +79,10 @@ def test_a_phase_sweep_fires_on_openhcls_com3_lines_and_prints_its_table(
     for x in recs:
         race = json.loads((Path(x["dir"]) / "race.json").read_text())
         assert race["FirePlannedMs"] == pytest.approx(race["AnchorMs"] + x["planned_offset_ms"], abs=1e-6)
-        assert x["skew_ms"] == pytest.approx(race["FireMs"] - race["FirePlannedMs"], abs=1e-3) and x["skew_ms"] >= 0
+        assert (
+            x["skew_ms"] == pytest.approx(race["FireMs"] - race["FirePlannedMs"], abs=1e-3)
+            and x["skew_ms"] >= 0
+        )
     line_at = {name: f * JOB_MS for f, name in zip([f for f, _ in OPENHCL_LINES], NAMES, strict=False)}
     for name, at in line_at.items():  # the phase's time from the servicing request, as the host saw it
         got = [x["phase_times_ms"][name] for x in recs]
