@@ -310,7 +310,8 @@ class StandIn:
         log("DEBUG", "openvmm_helpers::underhill", "staging new IGVM file")
         log("DEBUG", "openvmm_helpers::underhill", "waiting for guest to send saved state")
         knobs = {"save_ms": self.knobs.save_ms, "restore_ms": self.knobs.restore_ms,
-                 "blackout_ms": self.knobs.blackout_ms, "attach_ms": self.knobs.vtl0_attach_ms}  # fmt: skip
+                 "blackout_ms": self.knobs.blackout_ms, "attach_ms": self.knobs.vtl0_attach_ms,
+                 "regression_pct": self.knobs.regression_pct}  # fmt: skip
         self.relay.start_servicing(self.svc_id, image, knobs)
         while "done_ns" not in self.relay.svc and not self.vm.shutdown.done():
             await asyncio.sleep(0.002)

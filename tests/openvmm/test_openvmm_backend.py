@@ -157,3 +157,7 @@ def test_service_flags_are_a_matrix_dimension_and_a_build_without_one_says_so(
         else:
             assert recs[0]["verdict"] == "preserved", recs[0]
     assert r.returncode == 3, r.stdout[-2000:] + r.stderr[-2000:]  # infra-errors: not a product verdict
+    assert "ov-flags: a matrix of 4 cells" in r.stdout, r.stdout[-2000:]  # the table, printed
+    for c in cells:
+        row = next(ln for ln in r.stdout.splitlines() if ln.startswith(f"| {c['name']} |"))
+        assert ("infra-error 1" if c["values"]["lab.mana_keepalive"] else "preserved 1") in row, row

@@ -121,3 +121,109 @@ def test_over_ssh_a_phase_sweep_and_the_ic_ready_delay_through_the_cli(
         assert summary["ic_ready_delay"]["safe_delay_ms"] == 700.0, summary["ic_ready_delay"]
     left = subprocess.run(["pgrep", "-f", "openvmm_standin|qemu-system"], capture_output=True, text=True)
     assert left.stdout.strip() == "", left.stdout
+
+
+def test_with_pause_resume_a_phase_sweep_loses_at_no_phase(ov_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """#962's fix on the console race: the same sweep as above with pause-resume; a shot at
+    any phase is delivered (held across the save) or refused while the IC is closed, never
+    accepted and dropped."""
+    cfg = ov_config(shutdown_grace_ms=1500)
+    pb = tmp_path / "phases.yaml"
+    pb.write_text(f"name: ov-phases-pr\nvm_config: {cfg}\nstrategy: pause-resume\nreset: cold\nexpect: {{lost: 0}}\n"
+                  "schedule: {kind: phases, delays_ms: [0], midpoint: false, repeat: 1}\n")  # fmt: skip
+    r = cli("run", str(pb), "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    by_phase = {str(x["phase"]): x["verdict"] for x in records(tmp_path / "run")}
+    assert set(by_phase) == {name for name, _w, _n in PHASES}, by_phase
+    assert set(by_phase.values()) <= {"preserved", "rejected"}, by_phase
+    assert by_phase["save-wait"] == by_phase["complete"] == "preserved", by_phase  # held, then delivered
+    assert "phase sweep" in r.stdout
+
+
+def test_a_bisection_over_three_igvm_builds_names_the_bad_one(ov_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`testbed bisect` over three IGVM files, each serviced into with `service-vtl2 --igvm`:
+    the lab's series loses every held message from v2-r6 on (regression_pct 100), so an
+    SPRT with p1 0.9 decides each build in a few tries and names v2-r6."""
+    from openvmm_standin import igvm_file  # type: ignore[import-not-found]
+
+    lab = tmp_path / "lab.yaml"
+    lab.write_text(
+        (ROOT / "vm_configs/reference-linux.yaml")
+        .read_text()
+        .replace("lab:\n", "lab:\n  regression_pct: 100\n")
+    )
+    builds = ["v2-r5", "v2-r6", "v2-r7"]
+    cfg = ov_config(images={b: str(igvm_file(tmp_path, b)) for b in builds},
+                    env={"TESTBED_STANDIN_VM_CONFIG": str(lab)})  # fmt: skip
+    pb = tmp_path / "bisect.yaml"
+    pb.write_text(f"name: ov-bisect\nvm_config: {cfg}\nstrategy: pause-resume\nreset: cold\nexpect: {{}}\n"
+                  "iterations: 20\nschedule: {kind: fixed, offsets_ms: [150]}\n"
+                  f"bisect: {{builds: {builds}, p0: 0.01, p1: 0.9, alpha: 0.05, beta: 0.05, max_per_build: 6}}\n")  # fmt: skip
+    r = cli("bisect", str(pb), "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "first bad build: v2-r6 " in r.stdout, r.stdout
+    recs = records(tmp_path / "run")
+    tried = {str(x["image"]) for x in recs}
+    assert "v2-r6" in tried and tried <= set(builds), tried
+    for x in recs:  # each try serviced into its build's IGVM file, on the console
+        console = (Path(str(x["dir"])) / "console.log").read_text()
+        assert f"service-vtl2 --igvm {tmp_path}/openhcl-{x['image']}.bin" in console, console[-600:]
+    assert {str(x["verdict"]) for x in recs if x["image"] == "v2-r6"} == {"lost"}
+
+
+def test_over_ssh_two_processes_a_bisection_and_a_flag_matrix_through_the_cli(
+    ov_config, standin_bin: Path, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """The rest of the lab's questions of an OpenVMM host over a real sshd: `--parallel 2`
+    (two openvmm processes on the host at once), a bisection over three IGVM builds, and a
+    matrix over a service-vtl2 flag with its table printed; nothing left on the host."""
+    from openvmm_standin import igvm_file  # type: ignore[import-not-found]
+    from sshd import run_sshd  # type: ignore[import-not-found]
+
+    from testbed.core.paths import cache_dir
+
+    lab = tmp_path / "lab.yaml"
+    lab.write_text(
+        (ROOT / "vm_configs/reference-linux.yaml")
+        .read_text()
+        .replace("lab:\n", "lab:\n  regression_pct: 100\n")
+    )
+    builds = ["v2-r5", "v2-r6", "v2-r7"]
+    cfg = ov_config(name="ov-remote", binary="openvmm", images={b: str(igvm_file(tmp_path, b)) for b in builds},
+                    env={"TESTBED_STANDIN_VM_CONFIG": str(lab)})  # fmt: skip
+    env = {"PATH": f"{standin_bin}:/usr/bin:/bin", "TESTBED_STANDIN_CACHE_DIR": str(cache_dir())}
+    with run_sshd(tmp_path / "sshd", env=env) as s:
+        inv = tmp_path / "hosts.yaml"
+        inv.write_text(f"hosts:\n  - {{name: ov, uri: '{s.uri}', kind: openvmm, identity_file: '{s.key}', "
+                       f"known_hosts: '{s.known_hosts}', max_guests: 2}}\n")  # fmt: skip
+        host = ("--host", "ov", "--inventory", str(inv))
+        two = tmp_path / "two.yaml"
+        two.write_text(f"name: ov-ssh-two\nvm_config: {cfg}\nstrategy: pause-resume\nreset: cold\n"
+                       "expect: {lost: 0}\nparallel: 2\niterations: 4\nschedule: {kind: fixed, offsets_ms: [150, 900, 150, 900]}\n")  # fmt: skip
+        r = cli("run", str(two), *host, "--out", str(tmp_path / "two"))
+        assert r.returncode == 0, r.stdout + r.stderr
+        recs = records(tmp_path / "two")
+        assert sorted(x["lane"] for x in recs) == [0, 0, 1, 1], recs  # type: ignore[type-var]
+        spans = sorted((float(x["started"]), float(x["started"]) + float(x["duration_s"])) for x in recs)  # type: ignore[arg-type]
+        assert any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False))  # two processes at once
+
+        bis = tmp_path / "bisect.yaml"
+        bis.write_text(f"name: ov-ssh-bisect\nvm_config: {cfg}\nstrategy: pause-resume\nreset: cold\nexpect: {{}}\n"
+                       "iterations: 20\nschedule: {kind: fixed, offsets_ms: [150]}\n"
+                       f"bisect: {{builds: {builds}, p0: 0.01, p1: 0.9, alpha: 0.05, beta: 0.05, max_per_build: 6}}\n")  # fmt: skip
+        r = cli("bisect", str(bis), *host, "--out", str(tmp_path / "bisect"))
+        assert r.returncode == 0 and "first bad build: v2-r6 " in r.stdout, r.stdout + r.stderr
+
+        mx = tmp_path / "matrix.yaml"
+        mx.write_text(f"name: ov-ssh-matrix\nvm_config: {cfg}\nstrategy: pause-resume\nreset: cold\nexpect: {{lost: 0}}\n"
+                      "iterations: 1\nschedule: {kind: fixed, offsets_ms: [900]}\n"
+                      "matrix:\n  dimensions:\n    lab.nvme_keepalive: [0, 1]\n")  # fmt: skip
+        r = cli("run", str(mx), *host, "--out", str(tmp_path / "matrix"))
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "ov-ssh-matrix: a matrix of 2 cells" in r.stdout, r.stdout[-2000:]
+        rows = [ln for ln in r.stdout.splitlines() if ln.startswith("| lab.nvme_keepalive")]
+        assert len(rows) == 2 and all("preserved 1" in ln and "| met |" in ln for ln in rows), rows
+        consoles = [p.read_text() for p in (tmp_path / "matrix").glob("cells/*/iterations/*/console.log")]
+        assert sorted("service-vtl2 -n" in c for c in consoles) == [False, True], len(consoles)
+    left = subprocess.run(["pgrep", "-f", "openvmm_standin|qemu-system"], capture_output=True, text=True)
+    assert left.stdout.strip() == "", left.stdout

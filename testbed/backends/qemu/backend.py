@@ -417,6 +417,7 @@ class QemuBackend:
                     "restore_ms": knobs.restore_ms,
                     "blackout_ms": knobs.blackout_ms,
                     "attach_ms": knobs.vtl0_attach_ms,
+                    "regression_pct": knobs.regression_pct,
                 },
             }
         shutdown = None

@@ -41,6 +41,14 @@ class LabKnobs(Strict):
         "is accepted and never acted on (openvmm #1174); 0 = at once",
     )
     servicing_timeout_ms: int = Field(8000, ge=100, le=600_000)
+    regression_pct: int = Field(
+        15,
+        ge=0,
+        le=100,
+        description="the bisection series' regression (builds v2-r6 and later): the share of the "
+        "messages flushed in the half second after a restore that those builds drop; 100 makes "
+        "every held message lost there, so a bisection decides in a few tries",
+    )
 
 
 class ParavisorSpec(Strict):

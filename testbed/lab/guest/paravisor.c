@@ -211,6 +211,7 @@ struct state {
     int svc_strategy;
     int restore_ms;
     int attach_ms; /* VTL0's driver attaches this long after the re-offer (the #1174 gap) */
+    int regression_pct; /* builds v2-r6 and later: see to_vtl0 */
 };
 
 static struct state st;
@@ -219,16 +220,17 @@ static int64_t attach_at;    /* before this, VTL0 is not listening: what is hand
 static int64_t flush_until;  /* builds v2-r6 and later: the flush after a restore drops messages */
 
 /* The bisection series v2-r1 .. v2-r8: one code base, and from r6 on a regression that
- * silently drops REGRESSION_PCT % of the messages handed to VTL0 in the first half
- * second after a restore (those held or queued during servicing): a loss at a low rate
- * that a one-shot bisection misses. */
-#define REGRESSION_PCT 15
+ * silently drops st.regression_pct % of the messages handed to VTL0 in the first half
+ * second after a restore (those held or queued during servicing): at the default 15 %,
+ * a loss at a low rate that a one-shot bisection misses. The servicing request may set
+ * it (the lab knob regression_pct); it is carried across exec with the rest of st. */
+#define DEFAULT_REGRESSION_PCT 15
 static int regressed(void) { return strncmp(image, "v2-r", 4) == 0 && atoi(image + 4) >= 6; }
 
 /* Hand a message to VTL0, unless VTL0's driver has not attached yet after a re-offer:
  * then it is gone, though the host's post was accepted (the shape of openvmm #1174). */
 static void to_vtl0(const char *line) {
-    if (now_us() < flush_until && rand() % 100 < REGRESSION_PCT) return; /* the regression: silent */
+    if (now_us() < flush_until && rand() % 100 < st.regression_pct) return; /* the regression: silent */
     if (now_us() < attach_at) {
         evidence("PV dropped seq=%s id=%s reason=vtl0-not-attached", field("seq", line), field("id", line));
         return;
@@ -294,8 +296,8 @@ static void deliver_queue(int times) {
 static void save_state(void) {
     FILE *f = fopen(STATE_PATH, "w");
     if (!f) return;
-    fprintf(f, "%d %d %d %ld %ld %d %d %d %d\n", st.get, st.vtl0, st.feature_pause_resume, st.rx,
-            st.svc_id, st.svc_strategy, st.restore_ms, st.attach_ms, st.nq);
+    fprintf(f, "%d %d %d %ld %ld %d %d %d %d %d\n", st.get, st.vtl0, st.feature_pause_resume, st.rx,
+            st.svc_id, st.svc_strategy, st.restore_ms, st.attach_ms, st.regression_pct, st.nq);
     for (int i = 0; i < st.nq; i++) fprintf(f, "%s\n", st.queue[i]);
     fclose(f);
 }
@@ -303,8 +305,9 @@ static void save_state(void) {
 static int load_state(void) {
     FILE *f = fopen(STATE_PATH, "r");
     if (!f) return -1;
-    int ok = fscanf(f, "%d %d %d %ld %ld %d %d %d %d\n", &st.get, &st.vtl0, &st.feature_pause_resume,
-                    &st.rx, &st.svc_id, &st.svc_strategy, &st.restore_ms, &st.attach_ms, &st.nq) == 9;
+    int ok = fscanf(f, "%d %d %d %ld %ld %d %d %d %d %d\n", &st.get, &st.vtl0, &st.feature_pause_resume,
+                    &st.rx, &st.svc_id, &st.svc_strategy, &st.restore_ms, &st.attach_ms,
+                    &st.regression_pct, &st.nq) == 10;
     if (st.nq > MAXQ) st.nq = MAXQ;
     for (int i = 0; ok && i < st.nq; i++) {
         if (!fgets(st.queue[i], LINE, f)) break;
@@ -381,6 +384,8 @@ static void servicing(const char *req) {
     int blackout_ms = atoi(field("blackout_ms", req));
     st.restore_ms = atoi(field("restore_ms", req));
     st.attach_ms = atoi(field("attach_ms", req));
+    const char *pct = field("regression_pct", req);
+    st.regression_pct = *pct ? atoi(pct) : DEFAULT_REGRESSION_PCT;
 
     sendline(st.get, "SVC_START id=%ld t=%lld", st.svc_id, (long long)now_us());
     evidence("PV svc-start id=%ld from=%s to=%s strategy=%s", st.svc_id, image, target, s);
