@@ -5,8 +5,9 @@ per lane, at 1, 16, 64 and 256 lanes.
 
 Every lane races the mock backend (an in-process fake VM whose race takes ``--race-ms``
 of wall time and no CPU), spread over ``--hosts`` mock hosts, all drawing from one plan
-generator (a random schedule), writing results.jsonl (fsynced per try), a folder and
-evidence per try, as a real run does. The ideal is lanes / race time: what a controller
+generator (a random schedule), writing results.jsonl, a folder and evidence per try,
+as a real run does (a lane writes its folder's evidence; the record and timeline.json go
+to the one writer thread, which fsyncs each batch). The ideal is lanes / race time: what a controller
 that costs nothing would reach. For each lane count it prints the tries per second, the
 ratio to the ideal over the whole run and over the racing alone (first try's start to
 last try's end; the difference is the run's fixed cost: lanes opened, reports written)
@@ -14,7 +15,12 @@ last try's end; the difference is the run's fixed cost: lanes opened, reports wr
 controller's CPU seconds per try, and its RSS; then the RSS slope per lane (a least-
 squares line over the lane counts). The lanes are threads: each spends its time
 blocked in the backend's call, where the GIL is released, so a thread per lane costs
-a stack and no CPU (the numbers say whether that holds).
+a stack and no CPU (the numbers say whether that holds). What did not hold: at 256
+lanes, every file syscall a lane made was a point where it released the GIL and then
+queued to get it back behind the other lanes; lanes that wrote their own record, fsync
+and timeline.json reached 0.78 to 0.87 of the ideal. Handing those to one writer thread
+took 256 lanes to 0.94 to 0.95. asyncio would not remove those syscalls (file I/O has no
+async form; it would go to a thread pool), so the lanes stay threads.
 """
 
 from __future__ import annotations

@@ -91,6 +91,7 @@ class Runner:
         self._halt = threading.Event()
         self._in_flight: Counter[tuple[str, float | str | None]] = Counter()  # see _flight
         self._abandoned = False  # a second Ctrl-C: in-flight iterations are not recorded
+        self._write_failed = False  # results.jsonl could not be written (the writer said so at close)
         self._deliveries = Deliveries()  # for the in-run grace
         self._search_of: dict[str, dict[str, Any]] = {}  # a search arm's label -> what the record says of it
 
@@ -198,6 +199,7 @@ class Runner:
             write_failed = True
         finally:
             self.tear_down(lanes, run_dir, writer)
+        write_failed = write_failed or self._write_failed
         try:
             summary, code = (self.opts.finish or conclude)(run_dir)
         except OSError as e:
@@ -270,8 +272,11 @@ class Runner:
         """Every VM destroyed and backend closed, results.jsonl in iteration order, and
         run.json told how the run ended: also after Ctrl-C, an error or a full disk."""
         self._halt.set()
-        with contextlib.suppress(OSError):
-            writer.close()
+        try:
+            writer.close()  # every record a lane handed over is written (or its error raised here)
+        except OSError as e:
+            self.stopped = self.stopped or f"cannot write the run folder {run_dir}: {e.strerror or e}"
+            self._write_failed = True
         for lane in lanes:
             if lane.vm is not None:
                 lane.backend.destroy(lane.vm)
@@ -350,7 +355,7 @@ class Runner:
             try:
                 with self._cond:
                     now = self._deliveries.grace(grace, self.cfg.shutdown_allowance_ms)
-                rec = self.iteration(lane, case, plan, now[0], run_dir)
+                rec, files = self.iteration(lane, case, plan, now[0], run_dir)
                 rec["grace_ms"], rec["grace_source"] = now
                 if self.lanes > 1:
                     rec["lane"] = lane.number
@@ -363,7 +368,7 @@ class Runner:
                     self._deliveries.add(rec)
                     self.progress({"event": "iteration", "record": rec})
                     self.check_stop(rec)
-                writer.write(rec)  # thread-safe, and one fsync covers lanes that finish together
+                writer.write(rec, files)  # handed to the writer thread: the lane races on
             finally:
                 with self._cond:
                     self._in_flight[_flight(case, plan)] -= 1
@@ -401,21 +406,20 @@ class Runner:
 
     def iteration(
         self, lane: Lane, case: Case, plan: RacePlan, grace_ms: float, run_dir: Path
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], dict[Path, Any]]:
+        """Race ``plan`` on ``lane``: its record, and the files the writer thread writes
+        for it (timeline.json), so the lane itself makes no file syscall it can avoid."""
         it_dir = run_dir / "iterations" / f"{plan.iteration:04d}"
         r = iterate(lane.backend, lane.vm, plan, grace_ms, reset=self.reset, dest=it_dir,
                     keep_failed=self.opts.keep_failed)  # fmt: skip
         rec = record(r, case.name, self.strategy, lane.vm, self.reset, it_dir)
         if plan.arm is not None:
             rec["search"] = self._search_of.get(plan.arm)
+        files: dict[Path, Any] = {}
         if "timeline" in self.pb.collect or r.verdict.kind != "preserved":
             rec["timeline"] = r.evidence.timeline_ms()
-            (it_dir / "timeline.json").write_text(
-                # Compact: an indent makes json fall back to its Python encoder (10x slower),
-                # which a fleet's controller pays on every try; `python -m json.tool` shows it.
-                json.dumps({"record": rec, "evidence": r.evidence.as_dict()}, default=str)
-            )
-        return rec
+            files[it_dir / "timeline.json"] = {"record": dict(rec), "evidence": r.evidence.as_dict()}
+        return rec, files
 
     def write_calibration(self, accel: str) -> None:
         """baselines.yaml's calibration: the slowest delivery (the grace), and, when the

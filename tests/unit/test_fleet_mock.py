@@ -207,3 +207,46 @@ def test_lanes_hold_their_vms_memory_against_each_other() -> None:
     MemoryHold("h").take(None, 10**9)  # a host that did not say: nothing held, nothing refused
     a.release()
     c.release()
+
+
+def test_the_writer_thread_writes_every_record_handed_over_with_its_files(tmp_path: Path) -> None:
+    """Lanes hand records to the writer thread and race on: after close every record is
+    in results.jsonl once, each with its side file written."""
+    import threading
+
+    from testbed.core.runfolder import ResultsWriter, read_results
+
+    w = ResultsWriter(tmp_path / "results.jsonl")
+
+    def lane(n: int) -> None:
+        for i in range(200):
+            it = n * 1000 + i
+            w.write({"iteration": it}, {tmp_path / f"{it}.json": {"record": {"iteration": it}}})
+
+    threads = [threading.Thread(target=lane, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    w.close()
+    its = [r["iteration"] for r in read_results(tmp_path / "results.jsonl")]
+    assert sorted(its) == sorted(n * 1000 + i for n in range(8) for i in range(200))
+    assert all(json.loads((tmp_path / f"{it}.json").read_text())["record"]["iteration"] == it for it in its)
+
+
+def test_a_write_the_writer_thread_could_not_make_is_raised_not_swallowed(tmp_path: Path) -> None:
+    """A side file that cannot be written (its folder is gone): its record is not written,
+    and close() and every later write() raise the error (the runner's 'cannot write the run
+    folder')."""
+    import pytest
+
+    from testbed.core.runfolder import ResultsWriter, read_results
+
+    w = ResultsWriter(tmp_path / "results.jsonl")
+    w.write({"iteration": 0})
+    w.write({"iteration": 1}, {tmp_path / "gone" / "timeline.json": {}})
+    with pytest.raises(FileNotFoundError):
+        w.close()
+    with pytest.raises(FileNotFoundError):
+        w.write({"iteration": 2})
+    assert 1 not in [r["iteration"] for r in read_results(tmp_path / "results.jsonl")]
