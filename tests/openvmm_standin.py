@@ -48,10 +48,22 @@ if os.environ.get("TESTBED_STANDIN_CACHE_DIR"):  # over SSH: the lab image of th
     os.environ["TESTBED_CACHE_DIR"] = os.environ["TESTBED_STANDIN_CACHE_DIR"]
 
 PROMPT = "openvmm> "
-VERSION = "openvmm 0.1.0 (testbed stand-in)"
+# Which openvmm it stands in for (TESTBED_STANDIN_RELEASE, through the vm_config's
+# openvmm.env), read from microsoft/openvmm's release branches:
+#   main  openvmm 0.1.0+g<sha> (--version since #4162), the openvmm_helpers crate,
+#         OpenHCL's "received servicing request from host" on COM3 (#2672), service-vtl2
+#         in the background ("vtl2 servicing complete", #1364);
+#   2505  release/2505: no --version (clap refuses it), hvlite_helpers, no COM3 receipt line;
+#   2411  release/2411: as 2505, and service-vtl2 runs in the console's foreground: the
+#         console reads nothing until it returns and prints "servicing time: Nms" (println!).
+RELEASE = os.environ.get("TESTBED_STANDIN_RELEASE", "main")
+VERSION = "openvmm 0.1.0+g1488a37b7 (testbed stand-in)"
+HELPERS = "openvmm_helpers::underhill" if RELEASE == "main" else "hvlite_helpers::underhill"
 # service-vtl2's flags (openvmm_entry repl.rs); a stand-in for an older build lists fewer
 # in TESTBED_STANDIN_SERVICE_FLAGS (the vm_config's openvmm.env reaches it).
 SERVICE_FLAGS = ("-u", "--user-mode-only", "-n", "--nvme-keepalive", "--mana-keepalive")
+if RELEASE == "2411":
+    SERVICE_FLAGS = ("-u", "--user-mode-only")
 
 
 def service_args_error(args: list[str]) -> str | None:
@@ -235,9 +247,9 @@ class StandIn:
         IGVM file"; once the reload returned, "waiting for VTL0 to start"), OpenHCL's restart
         on COM3, and OpenHCL's shutdown IC client negotiating with the host again on COM3."""
         if name == "save-end":
-            log("DEBUG", "openvmm_helpers::underhill", "reloading IGVM file")
+            log("DEBUG", HELPERS, "reloading IGVM file")
         elif name == "exec":
-            log("DEBUG", "openvmm_helpers::underhill", "waiting for VTL0 to start")
+            log("DEBUG", HELPERS, "waiting for VTL0 to start")
         elif name == "restore-start":
             self.emit(
                 self.com3, "[ 0.000000] underhill_core: VTL2 restart, getting servicing state from the host\n"
@@ -275,7 +287,7 @@ class StandIn:
                     self.acked.set()
                 elif who == "VTL0":
                     self.emit(self.com1, f"[{ts:12.6f}] testbed-vtl0: {rest}\n")
-                elif rest.startswith("svc-start"):
+                elif rest.startswith("svc-start") and RELEASE == "main":
                     self.emit(
                         self.com3,
                         f"[{ts:12.6f}] underhill_core::dispatch: received servicing request from host\n",
@@ -307,8 +319,8 @@ class StandIn:
         image = self.fault or image
         self.svc_id += 1
         start = time.monotonic()
-        log("DEBUG", "openvmm_helpers::underhill", "staging new IGVM file")
-        log("DEBUG", "openvmm_helpers::underhill", "waiting for guest to send saved state")
+        log("DEBUG", HELPERS, "staging new IGVM file")
+        log("DEBUG", HELPERS, "waiting for guest to send saved state")
         knobs = {"save_ms": self.knobs.save_ms, "restore_ms": self.knobs.restore_ms,
                  "blackout_ms": self.knobs.blackout_ms, "attach_ms": self.knobs.vtl0_attach_ms,
                  "regression_pct": self.knobs.regression_pct}  # fmt: skip
@@ -325,7 +337,10 @@ class StandIn:
                 # new boot id from the lab paravisor) makes the device say so.
                 log("INFO", "guest_emulation_device", "restore vtl2 complete", success=True)
                 log("INFO", "guest_emulation_device", "guest reported vtl0 started successfully")
-            log("INFO", "openvmm_entry::repl", "vtl2 servicing complete", duration=ms)
+            if RELEASE == "2411":
+                self.out.write(f"servicing time: {ms}ms\n")  # println!, after the foreground call
+            else:
+                log("INFO", "openvmm_entry::repl", "vtl2 servicing complete", duration=ms)
         else:
             log(
                 "ERROR",
@@ -369,6 +384,8 @@ class StandIn:
                 )
             elif self.servicing is not None and not self.servicing.done():
                 self.out.write("state change already in progress\n")
+            elif RELEASE == "2411":  # awaited in the console's loop: nothing else is read meanwhile
+                await self.service(args)
             else:
                 self.servicing = asyncio.ensure_future(self.service(args))
         elif cmd == "shutdown":
@@ -462,6 +479,8 @@ def binding_file(binding: str) -> Path | None:
 def main() -> None:
     opts = parse_args(sys.argv[1:])
     if opts.get("--version") or opts.get("-V"):
+        if RELEASE != "main":
+            clap_error(f"unexpected argument '{'--version' if opts.get('--version') else '-V'}' found")
         print(VERSION)
         return
     if opts.get("--help") or opts.get("-h"):

@@ -36,7 +36,10 @@ def test_a_phase_sweep_loses_inside_save_and_never_after_the_reoffer(ov_config, 
     assert r.returncode == 0, r.stdout + r.stderr
     by_phase = {str(x["phase"]): x for x in records(tmp_path / "run")}
     assert list(by_phase) != [] and set(by_phase) == {name for name, _w, _n in PHASES}
-    assert by_phase["save-wait"]["verdict"] == "lost", by_phase["save-wait"]  # inside the save: #954
+    # OpenHCL has the request (COM3), the save under way: #954. (openvmm logs "waiting for guest
+    # to send saved state" before it sends the request, so a shot on that line races the
+    # request's arrival: delivered before, or lost, as on a real host.)
+    assert by_phase["received"]["verdict"] == "lost", by_phase["received"]
     assert by_phase["complete"]["verdict"] == "preserved"  # after the re-offer: delivered
     for name in ("reload", "vtl0-wait", "vtl2-restart"):  # the IC is closed: refused after waiting
         assert by_phase[name]["verdict"] in ("rejected", "lost"), by_phase[name]
@@ -106,12 +109,12 @@ def test_over_ssh_a_phase_sweep_and_the_ic_ready_delay_through_the_cli(
                        f"known_hosts: '{s.known_hosts}'}}\n")  # fmt: skip
         sweep = tmp_path / "sweep.yaml"
         sweep.write_text(f"name: ov-ssh-phases\nvm_config: {cfg}\nstrategy: none\nreset: cold\nexpect: {{}}\n"
-                         "schedule: {kind: phases, phases: [save-wait, complete], delays_ms: [0], midpoint: false, "
+                         "schedule: {kind: phases, phases: [received, complete], delays_ms: [0], midpoint: false, "
                          "repeat: 1}\n")  # fmt: skip
         r = cli("run", str(sweep), "--host", "ov", "--inventory", str(inv), "--out", str(tmp_path / "sweep"))
         assert r.returncode == 0, r.stdout + r.stderr
         by_phase = {str(x["phase"]): x["verdict"] for x in records(tmp_path / "sweep")}
-        assert by_phase == {"save-wait": "lost", "complete": "preserved"}, by_phase
+        assert by_phase == {"received": "lost", "complete": "preserved"}, by_phase
         icr = tmp_path / "icr.yaml"
         icr.write_text(f"name: ov-ssh-icr\nvm_config: {late}\nstrategy: pause-resume\nreset: cold\nexpect: {{}}\n"
                        "shutdown: ic-ready\niterations: 2\nschedule: {kind: fixed, offsets_ms: [0, 700]}\n")  # fmt: skip
@@ -125,8 +128,8 @@ def test_over_ssh_a_phase_sweep_and_the_ic_ready_delay_through_the_cli(
 
 def test_with_pause_resume_a_phase_sweep_loses_at_no_phase(ov_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """#962's fix on the console race: the same sweep as above with pause-resume; a shot at
-    any phase is delivered (held across the save) or refused while the IC is closed, never
-    accepted and dropped."""
+    any phase is delivered (held across the save, or before the request reached OpenHCL) or
+    refused while the IC is closed, never accepted and dropped."""
     cfg = ov_config(shutdown_grace_ms=1500)
     pb = tmp_path / "phases.yaml"
     pb.write_text(f"name: ov-phases-pr\nvm_config: {cfg}\nstrategy: pause-resume\nreset: cold\nexpect: {{lost: 0}}\n"
@@ -135,8 +138,8 @@ def test_with_pause_resume_a_phase_sweep_loses_at_no_phase(ov_config, tmp_path: 
     assert r.returncode == 0, r.stdout + r.stderr
     by_phase = {str(x["phase"]): x["verdict"] for x in records(tmp_path / "run")}
     assert set(by_phase) == {name for name, _w, _n in PHASES}, by_phase
-    assert set(by_phase.values()) <= {"preserved", "rejected"}, by_phase
-    assert by_phase["save-wait"] == by_phase["complete"] == "preserved", by_phase  # held, then delivered
+    assert "lost" not in by_phase.values(), by_phase
+    assert by_phase["received"] == by_phase["complete"] == "preserved", by_phase  # held, then delivered
     assert "phase sweep" in r.stdout
 
 
@@ -227,3 +230,44 @@ def test_over_ssh_two_processes_a_bisection_and_a_flag_matrix_through_the_cli(
         assert sorted("service-vtl2 -n" in c for c in consoles) == [False, True], len(consoles)
     left = subprocess.run(["pgrep", "-f", "openvmm_standin|qemu-system"], capture_output=True, text=True)
     assert left.stdout.strip() == "", left.stdout
+
+
+def release_bin(standin_bin: Path, release: str) -> Path:
+    """An ``openvmm`` that stands in for one of openvmm's release branches (the probe of
+    --version and --help runs it too, so the release is in the binary, not the vm_config)."""
+    exe = standin_bin / f"openvmm-{release}"
+    exe.write_text(f'#!/bin/sh\nTESTBED_STANDIN_RELEASE={release} exec "{standin_bin}/openvmm" "$@"\n')
+    exe.chmod(0o755)
+    return exe
+
+
+def test_older_openvmm_builds_are_read_as_they_print(ov_config, standin_bin: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """release/2505 logs the phases under hvlite_helpers (the default log filter names it),
+    has no --version (clap refuses it) and no COM3 receipt line (the phase says who prints
+    it); release/2411 runs service-vtl2 in the console's foreground, so a shot typed during
+    servicing is an infra-error that says why, and one typed after it is read as usual."""
+    cfg = ov_config(name="ov-2505", binary=str(release_bin(standin_bin, "2505")), shutdown_grace_ms=1500)
+    pb = tmp_path / "phases.yaml"
+    pb.write_text(f"name: ov-2505\nvm_config: {cfg}\nstrategy: none\nreset: cold\nexpect: {{}}\n"
+                  "schedule: {kind: phases, phases: [reload, received], delays_ms: [0], midpoint: false, "
+                  "repeat: 1}\n")  # fmt: skip
+    r = cli("run", str(pb), "--out", str(tmp_path / "r2505"))
+    by_phase = {str(x["phase"]): x for x in records(tmp_path / "r2505")}
+    # "reloading IGVM file" (DEBUG, hvlite_helpers) came and the shot followed it: a verdict
+    # of servicing (taken and lost, or refused while the IC is closed), not "never came"
+    reload = by_phase["reload"]
+    assert reload["verdict"] in ("lost", "rejected"), (reload, r.stderr[-2000:])
+    assert reload["phase_to_fire_ms"] is not None and float(reload["phase_to_fire_ms"]) >= 0  # type: ignore[arg-type]
+    received = by_phase["received"]
+    assert received["verdict"] == "infra-error" and "#2672" in str(received["reason"]), received
+    run = json.loads((tmp_path / "r2505" / "run.json").read_text())
+    assert run["openvmm_version"].startswith("unknown (this build has no --version"), run["openvmm_version"]
+
+    cfg = ov_config(name="ov-2411", binary=str(release_bin(standin_bin, "2411")), shutdown_grace_ms=1500)
+    pb = tmp_path / "fg.yaml"
+    pb.write_text(f"name: ov-2411\nvm_config: {cfg}\nstrategy: none\nreset: cold\nexpect: {{}}\niterations: 2\n"
+                  "schedule: {kind: fixed, offsets_ms: [150, 1500]}\n")  # fmt: skip
+    r = cli("run", str(pb), "--out", str(tmp_path / "r2411"))
+    recs = records(tmp_path / "r2411")
+    assert [x["verdict"] for x in recs] == ["infra-error", "preserved"], [x["reason"] for x in recs]
+    assert "foreground" in str(recs[0]["reason"]) and "#1364" in str(recs[0]["reason"]), recs[0]["reason"]

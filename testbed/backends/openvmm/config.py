@@ -42,7 +42,9 @@ class OpenVmmSpec(Strict):
         default_factory=list, description="each is one `-c` (OpenHCL's command line)"
     )
     log: str = Field(
-        "info,openvmm_helpers=debug",  # the servicing phases ("waiting for guest to send saved state", ...)
+        # The servicing phases ("waiting for guest to send saved state", ...): their crate
+        # was hvlite_helpers before openvmm #2579 (2025-12), so both are named.
+        "info,openvmm_helpers=debug,hvlite_helpers=debug",
         description="OPENVMM_LOG (setting it drops the implicit info, so keep it)",
     )
     extra_args: list[str] = Field(default_factory=list, description="more openvmm arguments, one per item")

@@ -32,6 +32,10 @@ FIELD = re.compile(r"(?P<k>[A-Za-z_][\w.]*)=(?P<v>\"[^\"]*\"|\S+)")
 # What OpenVMM prints, by the event name testbed uses. Order matters: the first match wins.
 EVENTS = (
     ("servicing-complete", "vtl2 servicing complete"),
+    # Builds before openvmm #1364 (2025-05; release/2411) run service-vtl2 in the console's
+    # foreground and print only this when it returns (println!): nothing typed meanwhile
+    # is read until then, so the console race cannot be run on them (evidence.py says so).
+    ("servicing-foreground", "servicing time:"),
     ("servicing-failed", "vtl2 servicing failed"),
     ("shutdown-initiated", "shutdown initiated"),
     ("ic-not-ready", "shutdown ic not ready"),
@@ -53,12 +57,18 @@ EVENTS = (
     ("console-refused", "error: unexpected argument"),
 )
 
+# Servicing returned (the console's line, or a foreground build's), or ended either way.
+COMPLETE = ("servicing-complete", "servicing-foreground")
+ENDS = (*COMPLETE, "servicing-failed")
+
 
 # The servicing phases the host can see, in the order they happen: (name, where, what).
 # "log" is openvmm's own output (its log and console); "COM3" is OpenHCL's console. The
-# openvmm_helpers lines are DEBUG (OPENVMM_LOG must enable them, as the vm_config's
-# default "info,openvmm_helpers=debug" does); the guest emulation device's and the
-# console's are INFO; OpenHCL prints its own at its default level.
+# underhill helpers' lines are DEBUG (OPENVMM_LOG must enable them, as the vm_config's
+# default "info,openvmm_helpers=debug,hvlite_helpers=debug" does: the crate was
+# hvlite_helpers before openvmm #2579, 2025-12); the guest emulation device's and the
+# console's are INFO; OpenHCL prints its own at its default level. Which builds print
+# which line: SINCE below (read from microsoft/openvmm's history).
 PHASES = (
     ("staging", "log", "staging new IGVM file"),
     ("save-wait", "log", "waiting for guest to send saved state"),
@@ -70,6 +80,23 @@ PHASES = (
     ("vtl0-started", "log", "guest reported vtl0 started successfully"),
     ("complete", "log", "vtl2 servicing complete"),
 )
+# Where each phase's line comes from and which openvmm builds print it (git log -S on
+# microsoft/openvmm; release/2411, 2505, 1.7.2511 and 1.8.2607 read with git grep):
+# what an infra-error says when a phase's line never came.
+SINCE = {
+    "staging": "openvmm_helpers::underhill (hvlite_helpers before 2025-12) at DEBUG, every build since 2024-10",
+    "save-wait": "openvmm_helpers::underhill (hvlite_helpers before 2025-12) at DEBUG, every build since 2024-10",
+    "received": "OpenHCL's underhill_core::dispatch at INFO on COM3, since openvmm #2672 (2026-02; "
+    "backported to release/1.7.2511, absent from release/2411 and 2505)",
+    "reload": "openvmm_helpers::underhill (hvlite_helpers before 2025-12) at DEBUG, every build since 2024-10",
+    "vtl0-wait": "openvmm_helpers::underhill (hvlite_helpers before 2025-12) at DEBUG, every build since 2024-10",
+    "vtl2-restart": "OpenHCL's underhill_core::worker at INFO on COM3, every build since 2024-10",
+    "restored": "guest_emulation_device at INFO, every build since 2024-10",
+    "vtl0-started": "guest_emulation_device at INFO, every build since 2024-10",
+    "complete": "the console at INFO since openvmm #1364 (2025-05); release/2411 prints 'servicing time: Nms'",
+    "ic-ready": "OpenHCL's hyperv_ic_guest::shutdown at INFO on COM3, every build since 2024-10",
+}
+
 # The shutdown IC open again after servicing. With --vmbus-redirect (testbed's launch)
 # VTL0's channel is served by OpenHCL, which restores it with its negotiated version (VTL0
 # is not asked again, so hv_utils prints nothing on COM1); what reopens is OpenHCL's own

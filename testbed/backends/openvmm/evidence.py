@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from testbed.backends.openvmm.console import ConsoleLine, hex_or_int, parse
+from testbed.backends.openvmm.console import COMPLETE, ENDS, SINCE, ConsoleLine, hex_or_int, parse
 from testbed.core.evidence import RaceEvidence, TimelineEntry
 from testbed.core.verdicts import Facts, Finding, Request, Servicing, Verdict, decide
 
@@ -53,9 +53,9 @@ def evidence(raw: dict[str, Any]) -> RaceEvidence:
     start_rx = re.compile(raw["com3_servicing_start_pattern"])
     anchor = next((s.t_ns for s in com3 if start_rx.search(s.line.text)), None) if "t0_ns" in raw else None
     console = _seen(raw, "console") + _seen(raw, "log")
-    done = next((s.t_ns for s in console if s.line.event in ("servicing-complete", "servicing-failed")), None)
+    done = next((s.t_ns for s in console if s.line.event in ENDS), None)
     halted = next((s for s in console if s.line.event == "guest-halted"), None)
-    completed = any(s.line.event == "servicing-complete" for s in console)
+    completed = any(s.line.event in COMPLETE for s in console)
     restored = any(
         s.line.event == "phase:restore-done" and s.line.fields.get("success") == "true" for s in console
     )
@@ -129,7 +129,8 @@ def facts(race: RaceEvidence) -> Facts:
     died = raw.get("exited") is not None and halted is None and not vtl0 and ack is None
     return Facts(
         crash=crash,
-        infra_error=_broken(first, console, zero, fire_line, raw.get("exited") if died else None),
+        infra_error=_foreground(race, first("servicing-foreground"), fire_line)
+        or _broken(first, console, zero, fire_line, raw.get("exited") if died else None),
         request=request,
         request_seen=request_seen,
         servicing=servicing,
@@ -141,6 +142,22 @@ def facts(race: RaceEvidence) -> Facts:
         ended=halted is not None,
         fate=fate or Finding(f"VM still running at the end of the {raw.get('grace_ms', 0):.0f} ms grace"),
     )
+
+
+def _foreground(race: RaceEvidence, done: Seen | None, fire_line: tuple[str, ...]) -> Finding | None:
+    """A shutdown typed while a build before openvmm #1364 (2025-05; release/2411) ran
+    service-vtl2 in its console's foreground: the console read it only once servicing had
+    returned, so nothing raced; no verdict of the product can be read from it."""
+    typed_during = (
+        done is not None and race.fire_ns is not None and race.service_requested_ns is not None
+        and race.service_requested_ns <= race.fire_ns < done.t_ns
+    )  # fmt: skip
+    if not typed_during or done is None:
+        return None
+    return Finding("this openvmm build runs service-vtl2 in the console's foreground (before openvmm #1364, "
+                   "2025-05; it prints 'servicing time: Nms'), so the shutdown typed during servicing was read "
+                   "only after it: the race cannot be run through this build's console; use a newer build",
+                   (done.show(race.zero_ns),) + fire_line)  # fmt: skip
 
 
 def _broken(first: Callable[..., Seen | None], console: list[Seen], zero: int | None,
@@ -167,7 +184,7 @@ def _servicing(
     raw: dict[str, Any], first: Callable[..., Seen | None], zero: int | None
 ) -> tuple[Servicing, Finding]:
     """Servicing's outcome: openvmm's completion or failure lines, or their absence."""
-    done, failed, vtl0_failed = first("servicing-complete"), first("servicing-failed"), first("vtl0-failed")
+    done, failed, vtl0_failed = first(*COMPLETE), first("servicing-failed"), first("vtl0-failed")
     lines = tuple(s.show(zero) for s in (done, failed, vtl0_failed) if s is not None)
     if not raw.get("service_cmd"):
         return "none", Finding(lines=lines)
@@ -187,7 +204,10 @@ def _request(race: RaceEvidence, refused: Seen | None, fire_line: tuple[str, ...
     if race.fire_ns is None:
         missing = race.raw.get("anchor_missing")
         if missing and race.raw.get("shutdown_cmd"):  # fired on a phase or the IC that never came
-            return "unfired", Finding(f"the shutdown's anchor ({missing}) never came, so it was never typed")
+            who = f" (printed by {SINCE[missing]})" if missing in SINCE else ""
+            return "unfired", Finding(
+                f"the shutdown's anchor ({missing}) never came, so it was never typed{who}"
+            )
         return "none", Finding(lines=fire_line)
     if refused is None:
         return "accepted", Finding("openvmm took the shutdown without refusal", fire_line)

@@ -224,8 +224,7 @@ class Driver(rpc.RpcServer):
                 raise AgentError("openvmm-broken", f"{exe} {arg}: {e}") from None
             out[arg] = r.stdout + r.stderr
         flags = sorted(set(re.findall(r"(?<![\w-])(--[a-z0-9][a-z0-9-]*)", out["--help"])))
-        return {"path": exe, "version": out["--version"].strip().splitlines()[0] if out["--version"].strip() else "",
-                "flags": flags}  # fmt: skip
+        return {"path": exe, "version": _version(out["--version"]), "flags": flags}
 
     async def op_preflight(self, binary: str, igvm: str, memory_mb: int) -> dict[str, Any]:
         checks = []
@@ -398,6 +397,16 @@ def _first(vm: Vm, *names: str, since: dict[str, int] | None = None) -> str | No
 def _tail_text(c: Console) -> str:
     lines = [ln for _t, ln in c.log.since(0)[-5:] + c.screen.since(0)[-5:]]
     return " | ".join(parse(ln).text for ln in lines)[-800:]
+
+
+def _version(said: str) -> str:
+    """``openvmm --version``'s first line (``openvmm 0.1.0+g<sha>`` from openvmm #4162,
+    2026-08). Builds before it have no --version: clap answers ``error: unexpected
+    argument``, which is said as such, never recorded as the version."""
+    first = said.strip().splitlines()[0] if said.strip() else ""
+    if not first or first.startswith("error:"):
+        return "unknown (this build has no --version: it predates openvmm 0.1.0, 2026-08)"
+    return first
 
 
 def _check(name: str, ok: bool, detail: str, fix: str) -> dict[str, Any]:

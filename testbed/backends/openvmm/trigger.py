@@ -14,7 +14,7 @@ import re
 import time
 from typing import Any
 
-from testbed.backends.openvmm.console import IC_READY, PHASES, event, parse
+from testbed.backends.openvmm.console import ENDS, IC_READY, PHASES, event, parse
 from testbed.hostprog.timing import sleep_until_ns
 
 # Each phase's line (its text, verbatim), then the IC-ready anchor's (a regex): (name, where, rx).
@@ -63,7 +63,7 @@ class Race:
                             seen[name] = t
                 if where == "log":
                     ev = event(parse(ln).message)
-                    self.ended = self.ended or ev in ("servicing-complete", "servicing-failed")
+                    self.ended = self.ended or ev in ENDS
                     self.halted = self.halted or ev == "guest-halted"
 
     def trigger_ns(self) -> int | None:
