@@ -95,3 +95,23 @@ def test_no_answer_without_servicing_is_lost_as_on_every_backend() -> None:
     Hyper-V say (one verdict tree); this tree once said infra-error here."""
     v = classify(evidence(raw(service_cmd=None, log=[], COM3=[])))
     assert v.kind == "lost" and "without refusal" in v.reason and "1500 ms" in v.reason
+
+
+def test_a_foreground_service_vtl2_build_is_read_as_it_prints() -> None:
+    """release/2411 prints 'servicing time: Nms' when its foreground service-vtl2 returns:
+    servicing done; a shutdown typed during it was read only afterwards (infra-error that
+    says so), one typed after it is read as usual."""
+    fg = (T0 + 650 * MS, "servicing time: 650ms")
+    during = classify(evidence(raw(console=[(T0, "openvmm> service-vtl2"), fg], log=[])))
+    assert during.kind == "infra-error" and "foreground" in during.reason, during
+    after = raw(console=[(T0, "openvmm> service-vtl2"), fg], log=[log(800, "INFO", "shutdown initiated")],
+                COM1=[(T0 + 800 * MS, VTL0)], fire_ns=T0 + 700 * MS, fire_planned_ns=T0 + 700 * MS)  # fmt: skip
+    assert classify(evidence(after)).kind == "preserved"
+
+
+def test_a_build_without_version_is_not_recorded_as_clap_error() -> None:
+    from testbed.backends.openvmm.hostside import _version
+
+    assert _version("openvmm 0.1.0+g1488a37b7\nversion: 0.1.0\n") == "openvmm 0.1.0+g1488a37b7"
+    clap = "error: unexpected argument '--version' found\n\nUsage: openvmm [OPTIONS]\n"
+    assert _version(clap).startswith("unknown (this build has no --version")
