@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +33,20 @@ def qemu_pids() -> set[int]:
     return pids
 
 
+def standin_pids() -> set[int]:
+    """Live stand-in openvmm processes (tests/openvmm_standin.py, run by python)."""
+    pids = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                argv = (d / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(a.endswith(b"openvmm_standin.py") for a in argv) and leases.alive(int(d.name), None):
+                pids.add(int(d.name))
+    return pids
+
+
 @pytest.fixture(scope="session")
 def ref_cfg() -> VmConfig:
     return load_vm_config(ROOT / "vm_configs" / "reference-linux.yaml")
@@ -39,15 +54,20 @@ def ref_cfg() -> VmConfig:
 
 @pytest.fixture(autouse=True)
 def no_leaked_qemu(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Every VM test must leave no QEMU behind (checked by pid, not by trust)."""
+    """Every VM test must leave no QEMU and no (stand-in) openvmm behind (checked by pid,
+    not by trust)."""
     if request.node.get_closest_marker("vm") is None:
         yield
         return
-    before = qemu_pids()
+    before = qemu_pids() | standin_pids()
     yield
     leaked = qemu_pids() - before
+    deadline = time.monotonic() + 5.0  # an openvmm told to quit may take a moment to exit
+    while (standin := standin_pids() - before) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    leaked |= standin
     detail = {p: _describe(p) for p in leaked}
-    assert not leaked, f"test leaked QEMU processes: {detail}"
+    assert not leaked, f"test leaked QEMU or openvmm processes: {detail}"
 
 
 def _describe(pid: int) -> str:

@@ -87,7 +87,8 @@ def test_over_ssh_a_phase_sweep_and_the_ic_ready_delay_through_the_cli(
 ) -> None:  # type: ignore[no-untyped-def]
     """The same questions of an OpenVMM host reached over a real sshd (the stand-in on the
     host's PATH, the host driver uploaded as a zipapp): the sweep loses inside the save
-    and not after the re-offer, the IC-ready curve has its safe delay, nothing is left."""
+    and not after the re-offer, with pause-resume at no phase; the IC-ready curve has its
+    safe delay; nothing is left."""
     from sshd import run_sshd  # type: ignore[import-not-found]
 
     from testbed.core.paths import cache_dir
@@ -115,6 +116,16 @@ def test_over_ssh_a_phase_sweep_and_the_ic_ready_delay_through_the_cli(
         assert r.returncode == 0, r.stdout + r.stderr
         by_phase = {str(x["phase"]): x["verdict"] for x in records(tmp_path / "sweep")}
         assert by_phase == {"received": "lost", "complete": "preserved"}, by_phase
+        assert "phase sweep" in r.stdout  # the table, printed
+        fixed = tmp_path / "fixed.yaml"  # #962's fix, every phase: nothing accepted and dropped
+        fixed.write_text(f"name: ov-ssh-pr\nvm_config: {cfg}\nstrategy: pause-resume\nreset: cold\n"
+                         "expect: {lost: 0}\nschedule: {kind: phases, delays_ms: [0], midpoint: false, repeat: 1}\n")  # fmt: skip
+        r = cli("run", str(fixed), "--host", "ov", "--inventory", str(inv), "--out", str(tmp_path / "fixed"))
+        assert r.returncode == 0, r.stdout + r.stderr
+        verdicts = {str(x["phase"]): x["verdict"] for x in records(tmp_path / "fixed")}
+        assert set(verdicts) == {name for name, _w, _n in PHASES} and "lost" not in verdicts.values(), (
+            verdicts
+        )
         icr = tmp_path / "icr.yaml"
         icr.write_text(f"name: ov-ssh-icr\nvm_config: {late}\nstrategy: pause-resume\nreset: cold\nexpect: {{}}\n"
                        "shutdown: ic-ready\niterations: 2\nschedule: {kind: fixed, offsets_ms: [0, 700]}\n")  # fmt: skip
