@@ -1,7 +1,8 @@
 """The run folder's source of truth, results.jsonl: one line per finished iteration,
-written, flushed and fsynced by one writer thread as lanes hand records over. Every report is rebuilt from it (and run.json), also
-after Ctrl-C or a crash (a torn last line is skipped, not fatal), so it sits in the
-core: the engine writes it, the reports and the CLI read it.
+written, flushed and fsynced by one writer thread as lanes hand records over. Every
+report is rebuilt from it (and run.json), also after Ctrl-C or a crash (a torn last
+line is skipped, not fatal), so it sits in the core: the engine writes it, the reports
+and the CLI read it.
 """
 
 from __future__ import annotations
