@@ -48,8 +48,9 @@ if os.environ.get("TESTBED_STANDIN_CACHE_DIR"):  # over SSH: the lab image of th
     os.environ["TESTBED_CACHE_DIR"] = os.environ["TESTBED_STANDIN_CACHE_DIR"]
 
 PROMPT = "openvmm> "
-# Which openvmm it stands in for (TESTBED_STANDIN_RELEASE, through the vm_config's
-# openvmm.env), read from microsoft/openvmm's release branches:
+# Which openvmm it stands in for (TESTBED_STANDIN_RELEASE in its environment; the tests
+# set it in a wrapper binary, so the backend's probe of --version and --help sees it
+# too), read from microsoft/openvmm's release branches:
 #   main  openvmm 0.1.0+g<sha> (--version since #4162), the openvmm_helpers crate,
 #         OpenHCL's "received servicing request from host" on COM3 (#2672), service-vtl2
 #         in the background ("vtl2 servicing complete", #1364);
