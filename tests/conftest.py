@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,32 +19,32 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-def qemu_pids() -> set[int]:
-    """Live QEMU processes (a zombie waiting for a reaper is dead, not leaked)."""
+def _live_pids(match: Callable[[Path], bool]) -> set[int]:
+    """Live processes whose /proc folder ``match`` accepts (a zombie waiting for a reaper
+    is dead, not leaked)."""
     pids = set()
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
-                comm = (d / "comm").read_text()
+                if not match(d):
+                    continue
             except OSError:
                 continue
-            if comm.startswith("qemu-system") and leases.alive(int(d.name), None):
+            if leases.alive(int(d.name), None):
                 pids.add(int(d.name))
     return pids
+
+
+def qemu_pids() -> set[int]:
+    """Live QEMU processes."""
+    return _live_pids(lambda d: (d / "comm").read_text().startswith("qemu-system"))
 
 
 def standin_pids() -> set[int]:
     """Live stand-in openvmm processes (tests/openvmm_standin.py, run by python)."""
-    pids = set()
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                argv = (d / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if any(a.endswith(b"openvmm_standin.py") for a in argv) and leases.alive(int(d.name), None):
-                pids.add(int(d.name))
-    return pids
+    return _live_pids(
+        lambda d: any(a.endswith(b"openvmm_standin.py") for a in (d / "cmdline").read_bytes().split(b"\0"))
+    )
 
 
 @pytest.fixture(scope="session")

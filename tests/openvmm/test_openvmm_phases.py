@@ -27,6 +27,35 @@ def records(run: Path) -> list[dict[str, object]]:
     return [json.loads(ln) for ln in (run / "results.jsonl").read_text().splitlines()]
 
 
+def standin_lab(tmp_path: Path, knob: str) -> Path:
+    """The reference lab's vm_config with one more lab knob (``name: value``), for the
+    stand-in's guest (TESTBED_STANDIN_VM_CONFIG)."""
+    lab = tmp_path / "lab.yaml"
+    lab.write_text(
+        (ROOT / "vm_configs/reference-linux.yaml").read_text().replace("lab:\n", f"lab:\n  {knob}\n")
+    )
+    return lab
+
+
+BUILDS = ["v2-r5", "v2-r6", "v2-r7"]
+
+
+def bisection(ov_config, tmp_path: Path, name: str, **spec: object) -> tuple[Path, Path]:  # type: ignore[no-untyped-def]
+    """A vm_config with the three builds as IGVM files, on a lab whose v2-r6 and later lose
+    every held message (regression_pct 100), and a bisection playbook over them whose SPRT
+    (p1 0.9) decides each build in a few tries: (vm_config, playbook)."""
+    from openvmm_standin import igvm_file  # type: ignore[import-not-found]
+
+    lab = standin_lab(tmp_path, "regression_pct: 100")
+    cfg = ov_config(name=name, images={b: str(igvm_file(tmp_path, b)) for b in BUILDS},
+                    env={"TESTBED_STANDIN_VM_CONFIG": str(lab)}, **spec)  # fmt: skip
+    pb = tmp_path / f"{name}-bisect.yaml"
+    pb.write_text(f"name: {name}-bisect\nvm_config: {cfg}\nstrategy: pause-resume\nreset: cold\nexpect: {{}}\n"
+                  "iterations: 20\nschedule: {kind: fixed, offsets_ms: [150]}\n"
+                  f"bisect: {{builds: {BUILDS}, p0: 0.01, p1: 0.9, alpha: 0.05, beta: 0.05, max_per_build: 6}}\n")  # fmt: skip
+    return cfg, pb
+
+
 def test_a_phase_sweep_loses_inside_save_and_never_after_the_reoffer(ov_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     cfg = ov_config(shutdown_grace_ms=1500)
     pb = tmp_path / "phases.yaml"
@@ -50,12 +79,7 @@ def test_a_phase_sweep_loses_inside_save_and_never_after_the_reoffer(ov_config, 
 
 
 def test_ic_ready_delay_finds_the_wait_after_the_ic_came_back(ov_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    lab = tmp_path / "lab.yaml"  # the stand-in's lab: VTL0 attaches 300 ms after the IC's re-offer (#1174)
-    lab.write_text(
-        (ROOT / "vm_configs/reference-linux.yaml")
-        .read_text()
-        .replace("lab:\n", "lab:\n  vtl0_attach_ms: 300\n")
-    )
+    lab = standin_lab(tmp_path, "vtl0_attach_ms: 300")  # VTL0 attaches 300 ms after the IC's re-offer (#1174)
     cfg = ov_config(env={"TESTBED_STANDIN_VM_CONFIG": str(lab)})
     pb = tmp_path / "icr.yaml"
     pb.write_text(f"name: ov-icr\nvm_config: {cfg}\nstrategy: pause-resume\nreset: cold\nexpect: {{}}\n"
@@ -93,12 +117,7 @@ def test_over_ssh_a_phase_sweep_and_the_ic_ready_delay_through_the_cli(
 
     from testbed.core.paths import cache_dir
 
-    lab = tmp_path / "lab.yaml"
-    lab.write_text(
-        (ROOT / "vm_configs/reference-linux.yaml")
-        .read_text()
-        .replace("lab:\n", "lab:\n  vtl0_attach_ms: 300\n")
-    )
+    lab = standin_lab(tmp_path, "vtl0_attach_ms: 300")
     cfg = ov_config(name="ov-sweep", binary="openvmm", shutdown_grace_ms=1500)
     late = ov_config(
         name="ov-late", binary="openvmm", env={"TESTBED_STANDIN_VM_CONFIG": str(lab)}
@@ -159,27 +178,13 @@ def test_a_bisection_over_three_igvm_builds_names_the_bad_one(ov_config, tmp_pat
     """`testbed bisect` over three IGVM files, each serviced into with `service-vtl2 --igvm`:
     the lab's series loses every held message from v2-r6 on (regression_pct 100), so an
     SPRT with p1 0.9 decides each build in a few tries and names v2-r6."""
-    from openvmm_standin import igvm_file  # type: ignore[import-not-found]
-
-    lab = tmp_path / "lab.yaml"
-    lab.write_text(
-        (ROOT / "vm_configs/reference-linux.yaml")
-        .read_text()
-        .replace("lab:\n", "lab:\n  regression_pct: 100\n")
-    )
-    builds = ["v2-r5", "v2-r6", "v2-r7"]
-    cfg = ov_config(images={b: str(igvm_file(tmp_path, b)) for b in builds},
-                    env={"TESTBED_STANDIN_VM_CONFIG": str(lab)})  # fmt: skip
-    pb = tmp_path / "bisect.yaml"
-    pb.write_text(f"name: ov-bisect\nvm_config: {cfg}\nstrategy: pause-resume\nreset: cold\nexpect: {{}}\n"
-                  "iterations: 20\nschedule: {kind: fixed, offsets_ms: [150]}\n"
-                  f"bisect: {{builds: {builds}, p0: 0.01, p1: 0.9, alpha: 0.05, beta: 0.05, max_per_build: 6}}\n")  # fmt: skip
+    _cfg, pb = bisection(ov_config, tmp_path, "ov")
     r = cli("bisect", str(pb), "--out", str(tmp_path / "run"))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "first bad build: v2-r6 " in r.stdout, r.stdout
     recs = records(tmp_path / "run")
     tried = {str(x["image"]) for x in recs}
-    assert "v2-r6" in tried and tried <= set(builds), tried
+    assert "v2-r6" in tried and tried <= set(BUILDS), tried
     for x in recs:  # each try serviced into its build's IGVM file, on the console
         console = (Path(str(x["dir"])) / "console.log").read_text()
         assert f"service-vtl2 --igvm {tmp_path}/openhcl-{x['image']}.bin" in console, console[-600:]
@@ -192,20 +197,11 @@ def test_over_ssh_two_processes_a_bisection_and_a_flag_matrix_through_the_cli(
     """The rest of the lab's questions of an OpenVMM host over a real sshd: `--parallel 2`
     (two openvmm processes on the host at once), a bisection over three IGVM builds, and a
     matrix over a service-vtl2 flag with its table printed; nothing left on the host."""
-    from openvmm_standin import igvm_file  # type: ignore[import-not-found]
     from sshd import run_sshd  # type: ignore[import-not-found]
 
     from testbed.core.paths import cache_dir
 
-    lab = tmp_path / "lab.yaml"
-    lab.write_text(
-        (ROOT / "vm_configs/reference-linux.yaml")
-        .read_text()
-        .replace("lab:\n", "lab:\n  regression_pct: 100\n")
-    )
-    builds = ["v2-r5", "v2-r6", "v2-r7"]
-    cfg = ov_config(name="ov-remote", binary="openvmm", images={b: str(igvm_file(tmp_path, b)) for b in builds},
-                    env={"TESTBED_STANDIN_VM_CONFIG": str(lab)})  # fmt: skip
+    cfg, bis = bisection(ov_config, tmp_path, "ov-remote", binary="openvmm")
     env = {"PATH": f"{standin_bin}:/usr/bin:/bin", "TESTBED_STANDIN_CACHE_DIR": str(cache_dir())}
     with run_sshd(tmp_path / "sshd", env=env) as s:
         inv = tmp_path / "hosts.yaml"
@@ -222,10 +218,6 @@ def test_over_ssh_two_processes_a_bisection_and_a_flag_matrix_through_the_cli(
         spans = sorted((float(x["started"]), float(x["started"]) + float(x["duration_s"])) for x in recs)  # type: ignore[arg-type]
         assert any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False))  # two processes at once
 
-        bis = tmp_path / "bisect.yaml"
-        bis.write_text(f"name: ov-ssh-bisect\nvm_config: {cfg}\nstrategy: pause-resume\nreset: cold\nexpect: {{}}\n"
-                       "iterations: 20\nschedule: {kind: fixed, offsets_ms: [150]}\n"
-                       f"bisect: {{builds: {builds}, p0: 0.01, p1: 0.9, alpha: 0.05, beta: 0.05, max_per_build: 6}}\n")  # fmt: skip
         r = cli("bisect", str(bis), *host, "--out", str(tmp_path / "bisect"))
         assert r.returncode == 0 and "first bad build: v2-r6 " in r.stdout, r.stdout + r.stderr
 
