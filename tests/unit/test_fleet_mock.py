@@ -65,7 +65,9 @@ def test_one_search_spends_one_budget_over_two_hosts(tmp_path: Path) -> None:
 
 
 def test_a_host_that_stops_answering_is_drained_and_the_others_finish(tmp_path: Path) -> None:
-    vm = "breaks_after: {b: 4}\n"
+    # Races take 20 ms, so host a cannot take the whole budget while b fails its streak
+    # (with instant races, a fresh Debian root once gave b only 6 tries).
+    vm = "breaks_after: {b: 4}\nrace_ms: 20\n"
     body = "iterations: 40\nexpect: {}\nschedule: {kind: linear, start_ms: 300, stop_ms: 400, count: 40}\n"
     res = fleet_run(tmp_path, vm, body, [host("a"), host("b")])
     recs = records(res)
